@@ -1,0 +1,36 @@
+"""kvquant: non-uniform, calibrated, dense-and-sparse KV-cache quantization for batched LLM inference."""
+
+from kvquant.attention import PrefillQuantizedAttention
+from kvquant.config import QuantConfig
+from kvquant.quant.codebook import (
+    Codebook,
+    compute_nuq_codebook,
+    create_heuristic_codebook,
+    create_uniform_codebook,
+)
+from kvquant.quant.datatypes import DATATYPES, parse_datatype
+from kvquant.quant.packing import pack_bitplanes, pack_bits, unpack_bitplanes, unpack_bits
+from kvquant.quant.quantizer import BatchedKVQuantizer
+from kvquant.quant.store import QuantizedKVCache
+from kvquant.sparse.blocked import BlockedCSCMatrix, BlockedCSRMatrix
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DATATYPES",
+    "BatchedKVQuantizer",
+    "BlockedCSCMatrix",
+    "BlockedCSRMatrix",
+    "Codebook",
+    "PrefillQuantizedAttention",
+    "QuantConfig",
+    "QuantizedKVCache",
+    "compute_nuq_codebook",
+    "create_heuristic_codebook",
+    "create_uniform_codebook",
+    "pack_bitplanes",
+    "pack_bits",
+    "parse_datatype",
+    "unpack_bitplanes",
+    "unpack_bits",
+]

@@ -1,0 +1,1 @@
+"""Benchmarks: round-trip error, kernels, end-to-end generation (``kvquant bench ...``)."""

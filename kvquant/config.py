@@ -1,0 +1,61 @@
+"""The one configuration object of kvquant: how a KV cache is quantized."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from kvquant.quant.datatypes import parse_datatype
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How keys and values are stored.
+
+    Attributes:
+        datatype: ``fp16`` (no quantization: the plumbing baseline), ``nuq2|nuq3|nuq4`` (non-uniform
+            codebooks, heuristic or calibrated) or ``int2|int3|int4`` (uniform baseline at equal bits).
+        outlier_fraction: fraction of values kept exactly in sparse storage (dense-and-sparse). Keys:
+            per-channel thresholds at the ``f/2`` and ``1-f/2`` quantiles; values: per-token thresholds
+            over all heads. ``0`` disables the sparse part (out-of-range values are clamped).
+        n_sink: the first ``n_sink`` tokens of every sequence are kept exactly (attention sinks).
+        residual_length: the most recent ``residual_length`` tokens of every sequence are kept exactly
+            and quantized only when they leave the window (0 = quantize every token at once).
+        pre_rope: quantize keys before the rotary embedding (KVQuant), re-rotating when read. Only
+            meaningful for lossy datatypes: ``fp16`` stores keys as the model produced them.
+        page_size: tokens per storage page (multiple of 32). Padding costs at most one partial page
+            per sequence.
+        block_nnz: allocation granularity (entries) of the sparse outlier stores.
+    """
+
+    datatype: str = "nuq3"
+    outlier_fraction: float = 0.01
+    n_sink: int = 1
+    residual_length: int = 0
+    pre_rope: bool = True
+    page_size: int = 64
+    block_nnz: int = 1024
+
+    def __post_init__(self) -> None:
+        parse_datatype(self.datatype)
+        if not (0.0 <= self.outlier_fraction < 0.5):
+            raise ValueError(f"outlier_fraction must be in [0, 0.5), got {self.outlier_fraction}")
+        if self.n_sink < 0:
+            raise ValueError(f"n_sink must be >= 0, got {self.n_sink}")
+        if self.residual_length < 0:
+            raise ValueError(f"residual_length must be >= 0, got {self.residual_length}")
+        if self.page_size <= 0 or self.page_size % 32:
+            raise ValueError(f"page_size must be a positive multiple of 32, got {self.page_size}")
+        if self.block_nnz <= 0:
+            raise ValueError(f"block_nnz must be positive, got {self.block_nnz}")
+
+    @property
+    def bits(self) -> int:
+        """Bits per dense code (16 for ``fp16``)."""
+        return parse_datatype(self.datatype).bits
+
+    @property
+    def is_quantized(self) -> bool:
+        return parse_datatype(self.datatype).kind != "fp"
+
+    def to_dict(self) -> dict:
+        return asdict(self)

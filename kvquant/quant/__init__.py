@@ -1,0 +1,1 @@
+"""Quantization core: datatypes, codebooks, bit-packing, encoding, paged quantized storage."""

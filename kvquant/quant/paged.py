@@ -1,0 +1,102 @@
+"""Paged token storage shared by a batch of variable-length sequences.
+
+Tokens of every sequence are stored compactly in fixed-size pages drawn from one pool (as in paged
+attention): padding takes no space, and a sequence wastes at most the unused tail of its last page.
+The pool and the per-sequence page table grow by doubling, so appends are amortised O(1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class PageTable:
+    """Page allocation for ``batch`` sequences.
+
+    Attributes:
+        table: ``[B, max_pages]`` int32 page ids (-1 where unallocated).
+        pages_per_seq: ``[B]`` int64 pages allocated to each sequence.
+        n_pages: pages in use in the pool (allocated ids are ``0 .. n_pages-1``).
+        pools: named tensors whose first axis is the page id; they grow with the pool.
+    """
+
+    def __init__(self, batch: int, page_size: int, device: torch.device | str, initial_pages: int = 4) -> None:
+        self.batch = batch
+        self.page_size = page_size
+        self.device = torch.device(device)
+        self.table = torch.full((batch, 4), -1, dtype=torch.int32, device=self.device)
+        self.pages_per_seq = torch.zeros(batch, dtype=torch.int64, device=self.device)
+        self.n_pages = 0
+        self.capacity = max(initial_pages, 1)
+        self.pools: dict[str, torch.Tensor] = {}
+
+    def add_pool(self, name: str, per_page_shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        self.pools[name] = torch.zeros((self.capacity, *per_page_shape), dtype=dtype, device=self.device)
+        return self.pools[name]
+
+    def _grow_pool(self, need: int) -> None:
+        if need <= self.capacity:
+            return
+        cap = max(need, 2 * self.capacity)
+        for name, t in self.pools.items():
+            new = torch.zeros((cap, *t.shape[1:]), dtype=t.dtype, device=t.device)
+            new[: self.n_pages] = t[: self.n_pages]
+            self.pools[name] = new
+        self.capacity = cap
+
+    def reserve(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Allocate pages so that sequence ``b`` can hold ``lengths[b]`` tokens.
+
+        Returns:
+            ``[n_new]`` ids of the pages allocated now (fresh pages, all zero).
+        """
+        need_pages = (lengths.to(self.device, torch.int64) + self.page_size - 1) // self.page_size
+        extra = (need_pages - self.pages_per_seq).clamp_min(0)
+        total = int(extra.sum())
+        if total == 0:
+            return torch.empty(0, dtype=torch.int64, device=self.device)
+        self._grow_pool(self.n_pages + total)
+        width = int(need_pages.max())
+        if width > self.table.shape[1]:
+            grown = torch.full((self.batch, max(width, 2 * self.table.shape[1])), -1, dtype=torch.int32,
+                               device=self.device)
+            grown[:, : self.table.shape[1]] = self.table
+            self.table = grown
+        owner = torch.repeat_interleave(torch.arange(self.batch, device=self.device), extra)
+        first = torch.cumsum(extra, 0) - extra
+        k = torch.arange(total, device=self.device) - first[owner]
+        new_ids = self.n_pages + torch.arange(total, device=self.device)
+        self.table[owner, self.pages_per_seq[owner] + k] = new_ids.to(torch.int32)
+        self.pages_per_seq += extra
+        self.n_pages += total
+        return new_ids
+
+    def locate(self, seq: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Page id and offset of token ``pos[i]`` of sequence ``seq[i]`` (pages must be reserved)."""
+        page = self.table[seq, pos // self.page_size].long()
+        return page, pos % self.page_size
+
+    def select(self, index: torch.Tensor) -> tuple[PageTable, torch.Tensor]:
+        """A compacted copy holding sequences ``index`` (duplicates allowed; pages are copied, never
+        shared, so later appends cannot collide). Returns the new table and the old ids of its pages."""
+        index = index.to(self.device, torch.int64)
+        new = PageTable(index.numel(), self.page_size, self.device, 1)
+        counts = self.pages_per_seq[index]
+        total = int(counts.sum())
+        cols = torch.arange(max(int(counts.max()) if counts.numel() else 0, 1), device=self.device)
+        valid = cols[None, :] < counts[:, None]
+        old_ids = self.table[index][:, : cols.numel()][valid].long()
+        new.capacity = max(total, 1)
+        new.table = torch.full((index.numel(), cols.numel()), -1, dtype=torch.int32, device=self.device)
+        new.table[valid] = torch.arange(total, device=self.device, dtype=torch.int32)
+        new.pages_per_seq = counts.clone()
+        new.n_pages = total
+        for name, t in self.pools.items():
+            pool = torch.zeros((new.capacity, *t.shape[1:]), dtype=t.dtype, device=t.device)
+            pool[:total] = t[old_ids]
+            new.pools[name] = pool
+        return new, old_ids
+
+    def nbytes(self) -> int:
+        """Bytes of the page table itself (columns in use)."""
+        return int(self.batch * max(int(self.pages_per_seq.max()) if self.batch else 0, 0) * 4)

@@ -1,0 +1,358 @@
+"""``QuantizedKVCache``: the compressed keys *or* values of a batch of sequences.
+
+A sequence's tokens, in order, are ``[sinks | quantized | residual]``:
+
+* the first ``n_sink`` tokens, kept exactly (``sink  [B, H, n_sink, D]``);
+* quantized tokens in a :class:`~kvquant.quant.paged.PageTable` pool of pages of ``T`` tokens:
+  codes bit-packed along tokens (``planes [P, H, D, bits, T/32]`` int32), per-token scales for values
+  (``scale/zero [P, H, T]``), per-channel ranges for keys (``[B, H, D]`` float32), and the exact
+  outliers in a blocked CSC (keys) / CSR (values) matrix indexed by slot ``page * T + offset``;
+* up to ``residual_length`` most recent tokens, kept exactly (``residual [B, H, R, D]``).
+
+With datatype ``fp16`` the pool holds the raw tokens (``raw [P, H, T, D]``) and nothing is quantized.
+Every append — a whole prefill or one decode token per sequence — goes through the same path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvquant.config import QuantConfig
+from kvquant.quant.codebook import Codebook
+from kvquant.quant.encode import encode_keys, encode_values
+from kvquant.quant.packing import pack_bitplanes, unpack_bitplanes
+from kvquant.quant.paged import PageTable
+from kvquant.quant.validate import check_kv, check_mask, compact_order
+from kvquant.sparse.blocked import BlockedCSCMatrix, BlockedCSRMatrix
+
+
+def storage_dtype(dtype: torch.dtype) -> torch.dtype:
+    """16-bit dtype for outliers and per-token scales: the input's own if 16-bit, else float16."""
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+
+
+class QuantizedKVCache:
+    """Quantized keys or values of ``B`` sequences of ``H`` heads and head size ``D``.
+
+    Build it with :class:`~kvquant.quant.quantizer.BatchedKVQuantizer`; grow it with :meth:`append`;
+    read it with :meth:`dequantize`.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        config: QuantConfig,
+        batch: int,
+        num_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        codebook: Codebook | None = None,
+        channel_scale: torch.Tensor | None = None,
+        channel_zero: torch.Tensor | None = None,
+    ) -> None:
+        if kind not in ("key", "value"):
+            raise ValueError(f"kind must be 'key' or 'value', got {kind!r}")
+        self.kind = kind
+        self.config = config
+        self.batch, self.num_heads, self.head_dim = batch, num_heads, head_dim
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.quantized = config.is_quantized
+        self.bits = config.bits
+        T = config.page_size
+        if self.quantized:
+            if codebook is None:
+                raise ValueError(f"datatype {config.datatype} needs a codebook")
+            if codebook.bits != self.bits:
+                raise ValueError(f"codebook has {codebook.bits} bits but datatype {config.datatype} has {self.bits}")
+            self.codebook = codebook.to(self.device)
+        else:
+            self.codebook = None
+        self.pages = PageTable(batch, T, self.device)
+        if self.quantized:
+            self.pages.add_pool("planes", (num_heads, head_dim, self.bits, T // 32), torch.int32)
+            if kind == "value":
+                self.pages.add_pool("scale", (num_heads, T), storage_dtype(dtype))
+                self.pages.add_pool("zero", (num_heads, T), storage_dtype(dtype))
+        else:
+            self.pages.add_pool("raw", (num_heads, T, head_dim), dtype)
+        if kind == "key" and self.quantized:
+            if channel_scale is None or channel_zero is None:
+                raise ValueError("quantized keys need per-channel scale and zero [B, H, D]")
+            self.channel_scale = channel_scale.to(self.device, torch.float32).expand(batch, num_heads, head_dim)
+            self.channel_zero = channel_zero.to(self.device, torch.float32).expand(batch, num_heads, head_dim)
+        else:
+            self.channel_scale = self.channel_zero = None
+        sparse_cls = BlockedCSCMatrix if kind == "key" else BlockedCSRMatrix
+        self.keep_outliers = self.quantized and config.outlier_fraction > 0
+        self.outliers = sparse_cls(num_heads * head_dim, storage_dtype(dtype), self.device, config.block_nnz)
+        self.sink = torch.zeros(batch, num_heads, config.n_sink, head_dim, dtype=dtype, device=self.device)
+        self.residual = torch.zeros(batch, num_heads, config.residual_length, head_dim, dtype=dtype,
+                                    device=self.device)
+        self.sink_len = torch.zeros(batch, dtype=torch.int64, device=self.device)
+        self.q_len = torch.zeros(batch, dtype=torch.int64, device=self.device)
+        self.res_len = torch.zeros(batch, dtype=torch.int64, device=self.device)
+
+    # -- sizes ----------------------------------------------------------------------------------------
+    @property
+    def lengths(self) -> torch.Tensor:
+        """``[B]`` tokens stored per sequence."""
+        return self.sink_len + self.q_len + self.res_len
+
+    @property
+    def max_length(self) -> int:
+        return int(self.lengths.max()) if self.batch else 0
+
+    def reserve(self, extra_tokens: int) -> None:
+        """Pre-allocate pages (and outlier slots) for ``extra_tokens`` more tokens per sequence."""
+        self.pages.reserve(self.q_len + self.res_len + extra_tokens)
+        self.outliers.reserve(slots=self.pages.capacity * self.config.page_size)
+
+    # -- writing --------------------------------------------------------------------------------------
+    def append(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+        """Append tokens to every sequence.
+
+        Args:
+            x: ``[B, H, n, D]`` new tokens (a prefill or ``n = 1`` decode tokens).
+            attention_mask: ``[B, n]`` 1 for real tokens, 0 for padding (left, right or anywhere);
+                ``None`` means all real. A row may be all padding here (that sequence gets nothing).
+        """
+        check_kv(x, f"{self.kind}s", self.num_heads, self.head_dim, self.device)
+        if x.shape[0] != self.batch:
+            raise ValueError(f"{self.kind}s have batch {x.shape[0]} but the cache holds {self.batch}")
+        n = x.shape[2]
+        mask = check_mask(attention_mask, self.batch, n, x.device, allow_empty_rows=True)
+        x = x.to(self.dtype)
+        if not bool(mask.all()):  # move each row's real tokens to the front, in order
+            order = compact_order(mask)
+            x = x.gather(2, order[:, None, :, None].expand_as(x))
+        n_new = mask.sum(1)
+        arange_b = torch.arange(self.batch, device=self.device)
+
+        # 1. sinks: the first n_sink real tokens of a sequence.
+        n_sink = self.config.n_sink
+        take = torch.minimum(n_sink - self.sink_len, n_new)
+        if n_sink:
+            j = torch.arange(n_sink, device=self.device)[None, :]
+            src = j - self.sink_len[:, None]
+            fill = (src >= 0) & (src < take[:, None])
+            src = src.clamp(0, max(n - 1, 0))
+            if n:
+                got = x.gather(2, src[:, None, :, None].expand(-1, self.num_heads, -1, self.head_dim))
+                self.sink = torch.where(fill[:, None, :, None], got, self.sink)
+            self.sink_len += take
+
+        # 2. the rest passes through the residual window; what overflows it is quantized, oldest first.
+        R = self.config.residual_length
+        rest = n_new - take
+        pend_len = self.res_len + rest
+        evict = (pend_len - R).clamp_min(0)
+        pending = torch.cat([self.residual, x], dim=2)  # [B, H, R + n, D]
+
+        def pending_index(seq: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+            """Index in ``pending`` of position ``i`` of sequence ``seq``'s stream [residual, rest]."""
+            res = self.res_len[seq]
+            return torch.where(i < res, i, R + take[seq] + i - res)
+
+        n_ev = int(evict.sum())
+        if n_ev:
+            seq = torch.repeat_interleave(arange_b, evict)
+            j = torch.arange(n_ev, device=self.device) - (torch.cumsum(evict, 0) - evict)[seq]
+            tokens = pending[seq, :, pending_index(seq, j), :]  # [N, H, D]
+            self._write(seq, self.q_len[seq] + j, tokens)
+            self.q_len += evict
+        if R:
+            i = evict[:, None] + torch.arange(R, device=self.device)[None, :]
+            keep = i < pend_len[:, None]
+            src = pending_index(arange_b[:, None], i).clamp(0, R + n - 1)
+            got = pending.gather(2, src[:, None, :, None].expand(-1, self.num_heads, -1, self.head_dim))
+            self.residual = torch.where(keep[:, None, :, None], got, torch.zeros_like(got))
+            self.res_len = pend_len - evict
+
+    def _write(self, seq: torch.Tensor, pos: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Store ``tokens [N, H, D]`` as quantized token ``pos[i]`` of sequence ``seq[i]``."""
+        fresh_from = self.pages.n_pages
+        self.pages.reserve(self.q_len.scatter_add(0, seq, torch.ones_like(seq)))
+        page, off = self.pages.locate(seq, pos)
+        pools = self.pages.pools
+        if not self.quantized:
+            pools["raw"][page, :, off] = tokens
+            return
+        if self.kind == "key":
+            enc = encode_keys(tokens, self.channel_scale[seq], self.channel_zero[seq], self.codebook,
+                              self.keep_outliers)
+        else:
+            enc = encode_values(tokens, self.codebook, self.config.outlier_fraction, pools["scale"].dtype)
+            pools["scale"][page, :, off] = enc.scale
+            pools["zero"][page, :, off] = enc.zero
+        # Read-modify-write of the pages touched: fresh pages start from zero codes.
+        touched, inv = torch.unique(page, return_inverse=True)
+        T = self.config.page_size
+        buf = torch.zeros(touched.numel(), self.num_heads, self.head_dim, T, dtype=torch.uint8,
+                          device=self.device)
+        old = touched < fresh_from
+        if bool(old.any()):
+            buf[old] = unpack_bitplanes(pools["planes"][touched[old]], self.bits)
+        buf[inv, :, :, off] = enc.codes
+        pools["planes"][touched] = pack_bitplanes(buf, self.bits)
+        if self.keep_outliers:
+            n = tokens.shape[0]
+            self.outliers.append_dense(page * T + off, tokens.reshape(n, -1), enc.outliers.reshape(n, -1))
+
+    # -- reading --------------------------------------------------------------------------------------
+    def codes(self) -> torch.Tensor:
+        """Dense codes of the quantized part: ``[B, H, Q, D]`` uint8 (Q = longest quantized run)."""
+        if not self.quantized:
+            raise ValueError("an fp16 cache has no codes")
+        planes, _ = self._gather_pages("planes")
+        codes = unpack_bitplanes(planes, self.bits)  # [B, npg, H, D, T]
+        B, npg, H, D, T = codes.shape
+        return codes.permute(0, 2, 1, 4, 3).reshape(B, H, npg * T, D)[:, :, : int(self.q_len.max())]
+
+    def _gather_pages(self, name: str) -> tuple[torch.Tensor, int]:
+        qmax = int(self.q_len.max()) if self.batch else 0
+        npg = -(-qmax // self.config.page_size)
+        tbl = self.pages.table[:, :npg].long().clamp_min(0)
+        return self.pages.pools[name][tbl], qmax
+
+    def _dequantize_pages(self) -> torch.Tensor:
+        """The quantized part as ``[B, H, Q, D]`` in ``self.dtype``."""
+        T = self.config.page_size
+        B, H, D = self.batch, self.num_heads, self.head_dim
+        if not self.quantized:
+            raw, qmax = self._gather_pages("raw")  # [B, npg, H, T, D]
+            return raw.permute(0, 2, 1, 3, 4).reshape(B, H, -1, D)[:, :, :qmax]
+        planes, qmax = self._gather_pages("planes")
+        npg = planes.shape[1]
+        levels = self.codebook.decode(unpack_bitplanes(planes, self.bits))  # [B, npg, H, D, T]
+        if self.kind == "key":
+            vals = levels * self.channel_scale[:, None, :, :, None] + self.channel_zero[:, None, :, :, None]
+        else:
+            sc, _ = self._gather_pages("scale")
+            zr, _ = self._gather_pages("zero")
+            vals = levels * sc.float()[:, :, :, None, :] + zr.float()[:, :, :, None, :]
+        out = vals.permute(0, 2, 1, 4, 3).reshape(B, H, npg * T, D)[:, :, :qmax].to(self.dtype)
+        if self.keep_outliers and qmax:
+            i = torch.arange(qmax, device=self.device)
+            b_idx, i_idx = (i[None, :] < self.q_len[:, None]).nonzero(as_tuple=True)
+            page, off = self.pages.locate(b_idx, i_idx)
+            owner, ch, v = self.outliers.entries_of(page * T + off)
+            out[b_idx[owner], ch // D, i_idx[owner], ch % D] = v.to(self.dtype)
+        return out
+
+    def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All stored tokens, compact and right-padded.
+
+        Returns:
+            ``x [B, H, L, D]`` in the input dtype (zeros past each sequence's end) and
+            ``mask [B, L]`` bool, with ``L`` the longest sequence.
+        """
+        quant = self._dequantize_pages()
+        qmax = quant.shape[2]
+        full = torch.cat([self.sink, quant, self.residual], dim=2)
+        lengths = self.lengths
+        L = int(lengths.max()) if self.batch else 0
+        j = torch.arange(L, device=self.device)[None, :]
+        s, q = self.sink_len[:, None], self.q_len[:, None]
+        n_sink = self.config.n_sink
+        src = torch.where(j < s, j, torch.where(j < s + q, n_sink + j - s, n_sink + qmax + j - s - q))
+        mask = j < lengths[:, None]
+        src = torch.where(mask, src, torch.zeros_like(src))
+        x = full.gather(2, src[:, None, :, None].expand(-1, self.num_heads, -1, self.head_dim))
+        return x * mask[:, None, :, None].to(x.dtype), mask
+
+    def dequantize_aligned(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Tokens placed at the real positions of a padded layout.
+
+        Args:
+            attention_mask: ``[B, S]``; row ``b`` must have exactly ``lengths[b]`` ones.
+
+        Returns:
+            ``[B, H, S, D]``: token ``k`` of sequence ``b`` at the ``k``-th real position, zeros at padding.
+        """
+        mask = check_mask(attention_mask, self.batch, attention_mask.shape[-1], self.device, allow_empty_rows=True)
+        if not torch.equal(mask.sum(1), self.lengths):
+            raise ValueError(f"attention_mask has {mask.sum(1).tolist()} real tokens per row but the cache "
+                             f"holds {self.lengths.tolist()}")
+        x, _ = self.dequantize()
+        rank = (mask.long().cumsum(1) - 1).clamp_min(0)
+        if x.shape[2] == 0:
+            return x.new_zeros(self.batch, self.num_heads, mask.shape[1], self.head_dim)
+        out = x.gather(2, rank[:, None, :, None].expand(-1, self.num_heads, -1, self.head_dim))
+        return out * mask[:, None, :, None].to(out.dtype)
+
+    # -- batch reordering (beam search) ---------------------------------------------------------------
+    def select(self, index: torch.Tensor) -> QuantizedKVCache:
+        """A new cache holding sequences ``index`` (repeats allowed, e.g. beam search)."""
+        index = index.to(self.device, torch.int64)
+        new = object.__new__(QuantizedKVCache)
+        new.__dict__.update(self.__dict__)
+        new.batch = index.numel()
+        new.pages, old_ids = self.pages.select(index)
+        T = self.config.page_size
+        old_slots = (old_ids[:, None] * T + torch.arange(T, device=self.device)).reshape(-1)
+        new.outliers = self.outliers.select_slots(old_slots)
+        for name in ("sink", "residual", "sink_len", "q_len", "res_len"):
+            setattr(new, name, getattr(self, name)[index])
+        if self.channel_scale is not None:
+            new.channel_scale = self.channel_scale[index]
+            new.channel_zero = self.channel_zero[index]
+        return new
+
+    # -- accounting -----------------------------------------------------------------------------------
+    def memory_report(self) -> dict[str, float]:
+        """Bytes held by component, with ``bits_per_element`` over the real tokens stored.
+
+        Counts everything kept: packed codes of every page in use (including the unused tail of each
+        sequence's last page), scales, outlier values, indices and per-slot offsets (to block
+        granularity), sink and residual tokens, the page table and the per-channel ranges.
+        """
+        P = self.pages.n_pages
+        pools = self.pages.pools
+
+        def pool_bytes(name: str) -> int:
+            t = pools[name]
+            return P * t[0].numel() * t.element_size() if t.shape[0] else 0
+
+        rep: dict[str, float] = {}
+        if self.quantized:
+            rep["codes"] = pool_bytes("planes")
+            scales = pool_bytes("scale") + pool_bytes("zero") if self.kind == "value" else 0
+            if self.channel_scale is not None:
+                scales += 2 * self.channel_scale.numel() * 4
+            rep["scales"] = scales
+            rep["outliers"] = self.outliers.nbytes() if self.keep_outliers else 0
+        else:
+            rep["dense"] = pool_bytes("raw")
+        rep["sink"] = self.sink.numel() * self.sink.element_size()
+        rep["residual"] = self.residual.numel() * self.residual.element_size()
+        rep["page_table"] = self.pages.nbytes()
+        total = sum(rep.values())
+        elements = int(self.lengths.sum()) * self.num_heads * self.head_dim
+        rep["total"] = total
+        rep["elements"] = elements
+        rep["fp16_bytes"] = 2 * elements
+        rep["bits_per_element"] = 8 * total / elements if elements else float("nan")
+        rep["outlier_fraction"] = self.outliers.nnz / max(int(self.q_len.sum()) * self.num_heads * self.head_dim, 1)
+        return rep
+
+    def nbytes(self) -> int:
+        """Bytes held (see :meth:`memory_report`)."""
+        return int(self.memory_report()["total"])
+
+    def nbytes_allocated(self) -> int:
+        """Bytes reserved, including pre-allocated capacity not yet used."""
+        pools = sum(t.numel() * t.element_size() for t in self.pages.pools.values())
+        extra = self.sink.numel() * self.sink.element_size() + self.residual.numel() * self.residual.element_size()
+        if self.channel_scale is not None:
+            extra += 2 * self.channel_scale.numel() * 4
+        return pools + self.outliers.nbytes_allocated() + extra + self.pages.table.numel() * 4
+
+    @property
+    def bits_per_element(self) -> float:
+        return float(self.memory_report()["bits_per_element"])
+
+    def __repr__(self) -> str:
+        return (f"QuantizedKVCache(kind={self.kind}, datatype={self.config.datatype}, B={self.batch}, "
+                f"H={self.num_heads}, D={self.head_dim}, lengths={self.lengths.tolist()})")

@@ -1,0 +1,5 @@
+"""Sparse outlier storage."""
+
+from kvquant.sparse.blocked import BlockedCSCMatrix, BlockedCSRMatrix
+
+__all__ = ["BlockedCSCMatrix", "BlockedCSRMatrix"]

@@ -1,0 +1,236 @@
+"""Blocked compressed sparse storage for outliers, one compressed slice per token.
+
+Keys keep their outliers in a :class:`BlockedCSCMatrix` (``[channels, tokens]``, a column per token),
+values in a :class:`BlockedCSRMatrix` (``[tokens, channels]``, a row per token). Both share one storage
+scheme: entries (value, channel index) live in a pre-allocated buffer that grows in whole blocks of
+``block_nnz`` entries (capacity doubling, so appends are amortised O(1) and old entries are never copied
+quadratically), and every token slot has a ``(start, count)`` pair — the "four-array" variant of
+CSC/CSR, which lets tokens of many sequences be appended in any interleaving (decode appends one token
+per sequence per step) while a slot's entries stay contiguous for the kernels.
+
+Slots are written once (append-only). :meth:`to_standard_csc` / :meth:`to_standard_csr` give the
+textbook three-array form with slots in order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _grow(t: torch.Tensor, n: int, fill: int | float = 0) -> torch.Tensor:
+    out = torch.full((n, *t.shape[1:]), fill, dtype=t.dtype, device=t.device)
+    out[: t.shape[0]] = t
+    return out
+
+
+class _BlockedSlotMatrix:
+    """Shared storage of :class:`BlockedCSCMatrix` and :class:`BlockedCSRMatrix`."""
+
+    def __init__(
+        self,
+        n_inner: int,
+        dtype: torch.dtype = torch.float16,
+        device: torch.device | str = "cpu",
+        block_nnz: int = 1024,
+        initial_slots: int = 64,
+    ) -> None:
+        if n_inner <= 0:
+            raise ValueError(f"n_inner (channels) must be positive, got {n_inner}")
+        if block_nnz <= 0:
+            raise ValueError(f"block_nnz must be positive, got {block_nnz}")
+        self.n_inner = n_inner
+        self.block_nnz = block_nnz
+        self.index_dtype = torch.int16 if n_inner <= 2**15 else torch.int32
+        self.count_dtype = torch.int16 if n_inner < 2**15 else torch.int32
+        self.values = torch.empty(block_nnz, dtype=dtype, device=device)
+        self.indices = torch.empty(block_nnz, dtype=self.index_dtype, device=device)
+        self.slot_start = torch.zeros(max(initial_slots, 1), dtype=torch.int32, device=device)
+        self.slot_count = torch.zeros(max(initial_slots, 1), dtype=self.count_dtype, device=device)
+        self.nnz = 0
+        self.n_slots = 0  # one past the highest slot written
+
+    # -- properties -----------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def capacity_nnz(self) -> int:
+        return self.values.shape[0]
+
+    # -- growth ---------------------------------------------------------------------------------------
+    def reserve(self, nnz: int | None = None, slots: int | None = None) -> None:
+        """Make room for ``nnz`` entries and ``slots`` slots in total (amortised: at least doubles)."""
+        if nnz is not None and nnz > self.capacity_nnz:
+            want = max(nnz, 2 * self.capacity_nnz)
+            want = -(-want // self.block_nnz) * self.block_nnz
+            self.values = _grow(self.values[: self.nnz], want)
+            self.indices = _grow(self.indices[: self.nnz], want)
+        if slots is not None and slots > self.slot_start.shape[0]:
+            want = max(slots, 2 * self.slot_start.shape[0])
+            self.slot_start = _grow(self.slot_start, want)
+            self.slot_count = _grow(self.slot_count, want)
+
+    # -- appends --------------------------------------------------------------------------------------
+    def append_slots(
+        self, slots: torch.Tensor, counts: torch.Tensor, values: torch.Tensor, indices: torch.Tensor
+    ) -> None:
+        """Batched append: slot ``slots[i]`` gets the next ``counts[i]`` entries of ``values``/``indices``.
+
+        Args:
+            slots: ``[n]`` int, distinct, not written before.
+            counts: ``[n]`` int, entries per slot, ``sum(counts) == len(values)``.
+            values: ``[nnz]`` exact outlier values. indices: ``[nnz]`` channel index in ``[0, n_inner)``.
+        """
+        slots = slots.to(self.device, torch.int64).reshape(-1)
+        counts = counts.to(self.device, torch.int64).reshape(-1)
+        if slots.numel() != counts.numel():
+            raise ValueError(f"slots has {slots.numel()} entries but counts has {counts.numel()}")
+        total = int(counts.sum()) if counts.numel() else 0
+        if values.numel() != total or indices.numel() != total:
+            raise ValueError(f"counts sum to {total} but got {values.numel()} values, {indices.numel()} indices")
+        if total and (int(indices.min()) < 0 or int(indices.max()) >= self.n_inner):
+            raise ValueError(f"outlier indices must be in [0, {self.n_inner})")
+        if slots.numel() == 0:
+            return
+        if int(slots.min()) < 0:
+            raise ValueError("slot ids must be non-negative")
+        top = int(slots.max()) + 1
+        self.reserve(nnz=self.nnz + total, slots=top)
+        starts = self.nnz + torch.cumsum(counts, 0) - counts
+        self.slot_start[slots] = starts.to(torch.int32)
+        self.slot_count[slots] = counts.to(self.count_dtype)
+        self.values[self.nnz : self.nnz + total] = values.reshape(-1).to(self.dtype)
+        self.indices[self.nnz : self.nnz + total] = indices.reshape(-1).to(self.index_dtype)
+        self.nnz += total
+        self.n_slots = max(self.n_slots, top)
+
+    def append_token(self, values: torch.Tensor, indices: torch.Tensor, slot: int | None = None) -> int:
+        """Append one token's outliers (amortised O(1)); ``slot`` defaults to the next one. Returns it."""
+        slot = self.n_slots if slot is None else int(slot)
+        values = torch.as_tensor(values).reshape(-1)
+        indices = torch.as_tensor(indices).reshape(-1)
+        self.append_slots(
+            torch.tensor([slot]), torch.tensor([values.numel()]), values.to(self.device), indices.to(self.device)
+        )
+        self.n_slots = max(self.n_slots, slot + 1)
+        return slot
+
+    def append_dense(self, slots: torch.Tensor, dense: torch.Tensor, mask: torch.Tensor) -> None:
+        """Append the entries of ``dense[n, n_inner]`` where ``mask`` is True, slot ``slots[i]`` for row i."""
+        if dense.shape != mask.shape or dense.ndim != 2 or dense.shape[1] != self.n_inner:
+            raise ValueError(f"dense and mask must both be [n, {self.n_inner}], got {tuple(dense.shape)}, "
+                             f"{tuple(mask.shape)}")
+        rows, cols = mask.nonzero(as_tuple=True)  # row-major: grouped by slot, channels ascending
+        self.append_slots(slots, mask.sum(1), dense[rows, cols], cols)
+
+    # -- reads ----------------------------------------------------------------------------------------
+    def entries_of(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Entries of the given slots: ``(owner[e], index[e], value[e])`` where ``owner`` is the position
+        in ``slots`` each entry belongs to."""
+        slots = slots.to(self.device, torch.int64).reshape(-1)
+        inside = slots < self.slot_start.shape[0]
+        safe = torch.where(inside, slots, torch.zeros_like(slots))
+        counts = torch.where(inside, self.slot_count[safe].long(), torch.zeros_like(slots))
+        starts = self.slot_start[safe].long()
+        owner = torch.repeat_interleave(torch.arange(slots.numel(), device=self.device), counts)
+        offs = torch.arange(owner.numel(), device=self.device) - (torch.cumsum(counts, 0) - counts)[owner]
+        pos = starts[owner] + offs
+        return owner, self.indices[pos].long(), self.values[pos]
+
+    def _dense_slots_by_inner(self, n_slots: int | None) -> torch.Tensor:
+        n = self.n_slots if n_slots is None else n_slots
+        out = torch.zeros(n, self.n_inner, dtype=self.dtype, device=self.device)
+        owner, idx, val = self.entries_of(torch.arange(n, device=self.device))
+        out[owner, idx] = val
+        return out
+
+    def _standard(self, n_slots: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = self.n_slots if n_slots is None else n_slots
+        slots = torch.arange(n, device=self.device)
+        owner, idx, val = self.entries_of(slots)
+        counts = torch.bincount(owner, minlength=n)
+        ptr = torch.zeros(n + 1, dtype=torch.int64, device=self.device)
+        ptr[1:] = torch.cumsum(counts, 0)
+        return val, idx, ptr
+
+    def select_slots(self, slots: torch.Tensor) -> _BlockedSlotMatrix:
+        """A new matrix whose slot ``i`` holds the entries of ``slots[i]`` (compacted copy)."""
+        new = type(self)(self.n_inner, self.dtype, self.device, self.block_nnz, slots.numel())
+        owner, idx, val = self.entries_of(slots)
+        counts = torch.bincount(owner, minlength=slots.numel())
+        new.append_slots(torch.arange(slots.numel(), device=self.device), counts, val, idx)
+        return new
+
+    # -- accounting -----------------------------------------------------------------------------------
+    def nbytes(self, n_slots: int | None = None) -> int:
+        """Bytes held: entries up to block granularity, plus ``(start, count)`` of ``n_slots`` slots."""
+        n = self.n_slots if n_slots is None else n_slots
+        blocks = -(-self.nnz // self.block_nnz)
+        per_entry = self.values.element_size() + self.indices.element_size()
+        per_slot = self.slot_start.element_size() + self.slot_count.element_size()
+        return blocks * self.block_nnz * per_entry + n * per_slot
+
+    def nbytes_allocated(self) -> int:
+        """Bytes reserved, including capacity not yet used."""
+        return sum(t.numel() * t.element_size() for t in (self.values, self.indices, self.slot_start,
+                                                           self.slot_count))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(n_inner={self.n_inner}, slots={self.n_slots}, nnz={self.nnz})"
+
+
+class BlockedCSCMatrix(_BlockedSlotMatrix):
+    """Key outliers: a sparse ``[n_rows (channels), n_cols (tokens)]`` matrix, a column per token.
+
+    ``append_token(values, rows)`` appends the next column in amortised O(1); ``append_slots`` appends
+    a whole prefill at once.
+    """
+
+    def __init__(self, n_rows: int, dtype: torch.dtype = torch.float16, device: torch.device | str = "cpu",
+                 block_nnz: int = 1024, initial_cols: int = 64) -> None:
+        super().__init__(n_rows, dtype, device, block_nnz, initial_cols)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_inner, self.n_slots)
+
+    def to_dense(self, n_cols: int | None = None) -> torch.Tensor:
+        """``[n_rows, n_cols]`` dense matrix (zeros where nothing is stored)."""
+        return self._dense_slots_by_inner(n_cols).T.contiguous()
+
+    def to_standard_csc(self, n_cols: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(values[nnz], row_indices[nnz], col_ptr[n_cols + 1])`` with columns in order."""
+        return self._standard(n_cols)
+
+    def to_torch_sparse(self, n_cols: int | None = None) -> torch.Tensor:
+        val, idx, ptr = self._standard(n_cols)
+        return torch.sparse_csc_tensor(ptr, idx, val, size=(self.n_inner, ptr.numel() - 1), check_invariants=True)
+
+
+class BlockedCSRMatrix(_BlockedSlotMatrix):
+    """Value outliers: a sparse ``[n_rows (tokens), n_cols (channels)]`` matrix, a row per token."""
+
+    def __init__(self, n_cols: int, dtype: torch.dtype = torch.float16, device: torch.device | str = "cpu",
+                 block_nnz: int = 1024, initial_rows: int = 64) -> None:
+        super().__init__(n_cols, dtype, device, block_nnz, initial_rows)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_slots, self.n_inner)
+
+    def to_dense(self, n_rows: int | None = None) -> torch.Tensor:
+        """``[n_rows, n_cols]`` dense matrix (zeros where nothing is stored)."""
+        return self._dense_slots_by_inner(n_rows)
+
+    def to_standard_csr(self, n_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(values[nnz], col_indices[nnz], row_ptr[n_rows + 1])`` with rows in order."""
+        return self._standard(n_rows)
+
+    def to_torch_sparse(self, n_rows: int | None = None) -> torch.Tensor:
+        val, idx, ptr = self._standard(n_rows)
+        return torch.sparse_csr_tensor(ptr, idx, val, size=(ptr.numel() - 1, self.n_inner), check_invariants=True)
