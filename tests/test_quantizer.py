@@ -25,7 +25,7 @@ def level_error_bound(datatype):
     return float(torch.max(torch.cat([gaps, (lv[:1] + 1).abs(), (1 - lv[-1:]).abs()])))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(datatype=st.sampled_from(QUANTIZED), B=st.integers(1, 4), H=st.integers(1, 3),
        S=st.integers(1, 90), D=st.sampled_from([4, 8, 16]), frac=st.sampled_from([0.0, 0.01, 0.05]),
        seed=st.integers(0, 2**31 - 1))
@@ -54,7 +54,7 @@ def test_padding_invariance(datatype, B, H, S, D, frac, seed):
             assert torch.equal(alone.dequantize()[0][0], da[i, :, : int(lengths[i])])
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(datatype=st.sampled_from(QUANTIZED), S=st.integers(8, 80), D=st.sampled_from([8, 32]),
        frac=st.sampled_from([0.01, 0.1]), seed=st.integers(0, 2**31 - 1))
 def test_round_trip_error_bound_and_exact_outliers(datatype, S, D, frac, seed):
@@ -89,7 +89,7 @@ def test_round_trip_error_bound_and_exact_outliers(datatype, S, D, frac, seed):
 
 
 def test_nuq_beats_uniform_and_outliers_help_on_heavy_tails(seed):
-    x = heavy_tailed_kv((2, 4, 512, 64), seed)
+    x = heavy_tailed_kv((1, 4, 512, 64), seed)
 
     def err(datatype, frac):
         q = BatchedKVQuantizer(datatype=datatype, outlier_fraction=frac, n_sink=0)
@@ -232,6 +232,6 @@ def test_bad_masks_and_configs():
     with pytest.raises(ValueError, match="batch"):
         c.append(torch.randn(3, 2, 1, 4))
     with pytest.raises(ValueError, match="real tokens per row"):
-        c.dequantize_aligned(torch.ones(2, 4))
+        c.dequantize_aligned(torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="key ranges"):
         q.quantize_keys(x, key_ranges=(torch.zeros(3, 4), torch.ones(3, 4)))

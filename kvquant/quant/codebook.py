@@ -99,20 +99,29 @@ class Codebook:
 
 
 def _weighted_kmeans_1d(x: torch.Tensor, w: torch.Tensor, k: int, n_iter: int = 200) -> torch.Tensor:
-    """Lloyd's algorithm in 1-D, float64, initialised at weighted quantiles. Deterministic."""
+    """Lloyd's algorithm in 1-D, float64, initialised at weighted quantiles. Deterministic.
+
+    The data is sorted once; each iteration then finds the cluster boundaries with a binary search and
+    the cluster sums from prefix sums, so it costs O(k log n) instead of O(n).
+    """
     order = torch.argsort(x)
     x, w = x[order], w[order]
-    cw = torch.cumsum(w, 0)
+    zero = torch.zeros(1, dtype=torch.float64)
+    cw = torch.cat([zero, torch.cumsum(w, 0)])
+    cwx = torch.cat([zero, torch.cumsum(w * x, 0)])
     total = cw[-1]
     if total <= 0:
         raise ValueError("k-means weights sum to zero")
     targets = (torch.arange(k, dtype=torch.float64) + 0.5) / k * total
-    levels = x[torch.searchsorted(cw, targets).clamp(max=x.numel() - 1)]
+    levels = x[torch.searchsorted(cw[1:], targets).clamp(max=x.numel() - 1)]
+    n = torch.tensor([x.numel()])
     for _ in range(n_iter):
         mids = (levels[1:] + levels[:-1]) * 0.5
-        idx = torch.bucketize(x, mids)
-        sums = torch.zeros(k, dtype=torch.float64).index_add_(0, idx, w * x)
-        cnt = torch.zeros(k, dtype=torch.float64).index_add_(0, idx, w)
+        # cluster c holds x in (mids[c-1], mids[c]], exactly torch.bucketize's assignment
+        ends = torch.cat([torch.searchsorted(x, mids, right=True), n])
+        starts = torch.cat([torch.zeros(1, dtype=torch.long), ends[:-1]])
+        cnt = cw[ends] - cw[starts]
+        sums = cwx[ends] - cwx[starts]
         new = torch.where(cnt > 0, sums / cnt.clamp_min(1e-300), levels)
         new, _ = torch.sort(new)
         done = torch.max(torch.abs(new - levels)) < 1e-9

@@ -58,16 +58,20 @@ def encode_keys(
     return Encoded(codes, out)
 
 
-def encode_values(
-    x: torch.Tensor, codebook: Codebook, outlier_fraction: float, scale_dtype: torch.dtype
-) -> Encoded:
-    """Per-token value encoding.
+def normalize_values(
+    x: torch.Tensor, outlier_fraction: float, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token value normalisation.
 
     Outlier thresholds are the ``f/2`` and ``1-f/2`` quantiles over all ``H*D`` entries of the token
     (KVQuant's per-token outliers); each head is then scaled to the min/max of its remaining inliers.
 
     Args:
         x: ``[N, H, D]`` values.
+
+    Returns:
+        ``(x_norm [N, H, D] float32, outliers [N, H, D] bool, scale [N, H], zero [N, H])``, the scale and
+        zero rounded to ``scale_dtype`` (what is stored) before normalising.
     """
     n, h, d = x.shape
     xf = x.float()
@@ -84,6 +88,14 @@ def encode_values(
     scale, zero = range_to_scale_zero(vmin, vmax)
     scale, zero = scale.to(scale_dtype), zero.to(scale_dtype)
     xn = (xf - zero.float()[..., None]) / scale.float()[..., None]
+    return xn, out, scale, zero
+
+
+def encode_values(
+    x: torch.Tensor, codebook: Codebook, outlier_fraction: float, scale_dtype: torch.dtype
+) -> Encoded:
+    """Per-token value encoding (see :func:`normalize_values`); ``x [N, H, D]``."""
+    xn, out, scale, zero = normalize_values(x, outlier_fraction, scale_dtype)
     codes = codebook.encode(xn).masked_fill(out, codebook.zero_code)
     return Encoded(codes, out, scale, zero)
 

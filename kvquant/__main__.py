@@ -1,0 +1,3 @@
+from kvquant.cli.main import main
+
+main()

@@ -1,0 +1,336 @@
+"""Kernel benchmarks: decode attention over the packed KV cache, and prefill quantization throughput.
+
+Decode rows compare, per (context, batch, heads) config:
+
+* ``fp16_sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` over a dense fp16 cache;
+* ``dequant``: :func:`~kvquant.kernels.reference.decode_attention_reference` (dequantize everything, then
+  attend: what a dequantize-then-attend cache such as transformers' ``QuantizedCache`` does);
+* ``kernel``: :func:`~kvquant.kernels.decode_attention.decode_attention` (Triton).
+
+Each row: median time (``triton.testing.do_bench``, warm-up, inputs rotated over several cache copies when
+the cache is small enough to sit in L2), ratio vs fp16, bytes moved, and the fraction of the bandwidth floor
+(bytes / measured device-to-device copy bandwidth) reached. Caches are synthetic (random codes, scales and
+sorted outlier channels at the configured density): timing does not depend on the values.
+
+Run: ``python -m kvquant.bench.kernels [--quick] [--out results.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kvquant.config import QuantConfig
+from kvquant.quant.codebook import codebook_for
+from kvquant.quant.store import QuantizedKVCache
+
+SHAPES = {"mha": (32, 32, 128), "gqa": (32, 8, 128)}  # name -> (q heads, kv heads, head dim)
+
+
+def synthetic_caches(
+    B: int, Hkv: int, D: int, L: int, cfg: QuantConfig, dtype: torch.dtype, device: str, seed: int = 0
+) -> tuple[QuantizedKVCache, QuantizedKVCache]:
+    """A (keys, values) cache pair of ``L`` tokens per sequence filled directly with random contents.
+
+    ``cfg.n_sink`` sinks and ``cfg.residual_length`` residual tokens, the rest in pages with random codes,
+    random scales and ``cfg.outlier_fraction`` outliers per token (sorted, distinct channels).
+    """
+    g = torch.Generator(device=device).manual_seed(seed)
+    n_sink, R = cfg.n_sink, cfg.residual_length
+    q = L - n_sink - R
+    if q < 0:
+        raise ValueError("context shorter than sinks + residual")
+    T = cfg.page_size
+    cs = 0.1 + torch.rand(Hkv, D, device=device, generator=g)
+    cz = 0.1 * torch.randn(Hkv, D, device=device, generator=g)
+    cb = codebook_for(cfg.datatype)
+    kc = QuantizedKVCache("key", cfg, B, Hkv, D, dtype, device, cb, cs, cz)
+    vc = QuantizedKVCache("value", cfg, B, Hkv, D, dtype, device, cb)
+    n_id = Hkv * D
+    cnt = int(round(cfg.outlier_fraction * n_id))
+    for c in (kc, vc):
+        c.sink = torch.randn(B, Hkv, n_sink, D, device=device, generator=g).to(dtype)
+        c.residual = torch.randn(B, Hkv, R, D, device=device, generator=g).to(dtype)
+        c.sink_len.fill_(n_sink)
+        c.res_len.fill_(R)
+        c.q_len.fill_(q)
+        c.pages.reserve(c.q_len)
+        P = c.pages.n_pages
+        pl = c.pages.pools["planes"]
+        pl[:P] = torch.randint(-(2**31), 2**31 - 1, (P, *pl.shape[1:]), device=device, dtype=torch.int32,
+                               generator=g)
+        if c.kind == "value":
+            c.pages.pools["scale"][:P] = (0.05 + 0.1 * torch.rand(P, Hkv, T, device=device, generator=g)).to(
+                c.pages.pools["scale"].dtype)
+            c.pages.pools["zero"][:P] = (0.01 * torch.randn(P, Hkv, T, device=device, generator=g)).to(
+                c.pages.pools["zero"].dtype)
+        if cnt and q:
+            i = torch.arange(q, device=device)
+            b = torch.arange(B, device=device)
+            page, off = c.pages.locate(b.repeat_interleave(q), i.repeat(B))
+            slots = page * T + off
+            stride = n_id // cnt
+            ch = torch.arange(cnt, device=device) * stride
+            ch = ch[None, :] + torch.randint(0, stride, (slots.numel(), cnt), device=device, generator=g)
+            vals = 4.0 * torch.randn(slots.numel(), cnt, device=device, generator=g)
+            c.outliers.reserve(nnz=slots.numel() * cnt, slots=P * T)
+            c.outliers.append_slots(slots, torch.full_like(slots, cnt), vals.reshape(-1), ch.reshape(-1))
+    return kc, vc
+
+
+def _bench(fn, warmup: int = 25, rep: int = 100) -> float:
+    """Median milliseconds (device events)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth in bytes/s (bytes read + bytes written)."""
+    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    y = torch.empty_like(x)
+    ms = _bench(partial(y.copy_, x))
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def _rotating(fns):
+    state = {"i": 0}
+
+    def call():
+        fn = fns[state["i"] % len(fns)]
+        state["i"] += 1
+        return fn()
+
+    return call
+
+
+def _quant_bytes(B: int, Hkv: int, D: int, L: int, cfg: QuantConfig, dtype_bytes: int = 2) -> int:
+    """Bytes the kernel must read: codes, value scales, outliers (values, indices, slot start/count),
+    sinks/residual (the query/output are negligible)."""
+    q = L - cfg.n_sink - cfg.residual_length
+    per_tok_head = 2 * D * cfg.bits / 8 + 2 * 2  # K+V codes, value scale+zero (fp16)
+    outl = 2 * (q * cfg.outlier_fraction * Hkv * D * 4 + q * 6)  # entries + per-slot (start, count)
+    exact = 2 * (cfg.n_sink + cfg.residual_length) * Hkv * D * dtype_bytes
+    return int(B * (q * Hkv * per_tok_head + outl + exact))
+
+
+def bench_decode(args, bw: float, rows: list, out_path: Path | None) -> None:
+    from kvquant.kernels.decode_attention import decode_attention
+    from kvquant.kernels.reference import decode_attention_reference
+
+    dev = "cuda"
+    dtype = torch.float16
+    cfg = QuantConfig(datatype=args.datatype, outlier_fraction=args.outliers, n_sink=args.n_sink,
+                      residual_length=args.residual, page_size=args.page_size)
+    for shape in args.shapes:
+        Hq, Hkv, D = SHAPES[shape]
+        for L in args.contexts:
+            for B in args.batches:
+                torch.cuda.empty_cache()
+                free = torch.cuda.mem_get_info()[0]
+                qbytes = _quant_bytes(B, Hkv, D, L, cfg)
+                fbytes = 2 * B * Hkv * L * D * 2
+                row = {"kind": "decode", "shape": shape, "Hq": Hq, "Hkv": Hkv, "D": D, "context": L, "batch": B,
+                       "datatype": cfg.datatype, "outliers": cfg.outlier_fraction, "rope": args.rope,
+                       "quant_bytes": qbytes, "fp16_bytes": fbytes}
+                if 3 * qbytes > 0.8 * free:
+                    row["skipped"] = "quantized cache does not fit"
+                    rows.append(row)
+                    _flush(rows, out_path)
+                    continue
+                n_sets = max(1, min(4, math.ceil(200e6 / qbytes)))
+                caches = [synthetic_caches(B, Hkv, D, L, cfg, dtype, dev, seed=s) for s in range(n_sets)]
+                qs = [torch.randn(B, Hq, D, device=dev, dtype=dtype) for _ in range(n_sets)]
+                rope = None
+                if args.rope:
+                    inv = 1.0 / (10000 ** (torch.arange(0, D, 2, device=dev).float() / D))
+                    f = torch.outer(torch.arange(L + 64, device=dev).float(), inv)
+                    e = torch.cat([f, f], -1)
+                    rope = (e.cos(), e.sin(), torch.zeros(B, dtype=torch.int64, device=dev))
+                fns = [partial(decode_attention, qs[i], *caches[i], rope=rope, backend="triton")
+                       for i in range(n_sets)]
+                out = fns[0]()
+                torch.cuda.synchronize()
+                row["kernel_ms"] = _bench(_rotating(fns))
+                row["kernel_floor_ms"] = qbytes / bw * 1e3
+                row["kernel_frac_floor"] = row["kernel_floor_ms"] / row["kernel_ms"]
+                # dequantize-everything path (memory hungry: ~40 B of temporaries per element)
+                if B * Hkv * L * D * 48 < 0.7 * torch.cuda.mem_get_info()[0] and not args.no_dequant:
+                    try:
+                        ref = decode_attention_reference(qs[0], *caches[0], rope=rope)
+                        row["rel_err"] = float((out.float() - ref.float()).norm() / ref.float().norm())
+                        row["dequant_ms"] = _bench(
+                            _rotating([partial(decode_attention_reference, qs[i], *caches[i], rope=rope,
+                                               compute_dtype=dtype) for i in range(n_sets)]), warmup=5, rep=50)
+                        del ref
+                    except torch.OutOfMemoryError:
+                        row["dequant_ms"] = None
+                    torch.cuda.empty_cache()
+                del caches, fns
+                torch.cuda.empty_cache()
+                # fp16 SDPA over a dense fp16 cache
+                n16 = max(1, min(4, math.ceil(200e6 / fbytes)))
+                if n16 * fbytes < 0.8 * torch.cuda.mem_get_info()[0]:
+                    kv = [(torch.randn(B, Hkv, L, D, device=dev, dtype=dtype),
+                           torch.randn(B, Hkv, L, D, device=dev, dtype=dtype)) for _ in range(n16)]
+                    q4 = [torch.randn(B, Hq, 1, D, device=dev, dtype=dtype) for _ in range(n16)]
+                    sd = [partial(F.scaled_dot_product_attention, q4[i], kv[i][0], kv[i][1],
+                                  enable_gqa=Hq != Hkv) for i in range(n16)]
+                    row["fp16_ms"] = _bench(_rotating(sd))
+                    row["fp16_floor_ms"] = fbytes / bw * 1e3
+                    row["speedup_vs_fp16"] = row["fp16_ms"] / row["kernel_ms"]
+                    del kv, q4
+                if row.get("dequant_ms"):
+                    row["speedup_vs_dequant"] = row["dequant_ms"] / row["kernel_ms"]
+                rows.append(row)
+                _flush(rows, out_path)
+                print(_fmt(row), flush=True)
+                torch.cuda.empty_cache()
+
+
+def sweep(args, bw: float, rows: list, out_path: Path | None) -> dict:
+    """Launch-parameter sweep of the decode kernel at 32K context; returns the best setting (also applied)."""
+    da = importlib.import_module("kvquant.kernels.decode_attention")
+
+    dev = "cuda"
+    best: dict = {}
+    for shape, B in (("mha", 1), ("gqa", 8)):
+        Hq, Hkv, D = SHAPES[shape]
+        L = 32768
+        for outl, rope_on in ((0.01, False), (0.0, False), (0.01, True)):
+            cfg = QuantConfig(datatype=args.datatype, outlier_fraction=outl, n_sink=args.n_sink,
+                              residual_length=args.residual, page_size=args.page_size)
+            kc, vc = synthetic_caches(B, Hkv, D, L, cfg, torch.float16, dev)
+            q = torch.randn(B, Hq, D, device=dev, dtype=torch.float16)
+            rope = None
+            if rope_on:
+                e = torch.randn(L + 64, D, device=dev)
+                rope = (e.cos(), e.sin(), torch.zeros(B, dtype=torch.int64, device=dev))
+            grid = [(w, bt, pps) for w in (4, 8) for bt in (32, 64) for pps in (4, 16)]
+            if outl == 0.0 or rope_on:
+                grid = [(4, 64, 4), (8, 64, 16), (8, 32, 16)]
+            for w, bt, pps in grid:
+                fn = partial(da.decode_attention, q, kc, vc, rope=rope, backend="triton", num_warps=w, block_t=bt,
+                             programs_per_sm=pps)
+                fn()
+                ms = _bench(fn)
+                row = {"kind": "sweep", "shape": shape, "batch": B, "context": L, "outliers": outl, "rope": rope_on,
+                       "num_warps": w, "block_t": bt, "programs_per_sm": pps, "ms": ms,
+                       "frac_floor": _quant_bytes(B, Hkv, D, L, cfg) / bw / (ms * 1e-3)}
+                rows.append(row)
+                _flush(rows, out_path)
+                print(f"sweep {shape} B={B} outl={outl} rope={rope_on} warps={w} bt={bt} pps={pps}: {ms:.3f} ms "
+                      f"({row['frac_floor']:.2f} of floor)", flush=True)
+                if outl > 0 and not rope_on:
+                    key = (w, bt, pps)
+                    best[key] = best.get(key, 0.0) + math.log(ms)
+            del kc, vc
+            torch.cuda.empty_cache()
+    w, bt, pps = min(best, key=best.get)
+    da.TUNING.update(num_warps=w, block_t=bt, programs_per_sm=pps)
+    print(f"best launch: num_warps={w} block_t={bt} programs_per_sm={pps}", flush=True)
+    return dict(da.TUNING)
+
+
+def bench_prefill(args, bw: float, rows: list, out_path: Path | None) -> None:
+    """Prefill quantization throughput (input bytes / time) of keys and values."""
+    from kvquant.quant.quantizer import BatchedKVQuantizer
+
+    dev = "cuda"
+    H, D = 32, 128
+    for S in args.prefill_lengths:
+        cfg = QuantConfig(datatype=args.datatype, outlier_fraction=args.outliers, n_sink=args.n_sink,
+                          residual_length=0, page_size=args.page_size)
+        qz = BatchedKVQuantizer(cfg)
+        x = torch.randn(1, H, S, D, device=dev, dtype=torch.float16)
+        nbytes = x.numel() * 2
+        for kind, fn in (("keys", partial(qz.quantize_keys, x)), ("values", partial(qz.quantize_values, x))):
+            fn()
+            ms = _bench(fn, warmup=3, rep=30)
+            row = {"kind": "prefill", "what": kind, "tokens": S, "H": H, "D": D, "datatype": cfg.datatype,
+                   "ms": ms, "GBps": nbytes / ms / 1e6, "frac_bw": nbytes / (ms * 1e-3) / bw}
+            rows.append(row)
+            _flush(rows, out_path)
+            print(_fmt(row), flush=True)
+
+
+def _flush(rows: list, out_path: Path | None) -> None:
+    if out_path is not None:
+        out_path.write_text(json.dumps(rows, indent=1))
+
+
+def _fmt(r: dict) -> str:
+    if r["kind"] == "prefill":
+        return (f"prefill {r['what']:6s} S={r['tokens']:6d} {r['ms']:8.3f} ms {r['GBps']:7.1f} GB/s "
+                f"({100 * r['frac_bw']:.0f}% of copy bw)")
+    if "skipped" in r:
+        return f"{r['shape']} L={r['context']} B={r['batch']}: skipped ({r['skipped']})"
+
+    def f(k, fmt="{:8.3f}"):
+        v = r.get(k)
+        return fmt.format(v) if isinstance(v, (int, float)) else f"{'-':>8s}"
+
+    return (f"{r['shape']:3s} L={r['context']:6d} B={r['batch']:2d} | fp16 {f('fp16_ms')} | dequant {f('dequant_ms')}"
+            f" | kernel {f('kernel_ms')} (floor {f('kernel_floor_ms')}, {f('kernel_frac_floor', '{:4.2f}')}) | "
+            f"x fp16 {f('speedup_vs_fp16', '{:5.2f}')} x deq {f('speedup_vs_dequant', '{:6.1f}')} "
+            f"err {f('rel_err', '{:.1e}')}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point (``kvquant bench kernels``). Returns a process exit code."""
+    p = argparse.ArgumentParser(prog="kvquant bench kernels", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer configs (a few minutes)")
+    p.add_argument("--out", type=Path, default=None, help="JSON file, rewritten after every row")
+    p.add_argument("--contexts", type=int, nargs="*", default=None)
+    p.add_argument("--batches", type=int, nargs="*", default=None)
+    p.add_argument("--shapes", nargs="*", default=["mha", "gqa"], choices=sorted(SHAPES))
+    p.add_argument("--datatype", default="nuq3")
+    p.add_argument("--outliers", type=float, default=0.01)
+    p.add_argument("--n-sink", type=int, default=1)
+    p.add_argument("--residual", type=int, default=32)
+    p.add_argument("--page-size", type=int, default=64)
+    p.add_argument("--rope", action="store_true", help="rotate keys in the kernel")
+    p.add_argument("--no-dequant", action="store_true", help="skip the (slow) dequantize-everything path")
+    p.add_argument("--prefill-lengths", type=int, nargs="*", default=None)
+    p.add_argument("--sweep", action="store_true", help="tune the decode kernel's launch first (32K context)")
+    p.add_argument("--skip-decode", action="store_true")
+    p.add_argument("--skip-prefill", action="store_true")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kvquant bench kernels: needs a CUDA GPU")
+        return 1
+    if args.contexts is None:
+        args.contexts = [1024, 4096, 32768, 131072] if args.quick else [1024, 4096, 8192, 16384, 32768, 65536,
+                                                                         131072]
+    if args.batches is None:
+        args.batches = [1, 8, 32] if args.quick else [1, 4, 8, 16, 32]
+    if args.prefill_lengths is None:
+        args.prefill_lengths = [4096, 32768]
+    rows: list = []
+    bw = copy_bandwidth("cuda")
+    props = torch.cuda.get_device_properties(0)
+    rows.append({"kind": "device", "name": props.name, "sms": props.multi_processor_count,
+                 "copy_bw_GBps": bw / 1e9, "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M")})
+    print(f"{props.name}: copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.sweep:
+        rows.append({"kind": "tuning", **sweep(args, bw, rows, args.out)})
+    if not args.skip_decode:
+        bench_decode(args, bw, rows, args.out)
+    if not args.skip_prefill:
+        bench_prefill(args, bw, rows, args.out)
+    print("\n".join(_fmt(r) for r in rows if r["kind"] in ("decode", "prefill")))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

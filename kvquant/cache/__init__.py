@@ -1,0 +1,1 @@
+"""Drop-in quantized KV cache for Hugging Face ``transformers`` models."""

@@ -1,0 +1,256 @@
+"""``KVQuantCache``: a ``transformers`` ``Cache`` that stores K/V with kvquant.
+
+Usage::
+
+    cache = KVQuantCache(model, QuantConfig(datatype="nuq3"), calibration=Calibration.load(path))
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+    print(cache.memory_report())
+
+The cache needs the model: a forward pre-hook on the decoder tells it the 2-D padding mask and the
+position ids of every step (transformers does not pass them to ``Cache.update``), and the model's rotary
+module gives the ``cos``/``sin`` for pre-RoPE key quantization. Layer ``i`` keeps one
+:class:`~kvquant.quant.store.QuantizedKVCache` for keys and one for values; a prefill is quantized in
+one vectorised pass over the padded batch, each decode step appends one token per sequence.
+
+What ``update`` returns: during a prefill the exact K/V (the prompt attends to itself exactly, as in
+real serving); afterwards the dequantized cached K/V followed by the exact new tokens, laid out to
+match the model's padded attention mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvquant.cache.rope import RotaryTables, apply_rope, find_rotary_embedding, invert_rope
+from kvquant.calibration.format import Calibration
+from kvquant.config import QuantConfig
+from kvquant.quant.quantizer import BatchedKVQuantizer
+from kvquant.quant.store import QuantizedKVCache
+
+_HOOK_ATTR = "_kvquant_step_hook"
+
+
+class KVQuantLayer(CacheLayerMixin):
+    """One decoder layer's quantized keys and values."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, owner: KVQuantCache, layer_idx: int) -> None:
+        super().__init__()
+        self.owner = owner
+        self.layer_idx = layer_idx
+        self.qkeys: QuantizedKVCache | None = None
+        self.qvalues: QuantizedKVCache | None = None
+        self.cumulative_length = 0
+        self.seen_mask: torch.Tensor | None = None  # [B, cumulative_length] bool, padding = False
+        self.pos_offset: torch.Tensor | None = None  # [B] position of each sequence's first real token
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    # -- the cache API ----------------------------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``key_states``/``value_states [B, H_kv, s, D]`` (post-RoPE, as the model made them) and
+        return the K/V attention must use, ``[B, H_kv, past + s, D]``."""
+        B, _, s, _ = key_states.shape
+        step_mask, positions = self.owner._step_inputs(B, s, self.cumulative_length, key_states.device)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        pre_rope = self.owner.pre_rope
+        k_store = key_states
+        if pre_rope:
+            cos, sin = self.owner.rotary(positions)
+            k_store = invert_rope(key_states, cos, sin).to(key_states.dtype)
+
+        if self.qkeys is None:  # prefill: quantize the whole padded batch at once
+            if not bool(step_mask.any(1).all()):
+                raise ValueError("a prompt in the batch is all padding: every row needs a real token")
+            quantizer = self.owner.quantizer_for(self.layer_idx)
+            self.qkeys = quantizer.quantize_keys(k_store, step_mask)
+            self.qvalues = quantizer.quantize_values(value_states, step_mask)
+            first = step_mask.long().argmax(1)
+            self.pos_offset = positions.gather(1, first[:, None]).squeeze(1)
+            out_k, out_v = key_states, value_states
+        else:
+            past_mask = self.seen_mask
+            past_k = self.qkeys.dequantize_aligned(past_mask)
+            past_v = self.qvalues.dequantize_aligned(past_mask)
+            if pre_rope:
+                rank = (past_mask.long().cumsum(1) - 1).clamp_min(0)
+                cos, sin = self.owner.rotary(self.pos_offset[:, None] + rank)
+                past_k = apply_rope(past_k, cos, sin)
+            # check that new real tokens continue each sequence's positions (re-rotation relies on it)
+            rank_new = self.qkeys.lengths[:, None] + step_mask.long().cumsum(1) - 1
+            expect = self.pos_offset[:, None] + rank_new
+            if not bool(((positions == expect) | ~step_mask).all()):
+                raise ValueError("position ids of the new tokens do not continue the cached sequences")
+            self.qkeys.append(k_store, step_mask)
+            self.qvalues.append(value_states, step_mask)
+            out_k = torch.cat([past_k.to(key_states.dtype), key_states], dim=2)
+            out_v = torch.cat([past_v.to(value_states.dtype), value_states], dim=2)
+        self.seen_mask = step_mask if self.seen_mask is None else torch.cat([self.seen_mask, step_mask], 1)
+        self.cumulative_length += s
+        return out_k, out_v
+
+    def get_seq_length(self, *args: Any) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int | torch.Tensor, *args: Any) -> tuple[int, int]:
+        q = query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length)
+        return self.cumulative_length + q, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # transformers 4.5x name
+        return -1
+
+    def reset(self) -> None:
+        self.qkeys = self.qvalues = None
+        self.seen_mask = self.pos_offset = None
+        self.cumulative_length = 0
+        self.is_initialized = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder the batch for beam search (pages are copied, never shared)."""
+        if self.qkeys is None:
+            return
+        idx = beam_idx.to(self.qkeys.device)
+        self.qkeys, self.qvalues = self.qkeys.select(idx), self.qvalues.select(idx)
+        self.seen_mask, self.pos_offset = self.seen_mask[idx], self.pos_offset[idx]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.reorder_cache(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.qkeys is not None:
+            self.reorder_cache(torch.arange(self.qkeys.batch, device=self.qkeys.device).repeat_interleave(repeats))
+
+    def offload(self) -> None:  # quantized storage stays where it is
+        return None
+
+    def prefetch(self) -> None:
+        return None
+
+    def memory_report(self) -> dict[str, float]:
+        if self.qkeys is None:
+            return {}
+        rk, rv = self.qkeys.memory_report(), self.qvalues.memory_report()
+        return {f"key_{k}": v for k, v in rk.items()} | {f"value_{k}": v for k, v in rv.items()}
+
+
+class KVQuantCache(Cache):
+    """Quantized KV cache for a Hugging Face decoder-only model (Llama, Mistral, Qwen2, ... incl. GQA).
+
+    Args:
+        model: the model the cache will be used with (a hook on its decoder is installed once).
+        config: quantization settings; keyword overrides are applied on top (``datatype="nuq4"``).
+        calibration: per-layer key ranges and NUQ codebooks from ``kvquant calibrate``; without it, key
+            ranges come from each prompt and codebooks are the heuristic ones.
+    """
+
+    def __init__(self, model: torch.nn.Module, config: QuantConfig | None = None,
+                 calibration: Calibration | str | None = None, **overrides: Any) -> None:
+        config = config or QuantConfig()
+        self.config = replace(config, **overrides) if overrides else config
+        cfg = model.config
+        cfg = getattr(cfg, "text_config", None) or cfg
+        self.num_layers = int(cfg.num_hidden_layers)
+        self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        self.pre_rope = self.config.pre_rope and self.config.is_quantized
+        self.rotary: RotaryTables | None = None
+        if self.pre_rope:
+            rotary = find_rotary_embedding(model)
+            if rotary is None:
+                raise ValueError(f"{type(model).__name__} has no model-level rotary embedding; use pre_rope=False")
+            self.rotary = RotaryTables(rotary)
+        if isinstance(calibration, str):
+            calibration = Calibration.load(calibration)
+        if calibration is not None:
+            calibration.check_compatible(self.num_layers, self.num_kv_heads, self.head_dim,
+                                         self.config.outlier_fraction, self.config.pre_rope)
+        self.calibration = calibration
+        self._quantizers: dict[int, BatchedKVQuantizer] = {}
+        self._step: dict[str, torch.Tensor | None] = {}
+        install_step_hook(model)
+        super().__init__(layers=[KVQuantLayer(self, i) for i in range(self.num_layers)])
+
+    def quantizer_for(self, layer_idx: int) -> BatchedKVQuantizer:
+        """The quantizer of a layer, with its calibrated codebooks and key ranges when available."""
+        if layer_idx not in self._quantizers:
+            kcb = vcb = ranges = None
+            if self.calibration is not None and self.config.is_quantized:
+                lc = self.calibration.layers[layer_idx]
+                bits = self.config.bits
+                if self.config.datatype.startswith("nuq"):
+                    if bits not in lc.key_codebooks:
+                        raise ValueError(f"calibration has no {bits}-bit codebooks (has {sorted(lc.key_codebooks)})")
+                    kcb, vcb = lc.key_codebooks[bits], lc.value_codebooks[bits]
+                ranges = (lc.key_lo, lc.key_hi)
+            self._quantizers[layer_idx] = BatchedKVQuantizer(self.config, key_codebook=kcb, value_codebook=vcb,
+                                                             key_ranges=ranges)
+        return self._quantizers[layer_idx]
+
+    def _set_step(self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None) -> None:
+        self._step = {"attention_mask": attention_mask, "position_ids": position_ids}
+
+    def _step_inputs(self, batch: int, s: int, past: int, device: torch.device
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padding mask ``[B, s]`` (bool) and position ids ``[B, s]`` of the tokens being added."""
+        mask = self._step.get("attention_mask")
+        if mask is not None:
+            if mask.ndim != 2:
+                raise ValueError("KVQuantCache needs the 2-D [batch, length] attention mask, got a "
+                                 f"{mask.ndim}-D mask")
+            if mask.shape[1] < s:
+                raise ValueError(f"attention mask covers {mask.shape[1]} tokens, fewer than the {s} being added")
+            step_mask = mask[:, -s:].to(device=device).bool()
+        else:
+            step_mask = torch.ones(batch, s, dtype=torch.bool, device=device)
+        pos = self._step.get("position_ids")
+        if pos is None:
+            pos = torch.arange(past, past + s, device=device)[None].expand(batch, s)
+        else:
+            pos = pos.to(device).expand(batch, -1)[:, -s:]
+        return step_mask, pos.long()
+
+    def memory_report(self) -> dict[str, float]:
+        """Bytes held by component over all layers, the fp16 equivalent, and bits per element."""
+        total: dict[str, float] = {}
+        for layer in self.layers:
+            for k, v in layer.memory_report().items():
+                if not k.endswith(("bits_per_element", "outlier_fraction")):
+                    total[k] = total.get(k, 0) + v
+        if not total:
+            return {}
+        held = total["key_total"] + total["value_total"]
+        elements = total["key_elements"] + total["value_elements"]
+        total["total_bytes"] = held
+        total["fp16_bytes"] = 2 * elements
+        total["bits_per_element"] = 8 * held / elements if elements else float("nan")
+        total["compression_vs_fp16"] = 2 * elements / held if held else float("nan")
+        return total
+
+
+def install_step_hook(model: torch.nn.Module) -> None:
+    """Install (once) a forward pre-hook on the decoder that passes each step's 2-D attention mask and
+    position ids to the :class:`KVQuantCache` given as ``past_key_values``."""
+    base = getattr(model, "model", model)
+    if getattr(base, _HOOK_ATTR, None) is not None:
+        return
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        cache = kwargs.get("past_key_values")
+        if isinstance(cache, KVQuantCache):
+            cache._set_step(kwargs.get("attention_mask"), kwargs.get("position_ids"))
+
+    setattr(base, _HOOK_ATTR, base.register_forward_pre_hook(hook, with_kwargs=True))

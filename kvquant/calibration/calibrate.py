@@ -1,0 +1,155 @@
+"""``kvquant calibrate``: collect pre-RoPE keys and values on calibration text, fit ranges and codebooks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from kvquant.cache.hf_cache import KVQuantCache, KVQuantLayer
+from kvquant.cache.rope import invert_rope
+from kvquant.calibration.format import Calibration, LayerCalibration
+from kvquant.config import QuantConfig
+from kvquant.quant.codebook import compute_nuq_codebook
+from kvquant.quant.encode import normalize_values, range_to_scale_zero
+from kvquant.quant.stats import masked_quantile_pair
+
+
+class _RecordingLayer(KVQuantLayer):
+    """Stands in for a cache layer during calibration: records pre-RoPE keys, values (and their grads)."""
+
+    def __init__(self, owner: _RecordingCache, layer_idx: int, want_grads: bool) -> None:
+        super().__init__(owner, layer_idx)
+        self.want_grads = want_grads
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.live: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        B, _, s, _ = key_states.shape
+        _, positions = self.owner._step_inputs(B, s, 0, key_states.device)
+        cos = sin = None
+        if self.owner.pre_rope:
+            cos, sin = self.owner.rotary(positions)
+            k = invert_rope(key_states.detach(), cos, sin)
+        else:
+            k = key_states.detach().float()
+        self.keys.append(k.cpu())
+        self.values.append(value_states.detach().float().cpu())
+        if self.want_grads and key_states.requires_grad:
+            key_states.retain_grad()
+            value_states.retain_grad()
+            self.live.append((key_states, value_states, cos, sin))
+        return key_states, value_states
+
+    def collect_grads(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Squared gradients (diagonal Fisher information) w.r.t. pre-RoPE keys and values."""
+        kg, vg = [], []
+        for k, v, cos, sin in self.live:
+            gk = k.grad.float()
+            if cos is not None:  # the rotation is orthogonal: pull the gradient back through it
+                gk = invert_rope(gk, cos, sin) * (cos * cos + sin * sin)[:, None]
+            kg.append((gk**2).cpu())
+            vg.append((v.grad.float() ** 2).cpu())
+        self.live = []
+        return kg, vg
+
+
+
+class _RecordingCache(KVQuantCache):
+    def __init__(self, model: torch.nn.Module, config: QuantConfig, want_grads: bool) -> None:
+        super().__init__(model, config)
+        self.layers = [_RecordingLayer(self, i, want_grads) for i in range(self.num_layers)]
+
+
+def _fit_layer(keys: torch.Tensor, values: torch.Tensor, kw: torch.Tensor | None, vw: torch.Tensor | None,
+               config: QuantConfig, bits_list: tuple[int, ...], max_samples: int, seed: int) -> LayerCalibration:
+    """keys/values: ``[N, H, D]`` float32 calibration tokens (sinks excluded); kw/vw: Fisher weights."""
+    f = config.outlier_fraction
+    N, H, D = keys.shape
+    lo, hi = masked_quantile_pair(keys.permute(1, 2, 0), None, f / 2, 1 - f / 2)  # [H, D]
+    scale, zero = range_to_scale_zero(lo, hi)
+    kn = (keys - zero) / scale
+    k_in = (kn >= -1) & (kn <= 1)
+    vn, v_out, _, _ = normalize_values(values, f, torch.float16)
+    v_in = ~v_out
+    kcb, vcb = {}, {}
+    for bits in bits_list:
+        kcb[bits] = compute_nuq_codebook(kn[k_in], bits, None if kw is None else kw[k_in], seed, max_samples)
+        vcb[bits] = compute_nuq_codebook(vn[v_in], bits, None if vw is None else vw[v_in], seed, max_samples)
+    return LayerCalibration(lo, hi, kcb, vcb)
+
+
+def calibrate(
+    model: torch.nn.Module,
+    sequences: torch.Tensor,
+    config: QuantConfig | None = None,
+    bits: tuple[int, ...] = (2, 3, 4),
+    sensitivity: str = "none",
+    batch_size: int = 4,
+    max_samples: int = 1 << 17,
+    seed: int = 0,
+    model_id: str = "",
+    dataset: str = "",
+    progress: bool = True,
+) -> Calibration:
+    """Calibrate kvquant for ``model``.
+
+    Args:
+        sequences: ``[n, L]`` token ids (no padding), e.g. random crops of Wikitext-2 train/valid.
+        config: outlier fraction, sink count and pre-RoPE setting the calibration is for.
+        bits: codebook widths to fit.
+        sensitivity: ``"none"`` (plain k-means) or ``"fisher"`` (k-means weighted by squared gradients of
+            the language-model loss w.r.t. each K/V activation, as in KVQuant).
+
+    Returns:
+        A :class:`Calibration`; ``.save(path)`` writes it.
+    """
+    import kvquant
+
+    config = config or QuantConfig()
+    if sensitivity not in ("none", "fisher"):
+        raise ValueError(f"sensitivity must be 'none' or 'fisher', got {sensitivity!r}")
+    if sequences.ndim != 2 or sequences.shape[1] <= config.n_sink:
+        raise ValueError(f"sequences must be [n, L] with L > n_sink, got {tuple(sequences.shape)}")
+    want_grads = sensitivity == "fisher"
+    rec = _RecordingCache(model, replace_datatype(config), want_grads)
+    device = next(model.parameters()).device
+    kgrads: list[list[torch.Tensor]] = [[] for _ in range(rec.num_layers)]
+    vgrads: list[list[torch.Tensor]] = [[] for _ in range(rec.num_layers)]
+    chunks = list(torch.split(sequences, batch_size))
+    for chunk in tqdm(chunks, desc="calibration forward", disable=not progress):
+        ids = chunk.to(device)
+        if want_grads:
+            model.zero_grad(set_to_none=True)
+            emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+            out = model(inputs_embeds=emb, labels=ids, past_key_values=rec, use_cache=True)
+            out.loss.backward()
+            for i, layer in enumerate(rec.layers):
+                kg, vg = layer.collect_grads()
+                kgrads[i] += kg
+                vgrads[i] += vg
+        else:
+            with torch.no_grad():
+                model(input_ids=ids, past_key_values=rec, use_cache=True)
+    layers = []
+    s0 = config.n_sink
+    for i, layer in enumerate(tqdm(rec.layers, desc="fitting codebooks", disable=not progress)):
+        keys = torch.cat(layer.keys, 0)[:, :, s0:].permute(0, 2, 1, 3).reshape(-1, rec.num_kv_heads, rec.head_dim)
+        vals = torch.cat(layer.values, 0)[:, :, s0:].permute(0, 2, 1, 3).reshape(-1, rec.num_kv_heads, rec.head_dim)
+        kw = vw = None
+        if want_grads:
+            kw = torch.cat(kgrads[i], 0)[:, :, s0:].permute(0, 2, 1, 3).reshape(keys.shape)
+            vw = torch.cat(vgrads[i], 0)[:, :, s0:].permute(0, 2, 1, 3).reshape(vals.shape)
+        layers.append(_fit_layer(keys, vals, kw, vw, config, bits, max_samples, seed))
+        layer.keys = layer.values = []
+    return Calibration(layers, model_id, config.outlier_fraction, config.n_sink, config.pre_rope, rec.num_kv_heads,
+                       rec.head_dim, sensitivity, int(sequences.numel()), dataset, kvquant.__version__)
+
+
+def replace_datatype(config: QuantConfig) -> QuantConfig:
+    """The recording cache must un-rotate keys like a quantized cache would: use a lossy datatype."""
+    from dataclasses import replace
+
+    return replace(config, datatype="nuq4") if not config.is_quantized else config

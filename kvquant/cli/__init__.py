@@ -1,0 +1,1 @@
+"""The ``kvquant`` command line."""

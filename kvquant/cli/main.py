@@ -1,0 +1,189 @@
+"""``kvquant``: demo, calibrate, eval, bench.
+
+Models resolve from ``--model``, then ``$KVQUANT_MODEL``, then ``../shared``/the local cache, then the
+hub; data from ``--data``, then ``$KVQUANT_DATA``, then ``../shared``, then the hub.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_DATATYPES = "fp16,nuq4,nuq3,nuq2,int4,int3,int2"
+
+
+def _load(model: str | None, dtype: str | None, device: str):
+    from kvquant.models import load_model
+
+    print(f"loading model {model or '(default)'} ...", file=sys.stderr)
+    m, tok, spec = load_model(model, dtype=dtype, device=device)
+    print(f"model: {spec.name} from {spec.source}", file=sys.stderr)
+    return m, tok, spec
+
+
+def _corpus(tok, spec, data: str, split: str):
+    import torch
+
+    from kvquant.data import load_text, tokenize_corpus
+
+    ids = tokenize_corpus(load_text(data, split), tok, spec.bos_id)
+    return torch.as_tensor(ids)
+
+
+def cmd_calibrate(a: argparse.Namespace) -> None:
+    from kvquant.calibration.calibrate import calibrate
+    from kvquant.config import QuantConfig
+    from kvquant.data import sample_calibration_sequences
+
+    model, tok, spec = _load(a.model, a.dtype, a.device)
+    ids = _corpus(tok, spec, a.data, a.split)
+    seqs = sample_calibration_sequences(ids, a.n_seqs, a.seq_len, a.seed)
+    cfg = QuantConfig(outlier_fraction=a.outlier_fraction, n_sink=a.n_sink, pre_rope=not a.post_rope)
+    t0 = time.perf_counter()
+    cal = calibrate(model, seqs, cfg, sensitivity=a.sensitivity, batch_size=a.batch_size, model_id=spec.name,
+                    dataset=f"{a.data}:{a.split}")
+    path = cal.save(a.out)
+    print(f"calibration written to {path} ({time.perf_counter() - t0:.1f} s, {seqs.numel()} tokens)")
+
+
+def cmd_eval_ppl(a: argparse.Namespace) -> None:
+    from kvquant.calibration import Calibration
+    from kvquant.config import QuantConfig
+    from kvquant.data import make_windows
+    from kvquant.eval.perplexity import evaluate_perplexity, format_table
+
+    model, tok, spec = _load(a.model, a.dtype, a.device)
+    cal = Calibration.load(a.calibration) if a.calibration else None
+    if cal is not None:
+        cal.check_compatible(cal.num_layers, cal.num_kv_heads, cal.head_dim, a.outlier_fraction,
+                             not a.post_rope, spec.name)
+    import torch
+
+    windows = torch.stack(make_windows(_corpus(tok, spec, a.data, "test"), a.ctx, max_windows=a.max_windows))
+    cfg = QuantConfig(outlier_fraction=a.outlier_fraction, n_sink=a.n_sink, pre_rope=not a.post_rope)
+    res = evaluate_perplexity(model, windows, a.datatypes.split(","), cal, cfg, a.prefill, a.chunk, a.batch_size,
+                              a.out, meta={"model": spec.name, "data": a.data, "calibration": a.calibration})
+    print(format_table(res))
+    print(f"results written to {a.out}")
+
+
+def cmd_demo(a: argparse.Namespace) -> None:
+    import torch
+
+    from kvquant.cache.hf_cache import KVQuantCache
+    from kvquant.calibration.calibrate import calibrate
+    from kvquant.config import QuantConfig
+    from kvquant.data import make_windows, sample_calibration_sequences
+    from kvquant.eval.perplexity import evaluate_perplexity, format_table
+
+    model, tok, spec = _load(a.model, None, a.device)
+    print("1/3 calibrating on validation text ...")
+    ids = _corpus(tok, spec, a.data, "validation")
+    cal = calibrate(model, sample_calibration_sequences(ids, 8, a.ctx, 0), QuantConfig(), model_id=spec.name)
+    print("2/3 generating with a nuq3 cache (batch of 2 left-padded prompts) ...")
+    prompts = ["The capital of France is", "Once upon a time, a little robot"]
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True).to(a.device)
+    cache = KVQuantCache(model, QuantConfig(datatype="nuq3"), calibration=cal)
+    with torch.no_grad():
+        out = model.generate(**enc, past_key_values=cache, max_new_tokens=a.new_tokens, do_sample=False)
+    for p, o in zip(prompts, tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)):
+        print(f"  {p!r} -> {o!r}")
+    rep = cache.memory_report()
+    print(f"  KV cache: {rep['total_bytes'] / 1024:.1f} KiB held vs {rep['fp16_bytes'] / 1024:.1f} KiB in fp16 "
+          f"({rep['bits_per_element']:.2f} bits/element; tiny prompts pay for pages, scales and sinks)")
+    print(f"3/3 perplexity through the cache ({a.windows} windows of {a.ctx} tokens, test split) ...")
+    test = _corpus(tok, spec, a.data, "test")
+    windows = torch.stack(make_windows(test, a.ctx, max_windows=a.windows))
+    res = evaluate_perplexity(model, windows, ["fp16", "nuq4", "nuq3"], cal, chunk=a.chunk)
+    print(format_table(res))
+
+
+def cmd_bench(a: argparse.Namespace, rest: list[str]) -> None:
+    if a.what == "roundtrip":
+        from kvquant.bench.roundtrip import main
+    elif a.what == "kernels":
+        from kvquant.bench.kernels import main
+    else:  # pragma: no cover - argparse restricts choices
+        raise SystemExit(f"unknown benchmark {a.what}")
+    main(rest)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="path, .gguf, alias (smollm2-135m, stories260k) or hub id")
+    p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: model's / float32 on CPU)")
+    p.add_argument("--device", default="cpu")
+
+
+def _quant_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--outlier-fraction", type=float, default=0.01)
+    p.add_argument("--n-sink", type=int, default=1)
+    p.add_argument("--post-rope", action="store_true", help="quantize keys after RoPE (default: before)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvquant", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="calibrate, generate with a quantized cache, print perplexity")
+    d.add_argument("--model", default=None)
+    d.add_argument("--data", default="wikitext2-raw")
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--ctx", type=int, default=512)
+    d.add_argument("--windows", type=int, default=4)
+    d.add_argument("--chunk", type=int, default=32)
+    d.add_argument("--new-tokens", type=int, default=20)
+    d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("calibrate", help="fit per-channel key ranges and NUQ codebooks")
+    _model_args(c)
+    _quant_args(c)
+    c.add_argument("--data", default="wikitext2", help="dataset name or text file (default: wikitext2)")
+    c.add_argument("--split", default="validation")
+    c.add_argument("--n-seqs", type=int, default=16)
+    c.add_argument("--seq-len", type=int, default=512)
+    c.add_argument("--batch-size", type=int, default=4)
+    c.add_argument("--sensitivity", choices=["none", "fisher"], default="none")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", type=Path, required=True)
+    c.set_defaults(func=cmd_calibrate)
+
+    e = sub.add_parser("eval", help="accuracy evaluations")
+    esub = e.add_subparsers(dest="what", required=True)
+    ppl = esub.add_parser("ppl", help="Wikitext-2 perplexity through the quantized cache")
+    _model_args(ppl)
+    _quant_args(ppl)
+    ppl.add_argument("--calibration", default=None)
+    ppl.add_argument("--data", default="wikitext2-raw")
+    ppl.add_argument("--datatypes", default=DEFAULT_DATATYPES,
+                     help="comma list: fp16, nuq2-4, int2-4, plain, quanto2/4, hqq2/4")
+    ppl.add_argument("--ctx", type=int, default=2048)
+    ppl.add_argument("--prefill", type=int, default=None, help="default ctx // 2")
+    ppl.add_argument("--chunk", type=int, default=32)
+    ppl.add_argument("--batch-size", type=int, default=1)
+    ppl.add_argument("--max-windows", type=int, default=None)
+    ppl.add_argument("--out", type=Path, default=Path("results/ppl.json"))
+    ppl.set_defaults(func=cmd_eval_ppl)
+
+    b = sub.add_parser("bench", help="benchmarks (extra arguments go to the benchmark; try --help)")
+    b.add_argument("what", choices=["roundtrip", "kernels"])
+    b.set_defaults(func=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        cmd_bench(args, rest)
+        return
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Accuracy evaluation: perplexity through the quantized cache."""

@@ -1,0 +1,78 @@
+"""Pure-PyTorch references of the kernels (the "dequantize everything, then attend" path)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from kvquant.quant.store import QuantizedKVCache
+
+Rope = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Llama's ``rotate_half``: ``[x1, x2] -> [-x2, x1]`` along the last axis."""
+    h = x.shape[-1] // 2
+    return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
+
+
+def apply_rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos_offset: torch.Tensor) -> torch.Tensor:
+    """Rotate compact keys: token ``j`` of sequence ``b`` at position ``pos_offset[b] + j``.
+
+    Args:
+        k: ``[B, H, L, D]``; cos, sin: ``[max_pos, D]`` float32 tables; pos_offset: ``[B]`` int.
+
+    Returns:
+        ``[B, H, L, D]`` float32 (positions past ``max_pos - 1`` are clamped; they only occur at padding).
+    """
+    L = k.shape[2]
+    pos = pos_offset.to(k.device, torch.long)[:, None] + torch.arange(L, device=k.device)[None, :]
+    pos = pos.clamp(0, cos.shape[0] - 1)
+    c = cos.to(k.device, torch.float32)[pos][:, None]  # [B, 1, L, D]
+    s = sin.to(k.device, torch.float32)[pos][:, None]
+    kf = k.float()
+    return kf * c + rotate_half(kf) * s
+
+
+def decode_attention_reference(
+    q: torch.Tensor,
+    key_cache: QuantizedKVCache,
+    value_cache: QuantizedKVCache,
+    softmax_scale: float | None = None,
+    rope: Rope | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Decode attention by dequantizing the whole cache (what a dequantize-then-attend cache does).
+
+    Args:
+        q: ``[B, Hq, D]`` one query token per sequence; ``Hq`` a multiple of the caches' ``H``.
+        key_cache, value_cache: the keys and values of the same sequences (same lengths).
+        softmax_scale: default ``1/sqrt(D)``.
+        rope: optional ``(cos [max_pos, D], sin [max_pos, D], pos_offset [B])``: keys are stored pre-RoPE and
+            key token ``k`` of sequence ``b`` is rotated to position ``pos_offset[b] + k``.
+        compute_dtype: dtype of the attention (float32 for a reference, float16 to mimic a fast path).
+
+    Returns:
+        ``[B, Hq, D]`` in ``q.dtype``. A sequence with no token gives NaN.
+    """
+    B, Hq, D = q.shape
+    H = key_cache.num_heads
+    if Hq % H:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of kv heads ({H})")
+    k, mask = key_cache.dequantize()
+    v, _ = value_cache.dequantize()
+    if rope is not None:
+        cos, sin, pos_offset = rope
+        k = apply_rope(k, cos, sin, pos_offset)
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    n_rep = Hq // H
+    k = k.to(compute_dtype)
+    v = v.to(compute_dtype)
+    if n_rep > 1:
+        k = k.repeat_interleave(n_rep, dim=1)
+        v = v.repeat_interleave(n_rep, dim=1)
+    out = F.scaled_dot_product_attention(q.to(compute_dtype)[:, :, None], k, v, attn_mask=mask[:, None, None, :],
+                                         scale=scale)
+    return out[:, :, 0].to(q.dtype)

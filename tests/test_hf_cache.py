@@ -1,0 +1,151 @@
+import pytest
+import torch
+from transformers import DynamicCache
+
+from kvquant import QuantConfig
+from kvquant.cache.hf_cache import KVQuantCache
+from kvquant.cache.rope import apply_rope, invert_rope
+from kvquant.calibration import Calibration
+from kvquant.calibration.calibrate import calibrate
+from kvquant.calibration.format import CalibrationError
+from kvquant.eval.perplexity import evaluate_perplexity
+from kvquant.models import tiny_llama
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(seed=0)
+
+
+def _batch(seed, vocab, B=3, S=21):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (B, S), generator=g)
+    mask = torch.ones(B, S, dtype=torch.long)
+    mask[1, :6] = 0
+    mask[-1, :13] = 0
+    return ids, mask
+
+
+def _generate(model, ids, mask, cache):
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                              past_key_values=cache, output_scores=True, return_dict_in_generate=True,
+                              pad_token_id=0)
+
+
+def test_fp16_matches_dynamic_cache_with_left_padding_and_gqa(model, seed):
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    ids, mask = _batch(seed, model.config.vocab_size)
+    ref = _generate(model, ids, mask, DynamicCache(config=model.config))
+    got = _generate(model, ids, mask, KVQuantCache(model, QuantConfig(datatype="fp16", page_size=32)))
+    assert torch.equal(ref.sequences, got.sequences)
+    for a, b in zip(ref.scores, got.scores):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_generate_runs_and_stays_close(model, seed):
+    ids, mask = _batch(seed, model.config.vocab_size)
+    ref = _generate(model, ids, mask, DynamicCache(config=model.config))
+    errs = {}
+    for dt in ("nuq4", "nuq2"):
+        cache = KVQuantCache(model, QuantConfig(datatype=dt, page_size=32))
+        got = _generate(model, ids, mask, cache)
+        assert got.sequences.shape == ref.sequences.shape
+        errs[dt] = max(float((a - b).abs().max()) for a, b in zip(ref.scores, got.scores))
+        rep = cache.memory_report()
+        assert rep["total_bytes"] > 0 and rep["key_elements"] == rep["value_elements"]
+        layer = cache.layers[0]
+        assert torch.equal(layer.qkeys.lengths, mask.sum(1) + 5)  # prompt + 5 appended decode tokens
+    assert 0 < errs["nuq4"] < errs["nuq2"]
+
+
+def test_rope_inverse_roundtrip(seed):
+    x = torch.randn(2, 3, 7, 16, dtype=torch.float64)
+    ang = torch.rand(2, 7, 8, dtype=torch.float64) * 10
+    emb = torch.cat([ang, ang], -1)
+    for a in (1.0, 1.7):  # plain and scaled RoPE
+        cos, sin = emb.cos() * a, emb.sin() * a
+        torch.testing.assert_close(invert_rope(apply_rope(x, cos, sin), cos, sin).double(), x, rtol=1e-6, atol=1e-6)
+
+
+def test_pre_rope_beats_post_rope_on_model_keys(model, seed):
+    """Pre-RoPE quantization reconstructs the keys attention sees better than post-RoPE (same bits)."""
+    ids, _ = _batch(seed, model.config.vocab_size, B=2, S=96)
+    captured = {}
+
+    def grab(cache):
+        orig = cache.layers[0].update
+
+        def update(k, v, *a, **kw):
+            out = orig(k, v, *a, **kw)
+            captured.setdefault(id(cache), (k.clone(), cache.layers[0]))
+            return out
+
+        cache.layers[0].update = update
+        return cache
+
+    errs = {}
+    for pre in (True, False):
+        cache = grab(KVQuantCache(model, QuantConfig(datatype="nuq2", pre_rope=pre, outlier_fraction=0.0, n_sink=0)))
+        with torch.no_grad():
+            model(input_ids=ids, past_key_values=cache)
+            model(input_ids=ids[:, :1], past_key_values=cache)  # one decode step reads the cache back
+        k, layer = captured[id(cache)]
+        kd = layer.qkeys.dequantize()[0][:, :, :96]
+        if pre:
+            pos = torch.arange(96)[None].expand(2, -1)
+            kd = apply_rope(kd, *cache.rotary(pos))
+        errs[pre] = float((kd - k).norm() / k.norm())
+    assert errs[True] < errs[False]
+
+
+def test_calibration_roundtrip_and_validation(model, tmp_path, seed):
+    seqs = torch.randint(0, model.config.vocab_size, (4, 64))
+    cal = calibrate(model, seqs, QuantConfig(), bits=(2, 3), sensitivity="fisher", model_id="tiny", progress=False)
+    path = cal.save(tmp_path / "cal.safetensors")
+    loaded = Calibration.load(path)
+    assert loaded.model_id == "tiny" and loaded.num_layers == model.config.num_hidden_layers
+    torch.testing.assert_close(loaded.layers[1].key_hi, cal.layers[1].key_hi)
+    assert torch.equal(loaded.layers[0].value_codebooks[3].levels, cal.layers[0].value_codebooks[3].levels)
+    cache = KVQuantCache(model, QuantConfig(datatype="nuq3"), calibration=str(path))
+    ids, mask = _batch(seed, model.config.vocab_size)
+    _generate(model, ids, mask, cache)
+    with pytest.raises(CalibrationError, match="outlier_fraction"):
+        KVQuantCache(model, QuantConfig(outlier_fraction=0.05), calibration=loaded)
+    with pytest.raises(ValueError, match="no 4-bit codebooks"):
+        KVQuantCache(model, QuantConfig(datatype="nuq4"), calibration=loaded).quantizer_for(0)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(CalibrationError, match="not a readable"):
+        Calibration.load(bad)
+    with pytest.raises(CalibrationError, match="not found"):
+        Calibration.load(tmp_path / "missing.safetensors")
+    with pytest.raises(CalibrationError, match="shape"):
+        loaded.check_compatible(3, 2, 16, 0.01, True)
+
+
+def test_perplexity_fp16_row_equals_plain(model, seed):
+    windows = torch.randint(0, model.config.vocab_size, (2, 48))
+    res = {r.datatype: r for r in evaluate_perplexity(model, windows, ["plain", "fp16", "nuq3"], chunk=5,
+                                                      progress=False)}
+    assert res["fp16"].tokens == res["plain"].tokens == 2 * 23
+    assert res["fp16"].ppl == pytest.approx(res["plain"].ppl, rel=1e-5)
+    assert res["nuq3"].delta_ppl is not None and res["nuq3"].bits_per_element is not None
+
+
+def test_real_model_stories260k(shared_dir, seed):
+    from transformers import LlamaForCausalLM
+
+    path = shared_dir / "models" / "stories260k"
+    if not path.is_dir():
+        pytest.skip(f"{path} not present")
+    model = LlamaForCausalLM.from_pretrained(path).eval()
+    ids = torch.randint(3, 500, (2, 40))
+    ids[:, 0] = 1
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0
+    ref = _generate(model, ids, mask, DynamicCache(config=model.config))
+    got = _generate(model, ids, mask, KVQuantCache(model, QuantConfig(datatype="fp16")))
+    assert torch.equal(ref.sequences, got.sequences)
+    q = _generate(model, ids, mask, KVQuantCache(model, QuantConfig(datatype="nuq4")))
+    assert (q.sequences == ref.sequences).float().mean() > 0.8
