@@ -7,7 +7,6 @@ hub; data from ``--data``, then ``$KVQUANT_DATA``, then ``../shared``, then the 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
