@@ -86,7 +86,7 @@ class Codebook:
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
-                if meta.get("kvquant_format") != "codebook" or "levels" not in f:
+                if meta.get("kvquant_format") != "codebook" or "levels" not in f.keys():  # noqa: SIM118
                     raise ValueError(f"{path} is not a kvquant codebook file")
                 levels = f.get_tensor("levels")
         except (OSError, json.JSONDecodeError, RuntimeError) as e:  # safetensors raises these on garbage
