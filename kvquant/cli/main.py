@@ -132,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data", default="wikitext2-raw")
     d.add_argument("--device", default="cpu")
     d.add_argument("--ctx", type=int, default=512)
-    d.add_argument("--windows", type=int, default=4)
-    d.add_argument("--chunk", type=int, default=32)
+    d.add_argument("--windows", type=int, default=2)
+    d.add_argument("--chunk", type=int, default=64)
     d.add_argument("--new-tokens", type=int, default=20)
     d.set_defaults(func=cmd_demo)
 

@@ -8,6 +8,7 @@ midpoints between levels (``torch.bucketize``), never an argmin over a distance 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -153,9 +154,14 @@ def create_heuristic_codebook(datatype: str) -> Codebook:
         return create_uniform_codebook(dt.bits)
     if dt.kind != "nuq":
         raise ValueError(f"datatype {datatype!r} has no codebook (it is not quantized)")
+    return Codebook(_heuristic_levels(dt.bits).clone(), dt.name)
+
+
+@functools.lru_cache(maxsize=None)
+def _heuristic_levels(bits: int) -> torch.Tensor:
     grid = torch.linspace(-1.0, 1.0, 40001, dtype=torch.float64)
     weights = torch.exp(-0.5 * (grid / _HEURISTIC_SIGMA) ** 2)
-    return Codebook(_weighted_kmeans_1d(grid, weights, 2**dt.bits).float(), dt.name)
+    return _weighted_kmeans_1d(grid, weights, 2**bits).float()
 
 
 def compute_nuq_codebook(
