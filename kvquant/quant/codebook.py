@@ -157,7 +157,7 @@ def create_heuristic_codebook(datatype: str) -> Codebook:
     return Codebook(_heuristic_levels(dt.bits).clone(), dt.name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _heuristic_levels(bits: int) -> torch.Tensor:
     grid = torch.linspace(-1.0, 1.0, 40001, dtype=torch.float64)
     weights = torch.exp(-0.5 * (grid / _HEURISTIC_SIGMA) ** 2)
