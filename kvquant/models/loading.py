@@ -103,9 +103,7 @@ def convert_gguf_to_cache(spec: ModelSpec) -> ModelSpec | None:
             tmp.chmod(0o755)  # mkdtemp makes it private
             tmp.rename(target)
     except (OSError, ValueError) as exc:
-        print(
-            f"[kvquant] could not save the converted copy ({exc}); loading the GGUF directly", file=sys.stderr
-        )
+        print(f"[kvquant] could not save the converted copy ({exc}); loading the GGUF directly", file=sys.stderr)
         return None
     finally:
         if tmp is not None:

@@ -106,9 +106,7 @@ def _spec_for_dir(path: Path, name: str, bos_id: int | None) -> ModelSpec:
     if len(ggufs) == 1:
         return ModelSpec(name=name, path=str(path), gguf_file=ggufs[0], bos_id=bos_id, source="path")
     if ggufs:
-        raise FileNotFoundError(
-            f"{path} holds several GGUF files {ggufs}; pass the one to load as a file path"
-        )
+        raise FileNotFoundError(f"{path} holds several GGUF files {ggufs}; pass the one to load as a file path")
     raise FileNotFoundError(f"{path} is not a model directory: it has no config.json and no .gguf file")
 
 
@@ -195,9 +193,7 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None = None, *, fetch: 
     path = Path(name).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".gguf":
-            raise FileNotFoundError(
-                f"model file {path} (from {origin}) is not a .gguf; pass a model directory"
-            )
+            raise FileNotFoundError(f"model file {path} (from {origin}) is not a .gguf; pass a model directory")
         return ModelSpec(name=path.stem, path=str(path.parent), gguf_file=path.name, source="path")
     if path.is_dir():
         known = _known_alias_dir(path)
