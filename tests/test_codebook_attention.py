@@ -92,3 +92,14 @@ def test_prefill_and_decode_attention_match_reference(dt, seed):
     assert torch.equal(att.keys.lengths, mask.sum(1) + 1)
     with pytest.raises(ValueError, match="one query token"):
         att.decode(torch.randn(B, Hq, 2, D), kd, vd)
+
+
+def test_public_api_importable_from_package():
+    import kvquant
+
+    for name in ("BatchedKVQuantizer", "QuantizedKVCache", "BlockedCSCMatrix", "BlockedCSRMatrix",
+                 "PrefillQuantizedAttention", "create_heuristic_codebook", "compute_nuq_codebook", "EnergyMonitor",
+                 "DetailedEnergyProfiler", "KVQuantCache", "Calibration", "QuantConfig"):
+        assert getattr(kvquant, name) is not None, name
+    with pytest.raises(AttributeError):
+        kvquant.does_not_exist  # noqa: B018
