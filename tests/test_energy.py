@@ -238,12 +238,21 @@ def test_counter_mode_uses_counter_not_samples(monkeypatch: pytest.MonkeyPatch) 
 
 def test_quantized_counter_monitor(monkeypatch: pytest.MonkeyPatch) -> None:
     # the counter only ticks every 30 ms (H100: ~100 ms); the monitor must not be off by a tick of energy
-    gpu = triangle_gpu()
-    gpu.counter_tick_s = 0.03
-    install(monkeypatch, [gpu])
-    m = run_monitor(0)
-    assert m.method == "nvml_energy_counter"
-    assert m.energy_j == pytest.approx(triangle_energy(BASE, PEAK, RISE, m.duration_s), rel=0.03)
+    # Real sleeps and a background sampling thread: a busy CI machine can stall the sampler for a tick or
+    # two, so take the best of three runs (a wrong implementation misses on every run; the deterministic
+    # version of this check is test_counter_tick_interpolation_unit).
+    errors = []
+    for _ in range(3):
+        gpu = triangle_gpu()
+        gpu.counter_tick_s = 0.03
+        install(monkeypatch, [gpu])
+        m = run_monitor(0)
+        assert m.method == "nvml_energy_counter"
+        expect = triangle_energy(BASE, PEAK, RISE, m.duration_s)
+        errors.append(abs(m.energy_j - expect) / expect)
+        if errors[-1] <= 0.03:
+            break
+    assert min(errors) <= 0.03, errors
 
 
 def _synthetic_samples(
