@@ -7,15 +7,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kvquant.cache.rope import apply_rope as rotate_with
 from kvquant.quant.store import QuantizedKVCache
 
 Rope = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """Llama's ``rotate_half``: ``[x1, x2] -> [-x2, x1]`` along the last axis."""
-    h = x.shape[-1] // 2
-    return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
 
 
 def apply_rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos_offset: torch.Tensor) -> torch.Tensor:
@@ -30,10 +25,7 @@ def apply_rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos_offset
     L = k.shape[2]
     pos = pos_offset.to(k.device, torch.long)[:, None] + torch.arange(L, device=k.device)[None, :]
     pos = pos.clamp(0, cos.shape[0] - 1)
-    c = cos.to(k.device, torch.float32)[pos][:, None]  # [B, 1, L, D]
-    s = sin.to(k.device, torch.float32)[pos][:, None]
-    kf = k.float()
-    return kf * c + rotate_half(kf) * s
+    return rotate_with(k.float(), cos.to(k.device)[pos], sin.to(k.device)[pos])  # tables gathered to [B, L, D]
 
 
 def decode_attention_reference(
