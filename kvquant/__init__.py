@@ -21,6 +21,7 @@ _LAZY = {  # need the optional `transformers` dependency (pip install kvquant[hf
     "KVQuantCache": "kvquant.cache.hf_cache",
     "Calibration": "kvquant.calibration.format",
     "calibrate": "kvquant.calibration.calibrate",
+    "register_cache_implementation": "kvquant.cache.register",
 }
 
 
@@ -51,6 +52,7 @@ __all__ = [
     "create_uniform_codebook",
     "pack_bitplanes",
     "pack_bits",
+    "register_cache_implementation",
     "parse_datatype",
     "unpack_bitplanes",
     "unpack_bits",

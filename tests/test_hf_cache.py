@@ -79,13 +79,12 @@ def test_rope_inverse_roundtrip(seed):
 def test_pre_rope_beats_post_rope_on_real_keys(shared_dir):
     """On a trained model's keys, pre-RoPE quantization reconstructs the keys attention sees (post-RoPE)
     better than quantizing after RoPE at the same bit width (summed over layers)."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from kvquant.models import load_model
 
     path = shared_dir / "models" / "stories260k"
     if not path.is_dir():
         pytest.skip(f"{path} not present")
-    model = LlamaForCausalLM.from_pretrained(path).eval()
-    tok = AutoTokenizer.from_pretrained(path)
+    model, tok, _ = load_model(str(path))
     text = (shared_dir / "data" / "tinystories" / "sample.txt").read_text()
     ids = torch.tensor([[1] + tok(text)["input_ids"][:255]])
     S = ids.shape[1]
@@ -157,3 +156,34 @@ def test_real_model_stories260k(shared_dir, seed):
     assert torch.equal(ref.sequences, got.sequences)
     q = _generate(model, ids, mask, KVQuantCache(model, QuantConfig(datatype="nuq4")))
     assert (q.sequences == ref.sequences).float().mean() > 0.8
+
+
+def test_cache_implementation_kvquant_matches_explicit_cache(model, seed):
+    from kvquant.cache.register import register_cache_implementation, unregister_cache_implementation
+
+    ids, mask = _batch(seed, model.config.vocab_size)
+    explicit = _generate(model, ids, mask, KVQuantCache(model, QuantConfig(datatype="nuq3", page_size=32)))
+    register_cache_implementation(model)
+    register_cache_implementation(model)  # idempotent
+    try:
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                 pad_token_id=0, cache_implementation="kvquant",
+                                 cache_config={"datatype": "nuq3", "page_size": 32})
+            plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                   pad_token_id=0, cache_implementation="dynamic")
+        assert torch.equal(out, explicit.sequences)
+        assert isinstance(model.kvquant_last_cache, KVQuantCache)
+        assert model.kvquant_last_cache.config.datatype == "nuq3"
+        assert model.kvquant_last_cache.layers[0].qkeys.bits == 3
+        ref = _generate(model, ids, mask, DynamicCache(config=model.config))
+        assert torch.equal(plain, ref.sequences)  # other cache implementations pass through untouched
+        with pytest.raises(ValueError, match="not both"):
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, cache_implementation="kvquant",
+                           past_key_values=DynamicCache(config=model.config))
+        with pytest.raises(TypeError, match="cache_config"):
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, cache_implementation="kvquant",
+                           cache_config="nuq3")
+    finally:
+        unregister_cache_implementation(model)
+    assert "generate" not in vars(model)

@@ -52,6 +52,7 @@ def cmd_eval_ppl(a: argparse.Namespace) -> None:
     from kvquant.calibration import Calibration
     from kvquant.config import QuantConfig
     from kvquant.data import make_windows
+    from kvquant.eval.baselines import baseline_available, parse_baseline
     from kvquant.eval.perplexity import evaluate_perplexity, format_table
 
     model, tok, spec = _load(a.model, a.dtype, a.device)
@@ -61,10 +62,18 @@ def cmd_eval_ppl(a: argparse.Namespace) -> None:
                              not a.post_rope, spec.name)
     import torch
 
+    datatypes, skipped = [], {}
+    for name in a.datatypes.split(","):
+        ok, why = baseline_available(name) if parse_baseline(name) else (True, "")
+        if ok:
+            datatypes.append(name)
+        else:
+            skipped[name] = why
+            print(f"skipping {name}: {why}", file=sys.stderr)
     windows = torch.stack(make_windows(_corpus(tok, spec, a.data, "test"), a.ctx, max_windows=a.max_windows))
     cfg = QuantConfig(outlier_fraction=a.outlier_fraction, n_sink=a.n_sink, pre_rope=not a.post_rope)
-    res = evaluate_perplexity(model, windows, a.datatypes.split(","), cal, cfg, a.prefill, a.chunk, a.batch_size,
-                              a.out, meta={"model": spec.name, "data": a.data, "calibration": a.calibration})
+    meta = {"model": spec.name, "data": a.data, "calibration": a.calibration, "skipped": skipped}
+    res = evaluate_perplexity(model, windows, datatypes, cal, cfg, a.prefill, a.chunk, a.batch_size, a.out, meta=meta)
     print(format_table(res))
     print(f"results written to {a.out}")
 

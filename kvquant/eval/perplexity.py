@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from kvquant.cache.hf_cache import KVQuantCache
 from kvquant.calibration.format import Calibration
 from kvquant.config import QuantConfig
+from kvquant.eval.baselines import baseline_memory, make_baseline_cache, parse_baseline
 
 
 @dataclass
@@ -46,19 +47,6 @@ class PerplexityResult:
     delta_ppl_pct: float | None = None
 
 
-def _baseline_cache(name: str, model: torch.nn.Module):
-    """transformers' own QuantizedCache (``quanto4``, ``quanto2``, ``hqq4``, ``hqq2``)."""
-    from transformers import QuantizedCache
-
-    backend, nbits = name[:-1], int(name[-1])
-    try:
-        return QuantizedCache(backend=backend, config=model.config, nbits=nbits)
-    except TypeError:  # transformers 4.5x signature
-        from transformers import QuantizedCacheConfig
-
-        return QuantizedCache(QuantizedCacheConfig(backend=backend, nbits=nbits))
-
-
 def cache_factory(name: str, model: torch.nn.Module, calibration: Calibration | None,
                   base: QuantConfig) -> Callable[[], object | None]:
     """A function making a fresh cache for datatype ``name`` (``plain`` = no cache, one forward)."""
@@ -66,8 +54,8 @@ def cache_factory(name: str, model: torch.nn.Module, calibration: Calibration | 
 
     if name == "plain":
         return lambda: None
-    if name.startswith(("quanto", "hqq")):
-        return lambda: _baseline_cache(name, model)
+    if parse_baseline(name) is not None:
+        return lambda: make_baseline_cache(name, model)
     cfg = replace(base, datatype=name)
     calib = calibration if cfg.is_quantized else None
     return lambda: KVQuantCache(model, cfg, calibration=calib)
@@ -130,6 +118,8 @@ def evaluate_perplexity(
             nll, tokens = nll + s, tokens + k
             if isinstance(cache, KVQuantCache):
                 bits.append(cache.memory_report()["bits_per_element"])
+            elif cache is not None and parse_baseline(name) is not None:
+                bits.append(baseline_memory(cache)["bits_per_element"])
         r = PerplexityResult(name, math.exp(nll / tokens), nll / tokens, tokens, n,
                              sum(bits) / len(bits) if bits else None, time.perf_counter() - t0)
         if name == "fp16":

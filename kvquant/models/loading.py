@@ -75,11 +75,31 @@ def _load_from(
     if device_map is not None:
         model_kwargs["device_map"] = device_map
     tok_kwargs = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(spec.path, **tok_kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec.path, **tok_kwargs)
+    except (ValueError, AttributeError, TypeError) as exc:
+        tokenizer = _tokenizer_from_json(spec.path, exc)
     model = AutoModelForCausalLM.from_pretrained(spec.path, **model_kwargs)
     if spec.gguf_file:
         _strip_gguf_quantizer(model)
     return model, tokenizer
+
+
+def _tokenizer_from_json(path: str, error: Exception) -> PreTrainedTokenizerBase:
+    """Fallback for a ``tokenizer_config.json`` written by a newer transformers (e.g. 5.x's
+    ``TokenizersBackend`` or list-valued ``extra_special_tokens`` read by 4.5x): build a fast tokenizer from
+    ``tokenizer.json`` and the special tokens of the config. Re-raises ``error`` when that is not possible."""
+    import json
+
+    from transformers import PreTrainedTokenizerFast
+
+    folder = Path(path)
+    if not (folder.is_dir() and (folder / "tokenizer.json").is_file()):
+        raise error
+    cfg_file = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    special = {k: cfg[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if isinstance(cfg.get(k), str)}
+    return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), **special)
 
 
 def convert_gguf_to_cache(spec: ModelSpec) -> ModelSpec | None:

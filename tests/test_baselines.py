@@ -1,0 +1,56 @@
+"""transformers' QuantizedCache baselines (quanto / HQQ): availability, measured memory, perplexity rows."""
+
+import pytest
+import torch
+
+from kvquant.eval.baselines import (
+    baseline_available,
+    baseline_memory,
+    make_baseline_cache,
+    parse_baseline,
+    tensor_bytes,
+)
+from kvquant.eval.perplexity import evaluate_perplexity
+from kvquant.models import tiny_llama
+
+
+def test_parse_and_availability():
+    assert parse_baseline("quanto4") == ("quanto", 4)
+    assert parse_baseline("hqq2") == ("hqq", 2)
+    assert parse_baseline("nuq3") is None and parse_baseline("quanto") is None
+    ok, why = baseline_available("quanto3")
+    assert not ok and "2 and 4 bits" in why
+    ok, why = baseline_available("nuq4")
+    assert not ok and "not a baseline" in why
+    with pytest.raises(ValueError, match="baseline nuq4"):
+        make_baseline_cache("nuq4", torch.nn.Linear(1, 1))
+
+
+def test_tensor_bytes_counts_each_storage_once(seed):
+    a = torch.randn(10, 8)
+    b = a[2:5]  # a view of the same storage
+    c = torch.zeros(3, dtype=torch.float16)
+    assert tensor_bytes([a, b, {"x": c}, (None, 3)]) == a.numel() * 4 + c.numel() * 2
+    assert tensor_bytes(torch.empty(0)) == 0
+
+
+@pytest.mark.parametrize("name", ["quanto4", "quanto2", "hqq4", "hqq2"])
+def test_baseline_cache_memory_and_perplexity(name, seed):
+    ok, why = baseline_available(name)
+    if not ok:
+        pytest.skip(why)
+    model = tiny_llama(seed=seed % 1000, num_layers=2, hidden=128, heads=4, kv_heads=2, head_dim=32, vocab=256,
+                       max_pos=1024).to(torch.float16)
+    ids = torch.randint(0, 256, (1, 400), generator=torch.Generator().manual_seed(seed))
+    cache = make_baseline_cache(name, model)
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache)
+    mem = baseline_memory(cache)
+    nbits = parse_baseline(name)[1]
+    # uniform codes plus a 16-bit scale and zero per group of 64: a bit more than nbits, far below fp16
+    assert nbits < mem["bits_per_element"] < nbits + 2, mem
+    assert mem["fp16_bytes"] == 2 * 2 * 2 * 400 * 32 * 2  # layers x (K,V) x heads x tokens x dim x 2 bytes
+    res = {r.datatype: r for r in evaluate_perplexity(model.float(), ids[:, :300], ["fp16", name], chunk=50,
+                                                      progress=False)}
+    assert res[name].bits_per_element is not None and res[name].tokens == res["fp16"].tokens
+    assert abs(res[name].delta_ppl_pct) < 50
