@@ -30,6 +30,7 @@ from kvquant.cache.hf_cache import KVQuantCache  # noqa: E402
 from kvquant.models import tiny_llama  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CFG = QuantConfig(datatype="nuq3", outlier_fraction=0.03, n_sink=1, residual_length=3, page_size=32)
 

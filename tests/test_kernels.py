@@ -99,7 +99,7 @@ def test_decode_bits_gqa(seed: int, bits: int, G: int) -> None:
     check(seed, B=3, Hkv=2, G=G, D=32, S=83, cfg=cfg, dtype=torch.float32, use_rope=bits == 3, half=G == 2)
 
 
-@pytest.mark.parametrize("version", [2, 3])
+@pytest.mark.parametrize("version", [2, 3, "3b"])
 @pytest.mark.parametrize("use_rope,half", [(False, False), (True, False), (True, True)])
 def test_decode_versions_extra_token(seed: int, version: int, use_rope: bool, half: bool) -> None:
     """Both page-kernel versions, full and half RoPE tables, and the extra exact token (``extra_kv``)."""

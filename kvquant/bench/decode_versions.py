@@ -30,8 +30,9 @@ from kvquant.config import QuantConfig
 VARIANTS = [  # (label, version, num_warps, block_t, programs_per_sm)
     ("v2", 2, 4, 64, 4),
     ("v3", 3, 4, 64, 4),
-    ("v3 w8", 3, 8, 64, 4),
-    ("v3 bt32", 3, 4, 32, 4),
+    ("v3b", "3b", 4, 64, 4),
+    ("v3b bt32", "3b", 4, 32, 4),
+    ("v3b pps16", "3b", 4, 64, 16),
 ]
 
 
@@ -136,12 +137,40 @@ def e2e(rows: list, prompt: int, new_tokens: int, batch: int) -> None:
         sa, sb = res["torch"].scores[first].float(), res["triton"].scores[first].float()
         top2 = sa.topk(2, dim=-1).values
         info.update(first_divergent_step=first, rows=diff[:, 0].unique().tolist(),
-                    max_logit_gap=float((sa - sb).abs().max()),
+                    max_logit_gap=_gap(sa, sb),
                     torch_top2_margin=float((top2[:, 0] - top2[:, 1]).min()))
-    gaps = [float((x.float() - y.float()).abs().max()) for x, y in zip(res["torch"].scores, res["triton"].scores)]
+    gaps = [_gap(x.float(), y.float()) for x, y in zip(res["torch"].scores, res["triton"].scores)]
     info["max_logit_gap_until_divergence"] = max(gaps[: info.get("first_divergent_step", len(gaps)) + 1])
     rows.append(info)
     print("e2e greedy:", info, flush=True)
+    # where a triton decode step's time goes: one layer's kernel call vs appending one token (keys + values)
+    da = importlib.import_module("kvquant.kernels.decode_attention")
+    cache = KVQuantCache(model, cfg, backend="triton")
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=2, do_sample=False,
+                       pad_token_id=0)
+    layer = cache.layers[0]
+    q = torch.randn(batch, 32, 128, device="cuda", dtype=torch.float16)
+    kv1 = torch.randn(batch, 8, 1, 128, device="cuda", dtype=torch.float16)
+    rope = (*cache.kernel_rope_tables(q.device), layer.pos_offset)
+    k_ms = _bench(partial(da.decode_attention, q, layer.qkeys, layer.qvalues, rope=rope, backend="triton",
+                          extra_kv=(kv1[:, :, 0], kv1[:, :, 0])))
+
+    def append() -> None:
+        layer.qkeys.append(kv1)
+        layer.qvalues.append(kv1)
+
+    a_ms = _bench(append, warmup=5, rep=50)
+    row = {"part": "e2e_breakdown", "kernel_ms_per_layer": k_ms, "append_ms_per_layer": a_ms}
+    rows.append(row)
+    print(f"per layer and step: kernel {k_ms:.3f} ms, append (K+V) {a_ms:.3f} ms", flush=True)
+    kernel_attention.uninstall_kernel_attention(model)
+
+
+def _gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest |a - b| over entries finite in both (generate's processors put -inf on banned tokens)."""
+    ok = torch.isfinite(a) & torch.isfinite(b)
+    return float((a - b)[ok].abs().max()) if bool(ok.any()) else float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,7 +42,7 @@ except Exception as e:  # pragma: no cover - depends on the install
     _TRITON_IMPORT_ERROR = e
 
 LOG2E = 1.4426950408889634
-TUNING = {"num_warps": 4, "block_t": None, "programs_per_sm": 4, "version": 3}  # page kernel launch defaults
+TUNING = {"num_warps": 4, "block_t": None, "programs_per_sm": 16, "version": "3b"}  # page kernel launch defaults
 
 
 def triton_available() -> bool:
@@ -361,12 +361,16 @@ if triton is not None:
         Hkv, Hq, pages_per_split, NS1,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, T: tl.constexpr, BT: tl.constexpr,
         KBITS: tl.constexpr, VBITS: tl.constexpr, KOUT: tl.constexpr, VOUT: tl.constexpr, ROPE: tl.constexpr,
-        HALF: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+        HALF: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, KCORR: tl.constexpr,
     ):
         """v3 page kernel: select-tree levels, keys' affine map folded into the query when there is no RoPE
         (``s = (q*cs) . level + q . cz``), key outliers as sparse score corrections, value outliers replaced in
-        the tile with one compare per element and entry, half RoPE tables."""
+        the tile with one compare per element and entry, half RoPE tables.
+
+        ``KCORR`` False (v3b): key outliers replaced in the key tile like the values' (keys then stay in key space:
+        the affine map is applied per element, not folded into the query), no per-entry gathers."""
         DH: tl.constexpr = D // 2
+        FOLD: tl.constexpr = not ROPE and (KCORR or not KOUT)
         TD: tl.constexpr = DH if HALF else D
         W: tl.constexpr = T // 32
         pid = tl.program_id(0)
@@ -388,7 +392,7 @@ if triton is not None:
         czb = tl.load(KCZ + cbase + DH + dims)
         qfa = tl.load(Q + qrow[:, None] + dims[None, :], mask=gm[:, None], other=0.0)
         qfb = tl.load(Q + qrow[:, None] + DH + dims[None, :], mask=gm[:, None], other=0.0)
-        if ROPE:
+        if not FOLD:
             qa = qfa.to(DOT_DTYPE)
             qb = qfb.to(DOT_DTYPE)
             qcz = tl.zeros([GP], tl.float32)
@@ -422,17 +426,20 @@ if triton is not None:
                 # keys -> scores
                 la = _select_levels(KPL, KLEV, kbase, 0, W, sub * (BT // 32), KBITS, BT, DH)
                 lb = _select_levels(KPL, KLEV, kbase, DH, W, sub * (BT // 32), KBITS, BT, DH)
-                if ROPE:
+                if not FOLD:
                     ka = la * csa[None, :] + cza[None, :]
                     kb = lb * csb[None, :] + czb[None, :]
-                    ka, kb = _rope(ka, kb, COS, SIN, pos0 + i, ok, TD, HALF, DH)
+                    if KOUT and not KCORR:
+                        ka, kb = _replace_outliers_v3(ka, kb, KOI, KOV, kfirst, kn, hk * D, DH)
+                    if ROPE:
+                        ka, kb = _rope(ka, kb, COS, SIN, pos0 + i, ok, TD, HALF, DH)
                     s = tl.dot(qa, tl.trans(ka.to(DOT_DTYPE)), input_precision=PREC)
                     s += tl.dot(qb, tl.trans(kb.to(DOT_DTYPE)), input_precision=PREC)
                 else:
                     s = tl.dot(qa, tl.trans(la.to(DOT_DTYPE)), input_precision=PREC)
                     s += tl.dot(qb, tl.trans(lb.to(DOT_DTYPE)), input_precision=PREC)
                     s += qcz[:, None]
-                if KOUT:
+                if KOUT and KCORR:
                     s += _key_outlier_scores(KPL, kbase, KLEV, KCS, KCZ, cbase, KOI, KOV, kfirst, kn, hk * D, t,
                                              Q, qrow, gm, COS, SIN, pos0 + i, ok, D, W, KBITS, ROPE, HALF, GP, BT)
                 # values
@@ -591,7 +598,7 @@ def decode_attention(
         pages_per_split: pages per program of the split-K pass (default: about ``programs_per_sm`` programs
             per multiprocessor).
         num_warps, block_t, programs_per_sm, version: launch tuning of the page kernel (warps per program;
-            tokens per tile, 32 or 64; page-kernel version 2 or 3); ``None`` takes :data:`TUNING`.
+            tokens per tile, 32 or 64; page-kernel version 2, 3 or ``"3b"``); ``None`` takes :data:`TUNING`.
 
     Returns:
         ``[B, Hq, D]`` in ``q.dtype`` (zeros for a sequence with no token and no extra token on the triton path).
@@ -612,8 +619,8 @@ def decode_attention(
     block_t = block_t or TUNING["block_t"]
     programs_per_sm = programs_per_sm or TUNING["programs_per_sm"]
     version = version or TUNING["version"]
-    if version not in (2, 3):
-        raise ValueError(f"version must be 2 or 3, got {version}")
+    if version not in (2, 3, "3b"):
+        raise ValueError(f"version must be 2, 3 or '3b', got {version!r}")
     G = Hq // Hkv
     T = key_cache.config.page_size
     if value_cache.config.page_size != T:
@@ -661,7 +668,8 @@ def decode_attention(
     kout, vout = kc.outliers, vc.outliers
     kp = kc.pages.pools
     vp = vc.pages.pools
-    pages_kernel = _pages_kernel_v3 if version == 3 else _pages_kernel_v2
+    pages_kernel = _pages_kernel_v2 if version == 2 else _pages_kernel_v3
+    extra_const = {} if version == 2 else {"KCORR": version == 3}
     pages_kernel[(B * Hkv, n_splits)](
         qs, opart, mpart, lpart,
         kp["planes"], kc.codebook.levels, kc.channel_scale.contiguous(), kc.channel_zero.contiguous(), ktab,
@@ -672,7 +680,7 @@ def decode_attention(
         Hkv, Hq, pages_per_split, NS1,
         G=G, GP=GP, D=D, T=T, BT=BT, KBITS=kc.bits, VBITS=vc.bits,
         KOUT=bool(kc.keep_outliers and kout.nnz > 0), VOUT=bool(vc.keep_outliers and vout.nnz > 0),
-        ROPE=rope is not None, HALF=half, DOT_DTYPE=dot_dtype, PREC=prec,
+        ROPE=rope is not None, HALF=half, DOT_DTYPE=dot_dtype, PREC=prec, **extra_const,
         num_warps=num_warps, num_stages=2,
     )
     ksink, vsink = kc.sink.contiguous(), vc.sink.contiguous()
