@@ -32,11 +32,11 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
-def rope_tables(max_pos: int, D: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Llama's cos/sin tables ``[max_pos, D]`` (``rotate_half`` layout)."""
+def rope_tables(max_pos: int, D: int, half: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama's cos/sin tables ``[max_pos, D]`` (``rotate_half`` layout), or their first halves ``[max_pos, D/2]``."""
     inv = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
     f = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv)
-    e = torch.cat([f, f], -1)
+    e = f if half else torch.cat([f, f], -1)
     return e.cos().to(DEVICE), e.sin().to(DEVICE)
 
 
@@ -71,16 +71,21 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def check(seed: int, B: int, Hkv: int, G: int, D: int, S: int, cfg: QuantConfig, dtype: torch.dtype,
-          use_rope: bool, pages_per_split: int | None = None, n_decode: int = 2) -> float:
+          use_rope: bool, pages_per_split: int | None = None, n_decode: int = 2, half: bool = False,
+          extra: bool = False, version: int | None = None) -> float:
     gen = torch.Generator().manual_seed(seed)
     kc, vc = build_caches(gen, B, Hkv, D, S, cfg, dtype, n_decode)
     q = torch.randn(B, Hkv * G, D, generator=gen).to(DEVICE, dtype)
     rope = None
     if use_rope:
-        cos, sin = rope_tables(S + n_decode + 64, D)
+        cos, sin = rope_tables(S + n_decode + 64, D, half)
         rope = (cos, sin, torch.randint(0, 60, (B,), generator=gen).to(DEVICE))
-    out = decode_attention(q, kc, vc, rope=rope, backend="triton", pages_per_split=pages_per_split)
-    ref = decode_attention_reference(q, kc, vc, rope=rope)
+    extra_kv = None
+    if extra:
+        extra_kv = tuple((3 * torch.randn(B, Hkv, D, generator=gen)).to(DEVICE, dtype) for _ in range(2))
+    out = decode_attention(q, kc, vc, rope=rope, backend="triton", pages_per_split=pages_per_split,
+                           extra_kv=extra_kv, version=version)
+    ref = decode_attention_reference(q, kc, vc, rope=rope, extra_kv=extra_kv)
     assert out.shape == q.shape and out.dtype == q.dtype
     err = rel_err(out, ref)
     assert err < TOL[dtype], f"relative error {err:.2e} (seed {seed})"
@@ -91,7 +96,30 @@ def check(seed: int, B: int, Hkv: int, G: int, D: int, S: int, cfg: QuantConfig,
 @pytest.mark.parametrize("G", [1, 2, 4])
 def test_decode_bits_gqa(seed: int, bits: int, G: int) -> None:
     cfg = QuantConfig(datatype=f"nuq{bits}", outlier_fraction=0.02, n_sink=1, residual_length=4, page_size=32)
-    check(seed, B=3, Hkv=2, G=G, D=32, S=83, cfg=cfg, dtype=torch.float32, use_rope=bits == 3)
+    check(seed, B=3, Hkv=2, G=G, D=32, S=83, cfg=cfg, dtype=torch.float32, use_rope=bits == 3, half=G == 2)
+
+
+@pytest.mark.parametrize("version", [2, 3, "3b"])
+@pytest.mark.parametrize("use_rope,half", [(False, False), (True, False), (True, True)])
+def test_decode_versions_extra_token(seed: int, version: int, use_rope: bool, half: bool) -> None:
+    """Both page-kernel versions, full and half RoPE tables, and the extra exact token (``extra_kv``)."""
+    cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.05, n_sink=1, residual_length=3, page_size=64)
+    check(seed, B=2, Hkv=2, G=2, D=32, S=90, cfg=cfg, dtype=torch.float32, use_rope=use_rope, half=half,
+          extra=True, version=version)
+
+
+def test_decode_bad_extra_and_tables(seed: int) -> None:
+    cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.01, n_sink=1, residual_length=0, page_size=32)
+    gen = torch.Generator().manual_seed(seed)
+    kc, vc = build_caches(gen, 2, 2, 32, 40, cfg, torch.float32)
+    q = torch.randn(2, 4, 32, generator=gen).to(DEVICE)
+    with pytest.raises(ValueError, match="extra_kv"):
+        decode_attention(q, kc, vc, backend="triton", extra_kv=(q, q))
+    cos, sin = rope_tables(64, 24)
+    with pytest.raises(ValueError, match="rope tables"):
+        decode_attention(q, kc, vc, backend="triton", rope=(cos, sin, torch.zeros(2, device=DEVICE)))
+    with pytest.raises(ValueError, match="version"):
+        decode_attention(q, kc, vc, backend="triton", version=1)
 
 
 @pytest.mark.parametrize(

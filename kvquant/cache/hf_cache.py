@@ -15,16 +15,24 @@ one vectorised pass over the padded batch, each decode step appends one token pe
 What ``update`` returns: during a prefill the exact K/V (the prompt attends to itself exactly, as in
 real serving); afterwards the dequantized cached K/V followed by the exact new tokens, laid out to
 match the model's padded attention mask.
+
+Backends (``backend=``): ``"torch"`` does the above on every step. ``"triton"`` (the default ``"auto"`` picks
+it on CUDA with triton and a quantized datatype) runs single-token decode steps without dequantizing: the
+model's attention is wrapped (``kvquant_sdpa``/``kvquant_eager``) and the wrapper calls the Triton decode
+kernel over the packed cache (see :mod:`kvquant.cache.kernel_attention` for the mechanism); prefills and
+multi-token chunks take the torch path.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+import importlib
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from kvquant.cache import kernel_attention
 from kvquant.cache.rope import RotaryTables, apply_rope, find_rotary_embedding, invert_rope
 from kvquant.calibration.format import Calibration
 from kvquant.config import QuantConfig
@@ -32,6 +40,17 @@ from kvquant.quant.quantizer import BatchedKVQuantizer
 from kvquant.quant.store import QuantizedKVCache
 
 _HOOK_ATTR = "_kvquant_step_hook"
+BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass
+class _PendingDecode:
+    """A decode token held back by ``update`` until the kernel attention has read the past."""
+
+    key: torch.Tensor  # [B, Hkv, 1, D] as the model made it (post-RoPE): attended exactly
+    value: torch.Tensor  # [B, Hkv, 1, D]
+    key_store: torch.Tensor  # [B, Hkv, 1, D] what is stored (pre-RoPE when the cache un-rotates)
+    mask: torch.Tensor  # [B, 1] bool
 
 
 class KVQuantLayer(CacheLayerMixin):
@@ -50,6 +69,7 @@ class KVQuantLayer(CacheLayerMixin):
         self.cumulative_length = 0
         self.seen_mask: torch.Tensor | None = None  # [B, cumulative_length] bool, padding = False
         self.pos_offset: torch.Tensor | None = None  # [B] position of each sequence's first real token
+        self._pending: _PendingDecode | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -60,6 +80,9 @@ class KVQuantLayer(CacheLayerMixin):
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store ``key_states``/``value_states [B, H_kv, s, D]`` (post-RoPE, as the model made them) and
         return the K/V attention must use, ``[B, H_kv, past + s, D]``."""
+        if self._pending is not None:
+            raise RuntimeError(f"layer {self.layer_idx}: the previous decode token was never attended (the model's "
+                               "attention implementation is no longer the kvquant wrapper?)")
         B, _, s, _ = key_states.shape
         step_mask, positions = self.owner._step_inputs(B, s, self.cumulative_length, key_states.device)
         if not self.is_initialized:
@@ -69,6 +92,14 @@ class KVQuantLayer(CacheLayerMixin):
         if pre_rope:
             cos, sin = self.owner.rotary(positions)
             k_store = invert_rope(key_states, cos, sin).to(key_states.dtype)
+
+        if self.qkeys is not None and self.owner._kernel_step(self, s):
+            # triton backend, one real token per sequence: keep it pending, the attention wrapper runs the
+            # kernel over the stored past plus this exact token, then appends it (kernel_decode)
+            self._pending = _PendingDecode(key_states, value_states, k_store, step_mask)
+            self.seen_mask = torch.cat([self.seen_mask, step_mask], 1)
+            self.cumulative_length += s
+            return key_states, value_states
 
         if self.qkeys is None:  # prefill: quantize the whole padded batch at once
             if not bool(step_mask.any(1).all()):
@@ -100,6 +131,36 @@ class KVQuantLayer(CacheLayerMixin):
         self.cumulative_length += s
         return out_k, out_v
 
+    def has_pending_decode(self, key: torch.Tensor) -> bool:
+        """Whether ``key`` is the token ``update`` just held back for :meth:`kernel_decode`."""
+        return self._pending is not None and self._pending.key is key
+
+    def kernel_decode(self, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
+        """Attention of the pending decode step with the Triton kernel, then append the pending token.
+
+        Args:
+            query: ``[B, Hq, 1, D]`` (already rotated); scaling: the softmax scale (``None``: ``1/sqrt(D)``).
+
+        Returns:
+            ``[B, 1, Hq, D]`` (transformers' attention-output layout), softmax over ``[past, new token]``.
+        """
+        pend = self._pending
+        if pend is None:
+            raise RuntimeError(f"layer {self.layer_idx}: no pending decode token")
+        self._pending = None
+        if query.shape[2] != 1:
+            raise ValueError(f"kernel decode needs one query token per sequence, got {query.shape[2]}")
+        da = importlib.import_module("kvquant.kernels.decode_attention")
+        rope = None
+        if self.owner.pre_rope:
+            cos, sin = self.owner.kernel_rope_tables(query.device)
+            rope = (cos, sin, self.pos_offset)
+        out = da.decode_attention(query[:, :, 0], self.qkeys, self.qvalues, softmax_scale=scaling, rope=rope,
+                                  backend="triton", extra_kv=(pend.key[:, :, 0], pend.value[:, :, 0]))
+        self.qkeys.append(pend.key_store, pend.mask)
+        self.qvalues.append(pend.value, pend.mask)
+        return out[:, None]
+
     def get_seq_length(self, *args: Any) -> int:
         return self.cumulative_length
 
@@ -114,6 +175,7 @@ class KVQuantLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
+        self._pending = None
         self.qkeys = self.qvalues = None
         self.seen_mask = self.pos_offset = None
         self.cumulative_length = 0
@@ -155,14 +217,21 @@ class KVQuantCache(Cache):
         config: quantization settings; keyword overrides are applied on top (``datatype="nuq4"``).
         calibration: per-layer key ranges and NUQ codebooks from ``kvquant calibrate``; without it, key
             ranges come from each prompt and codebooks are the heuristic ones.
+        backend: ``"torch"`` (dequantize the past every step), ``"triton"`` (single-token decode steps run
+            the Triton kernel over the packed cache; switches the model's attention to the ``kvquant_*``
+            wrapper of its ``sdpa``/``eager`` attention, see :mod:`kvquant.cache.kernel_attention`; undo with
+            :func:`~kvquant.cache.kernel_attention.uninstall_kernel_attention`) or ``"auto"`` (triton when
+            the model is on CUDA, triton imports, the datatype is quantized, the head size is a power of two
+            >= 32 and the attention is sdpa/eager; else torch).
     """
 
     def __init__(self, model: torch.nn.Module, config: QuantConfig | None = None,
-                 calibration: Calibration | str | None = None, **overrides: Any) -> None:
+                 calibration: Calibration | str | None = None, backend: str = "auto", **overrides: Any) -> None:
         config = config or QuantConfig()
         self.config = replace(config, **overrides) if overrides else config
         cfg = model.config
         cfg = getattr(cfg, "text_config", None) or cfg
+        self._text_config = cfg
         self.num_layers = int(cfg.num_hidden_layers)
         self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
@@ -180,9 +249,76 @@ class KVQuantCache(Cache):
                                          self.config.outlier_fraction, self.config.pre_rope)
         self.calibration = calibration
         self._quantizers: dict[int, BatchedKVQuantizer] = {}
-        self._step: dict[str, torch.Tensor | None] = {}
+        self._step: dict[str, Any] = {}
+        self._rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.backend = self._resolve_backend(backend, model)
         install_step_hook(model)
+        if self.backend == "triton":
+            kernel_attention.install_kernel_attention(model)
         super().__init__(layers=[KVQuantLayer(self, i) for i in range(self.num_layers)])
+
+    def _resolve_backend(self, backend: str, model: torch.nn.Module) -> str:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "torch":
+            return "torch"
+        da = importlib.import_module("kvquant.kernels.decode_attention")
+        D = self.head_dim
+        problems = []
+        if not da.triton_available():
+            problems.append("triton does not import")
+        if not self.config.is_quantized:
+            problems.append(f"datatype {self.config.datatype} is not quantized")
+        if D < 32 or D & (D - 1):
+            problems.append(f"head size {D} is not a power of two >= 32")
+        if not kernel_attention.can_install(model):
+            problems.append(f"attention {kernel_attention.current_implementation(model)!r} is not sdpa/eager")
+        if backend == "triton":
+            if problems:
+                raise ValueError("backend='triton' is not possible: " + "; ".join(problems))
+            return "triton"
+        param = next(model.parameters(), None)
+        on_cuda = param is not None and param.device.type == "cuda"
+        return "triton" if on_cuda and not problems else "torch"
+
+    def _kernel_step(self, layer: KVQuantLayer, s: int) -> bool:
+        """Whether this layer's step runs the kernel path (same answer for all layers of a step)."""
+        if self.backend != "triton" or s != 1 or kernel_attention.ACTIVE_CACHE.get() is not self:
+            return False
+        if not kernel_attention.is_installed(self._text_config):
+            return False
+        key = ("kernel", s, layer.cumulative_length)
+        if key not in self._step:  # one host sync per step, not per layer
+            mask = self._step_inputs(layer.qkeys.batch, s, layer.cumulative_length, layer.qkeys.device)[0]
+            ok = bool(mask.all())
+            self._step[key] = ok
+            if ok:  # check once that the new tokens continue each sequence (re-rotation relies on it)
+                _, positions = self._step_inputs(layer.qkeys.batch, s, layer.cumulative_length, layer.qkeys.device)
+                expect = layer.pos_offset + layer.qkeys.lengths
+                if not bool((positions[:, 0] == expect).all()):
+                    raise ValueError("position ids of the new tokens do not continue the cached sequences")
+                self._step["max_pos"] = int(positions.max()) + 1
+        return self._step[key]
+
+    def kernel_rope_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos, sin`` tables for the kernel covering every position of this step: ``[P, D/2]`` when the
+        model's tables have equal halves (Llama's ``rotate_half`` layout), else ``[P, D]``; float32.
+
+        Built once with the model's rotary module and grown by doubling (rebuilt every step for rotary types
+        whose tables change with the sequence length, e.g. ``dynamic``/``longrope``)."""
+        need = int(self._step.get("max_pos", 0))
+        rope_type = str(getattr(self.rotary.rotary_emb, "rope_type", "default"))
+        dynamic = "dynamic" in rope_type or "longrope" in rope_type
+        have = self._rope_tables
+        if have is None or dynamic or have[0].shape[0] < need or have[0].device != device:
+            n = need if dynamic else max(need, 2 * (have[0].shape[0] if have is not None else 0), 1024)
+            cos, sin = self.rotary(torch.arange(n, device=device)[None])
+            cos, sin = cos[0].contiguous(), sin[0].contiguous()
+            h = cos.shape[-1] // 2
+            if torch.equal(cos[:, :h], cos[:, h:]) and torch.equal(sin[:, :h], sin[:, h:]):
+                cos, sin = cos[:, :h].contiguous(), sin[:, :h].contiguous()
+            self._rope_tables = have = (cos, sin)
+        return have
 
     def quantizer_for(self, layer_idx: int) -> BatchedKVQuantizer:
         """The quantizer of a layer, with its calibrated codebooks and key ranges when available."""
@@ -205,7 +341,15 @@ class KVQuantCache(Cache):
 
     def _step_inputs(self, batch: int, s: int, past: int, device: torch.device
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padding mask ``[B, s]`` (bool) and position ids ``[B, s]`` of the tokens being added."""
+        """Padding mask ``[B, s]`` (bool) and position ids ``[B, s]`` of the tokens being added (computed once per
+        step: every layer asks with the same arguments)."""
+        key = ("inputs", batch, s, past, str(device))
+        if key not in self._step:
+            self._step[key] = self._compute_step_inputs(batch, s, past, device)
+        return self._step[key]
+
+    def _compute_step_inputs(self, batch: int, s: int, past: int, device: torch.device
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
         mask = self._step.get("attention_mask")
         if mask is not None:
             if mask.ndim != 2:
@@ -242,15 +386,25 @@ class KVQuantCache(Cache):
 
 
 def install_step_hook(model: torch.nn.Module) -> None:
-    """Install (once) a forward pre-hook on the decoder that passes each step's 2-D attention mask and
-    position ids to the :class:`KVQuantCache` given as ``past_key_values``."""
+    """Install (once) hooks on the decoder: a forward pre-hook that passes each step's 2-D attention mask and
+    position ids to the :class:`KVQuantCache` given as ``past_key_values`` and makes it the
+    :data:`~kvquant.cache.kernel_attention.ACTIVE_CACHE` for the forward (``None`` for any other cache), and
+    a forward hook (``always_call``) that restores the previous value."""
     base = getattr(model, "model", model)
     if getattr(base, _HOOK_ATTR, None) is not None:
         return
 
-    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         cache = kwargs.get("past_key_values")
         if isinstance(cache, KVQuantCache):
             cache._set_step(kwargs.get("attention_mask"), kwargs.get("position_ids"))
+        else:
+            cache = None
+        kernel_attention.enter(cache)
 
-    setattr(base, _HOOK_ATTR, base.register_forward_pre_hook(hook, with_kwargs=True))
+    def post_hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        kernel_attention.leave()
+
+    handles = (base.register_forward_pre_hook(pre_hook, with_kwargs=True),
+               base.register_forward_hook(post_hook, with_kwargs=True, always_call=True))
+    setattr(base, _HOOK_ATTR, handles)

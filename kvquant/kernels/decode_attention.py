@@ -42,7 +42,7 @@ except Exception as e:  # pragma: no cover - depends on the install
     _TRITON_IMPORT_ERROR = e
 
 LOG2E = 1.4426950408889634
-TUNING = {"num_warps": 4, "block_t": None, "programs_per_sm": 4}  # defaults of the page kernel's launch
+TUNING = {"num_warps": 4, "block_t": None, "programs_per_sm": 16, "version": "3b"}  # page kernel launch defaults
 
 
 def triton_available() -> bool:
@@ -114,13 +114,18 @@ if triton is not None:
         return xa, xb
 
     @triton.jit
-    def _rope(xa, xb, COS, SIN, pos, ok, D: tl.constexpr, DH: tl.constexpr):
-        """``x * cos + rotate_half(x) * sin`` at positions ``pos [BT]`` on halves ``[BT, DH]``."""
+    def _rope(xa, xb, COS, SIN, pos, ok, TD: tl.constexpr, HALF: tl.constexpr, DH: tl.constexpr):
+        """``x * cos + rotate_half(x) * sin`` at positions ``pos [BT]`` on halves ``[BT, DH]``.
+
+        Tables have rows of ``TD`` floats: the full ``D`` (``HALF`` False) or only the first half (``HALF``:
+        Llama-style tables whose two halves are equal, read once per token for half the dims)."""
         dims = tl.arange(0, DH)
-        off = pos.to(tl.int64)[:, None] * D + dims[None, :]
+        off = pos.to(tl.int64)[:, None] * TD + dims[None, :]
         m = ok[:, None]
         ca = tl.load(COS + off, mask=m, other=1.0)
         sa = tl.load(SIN + off, mask=m, other=0.0)
+        if HALF:
+            return xa * ca - xb * sa, xb * ca + xa * sa
         cb = tl.load(COS + off + DH, mask=m, other=1.0)
         sb = tl.load(SIN + off + DH, mask=m, other=0.0)
         return xa * ca - xb * sa, xb * cb + xa * sb
@@ -165,7 +170,7 @@ if triton is not None:
         tl.store(OP + row[:, None] * D + DH + dims[None, :], acc_b, mask=gm[:, None])
 
     @triton.jit
-    def _pages_kernel(
+    def _pages_kernel_v2(
         Q, OP, MP, LP,
         KPL, KLEV, KCS, KCZ, KTAB, KSS, KSC, KOI, KOV, k_nslots, k_tab_stride,
         VPL, VLEV, VSC, VZR, VTAB, VSS, VSCNT, VOI, VOV, v_nslots, v_tab_stride,
@@ -173,9 +178,11 @@ if triton is not None:
         Hkv, Hq, pages_per_split, NS1,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, T: tl.constexpr, BT: tl.constexpr,
         KBITS: tl.constexpr, VBITS: tl.constexpr, KOUT: tl.constexpr, VOUT: tl.constexpr, ROPE: tl.constexpr,
-        DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+        HALF: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
     ):
+        """v2 page kernel: gathered level lookup, outliers replaced in the K and V tiles."""
         DH: tl.constexpr = D // 2
+        TD: tl.constexpr = DH if HALF else D
         W: tl.constexpr = T // 32
         pid = tl.program_id(0)
         split = tl.program_id(1)
@@ -224,7 +231,7 @@ if triton is not None:
                 if KOUT:
                     ka, kb = _replace_outliers(ka, kb, KOI, KOV, kfirst, kn, hk * D, DH)
                 if ROPE:
-                    ka, kb = _rope(ka, kb, COS, SIN, pos0 + i, ok, D, DH)
+                    ka, kb = _rope(ka, kb, COS, SIN, pos0 + i, ok, TD, HALF, DH)
                 # values
                 va = _unpack_levels(VPL, VLEV, vbase, 0, W, sub * (BT // 32), VBITS, BT, DH)
                 vb = _unpack_levels(VPL, VLEV, vbase, DH, W, sub * (BT // 32), VBITS, BT, DH)
@@ -239,14 +246,225 @@ if triton is not None:
         _store_partial(OP, MP, LP, b, hk, split, NS1, Hq, m, lsum, acc_a, acc_b, G, GP, D, DH)
 
     @triton.jit
+    def _select_levels(PL, LEV, base, d0, W: tl.constexpr, w0, BITS: tl.constexpr, BT: tl.constexpr,
+                       DH: tl.constexpr):
+        """Levels ``[BT, DH]`` float32 of tokens ``32*w0 .. 32*w0+BT`` and dims ``d0 .. d0+DH`` of one page/head,
+        picked by a select tree over the code bits (levels are kernel scalars: no gathered lookup).
+
+        ``PL + base`` points at ``planes[page, head]`` (``[D, BITS, W]`` int32).
+        """
+        dims = d0 + tl.arange(0, DH)
+        wl = tl.arange(0, BT // 32)
+        bit = (1 << tl.arange(0, 32))[None, :, None]
+        ptr = PL + base + dims[None, :] * (BITS * W) + w0 + wl[:, None]
+        b0 = (tl.load(ptr)[:, None, :] & bit) != 0
+        b1 = (tl.load(ptr + W)[:, None, :] & bit) != 0
+        x = tl.where(b1, tl.where(b0, tl.load(LEV + 3), tl.load(LEV + 2)),
+                     tl.where(b0, tl.load(LEV + 1), tl.load(LEV)))
+        if BITS >= 3:
+            b2 = (tl.load(ptr + 2 * W)[:, None, :] & bit) != 0
+            hi = tl.where(b1, tl.where(b0, tl.load(LEV + 7), tl.load(LEV + 6)),
+                          tl.where(b0, tl.load(LEV + 5), tl.load(LEV + 4)))
+            if BITS == 4:
+                b3 = (tl.load(ptr + 3 * W)[:, None, :] & bit) != 0
+                lo2 = tl.where(b1, tl.where(b0, tl.load(LEV + 11), tl.load(LEV + 10)),
+                               tl.where(b0, tl.load(LEV + 9), tl.load(LEV + 8)))
+                hi2 = tl.where(b1, tl.where(b0, tl.load(LEV + 15), tl.load(LEV + 14)),
+                               tl.where(b0, tl.load(LEV + 13), tl.load(LEV + 12)))
+                x = tl.where(b3, tl.where(b2, hi2, lo2), tl.where(b2, hi, x))
+            else:
+                x = tl.where(b2, hi, x)
+        return tl.reshape(x, [BT, DH])
+
+    @triton.jit
+    def _key_outlier_scores(KPL, kbase, KLEV, KCS, KCZ, cbase, KOI, KOV, first, n, ch0, t_pg, QS, qrow, gm,
+                            COS, SIN, pos, ok, D: tl.constexpr, W: tl.constexpr, BITS: tl.constexpr,
+                            ROPE: tl.constexpr, HALF: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr):
+        """Score correction ``[GP, BT]`` of the key outliers: ``q . (k_exact - k_dense)``, rotated if ``ROPE``.
+
+        Per entry (token ``t``, channel ``c``, exact value ``x``) the dense value ``cs[c] * level + cz[c]`` is
+        rebuilt from the planes (``[BT]`` gathers, cached lines) and ``delta = x - dense`` is applied to the
+        score through the rotation: ``q[c] * cos[t, c] +- q[c'] * sin[t, c']`` with ``c'`` the partner channel.
+        Work is per entry (``[GP, BT]`` vectors), not per tile element.
+        """
+        DH: tl.constexpr = D // 2
+        TD: tl.constexpr = DH if HALF else D
+        n_max = tl.max(n, axis=0)
+        corr = tl.zeros([GP, BT], tl.float32)
+        sh = t_pg % 32
+        wofs = kbase + t_pg // 32
+        for e in range(0, n_max):
+            has = e < n
+            ch = tl.load(KOI + first + e, mask=has, other=0).to(tl.int32) - ch0
+            ch = tl.where(has, ch, 0)
+            val = tl.load(KOV + first + e, mask=has, other=0.0).to(tl.float32)
+            code = tl.zeros_like(ch)
+            for j in tl.static_range(BITS):
+                wj = tl.load(KPL + wofs + ch * (BITS * W) + j * W, mask=has, other=0)
+                code |= ((wj >> sh) & 1) << j
+            dense = tl.load(KLEV + code) * tl.load(KCS + cbase + ch) + tl.load(KCZ + cbase + ch)
+            delta = tl.where(has, val - dense, 0.0)
+            qe = tl.load(QS + qrow[:, None] + ch[None, :], mask=gm[:, None], other=0.0)
+            if ROPE:
+                low = ch < DH
+                partner = tl.where(low, ch + DH, ch - DH)
+                m2 = has & ok
+                prow = pos.to(tl.int64) * TD
+                if HALF:
+                    fi = tl.where(low, ch, partner)
+                    c = tl.load(COS + prow + fi, mask=m2, other=1.0)
+                    sn = tl.load(SIN + prow + fi, mask=m2, other=0.0)
+                else:
+                    c = tl.load(COS + prow + ch, mask=m2, other=1.0)
+                    sn = tl.load(SIN + prow + partner, mask=m2, other=0.0)
+                sn = tl.where(low, sn, -sn)
+                q2 = tl.load(QS + qrow[:, None] + partner[None, :], mask=gm[:, None], other=0.0)
+                qe = qe * c[None, :] + q2 * sn[None, :]
+            corr += qe * delta[None, :]
+        return corr
+
+    @triton.jit
+    def _replace_outliers_v3(xa, xb, OI, OV, first, n, ch0, DH: tl.constexpr):
+        """Put the exact sparse values into the halves ``[BT, DH]``: one compare and one select per element
+        and entry (a missing entry gets channel -1)."""
+        dims = tl.arange(0, DH)
+        n_max = tl.max(n, axis=0)
+        for e in range(0, n_max):
+            has = e < n
+            d = tl.load(OI + first + e, mask=has, other=0).to(tl.int32) - ch0
+            d = tl.where(has, d, -1)
+            val = tl.load(OV + first + e, mask=has, other=0.0).to(tl.float32)
+            xa = tl.where(d[:, None] == dims[None, :], val[:, None], xa)
+            xb = tl.where(d[:, None] == dims[None, :] + DH, val[:, None], xb)
+        return xa, xb
+
+    @triton.jit
+    def _attend_scores(s, va, vb, ok, m, lsum, acc_a, acc_b, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
+        """Online-softmax update from scores ``s [GP, BT]`` (log2 domain)."""
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        lsum = lsum * alpha + tl.sum(p, axis=1)
+        pd = p.to(DOT_DTYPE)
+        acc_a = acc_a * alpha[:, None] + tl.dot(pd, va.to(DOT_DTYPE), input_precision=PREC)
+        acc_b = acc_b * alpha[:, None] + tl.dot(pd, vb.to(DOT_DTYPE), input_precision=PREC)
+        return m_new, lsum, acc_a, acc_b
+
+    @triton.jit
+    def _pages_kernel_v3(
+        Q, OP, MP, LP,
+        KPL, KLEV, KCS, KCZ, KTAB, KSS, KSC, KOI, KOV, k_nslots, k_tab_stride,
+        VPL, VLEV, VSC, VZR, VTAB, VSS, VSCNT, VOI, VOV, v_nslots, v_tab_stride,
+        QLEN, SLEN, POS, COS, SIN,
+        Hkv, Hq, pages_per_split, NS1,
+        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, T: tl.constexpr, BT: tl.constexpr,
+        KBITS: tl.constexpr, VBITS: tl.constexpr, KOUT: tl.constexpr, VOUT: tl.constexpr, ROPE: tl.constexpr,
+        HALF: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, KCORR: tl.constexpr,
+    ):
+        """v3 page kernel: select-tree levels, keys' affine map folded into the query when there is no RoPE
+        (``s = (q*cs) . level + q . cz``), key outliers as sparse score corrections, value outliers replaced in
+        the tile with one compare per element and entry, half RoPE tables.
+
+        ``KCORR`` False (v3b): key outliers replaced in the key tile like the values' (keys then stay in key space:
+        the affine map is applied per element, not folded into the query), no per-entry gathers."""
+        DH: tl.constexpr = D // 2
+        FOLD: tl.constexpr = not ROPE and (KCORR or not KOUT)
+        TD: tl.constexpr = DH if HALF else D
+        W: tl.constexpr = T // 32
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        b = pid // Hkv
+        hk = pid % Hkv
+        qlen = tl.load(QLEN + b).to(tl.int32)
+        n_pages = (qlen + T - 1) // T
+        p0 = split * pages_per_split
+        p1 = tl.minimum(p0 + pages_per_split, n_pages)
+        g = tl.arange(0, GP)
+        gm = g < G
+        qrow = (b * Hq + hk * G + g).to(tl.int64) * D
+        dims = tl.arange(0, DH)
+        cbase = (b * Hkv + hk) * D
+        csa = tl.load(KCS + cbase + dims)
+        csb = tl.load(KCS + cbase + DH + dims)
+        cza = tl.load(KCZ + cbase + dims)
+        czb = tl.load(KCZ + cbase + DH + dims)
+        qfa = tl.load(Q + qrow[:, None] + dims[None, :], mask=gm[:, None], other=0.0)
+        qfb = tl.load(Q + qrow[:, None] + DH + dims[None, :], mask=gm[:, None], other=0.0)
+        if not FOLD:
+            qa = qfa.to(DOT_DTYPE)
+            qb = qfb.to(DOT_DTYPE)
+            qcz = tl.zeros([GP], tl.float32)
+        else:  # keys' per-channel affine map folded into the query
+            qa = (qfa * csa[None, :]).to(DOT_DTYPE)
+            qb = (qfb * csb[None, :]).to(DOT_DTYPE)
+            qcz = tl.sum(qfa * cza[None, :], axis=1) + tl.sum(qfb * czb[None, :], axis=1)
+        pos0 = tl.load(POS + b).to(tl.int32) + tl.load(SLEN + b).to(tl.int32)
+        m = tl.full([GP], float("-inf"), tl.float32)
+        lsum = tl.zeros([GP], tl.float32)
+        acc_a = tl.zeros([GP, DH], tl.float32)
+        acc_b = tl.zeros([GP, DH], tl.float32)
+        tt = tl.arange(0, BT)
+        kpage_sz = Hkv * D * KBITS * W
+        vpage_sz = Hkv * D * VBITS * W
+        for pi in range(p0, p1):
+            kpage = tl.load(KTAB + b * k_tab_stride + pi).to(tl.int64)
+            vpage = tl.load(VTAB + b * v_tab_stride + pi).to(tl.int64)
+            kbase = kpage * kpage_sz + hk * (D * KBITS * W)
+            vbase = vpage * vpage_sz + hk * (D * VBITS * W)
+            for sub in tl.static_range(T // BT):
+                t = sub * BT + tt  # offset in page
+                i = pi * T + t  # quantized token index
+                ok = i < qlen
+                if KOUT or VOUT:  # issue the outlier searches first: their loads overlap the unpacking
+                    kslot = kpage * T + t
+                    vslot = vpage * T + t
+                    kfirst, kn, vfirst, vn = _head_entries_kv(KSS, KSC, KOI, kslot, ok & (kslot < k_nslots),
+                                                              VSS, VSCNT, VOI, vslot, ok & (vslot < v_nslots),
+                                                              hk * D, hk * D + D, KOUT, VOUT)
+                # keys -> scores
+                la = _select_levels(KPL, KLEV, kbase, 0, W, sub * (BT // 32), KBITS, BT, DH)
+                lb = _select_levels(KPL, KLEV, kbase, DH, W, sub * (BT // 32), KBITS, BT, DH)
+                if not FOLD:
+                    ka = la * csa[None, :] + cza[None, :]
+                    kb = lb * csb[None, :] + czb[None, :]
+                    if KOUT and not KCORR:
+                        ka, kb = _replace_outliers_v3(ka, kb, KOI, KOV, kfirst, kn, hk * D, DH)
+                    if ROPE:
+                        ka, kb = _rope(ka, kb, COS, SIN, pos0 + i, ok, TD, HALF, DH)
+                    s = tl.dot(qa, tl.trans(ka.to(DOT_DTYPE)), input_precision=PREC)
+                    s += tl.dot(qb, tl.trans(kb.to(DOT_DTYPE)), input_precision=PREC)
+                else:
+                    s = tl.dot(qa, tl.trans(la.to(DOT_DTYPE)), input_precision=PREC)
+                    s += tl.dot(qb, tl.trans(lb.to(DOT_DTYPE)), input_precision=PREC)
+                    s += qcz[:, None]
+                if KOUT and KCORR:
+                    s += _key_outlier_scores(KPL, kbase, KLEV, KCS, KCZ, cbase, KOI, KOV, kfirst, kn, hk * D, t,
+                                             Q, qrow, gm, COS, SIN, pos0 + i, ok, D, W, KBITS, ROPE, HALF, GP, BT)
+                # values
+                va = _select_levels(VPL, VLEV, vbase, 0, W, sub * (BT // 32), VBITS, BT, DH)
+                vb = _select_levels(VPL, VLEV, vbase, DH, W, sub * (BT // 32), VBITS, BT, DH)
+                soff = (vpage * Hkv + hk) * T + t
+                vs = tl.load(VSC + soff).to(tl.float32)
+                vz = tl.load(VZR + soff).to(tl.float32)
+                va = va * vs[:, None] + vz[:, None]
+                vb = vb * vs[:, None] + vz[:, None]
+                if VOUT:
+                    va, vb = _replace_outliers_v3(va, vb, VOI, VOV, vfirst, vn, hk * D, DH)
+                m, lsum, acc_a, acc_b = _attend_scores(s, va, vb, ok, m, lsum, acc_a, acc_b, DOT_DTYPE, PREC)
+        _store_partial(OP, MP, LP, b, hk, split, NS1, Hq, m, lsum, acc_a, acc_b, G, GP, D, DH)
+
+    @triton.jit
     def _exact_kernel(
         Q, OP, MP, LP,
         KSINK, VSINK, KRES, VRES, SLEN, QLEN, RLEN, POS, COS, SIN,
         Hkv, Hq, NS1, n_sink, n_res,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BE: tl.constexpr, ROPE: tl.constexpr,
-        DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+        HALF: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
     ):
         DH: tl.constexpr = D // 2
+        TD: tl.constexpr = DH if HALF else D
         pid = tl.program_id(0)
         b = pid // Hkv
         hk = pid % Hkv
@@ -272,7 +490,7 @@ if triton is not None:
             va = tl.load(VSINK + off, mask=ok[:, None], other=0.0).to(tl.float32)
             vb = tl.load(VSINK + off + DH, mask=ok[:, None], other=0.0).to(tl.float32)
             if ROPE:
-                ka, kb = _rope(ka, kb, COS, SIN, pos0 + j, ok, D, DH)
+                ka, kb = _rope(ka, kb, COS, SIN, pos0 + j, ok, TD, HALF, DH)
             m, lsum, acc_a, acc_b = _attend(qa, qb, ka, kb, va, vb, ok, m, lsum, acc_a, acc_b, DOT_DTYPE, PREC)
         # residual: token r at position pos0 + slen + qlen + r
         rbase = (b * Hkv + hk).to(tl.int64) * n_res * D
@@ -285,12 +503,14 @@ if triton is not None:
             va = tl.load(VRES + off, mask=ok[:, None], other=0.0).to(tl.float32)
             vb = tl.load(VRES + off + DH, mask=ok[:, None], other=0.0).to(tl.float32)
             if ROPE:
-                ka, kb = _rope(ka, kb, COS, SIN, pos0 + slen + qlen + r, ok, D, DH)
+                ka, kb = _rope(ka, kb, COS, SIN, pos0 + slen + qlen + r, ok, TD, HALF, DH)
             m, lsum, acc_a, acc_b = _attend(qa, qb, ka, kb, va, vb, ok, m, lsum, acc_a, acc_b, DOT_DTYPE, PREC)
         _store_partial(OP, MP, LP, b, hk, NS1 - 1, NS1, Hq, m, lsum, acc_a, acc_b, G, GP, D, DH)
 
     @triton.jit
-    def _reduce_kernel(OP, MP, LP, OUT, NS1, D: tl.constexpr, NSP: tl.constexpr):
+    def _reduce_kernel(OP, MP, LP, OUT, NS1, QS, KN, VN, Hq, G, D: tl.constexpr, NSP: tl.constexpr,
+                       EXTRA: tl.constexpr):
+        """Log-sum-exp combination of the splits (and of the extra exact token ``KN/VN [B, Hkv, D]``)."""
         row = tl.program_id(0).to(tl.int64)
         s = tl.arange(0, NSP)
         dims = tl.arange(0, D)
@@ -299,10 +519,20 @@ if triton is not None:
         lsum = tl.load(LP + row * NS1 + s, mask=sm, other=0.0)
         o = tl.load(OP + (row * NS1 + s)[:, None] * D + dims[None, :], mask=sm[:, None], other=0.0)
         mx = tl.max(m, axis=0)
+        if EXTRA:  # the new token (exact, already rotated): one more split with m = its score, lsum = 1
+            b = row // Hq
+            hk = (row % Hq) // G
+            kvrow = (b * (Hq // G) + hk) * D
+            s_new = tl.sum(tl.load(QS + row * D + dims) * tl.load(KN + kvrow + dims).to(tl.float32), axis=0)
+            mx = tl.maximum(mx, s_new)
         mx = tl.where(mx == float("-inf"), 0.0, mx)
         w = tl.exp2(m - mx)
         den = tl.sum(w * lsum, axis=0)
         num = tl.sum(w[:, None] * o, axis=0)
+        if EXTRA:
+            w_new = tl.exp2(s_new - mx)
+            den += w_new
+            num += w_new * tl.load(VN + kvrow + dims).to(tl.float32)
         den = tl.where(den == 0.0, 1.0, den)
         tl.store(OUT + row * D + dims, (num / den).to(OUT.dtype.element_ty))
 
@@ -343,10 +573,12 @@ def decode_attention(
     softmax_scale: float | None = None,
     rope: Rope | None = None,
     backend: str = "auto",
+    extra_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     pages_per_split: int | None = None,
     num_warps: int | None = None,
     block_t: int | None = None,
     programs_per_sm: int | None = None,
+    version: int | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per sequence over a quantized KV cache.
 
@@ -356,28 +588,39 @@ def decode_attention(
         key_cache, value_cache: :class:`QuantizedKVCache` of kind ``"key"`` and ``"value"`` of the same
             sequences (sinks, quantized tokens and residual of equal lengths).
         softmax_scale: default ``1/sqrt(D)``.
-        rope: optional ``(cos [max_pos, D], sin [max_pos, D], pos_offset [B])`` float32 tables; key token ``k``
-            of sequence ``b`` is rotated in the kernel to position ``pos_offset[b] + k`` (``rotate_half``).
+        rope: optional ``(cos, sin, pos_offset [B])`` float32 tables ``[max_pos, D]``, or ``[max_pos, D/2]`` for
+            tables whose two halves are equal (Llama's ``cat(freqs, freqs)``: read once per token for half the
+            dims); key token ``k`` of sequence ``b`` is rotated to position ``pos_offset[b] + k`` (``rotate_half``).
         backend: ``"triton"``, ``"torch"`` (:func:`decode_attention_reference`) or ``"auto"`` (triton on CUDA
             when it imports and the cache is quantized).
+        extra_kv: optional ``(k [B, Hkv, D], v [B, Hkv, D])``: one more exact token per sequence (already
+            rotated), attended after the cached ones: the result is the softmax over ``[cache, extra]``.
         pages_per_split: pages per program of the split-K pass (default: about ``programs_per_sm`` programs
             per multiprocessor).
-        num_warps, block_t: launch tuning of the page kernel (warps per program; tokens per tile, 32 or 64);
-            ``None`` takes :data:`TUNING`.
+        num_warps, block_t, programs_per_sm, version: launch tuning of the page kernel (warps per program;
+            tokens per tile, 32 or 64; page-kernel version 2, 3 or ``"3b"``); ``None`` takes :data:`TUNING`.
 
     Returns:
-        ``[B, Hq, D]`` in ``q.dtype`` (zeros for a sequence with no token on the triton path).
+        ``[B, Hq, D]`` in ``q.dtype`` (zeros for a sequence with no token and no extra token on the triton path).
     """
     _check_pair(q, key_cache, value_cache)
+    B, Hq, D = q.shape
+    Hkv = key_cache.num_heads
+    if extra_kv is not None:
+        ek, ev = extra_kv
+        if ek.shape != (B, Hkv, D) or ev.shape != (B, Hkv, D):
+            raise ValueError(f"extra_kv must be two [B, Hkv, D] = {(B, Hkv, D)} tensors, got "
+                             f"{tuple(ek.shape)}, {tuple(ev.shape)}")
     if _pick_backend(backend, q, key_cache) == "torch":
-        return decode_attention_reference(q, key_cache, value_cache, softmax_scale, rope)
+        return decode_attention_reference(q, key_cache, value_cache, softmax_scale, rope, extra_kv=extra_kv)
     if not key_cache.quantized or not value_cache.quantized:
         raise ValueError("the triton path needs quantized caches (datatype fp16: use backend='torch')")
     num_warps = num_warps or TUNING["num_warps"]
     block_t = block_t or TUNING["block_t"]
     programs_per_sm = programs_per_sm or TUNING["programs_per_sm"]
-    B, Hq, D = q.shape
-    Hkv = key_cache.num_heads
+    version = version or TUNING["version"]
+    if version not in (2, 3, "3b"):
+        raise ValueError(f"version must be 2, 3 or '3b', got {version!r}")
     G = Hq // Hkv
     T = key_cache.config.page_size
     if value_cache.config.page_size != T:
@@ -407,12 +650,15 @@ def decode_attention(
     mpart = torch.empty(B, Hq, NS1, dtype=torch.float32, device=dev)
     lpart = torch.empty(B, Hq, NS1, dtype=torch.float32, device=dev)
 
+    half = False
     if rope is not None:
         cos, sin, pos_offset = rope
+        if cos.ndim != 2 or sin.shape != cos.shape or cos.shape[-1] not in (D, D // 2):
+            raise ValueError(f"rope tables must be [max_pos, {D}] or [max_pos, {D // 2}], got {tuple(cos.shape)}, "
+                             f"{tuple(sin.shape)}")
         cos = cos.to(dev, torch.float32).contiguous()
         sin = sin.to(dev, torch.float32).contiguous()
-        if cos.shape[-1] != D or sin.shape != cos.shape:
-            raise ValueError(f"rope tables must be [max_pos, {D}], got {tuple(cos.shape)}, {tuple(sin.shape)}")
+        half = cos.shape[-1] == D // 2
         pos = pos_offset.to(dev, torch.int32).contiguous()
     else:
         cos = sin = torch.zeros(1, device=dev)
@@ -422,7 +668,9 @@ def decode_attention(
     kout, vout = kc.outliers, vc.outliers
     kp = kc.pages.pools
     vp = vc.pages.pools
-    _pages_kernel[(B * Hkv, n_splits)](
+    pages_kernel = _pages_kernel_v2 if version == 2 else _pages_kernel_v3
+    extra_const = {} if version == 2 else {"KCORR": version == 3}
+    pages_kernel[(B * Hkv, n_splits)](
         qs, opart, mpart, lpart,
         kp["planes"], kc.codebook.levels, kc.channel_scale.contiguous(), kc.channel_zero.contiguous(), ktab,
         kout.slot_start, kout.slot_count, kout.indices, kout.values, kout.slot_start.shape[0], ktab.stride(0),
@@ -432,7 +680,7 @@ def decode_attention(
         Hkv, Hq, pages_per_split, NS1,
         G=G, GP=GP, D=D, T=T, BT=BT, KBITS=kc.bits, VBITS=vc.bits,
         KOUT=bool(kc.keep_outliers and kout.nnz > 0), VOUT=bool(vc.keep_outliers and vout.nnz > 0),
-        ROPE=rope is not None, DOT_DTYPE=dot_dtype, PREC=prec,
+        ROPE=rope is not None, HALF=half, DOT_DTYPE=dot_dtype, PREC=prec, **extra_const,
         num_warps=num_warps, num_stages=2,
     )
     ksink, vsink = kc.sink.contiguous(), vc.sink.contiguous()
@@ -441,9 +689,14 @@ def decode_attention(
         qs, opart, mpart, lpart,
         ksink, vsink, kres, vres, kc.sink_len, kc.q_len, kc.res_len, pos, cos, sin,
         Hkv, Hq, NS1, ksink.shape[2], kres.shape[2],
-        G=G, GP=GP, D=D, BE=32, ROPE=rope is not None, DOT_DTYPE=dot_dtype, PREC=prec,
+        G=G, GP=GP, D=D, BE=32, ROPE=rope is not None, HALF=half, DOT_DTYPE=dot_dtype, PREC=prec,
         num_warps=4,
     )
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=dev)
-    _reduce_kernel[(B * Hq,)](opart, mpart, lpart, out, NS1, D=D, NSP=triton.next_power_of_2(NS1), num_warps=4)
+    if extra_kv is not None:
+        ek, ev = (x.to(dev).contiguous() for x in extra_kv)
+    else:
+        ek = ev = qs
+    _reduce_kernel[(B * Hq,)](opart, mpart, lpart, out, NS1, qs, ek, ev, Hq, G, D=D,
+                              NSP=triton.next_power_of_2(NS1), EXTRA=extra_kv is not None, num_warps=4)
     return out

@@ -13,16 +13,27 @@ from kvquant.quant.store import QuantizedKVCache
 Rope = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+def full_rope_tables(cos: torch.Tensor, sin: torch.Tensor, D: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[max_pos, D]`` tables from ``[max_pos, D]`` or half tables ``[max_pos, D/2]`` (equal halves)."""
+    if cos.shape[-1] == D // 2 and D % 2 == 0:
+        return torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+    if cos.shape[-1] != D:
+        raise ValueError(f"rope tables must have {D} or {D // 2} columns, got {cos.shape[-1]}")
+    return cos, sin
+
+
 def apply_rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos_offset: torch.Tensor) -> torch.Tensor:
     """Rotate compact keys: token ``j`` of sequence ``b`` at position ``pos_offset[b] + j``.
 
     Args:
-        k: ``[B, H, L, D]``; cos, sin: ``[max_pos, D]`` float32 tables; pos_offset: ``[B]`` int.
+        k: ``[B, H, L, D]``; cos, sin: ``[max_pos, D]`` float32 tables (or ``[max_pos, D/2]`` half tables, see
+            :func:`full_rope_tables`); pos_offset: ``[B]`` int.
 
     Returns:
         ``[B, H, L, D]`` float32 (positions past ``max_pos - 1`` are clamped; they only occur at padding).
     """
     L = k.shape[2]
+    cos, sin = full_rope_tables(cos, sin, k.shape[-1])
     pos = pos_offset.to(k.device, torch.long)[:, None] + torch.arange(L, device=k.device)[None, :]
     pos = pos.clamp(0, cos.shape[0] - 1)
     return rotate_with(k.float(), cos.to(k.device)[pos], sin.to(k.device)[pos])  # tables gathered to [B, L, D]
@@ -35,6 +46,7 @@ def decode_attention_reference(
     softmax_scale: float | None = None,
     rope: Rope | None = None,
     compute_dtype: torch.dtype = torch.float32,
+    extra_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Decode attention by dequantizing the whole cache (what a dequantize-then-attend cache does).
 
@@ -45,6 +57,8 @@ def decode_attention_reference(
         rope: optional ``(cos [max_pos, D], sin [max_pos, D], pos_offset [B])``: keys are stored pre-RoPE and
             key token ``k`` of sequence ``b`` is rotated to position ``pos_offset[b] + k``.
         compute_dtype: dtype of the attention (float32 for a reference, float16 to mimic a fast path).
+        extra_kv: optional ``(k, v)`` each ``[B, H, D]``: one more exact token per sequence (already rotated),
+            attended after the cached tokens.
 
     Returns:
         ``[B, Hq, D]`` in ``q.dtype``. A sequence with no token gives NaN.
@@ -58,6 +72,11 @@ def decode_attention_reference(
     if rope is not None:
         cos, sin, pos_offset = rope
         k = apply_rope(k, cos, sin, pos_offset)
+    if extra_kv is not None:
+        ek, ev = extra_kv
+        k = torch.cat([k.to(compute_dtype), ek.to(k.device, compute_dtype)[:, :, None]], 2)
+        v = torch.cat([v.to(compute_dtype), ev.to(v.device, compute_dtype)[:, :, None]], 2)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
     n_rep = Hq // H
     k = k.to(compute_dtype)
