@@ -4,6 +4,11 @@ from pathlib import Path
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # Triton reads this when a kernel is decorated, i.e. when kvquant.kernels is first imported (hf_cache
+    # imports it): set it before any test module can, so every module sees the interpreted kernels.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 SHARED = Path(os.environ.get("KVQUANT_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 
 
