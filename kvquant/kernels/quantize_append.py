@@ -56,8 +56,17 @@ def triton_available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _or(a, b):
-        return a | b
+    def _to_storage(v, BF16: tl.constexpr):
+        """``v`` (float32) rounded to the 16-bit storage dtype, as float32 (exactly representable there).
+
+        bfloat16 is rounded by hand (round to nearest even on the bits): Triton's interpreter truncates.
+        """
+        if BF16:
+            u = v.to(tl.int32, bitcast=True)
+            u = (u + 0x7FFF + ((u >> 16) & 1)) & -65536
+            return u.to(tl.float32, bitcast=True)
+        else:
+            return v.to(tl.float16).to(tl.float32)
 
     @triton.jit
     def _quantize_kernel(
@@ -117,12 +126,12 @@ if triton is not None:
                 else:
                     vmin = tl.min(xf, axis=2, keep_dims=True)
                     vmax = tl.max(xf, axis=2, keep_dims=True)
-                sc = tl.maximum((vmax - vmin) * 0.5, 1e-6).to(VS.dtype.element_ty)
-                zr = ((vmax + vmin) * 0.5).to(VZ.dtype.element_ty)
+                sc = _to_storage(tl.maximum((vmax - vmin) * 0.5, 1e-6), VS.dtype.element_ty == tl.bfloat16)
+                zr = _to_storage((vmax + vmin) * 0.5, VS.dtype.element_ty == tl.bfloat16)
                 soff = (page * H + h) * T + off
-                tl.store(VS + soff, sc, mask=ok)
-                tl.store(VZ + soff, zr, mask=ok)
-                xn = tl.math.div_rn(xf - zr.to(tl.float32), sc.to(tl.float32))
+                tl.store(VS + soff, sc.to(VS.dtype.element_ty), mask=ok)
+                tl.store(VZ + soff, zr.to(VZ.dtype.element_ty), mask=ok)
+                xn = tl.math.div_rn(xf - zr, sc)
             # nearest level = number of midpoints strictly below (torch.bucketize, right=False)
             code = tl.zeros([NW, 32, D], dtype=tl.int32)
             for k in tl.static_range(NL):
@@ -134,7 +143,8 @@ if triton is not None:
             partial = (start > a) | (start + cnt < a + BN)
             pbase = ((page * H + h) * D + dd) * (BITS * W) + (a % T) // 32 + wi  # [NW, 1, D]
             for j in tl.static_range(BITS):
-                word = tl.reduce(((code >> j) & 1) << ln, 1, _or, keep_dims=True)  # [NW, 1, D]
+                # the 32 lanes are distinct bits, so their sum is their OR (int32 wrap-around sets bit 31)
+                word = tl.sum(((code >> j) & 1) << ln, axis=1, keep_dims=True)  # [NW, 1, D]
                 ptr = PL + pbase + j * W
                 if partial:  # other tokens of these words may be stored already: keep their bits
                     word = word | tl.load(ptr)
@@ -245,7 +255,8 @@ def quantize_append(
     n_t = torch.where(counts > 0, (start + counts + BN - 1) // BN - start // BN, torch.zeros_like(counts))
     ctile = torch.zeros(B + 1, dtype=torch.int32, device=dev)
     ctile[1:] = torch.cumsum(n_t, 0).to(torch.int32)
-    max_tiles = -(-N // BN) + 2 * B
+    # grid bound without a device sync (idle programs exit at once); exact on the CPU (interpreter)
+    max_tiles = -(-N // BN) + 2 * B if tokens.is_cuda else int(ctile[-1])
     pools = cache.pages.pools
     planes = pools["planes"]
     mids = cache.codebook.midpoints.to(dev, torch.float32).contiguous()
