@@ -228,103 +228,135 @@ def quantize_append(
         num_warps: warps per program of the quantize kernel.
         staging_capacity: outlier staging entries (default: an estimate; re-run when exceeded). Testing knob.
     """
-    reason = unsupported_reason(cache, tokens)
-    if reason is not None:
-        raise ValueError(f"the triton quantize-append path cannot write this cache: {reason}")
-    B, H, D = cache.batch, cache.num_heads, cache.head_dim
-    dev = cache.device
-    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 3 or tuple(tokens.shape[1:]) != (H, D):
-        raise ValueError(f"tokens must be [N, {H}, {D}], got {getattr(tokens, 'shape', type(tokens))}")
-    if tokens.device != dev:
-        raise ValueError(f"tokens are on {tokens.device} but the cache lives on {dev}")
-    if tokens.dtype != cache.dtype:
-        raise TypeError(f"tokens must have the cache dtype {cache.dtype}, got {tokens.dtype}")
-    if counts.ndim != 1 or counts.numel() != B:
-        raise ValueError(f"counts must be [B] = [{B}], got {tuple(counts.shape)}")
-    N = tokens.shape[0]
-    if N == 0:
-        return
-    if tokens.stride(-1) != 1:
-        tokens = tokens.contiguous()
-    T = cache.config.page_size
-    BN = _block_n(T, block_n)
-    nw = num_warps or TUNING["num_warps"]
-    counts = counts.to(dev, torch.int64)
-    start = cache.q_len.to(torch.int64)
-    first = torch.cumsum(counts, 0) - counts
-    n_t = torch.where(counts > 0, (start + counts + BN - 1) // BN - start // BN, torch.zeros_like(counts))
-    ctile = torch.zeros(B + 1, dtype=torch.int32, device=dev)
-    ctile[1:] = torch.cumsum(n_t, 0).to(torch.int32)
-    # grid bound without a device sync (idle programs exit at once); exact on the CPU (interpreter)
-    max_tiles = -(-N // BN) + 2 * B if tokens.is_cuda else int(ctile[-1])
-    pools = cache.pages.pools
-    planes = pools["planes"]
-    mids = cache.codebook.midpoints.to(dev, torch.float32).contiguous()
-    is_key = cache.kind == "key"
-    out = bool(cache.keep_outliers)
-    dummy_f = torch.zeros(1, dtype=torch.float32, device=dev)
-    if is_key:
-        cs, cz = cache.channel_scale, cache.channel_zero
-        if cs.stride(2) != 1 or cz.stride() != cs.stride():
-            cs, cz = cs.contiguous(), cz.contiguous()
-        cs_strides = (cs.stride(0), cs.stride(1))
-        vs = vz = torch.zeros(1, dtype=torch.float16, device=dev)
-        lo = hi = dummy_f
-    else:
-        cs = cz = dummy_f
-        cs_strides = (0, 0)
-        vs, vz = pools["scale"], pools["zero"]
-        if out:
-            f = cache.config.outlier_fraction
-            lo, hi = masked_quantile_pair(tokens.reshape(N, H * D), None, f / 2, 1 - f / 2)
+    plan = QuantizeAppend(cache, counts, tokens, block_n=block_n, num_warps=num_warps,
+                          staging_capacity=staging_capacity)
+    plan.run_kernel()
+    plan.finish()
+
+
+class QuantizeAppend:
+    """One append, split in its steps so that they can be timed apart (see :func:`quantize_append`).
+
+    ``__init__`` checks the inputs and prepares the launch (tile table; for values the outlier thresholds,
+    a torch ``topk`` reduction); :meth:`run_kernel` launches the fused quantize kernel (idempotent: it may
+    run again); :meth:`finish` reads the outlier count (one device sync), allocates the sparse slots and
+    scatters the staged outliers into place.
+    """
+
+    def __init__(self, cache, counts: torch.Tensor, tokens: torch.Tensor, *, block_n: int | None = None,
+                 num_warps: int | None = None, staging_capacity: int | None = None) -> None:
+        reason = unsupported_reason(cache, tokens)
+        if reason is not None:
+            raise ValueError(f"the triton quantize-append path cannot write this cache: {reason}")
+        B, H, D = cache.batch, cache.num_heads, cache.head_dim
+        dev = cache.device
+        if not isinstance(tokens, torch.Tensor) or tokens.ndim != 3 or tuple(tokens.shape[1:]) != (H, D):
+            raise ValueError(f"tokens must be [N, {H}, {D}], got {getattr(tokens, 'shape', type(tokens))}")
+        if tokens.device != dev:
+            raise ValueError(f"tokens are on {tokens.device} but the cache lives on {dev}")
+        if tokens.dtype != cache.dtype:
+            raise TypeError(f"tokens must have the cache dtype {cache.dtype}, got {tokens.dtype}")
+        if not isinstance(counts, torch.Tensor) or counts.ndim != 1 or counts.numel() != B:
+            raise ValueError(f"counts must be a [B] = [{B}] tensor, got {getattr(counts, 'shape', counts)}")
+        self.cache = cache
+        self.N = N = tokens.shape[0]
+        if N == 0:
+            return
+        if tokens.stride(-1) != 1:
+            tokens = tokens.contiguous()
+        self.tokens = tokens
+        T = cache.config.page_size
+        self.BN = BN = _block_n(T, block_n)
+        self.num_warps = num_warps or TUNING["num_warps"]
+        counts = counts.to(dev, torch.int64)
+        self.counts = counts
+        self.start = cache.q_len.to(torch.int64)
+        self.first = torch.cumsum(counts, 0) - counts
+        n_t = torch.where(counts > 0, (self.start + counts + BN - 1) // BN - self.start // BN,
+                          torch.zeros_like(counts))
+        self.ctile = torch.zeros(B + 1, dtype=torch.int32, device=dev)
+        self.ctile[1:] = torch.cumsum(n_t, 0).to(torch.int32)
+        # grid bound without a device sync (idle programs exit at once); exact on the CPU (interpreter)
+        self.max_tiles = -(-N // BN) + 2 * B if tokens.is_cuda else int(self.ctile[-1])
+        self.mids = cache.codebook.midpoints.to(dev, torch.float32).contiguous()
+        self.is_key = cache.kind == "key"
+        self.out = bool(cache.keep_outliers)
+        dummy_f = torch.zeros(1, dtype=torch.float32, device=dev)
+        pools = cache.pages.pools
+        if self.is_key:
+            cs, cz = cache.channel_scale, cache.channel_zero
+            if cs.stride(2) != 1 or cz.stride() != cs.stride():
+                cs, cz = cs.contiguous(), cz.contiguous()
+            self.cs, self.cz, self.cs_strides = cs, cz, (cs.stride(0), cs.stride(1))
+            self.vs = self.vz = torch.zeros(1, dtype=torch.float16, device=dev)
+            self.lo = self.hi = dummy_f
         else:
-            lo = hi = dummy_f
-    outl = cache.outliers
-    n_elem = N * H * D
-    if out:
-        f = cache.config.outlier_fraction
-        cap = staging_capacity or (n_elem if n_elem <= 1 << 22 else min(n_elem, max(1 << 22, int(1.5 * f * n_elem)
-                                                                                     + 4 * N)))
-        cnt = torch.empty(N, H, dtype=torch.int32, device=dev)
-        sst = torch.empty(N, H, dtype=torch.int32, device=dev)
-        slot = torch.empty(N, dtype=torch.int64, device=dev)
-        counter = torch.zeros(1, dtype=torch.int32, device=dev)
-    else:
-        cap = 0
-        cnt = sst = counter = torch.zeros(1, dtype=torch.int32, device=dev)
-        slot = torch.zeros(1, dtype=torch.int64, device=dev)
+            self.cs = self.cz = dummy_f
+            self.cs_strides = (0, 0)
+            self.vs, self.vz = pools["scale"], pools["zero"]
+            self.lo = self.hi = dummy_f
+            if self.out:  # per-token thresholds over all H*D entries: a torch reduction (topk) before the kernel
+                f = cache.config.outlier_fraction
+                self.lo, self.hi = masked_quantile_pair(tokens.reshape(N, H * D), None, f / 2, 1 - f / 2)
+        n_elem = N * H * D
+        if self.out:
+            f = cache.config.outlier_fraction
+            est = n_elem if n_elem <= 1 << 22 else min(n_elem, max(1 << 22, int(1.5 * f * n_elem) + 4 * N))
+            self.cap = staging_capacity or est
+            self.cnt = torch.empty(N, H, dtype=torch.int32, device=dev)
+            self.sst = torch.empty(N, H, dtype=torch.int32, device=dev)
+            self.slot = torch.empty(N, dtype=torch.int64, device=dev)
+            self.counter = torch.zeros(1, dtype=torch.int32, device=dev)
+        else:
+            self.cap = 0
+            self.cnt = self.sst = self.counter = torch.zeros(1, dtype=torch.int32, device=dev)
+            self.slot = torch.zeros(1, dtype=torch.int64, device=dev)
+        self._alloc_staging(self.cap)
 
-    def launch(cap: int) -> tuple[torch.Tensor, torch.Tensor]:
-        stv = torch.empty(max(cap, 1), dtype=outl.dtype, device=dev)
-        sti = torch.empty(max(cap, 1), dtype=torch.int32, device=dev)
-        for t0 in range(0, max_tiles, _MAX_GRID_Y):
-            _quantize_kernel[(H, min(_MAX_GRID_Y, max_tiles - t0))](
-                tokens, tokens.stride(0), tokens.stride(1),
-                first, start, counts, ctile, t0,
-                cache.pages.table, cache.pages.table.stride(0),
-                cs, cz, cs_strides[0], cs_strides[1],
-                lo, hi, mids,
-                planes, vs, vz,
-                cnt, sst, slot, stv, sti, counter, cap,
-                B, H,
-                D=D, T=T, BITS=cache.bits, BN=BN, BP=triton.next_power_of_2(B + 1),
-                KEY=is_key, OUT=out, ZERO_CODE=cache.codebook.zero_code,
-                num_warps=nw,
+    def _alloc_staging(self, cap: int) -> None:
+        dev = self.cache.device
+        self.stv = torch.empty(max(cap, 1), dtype=self.cache.outliers.dtype, device=dev)
+        self.sti = torch.empty(max(cap, 1), dtype=torch.int32, device=dev)
+
+    def run_kernel(self) -> None:
+        """Launch the fused quantize kernel (codes into the pages, value scales, staged outliers)."""
+        if self.N == 0:
+            return
+        c = self.cache
+        if self.out:
+            self.counter.zero_()
+        tab = c.pages.table
+        for t0 in range(0, self.max_tiles, _MAX_GRID_Y):
+            _quantize_kernel[(c.num_heads, min(_MAX_GRID_Y, self.max_tiles - t0))](
+                self.tokens, self.tokens.stride(0), self.tokens.stride(1),
+                self.first, self.start, self.counts, self.ctile, t0,
+                tab, tab.stride(0),
+                self.cs, self.cz, self.cs_strides[0], self.cs_strides[1],
+                self.lo, self.hi, self.mids,
+                c.pages.pools["planes"], self.vs, self.vz,
+                self.cnt, self.sst, self.slot, self.stv, self.sti, self.counter, self.cap,
+                c.batch, c.num_heads,
+                D=c.head_dim, T=c.config.page_size, BITS=c.bits, BN=self.BN, BP=triton.next_power_of_2(c.batch + 1),
+                KEY=self.is_key, OUT=self.out, ZERO_CODE=c.codebook.zero_code,
+                num_warps=self.num_warps,
             )
-        return stv, sti
 
-    stv, sti = launch(cap)
-    if not out:
-        return
-    total, top = torch.stack([counter[0].to(torch.int64), slot.max() + 1]).tolist()
-    if total > cap:  # staging overflowed: run again with room for all (every write is idempotent)
-        counter.zero_()
-        stv, sti = launch(total)
-    tot = cnt.sum(1)
-    tstart = outl.allocate_slots(slot, tot, total, top)
-    if total:
-        BT = 32
-        _scatter_kernel[(triton.cdiv(N, BT),)](
-            cnt, sst, tstart, stv, sti, outl.values, outl.indices, N, H,
-            HP=triton.next_power_of_2(H), BT=BT, num_warps=4,
-        )
+    def finish(self) -> None:
+        """Move the staged outliers into the cache's sparse matrix (after :meth:`run_kernel`)."""
+        if self.N == 0 or not self.out:
+            return
+        total, top = torch.stack([self.counter[0].to(torch.int64), self.slot.max() + 1]).tolist()
+        if total > self.cap:  # staging overflowed: run again with room for all (every write is idempotent)
+            self.cap = total
+            self._alloc_staging(total)
+            self.run_kernel()
+        outl = self.cache.outliers
+        tot = self.cnt.sum(1)
+        tstart = outl.allocate_slots(self.slot, tot, total, top)
+        if total:
+            BT = 32
+            H = self.cache.num_heads
+            _scatter_kernel[(triton.cdiv(self.N, BT),)](
+                self.cnt, self.sst, tstart, self.stv, self.sti, outl.values, outl.indices, self.N, H,
+                HP=triton.next_power_of_2(H), BT=BT, num_warps=4,
+            )
