@@ -263,6 +263,7 @@ def bench_prefill(args, bw: float, rows: list, out_path: Path | None) -> None:
     scatter), and the whole ``quantize_keys`` / ``quantize_values`` on both backends; plus decode appends."""
     from dataclasses import replace
 
+    from kvquant.kernels.quantize_append import TUNING as QA_TUNING
     from kvquant.kernels.quantize_append import QuantizeAppend, quantize_append
     from kvquant.quant.quantizer import BatchedKVQuantizer
 
@@ -281,7 +282,7 @@ def bench_prefill(args, bw: float, rows: list, out_path: Path | None) -> None:
             counts = torch.tensor([S], device=dev)
             for kind in ("keys", "values"):
                 row = {"kind": "prefill", "what": kind, "shape": shape, "tokens": S, "H": H, "D": D,
-                       "datatype": base.datatype, "outliers": base.outlier_fraction}
+                       "datatype": base.datatype, "outliers": base.outlier_fraction, "tuning": dict(QA_TUNING)}
                 caches = {}
                 for backend in ("triton", "torch"):
                     qz = BatchedKVQuantizer(replace(base, backend=backend))
@@ -315,13 +316,20 @@ def bench_prefill(args, bw: float, rows: list, out_path: Path | None) -> None:
                 row["kernel_ms"] = _bench(plan.run_kernel, warmup=10, rep=100)
                 sweep_rows = []
                 if args.prefill_sweep:
-                    for bn in (32, 64):
-                        for nw in (2, 4, 8):
-                            p = QuantizeAppend(cache, counts, tokens, block_n=bn, num_warps=nw)
-                            p.run_kernel()
-                            ms = _bench(p.run_kernel, warmup=10, rep=100)
-                            sweep_rows.append({"block_n": bn, "num_warps": nw, "ms": ms,
-                                               "GBps": nbytes / ms / 1e6})
+                    for tree in (True, False):
+                        for bn in (32, 64):
+                            for nw in (2, 4, 8):
+                                try:
+                                    p = QuantizeAppend(cache, counts, tokens, block_n=bn, num_warps=nw,
+                                                       code_tree=tree)
+                                    p.run_kernel()
+                                    ms = _bench(p.run_kernel, warmup=10, rep=100)
+                                except Exception as e:  # a launch variant that does not compile is reported
+                                    sweep_rows.append({"code_tree": tree, "block_n": bn, "num_warps": nw,
+                                                       "error": repr(e)[:300]})
+                                    continue
+                                sweep_rows.append({"code_tree": tree, "block_n": bn, "num_warps": nw, "ms": ms,
+                                                   "GBps": nbytes / ms / 1e6})
                     row["sweep"] = sweep_rows
                 for k in ("kernel", "write", "append_triton", "append_torch"):
                     row[f"{k}_GBps"] = nbytes / row[f"{k}_ms"] / 1e6
@@ -330,8 +338,9 @@ def bench_prefill(args, bw: float, rows: list, out_path: Path | None) -> None:
                 _flush(rows, out_path)
                 print(_fmt(row), flush=True)
                 for r in sweep_rows:
-                    print(f"   sweep block_n={r['block_n']} num_warps={r['num_warps']}: {r['ms']:.3f} ms "
-                          f"{r['GBps']:.0f} GB/s", flush=True)
+                    res = r["error"] if "error" in r else f"{r['ms']:.3f} ms {r['GBps']:.0f} GB/s"
+                    print(f"   sweep code_tree={r['code_tree']:d} block_n={r['block_n']} num_warps={r['num_warps']}: "
+                          f"{res}", flush=True)
                 del cache, plan
     # decode appends: one token per sequence into a cache holding a 4K prompt
     for shape, B in (("mha", 1), ("gqa", 8)):

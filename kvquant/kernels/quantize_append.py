@@ -44,7 +44,9 @@ except Exception as e:  # pragma: no cover - depends on the install
     tl = None
     _TRITON_IMPORT_ERROR = e
 
-TUNING = {"block_n": 64, "num_warps": 4}  # defaults of the quantize kernel's launch
+# defaults of the quantize kernel's launch; code_tree: codes by a select tree over the midpoints (bits straight
+# from the compares) instead of counting the midpoints below and extracting the bits (same codes)
+TUNING = {"block_n": 64, "num_warps": 4, "code_tree": True}
 _MAX_GRID_Y = 65535
 
 
@@ -69,6 +71,35 @@ if triton is not None:
             return v.to(tl.float16).to(tl.float32)
 
     @triton.jit
+    def _code_bits(x, M, BITS: tl.constexpr):
+        """Bits ``(c0, c1, c2, c3)`` (bool, LSB first; unused ones False) of the number of sorted midpoints
+        ``M[0 .. 2**BITS - 2]`` strictly below ``x``, by a select tree (BITS compares, no integer code)."""
+        f = x != x  # all False (inputs are finite)
+        if BITS == 2:
+            c1 = x > tl.load(M + 1)
+            c0 = x > tl.where(c1, tl.load(M + 2), tl.load(M + 0))
+            c2 = f
+            c3 = f
+        elif BITS == 3:
+            c2 = x > tl.load(M + 3)
+            c1 = x > tl.where(c2, tl.load(M + 5), tl.load(M + 1))
+            t = tl.where(c2, tl.where(c1, tl.load(M + 6), tl.load(M + 4)),
+                         tl.where(c1, tl.load(M + 2), tl.load(M + 0)))
+            c0 = x > t
+            c3 = f
+        else:
+            c3 = x > tl.load(M + 7)
+            c2 = x > tl.where(c3, tl.load(M + 11), tl.load(M + 3))
+            c1 = x > tl.where(c3, tl.where(c2, tl.load(M + 13), tl.load(M + 9)),
+                              tl.where(c2, tl.load(M + 5), tl.load(M + 1)))
+            t = tl.where(c3, tl.where(c2, tl.where(c1, tl.load(M + 14), tl.load(M + 12)),
+                                      tl.where(c1, tl.load(M + 10), tl.load(M + 8))),
+                         tl.where(c2, tl.where(c1, tl.load(M + 6), tl.load(M + 4)),
+                                  tl.where(c1, tl.load(M + 2), tl.load(M + 0))))
+            c0 = x > t
+        return c0, c1, c2, c3
+
+    @triton.jit
     def _quantize_kernel(
         X, stride_xn, stride_xh,
         RUN_FIRST, RUN_START, RUN_CNT, CTILE, tile0,
@@ -79,7 +110,7 @@ if triton is not None:
         CNT, SST, SLOT, STV, STI, COUNTER, cap,
         B, H,
         D: tl.constexpr, T: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
-        KEY: tl.constexpr, OUT: tl.constexpr, ZERO_CODE: tl.constexpr,
+        KEY: tl.constexpr, OUT: tl.constexpr, ZERO_CODE: tl.constexpr, CODE_TREE: tl.constexpr,
     ):
         W: tl.constexpr = T // 32
         NW: tl.constexpr = BN // 32
@@ -132,28 +163,57 @@ if triton is not None:
                 tl.store(VS + soff, sc.to(VS.dtype.element_ty), mask=ok)
                 tl.store(VZ + soff, zr.to(VZ.dtype.element_ty), mask=ok)
                 xn = tl.math.div_rn(xf - zr, sc)
-            # nearest level = number of midpoints strictly below (torch.bucketize, right=False)
-            code = tl.zeros([NW, 32, D], dtype=tl.int32)
-            for k in tl.static_range(NL):
-                code += (xn > tl.load(MIDS + k)).to(tl.int32)
-            if OUT:
-                code = tl.where(out, ZERO_CODE, code)
-            code = tl.where(ok, code, 0)  # lanes of other positions stay as they are (zero on fresh pages)
             # bit-planes: word (page, h, d, j, w) holds bit j of tokens 32w .. 32w+31 of the page, token at lane
             partial = (start > a) | (start + cnt < a + BN)
             pbase = ((page * H + h) * D + dd) * (BITS * W) + (a % T) // 32 + wi  # [NW, 1, D]
-            for j in tl.static_range(BITS):
-                # the 32 lanes are distinct bits, so their sum is their OR (int32 wrap-around sets bit 31)
-                word = tl.sum(((code >> j) & 1) << ln, axis=1, keep_dims=True)  # [NW, 1, D]
-                ptr = PL + pbase + j * W
-                if partial:  # other tokens of these words may be stored already: keep their bits
-                    word = word | tl.load(ptr)
-                tl.store(ptr, word)
+            if CODE_TREE:
+                # nearest level by binary search over the sorted midpoints, one bit per level (most significant
+                # first): bit = x > threshold of the node, which is torch.bucketize's count of midpoints below x
+                c0, c1, c2, c3 = _code_bits(xn, MIDS, BITS)
+                onehot = tl.full([NW, 32, 1], 1, tl.int32) << ln
+                if OUT:
+                    inl = ok & ~out
+                for j in tl.static_range(BITS):
+                    if j == 0:
+                        cj = c0
+                    elif j == 1:
+                        cj = c1
+                    elif j == 2:
+                        cj = c2
+                    else:
+                        cj = c3
+                    if OUT:
+                        if (ZERO_CODE >> j) & 1:
+                            cj = (cj & ok) | out
+                        else:
+                            cj = cj & inl
+                    else:
+                        cj = cj & ok
+                    word = tl.sum(tl.where(cj, onehot, 0), axis=1, keep_dims=True)  # [NW, 1, D]
+                    ptr = PL + pbase + j * W
+                    if partial:  # other tokens of these words may be stored already: keep their bits
+                        word = word | tl.load(ptr)
+                    tl.store(ptr, word)
+            else:
+                # nearest level = number of midpoints strictly below (torch.bucketize, right=False)
+                code = tl.zeros([NW, 32, D], dtype=tl.int32)
+                for k in tl.static_range(NL):
+                    code += (xn > tl.load(MIDS + k)).to(tl.int32)
+                if OUT:
+                    code = tl.where(out, ZERO_CODE, code)
+                code = tl.where(ok, code, 0)  # lanes of other positions stay as they are (zero on fresh pages)
+                for j in tl.static_range(BITS):
+                    # the 32 lanes are distinct bits, so their sum is their OR (int32 wrap-around sets bit 31)
+                    word = tl.sum(((code >> j) & 1) << ln, axis=1, keep_dims=True)  # [NW, 1, D]
+                    ptr = PL + pbase + j * W
+                    if partial:  # other tokens of these words may be stored already: keep their bits
+                        word = word | tl.load(ptr)
+                    tl.store(ptr, word)
             if OUT:
                 oi = out.to(tl.int32)
                 tcnt = tl.sum(oi, axis=2, keep_dims=True)  # [NW, 32, 1] outliers per token (this head)
                 wtot = tl.sum(tcnt, axis=1, keep_dims=True)  # [NW, 1, 1]
-                total = tl.sum(tl.sum(tl.sum(oi, axis=2), axis=1), axis=0)
+                total = tl.sum(tl.sum(tl.sum(wtot, axis=2), axis=1), axis=0)
                 base = tl.atomic_add(COUNTER, total, mask=total > 0)
                 base = tl.where(total > 0, base, 0)
                 tstart = base + (tl.cumsum(wtot, axis=0) - wtot) + (tl.cumsum(tcnt, axis=1) - tcnt)
@@ -244,7 +304,8 @@ class QuantizeAppend:
     """
 
     def __init__(self, cache, counts: torch.Tensor, tokens: torch.Tensor, *, block_n: int | None = None,
-                 num_warps: int | None = None, staging_capacity: int | None = None) -> None:
+                 num_warps: int | None = None, staging_capacity: int | None = None,
+                 code_tree: bool | None = None) -> None:
         reason = unsupported_reason(cache, tokens)
         if reason is not None:
             raise ValueError(f"the triton quantize-append path cannot write this cache: {reason}")
@@ -268,6 +329,7 @@ class QuantizeAppend:
         T = cache.config.page_size
         self.BN = BN = _block_n(T, block_n)
         self.num_warps = num_warps or TUNING["num_warps"]
+        self.code_tree = bool(TUNING["code_tree"] if code_tree is None else code_tree)
         counts = counts.to(dev, torch.int64)
         self.counts = counts
         self.start = cache.q_len.to(torch.int64)
@@ -337,7 +399,7 @@ class QuantizeAppend:
                 self.cnt, self.sst, self.slot, self.stv, self.sti, self.counter, self.cap,
                 c.batch, c.num_heads,
                 D=c.head_dim, T=c.config.page_size, BITS=c.bits, BN=self.BN, BP=triton.next_power_of_2(c.batch + 1),
-                KEY=self.is_key, OUT=self.out, ZERO_CODE=c.codebook.zero_code,
+                KEY=self.is_key, OUT=self.out, ZERO_CODE=c.codebook.zero_code, CODE_TREE=self.code_tree,
                 num_warps=self.num_warps,
             )
 
