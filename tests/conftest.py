@@ -4,6 +4,12 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without CUDA the Triton kernels run under the interpreter. The variable must be set before anything imports
+# triton (transformers does, when test_hf_cache is collected): triton.language's own jit functions are decorated
+# at import, and non-interpreted ones fail inside an interpreted kernel.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 SHARED = Path(os.environ.get("KVQUANT_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 
 
