@@ -124,7 +124,9 @@ def test_bits_and_datatypes(seed: int, datatype: str, code_tree: bool) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_dtypes_and_head_dims(seed: int, dtype: torch.dtype) -> None:
+def test_dtypes_and_head_dims(seed: int, dtype: torch.dtype, monkeypatch) -> None:
+    """Also the 64-token tiles (two words per tile) of 64-token pages."""
+    monkeypatch.setitem(sys.modules["kvquant.kernels.quantize_append"].TUNING, "block_n", 64)
     D = {torch.float16: 64, torch.bfloat16: 32, torch.float32: 128}[dtype]
     cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.02, n_sink=2, residual_length=0, page_size=64)
     run_both(seed, cfg, B=2, H=2, D=D, S=70, lengths=[70, 37], n_decode=2, dtype=dtype)

@@ -44,9 +44,12 @@ except Exception as e:  # pragma: no cover - depends on the install
     tl = None
     _TRITON_IMPORT_ERROR = e
 
-# defaults of the quantize kernel's launch; code_tree: codes by a select tree over the midpoints (bits straight
-# from the compares) instead of counting the midpoints below and extracting the bits (same codes)
-TUNING = {"block_n": 64, "num_warps": 4, "code_tree": True}
+# Defaults of the quantize kernel's launch. code_tree: codes by a select tree over the midpoints (bits straight
+# from the compares) instead of counting the midpoints below and extracting the bits (same codes; 7 vs 14
+# instructions per element at 3 bits). block_n=32 with 4 warps: chosen from the compiler's resource report
+# (sm_90, no register spills; block_n=64 spills 28-102 registers to local memory), not from timings: see
+# notes/kernels.md, "Prefill quantization".
+TUNING = {"block_n": 32, "num_warps": 4, "code_tree": True}
 _MAX_GRID_Y = 65535
 
 
