@@ -25,6 +25,10 @@ class QuantConfig:
         page_size: tokens per storage page (multiple of 32). Padding costs at most one partial page
             per sequence.
         block_nnz: allocation granularity (entries) of the sparse outlier stores.
+        backend: how appends are quantized and written. ``"triton"``: the fused Triton kernel
+            (:mod:`kvquant.kernels.quantize_append`); ``"torch"``: the PyTorch reference; ``"auto"``: triton
+            when it imports, the tensors are on CUDA and the datatype is quantized, else torch. Both write
+            byte-identical storage.
     """
 
     datatype: str = "nuq3"
@@ -34,6 +38,7 @@ class QuantConfig:
     pre_rope: bool = True
     page_size: int = 64
     block_nnz: int = 1024
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         parse_datatype(self.datatype)
@@ -47,6 +52,8 @@ class QuantConfig:
             raise ValueError(f"page_size must be a positive multiple of 32, got {self.page_size}")
         if self.block_nnz <= 0:
             raise ValueError(f"block_nnz must be positive, got {self.block_nnz}")
+        if self.backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {self.backend!r}")
 
     @property
     def bits(self) -> int:

@@ -4,9 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without CUDA the Triton kernels run under the interpreter. The variable must be set before anything imports
+# triton (transformers does, when test_hf_cache is collected; hf_cache imports kvquant.kernels): triton.language's
+# own jit functions are decorated at import, and non-interpreted ones fail inside an interpreted kernel.
 if not torch.cuda.is_available():
-    # Triton reads this when a kernel is decorated, i.e. when kvquant.kernels is first imported (hf_cache
-    # imports it): set it before any test module can, so every module sees the interpreted kernels.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SHARED = Path(os.environ.get("KVQUANT_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))

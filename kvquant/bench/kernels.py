@@ -12,7 +12,15 @@ the cache is small enough to sit in L2), ratio vs fp16, bytes moved, and the fra
 (bytes / measured device-to-device copy bandwidth) reached. Caches are synthetic (random codes, scales and
 sorted outlier channels at the configured density): timing does not depend on the values.
 
-Run: ``python -m kvquant.bench.kernels [--quick] [--out results.json]``.
+Prefill rows (``[1, H, S, 128]`` fp16, H = 32 or 8 KV heads), keys and values, per row: the fused Triton
+quantize kernel alone, the fused write (value thresholds by torch ``topk`` + kernel + outlier scatter), and
+the whole ``quantize_keys`` / ``quantize_values`` (checks, key channel ranges, page allocation, token
+gather included) on the triton and torch backends, each as GB/s of the bytes an append must move (tokens
+read, codes + scales + outliers written) and as a fraction of the copy bandwidth. Decode-append rows time
+one appended token per sequence.
+
+Run: ``python -m kvquant.bench.kernels [--quick] [--out results.json]``; prefill only:
+``--skip-decode [--prefill-sweep]``.
 """
 
 from __future__ import annotations
@@ -240,23 +248,113 @@ def sweep(args, bw: float, rows: list, out_path: Path | None) -> dict:
     return dict(da.TUNING)
 
 
+PREFILL_SHAPES = {"mha": 32, "gqa": 8}  # name -> KV heads (head dim 128)
+
+
+def _prefill_bytes(N: int, H: int, D: int, bits: int, kind: str, nnz: int) -> int:
+    """Bytes an append must move at least: tokens read (fp16), codes written, value scale/zero (fp16),
+    outlier entries (fp16 value + int16 channel) and per-slot (start int32, count int16)."""
+    scales = N * H * 4 if kind == "values" else 0
+    return int(N * H * D * 2 + N * H * D * bits / 8 + scales + nnz * 4 + N * 6)
+
+
 def bench_prefill(args, bw: float, rows: list, out_path: Path | None) -> None:
-    """Prefill quantization throughput (input bytes / time) of keys and values."""
+    """Prefill quantization: the fused Triton kernel alone, the fused write (thresholds + kernel + outlier
+    scatter), and the whole ``quantize_keys`` / ``quantize_values`` on both backends; plus decode appends."""
+    from dataclasses import replace
+
+    from kvquant.kernels.quantize_append import TUNING as QA_TUNING
+    from kvquant.kernels.quantize_append import QuantizeAppend, quantize_append
     from kvquant.quant.quantizer import BatchedKVQuantizer
 
     dev = "cuda"
-    H, D = 32, 128
-    for S in args.prefill_lengths:
-        cfg = QuantConfig(datatype=args.datatype, outlier_fraction=args.outliers, n_sink=args.n_sink,
-                          residual_length=0, page_size=args.page_size)
-        qz = BatchedKVQuantizer(cfg)
-        x = torch.randn(1, H, S, D, device=dev, dtype=torch.float16)
-        nbytes = x.numel() * 2
-        for kind, fn in (("keys", partial(qz.quantize_keys, x)), ("values", partial(qz.quantize_values, x))):
-            fn()
-            ms = _bench(fn, warmup=3, rep=30)
-            row = {"kind": "prefill", "what": kind, "tokens": S, "H": H, "D": D, "datatype": cfg.datatype,
-                   "ms": ms, "GBps": nbytes / ms / 1e6, "frac_bw": nbytes / (ms * 1e-3) / bw}
+    D = 128
+    base = QuantConfig(datatype=args.datatype, outlier_fraction=args.outliers, n_sink=args.n_sink,
+                       residual_length=0, page_size=args.page_size)
+    for shape in args.prefill_shapes:
+        H = PREFILL_SHAPES[shape]
+        for S in args.prefill_lengths:
+            torch.cuda.empty_cache()
+            g = torch.Generator(device=dev).manual_seed(S)
+            x = (torch.randn(1, H, S, D, device=dev, generator=g)
+                 * (0.5 + torch.rand(1, H, 1, D, device=dev, generator=g))).half()
+            tokens = x[0].transpose(0, 1).contiguous()  # [N, H, D]
+            counts = torch.tensor([S], device=dev)
+            for kind in ("keys", "values"):
+                row = {"kind": "prefill", "what": kind, "shape": shape, "tokens": S, "H": H, "D": D,
+                       "datatype": base.datatype, "outliers": base.outlier_fraction, "tuning": dict(QA_TUNING)}
+                caches = {}
+                for backend in ("triton", "torch"):
+                    qz = BatchedKVQuantizer(replace(base, backend=backend))
+                    fn = partial(qz.quantize_keys if kind == "keys" else qz.quantize_values, x)
+                    caches[backend] = fn()
+                    torch.cuda.synchronize()
+                    row[f"append_{backend}_ms"] = _bench(fn, warmup=5, rep=60)
+                ref = caches["torch"]
+                row["identical"] = bool(all(torch.equal(a, b) for a, b in (
+                    (ref.pages.pools["planes"][: ref.pages.n_pages],
+                     caches["triton"].pages.pools["planes"][: ref.pages.n_pages]),
+                    (ref.outliers.values[: ref.outliers.nnz], caches["triton"].outliers.values[: ref.outliers.nnz]),
+                    (ref.outliers.indices[: ref.outliers.nnz],
+                     caches["triton"].outliers.indices[: ref.outliers.nnz]))))
+                # the fused path on its own: a fresh cache with the pages reserved, all S tokens quantized
+                cache = QuantizedKVCache(kind[:-1], replace(base, backend="triton"), 1, H, D, torch.float16, dev,
+                                         ref.codebook, ref.channel_scale, ref.channel_zero)
+                cache.pages.reserve(counts)
+                cache.outliers.reserve(slots=cache.pages.capacity * base.page_size)
+                del caches, ref
+
+                def write(cache=cache, counts=counts, tokens=tokens):
+                    cache.outliers.nnz = cache.outliers.n_slots = 0  # rewrite the same slots each time
+                    quantize_append(cache, counts, tokens)
+
+                write()
+                nnz = cache.outliers.nnz
+                nbytes = _prefill_bytes(S, H, D, cache.bits, kind, nnz)
+                row.update(nnz=nnz, bytes=nbytes, write_ms=_bench(write, warmup=10, rep=100))
+                plan = QuantizeAppend(cache, counts, tokens)
+                row["kernel_ms"] = _bench(plan.run_kernel, warmup=10, rep=100)
+                sweep_rows = []
+                if args.prefill_sweep:
+                    for tree in (True, False):
+                        for bn in (32, 64):
+                            for nw in (2, 4, 8):
+                                try:
+                                    p = QuantizeAppend(cache, counts, tokens, block_n=bn, num_warps=nw,
+                                                       code_tree=tree)
+                                    p.run_kernel()
+                                    ms = _bench(p.run_kernel, warmup=10, rep=100)
+                                except Exception as e:  # a launch variant that does not compile is reported
+                                    sweep_rows.append({"code_tree": tree, "block_n": bn, "num_warps": nw,
+                                                       "error": repr(e)[:300]})
+                                    continue
+                                sweep_rows.append({"code_tree": tree, "block_n": bn, "num_warps": nw, "ms": ms,
+                                                   "GBps": nbytes / ms / 1e6})
+                    row["sweep"] = sweep_rows
+                for k in ("kernel", "write", "append_triton", "append_torch"):
+                    row[f"{k}_GBps"] = nbytes / row[f"{k}_ms"] / 1e6
+                    row[f"{k}_frac_bw"] = nbytes / (row[f"{k}_ms"] * 1e-3) / bw
+                rows.append(row)
+                _flush(rows, out_path)
+                print(_fmt(row), flush=True)
+                for r in sweep_rows:
+                    res = r["error"] if "error" in r else f"{r['ms']:.3f} ms {r['GBps']:.0f} GB/s"
+                    print(f"   sweep code_tree={r['code_tree']:d} block_n={r['block_n']} num_warps={r['num_warps']}: "
+                          f"{res}", flush=True)
+                del cache, plan
+    # decode appends: one token per sequence into a cache holding a 4K prompt
+    for shape, B in (("mha", 1), ("gqa", 8)):
+        H = PREFILL_SHAPES[shape]
+        x = torch.randn(B, H, 4096, D, device=dev).half()
+        step = torch.randn(B, H, 1, D, device=dev).half()
+        for kind in ("keys", "values"):
+            row = {"kind": "decode_append", "what": kind, "shape": shape, "batch": B, "H": H, "prompt": 4096}
+            for backend in ("triton", "torch"):
+                qz = BatchedKVQuantizer(replace(base, backend=backend))
+                c = (qz.quantize_keys if kind == "keys" else qz.quantize_values)(x)
+                c.reserve(4096)
+                row[f"{backend}_ms"] = _bench(partial(c.append, step), warmup=5, rep=50)
+                del c
             rows.append(row)
             _flush(rows, out_path)
             print(_fmt(row), flush=True)
@@ -269,8 +367,16 @@ def _flush(rows: list, out_path: Path | None) -> None:
 
 def _fmt(r: dict) -> str:
     if r["kind"] == "prefill":
-        return (f"prefill {r['what']:6s} S={r['tokens']:6d} {r['ms']:8.3f} ms {r['GBps']:7.1f} GB/s "
-                f"({100 * r['frac_bw']:.0f}% of copy bw)")
+        return (f"prefill {r['shape']} {r['what']:6s} S={r['tokens']:6d} | kernel {r['kernel_ms']:7.3f} ms "
+                f"{r['kernel_GBps']:6.0f} GB/s ({100 * r['kernel_frac_bw']:3.0f}%) | write {r['write_ms']:7.3f} ms "
+                f"{r['write_GBps']:6.0f} GB/s ({100 * r['write_frac_bw']:3.0f}%) | append triton "
+                f"{r['append_triton_ms']:7.3f} ms {r['append_triton_GBps']:6.0f} GB/s "
+                f"({100 * r['append_triton_frac_bw']:3.0f}%) | torch {r['append_torch_ms']:8.3f} ms "
+                f"{r['append_torch_GBps']:5.0f} GB/s | x{r['append_torch_ms'] / r['append_triton_ms']:.0f} "
+                f"identical={r['identical']}")
+    if r["kind"] == "decode_append":
+        return (f"decode append {r['shape']} B={r['batch']} {r['what']:6s} | triton {r['triton_ms']:.3f} ms | "
+                f"torch {r['torch_ms']:.3f} ms")
     if "skipped" in r:
         return f"{r['shape']} L={r['context']} B={r['batch']}: skipped ({r['skipped']})"
 
@@ -300,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rope", action="store_true", help="rotate keys in the kernel")
     p.add_argument("--no-dequant", action="store_true", help="skip the (slow) dequantize-everything path")
     p.add_argument("--prefill-lengths", type=int, nargs="*", default=None)
+    p.add_argument("--prefill-shapes", nargs="*", default=["mha", "gqa"], choices=sorted(PREFILL_SHAPES))
+    p.add_argument("--prefill-sweep", action="store_true", help="time the quantize kernel's launch variants")
     p.add_argument("--sweep", action="store_true", help="tune the decode kernel's launch first (32K context)")
     p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--skip-prefill", action="store_true")
@@ -328,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_decode(args, bw, rows, args.out)
     if not args.skip_prefill:
         bench_prefill(args, bw, rows, args.out)
-    print("\n".join(_fmt(r) for r in rows if r["kind"] in ("decode", "prefill")))
+    print("\n".join(_fmt(r) for r in rows if r["kind"] in ("decode", "prefill", "decode_append")))
     return 0
 
 

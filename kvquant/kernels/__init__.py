@@ -3,9 +3,12 @@
 * :func:`decode_attention` — one query token per sequence attending over a quantized
   :class:`~kvquant.quant.store.QuantizedKVCache` (keys + values) without materialising fp16 K/V.
 * :func:`decode_attention_reference` — the same function the slow way (dequantize everything, then attend).
+* :func:`quantize_append` — fused quantization of appended tokens straight into the packed pages and the
+  sparse outlier store (what ``QuantizedKVCache`` uses when ``QuantConfig.backend`` resolves to triton).
 """
 
 from kvquant.kernels.decode_attention import decode_attention, triton_available
+from kvquant.kernels.quantize_append import quantize_append
 from kvquant.kernels.reference import apply_rope, decode_attention_reference
 
-__all__ = ["apply_rope", "decode_attention", "decode_attention_reference", "triton_available"]
+__all__ = ["apply_rope", "decode_attention", "decode_attention_reference", "quantize_append", "triton_available"]

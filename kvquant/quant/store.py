@@ -160,7 +160,7 @@ class QuantizedKVCache:
             seq = torch.repeat_interleave(arange_b, evict)
             j = torch.arange(n_ev, device=self.device) - (torch.cumsum(evict, 0) - evict)[seq]
             tokens = pending[seq, :, pending_index(seq, j), :]  # [N, H, D]
-            self._write(seq, self.q_len[seq] + j, tokens)
+            self._write(seq, self.q_len[seq] + j, tokens, run_counts=evict)
             self.q_len += evict
         if R:
             i = evict[:, None] + torch.arange(R, device=self.device)[None, :]
@@ -170,10 +170,41 @@ class QuantizedKVCache:
             self.residual = torch.where(keep[:, None, :, None], got, torch.zeros_like(got))
             self.res_len = pend_len - evict
 
-    def _write(self, seq: torch.Tensor, pos: torch.Tensor, tokens: torch.Tensor) -> None:
-        """Store ``tokens [N, H, D]`` as quantized token ``pos[i]`` of sequence ``seq[i]``."""
+    def uses_triton(self, tokens: torch.Tensor) -> bool:
+        """Whether appending ``tokens`` goes through the fused Triton kernel (``config.backend``).
+
+        ``"torch"``: never; ``"auto"``: on CUDA tensors when triton imports and the cache is quantized (and
+        its shape is supported); ``"triton"``: always for a quantized cache (CPU tensors run under
+        ``TRITON_INTERPRET=1``), an error if that is impossible. An ``fp16`` cache has nothing to quantize and
+        is always written by torch.
+        """
+        backend = self.config.backend
+        if backend == "torch" or not self.quantized:
+            return False
+        from kvquant.kernels.quantize_append import unsupported_reason
+
+        reason = unsupported_reason(self, tokens)
+        if backend == "auto":
+            return reason is None and tokens.is_cuda
+        if reason is not None:
+            raise ValueError(f"backend='triton' cannot write this cache: {reason}")
+        return True
+
+    def _write(self, seq: torch.Tensor, pos: torch.Tensor, tokens: torch.Tensor,
+               run_counts: torch.Tensor | None = None) -> None:
+        """Store ``tokens [N, H, D]`` as quantized token ``pos[i]`` of sequence ``seq[i]``.
+
+        ``run_counts [B]``, when given, says the entries are runs: ``run_counts[b]`` tokens of sequence ``b``
+        at positions ``q_len[b], q_len[b] + 1, ...``, sequences in order (what :meth:`append` passes); the
+        Triton path needs it, the torch path takes any ``(seq, pos)``.
+        """
         fresh_from = self.pages.n_pages
         self.pages.reserve(self.q_len.scatter_add(0, seq, torch.ones_like(seq)))
+        if run_counts is not None and self.uses_triton(tokens):
+            from kvquant.kernels.quantize_append import quantize_append
+
+            quantize_append(self, run_counts, tokens)
+            return
         page, off = self.pages.locate(seq, pos)
         pools = self.pages.pools
         if not self.quantized:

@@ -109,6 +109,44 @@ class _BlockedSlotMatrix:
         self.nnz += total
         self.n_slots = max(self.n_slots, top)
 
+    def allocate_slots(
+        self, slots: torch.Tensor, counts: torch.Tensor, total: int, top: int | None = None
+    ) -> torch.Tensor:
+        """Batched append whose entries a kernel writes in place (no intermediate copy).
+
+        Reserves ``total`` entries after the current ones and gives slot ``slots[i]`` the next ``counts[i]``
+        of them (exactly the layout :meth:`append_slots` writes). The caller must then fill
+        ``values[starts[i] : starts[i] + counts[i]]`` and ``indices[...]`` (channels ascending within a slot;
+        the decode kernel relies on it) before anything reads the matrix.
+
+        Args:
+            slots: ``[n]`` int, distinct, not written before. counts: ``[n]`` int, ``sum(counts) == total``.
+            total: number of entries (a host int: the caller already knows it).
+            top: ``max(slots) + 1`` if the caller knows it (saves a device sync).
+
+        Returns:
+            ``starts [n]`` int64, the index of the first entry of each slot.
+        """
+        slots = slots.to(self.device, torch.int64).reshape(-1)
+        counts = counts.to(self.device).reshape(-1)
+        if slots.numel() != counts.numel():
+            raise ValueError(f"slots has {slots.numel()} entries but counts has {counts.numel()}")
+        if total < 0:
+            raise ValueError(f"total must be >= 0, got {total}")
+        if slots.numel() == 0:
+            if total:
+                raise ValueError(f"no slots but total = {total}")
+            return torch.empty(0, dtype=torch.int64, device=self.device)
+        top = int(slots.max()) + 1 if top is None else int(top)
+        self.reserve(nnz=self.nnz + total, slots=top)
+        counts = counts.to(torch.int64)
+        starts = self.nnz + torch.cumsum(counts, 0) - counts
+        self.slot_start[slots] = starts.to(torch.int32)
+        self.slot_count[slots] = counts.to(self.count_dtype)
+        self.nnz += total
+        self.n_slots = max(self.n_slots, top)
+        return starts
+
     def append_token(self, values: torch.Tensor, indices: torch.Tensor, slot: int | None = None) -> int:
         """Append one token's outliers (amortised O(1)); ``slot`` defaults to the next one. Returns it."""
         slot = self.n_slots if slot is None else int(slot)

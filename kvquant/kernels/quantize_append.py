@@ -1,0 +1,427 @@
+"""Fused quantize-and-append: tokens ``[N, H, D]`` straight into the packed pages of a cache (Triton).
+
+What :meth:`~kvquant.quant.store.QuantizedKVCache._write` does in PyTorch (encode, unpack the touched pages,
+scatter the codes, repack, build a dense outlier mask, ``nonzero`` it into the sparse matrix), in one pass
+over the tokens plus a small pass over the outliers, writing byte-identical storage:
+
+* ``_quantize_kernel``, grid ``(H, tiles)``. A tile is ``BN`` consecutive *positions* of one sequence,
+  aligned to ``BN`` (a multiple of 32 dividing the page size), so it lies in one page and every int32
+  bit-plane word it touches (32 consecutive tokens) belongs to it alone: no atomics on the pages, and only
+  the first/last tile of a sequence's run (partly filled words, e.g. a decode append) read the old word
+  and OR into it (fresh pages are zero). Per (tile, head) it loads ``[BN, D]`` tokens, normalises them in
+  float32 exactly as :mod:`kvquant.quant.encode` does (keys: per-channel ``(x - zero) / scale``; values:
+  per token-head min/max of the inliers -> scale/zero rounded to the storage dtype, stored, then
+  ``(x - zero) / scale``; IEEE division ``div_rn`` like torch), flags outliers by threshold, finds the
+  code by counting the sorted level midpoints below the value (``torch.bucketize``'s rule), ORs the
+  code bits of each 32 tokens into one word per bit-plane and stores it. Outliers are compacted in the
+  kernel: per (token, head) counts, exclusive prefix sums over the tile (tokens) and the head dim, one
+  ``atomic_add`` per program on a global counter to reserve a staging range; entries (value in the
+  storage dtype, channel ``h * D + d``) go there, grouped by (token, head) with channels ascending.
+* ``_scatter_kernel``, grid ``(N / BT,)``: moves each (token, head) group from the staging range to its
+  final place in the blocked CSC (keys) / CSR (values) buffers — slot start (prefix sum over tokens of the
+  per-token counts) plus the exclusive prefix over heads — so a slot's entries are contiguous and sorted
+  by channel, as :meth:`~kvquant.sparse.blocked._BlockedSlotMatrix.append_dense` writes them.
+
+Left to PyTorch (a separate reduction before the kernel): the per-token value outlier thresholds, the
+``f/2`` and ``1 - f/2`` quantiles over all ``H * D`` entries of a token (``torch.topk`` of the few
+extreme order statistics, :func:`~kvquant.quant.stats.masked_quantile_pair`), and for keys the
+per-channel ranges of the prompt (computed once per cache by the quantizer).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvquant.quant.stats import masked_quantile_pair
+
+try:  # triton is optional: the torch path works without it
+    import triton
+    import triton.language as tl
+
+    _TRITON_IMPORT_ERROR: Exception | None = None
+except Exception as e:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+    _TRITON_IMPORT_ERROR = e
+
+# Defaults of the quantize kernel's launch. code_tree: codes by a select tree over the midpoints (bits straight
+# from the compares) instead of counting the midpoints below and extracting the bits (same codes; 7 vs 14
+# instructions per element at 3 bits). block_n=32 with 4 warps: chosen from the compiler's resource report
+# (sm_90, no register spills; block_n=64 spills 28-102 registers to local memory), not from timings: see
+# notes/kernels.md, "Prefill quantization".
+TUNING = {"block_n": 32, "num_warps": 4, "code_tree": True}
+_MAX_GRID_Y = 65535
+
+
+def triton_available() -> bool:
+    """Whether triton imported."""
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _to_storage(v, BF16: tl.constexpr):
+        """``v`` (float32) rounded to the 16-bit storage dtype, as float32 (exactly representable there).
+
+        bfloat16 is rounded by hand (round to nearest even on the bits): Triton's interpreter truncates.
+        """
+        if BF16:
+            u = v.to(tl.int32, bitcast=True)
+            u = (u + 0x7FFF + ((u >> 16) & 1)) & -65536
+            return u.to(tl.float32, bitcast=True)
+        else:
+            return v.to(tl.float16).to(tl.float32)
+
+    @triton.jit
+    def _code_bits(x, M, BITS: tl.constexpr):
+        """Bits ``(c0, c1, c2, c3)`` (bool, LSB first; unused ones False) of the number of sorted midpoints
+        ``M[0 .. 2**BITS - 2]`` strictly below ``x``, by a select tree (BITS compares, no integer code)."""
+        f = x != x  # all False (inputs are finite)
+        if BITS == 2:
+            c1 = x > tl.load(M + 1)
+            c0 = x > tl.where(c1, tl.load(M + 2), tl.load(M + 0))
+            c2 = f
+            c3 = f
+        elif BITS == 3:
+            c2 = x > tl.load(M + 3)
+            c1 = x > tl.where(c2, tl.load(M + 5), tl.load(M + 1))
+            t = tl.where(c2, tl.where(c1, tl.load(M + 6), tl.load(M + 4)),
+                         tl.where(c1, tl.load(M + 2), tl.load(M + 0)))
+            c0 = x > t
+            c3 = f
+        else:
+            c3 = x > tl.load(M + 7)
+            c2 = x > tl.where(c3, tl.load(M + 11), tl.load(M + 3))
+            c1 = x > tl.where(c3, tl.where(c2, tl.load(M + 13), tl.load(M + 9)),
+                              tl.where(c2, tl.load(M + 5), tl.load(M + 1)))
+            t = tl.where(c3, tl.where(c2, tl.where(c1, tl.load(M + 14), tl.load(M + 12)),
+                                      tl.where(c1, tl.load(M + 10), tl.load(M + 8))),
+                         tl.where(c2, tl.where(c1, tl.load(M + 6), tl.load(M + 4)),
+                                  tl.where(c1, tl.load(M + 2), tl.load(M + 0))))
+            c0 = x > t
+        return c0, c1, c2, c3
+
+    @triton.jit
+    def _quantize_kernel(
+        X, stride_xn, stride_xh,
+        RUN_FIRST, RUN_START, RUN_CNT, CTILE, tile0,
+        TABLE, stride_tab,
+        CS, CZ, stride_cb, stride_ch,
+        LO, HI, MIDS,
+        PL, VS, VZ,
+        CNT, SST, SLOT, STV, STI, COUNTER, cap,
+        B, H,
+        D: tl.constexpr, T: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
+        KEY: tl.constexpr, OUT: tl.constexpr, ZERO_CODE: tl.constexpr, CODE_TREE: tl.constexpr,
+    ):
+        W: tl.constexpr = T // 32
+        NW: tl.constexpr = BN // 32
+        NL: tl.constexpr = (1 << BITS) - 1
+        h = tl.program_id(0)
+        tile = tile0 + tl.program_id(1)
+        n_tiles = tl.load(CTILE + B)
+        if tile < n_tiles:
+            # which sequence: tiles of sequence b are CTILE[b] .. CTILE[b+1]-1
+            bi = tl.arange(0, BP)
+            ends = tl.load(CTILE + 1 + bi, mask=bi < B, other=2147483647)
+            b = tl.sum((ends <= tile).to(tl.int32), axis=0)
+            start = tl.load(RUN_START + b)  # first position written in sequence b
+            cnt = tl.load(RUN_CNT + b)
+            first = tl.load(RUN_FIRST + b)  # its first entry in X
+            a = (start // BN + (tile - tl.load(CTILE + b))) * BN  # first position of the tile
+            wi = tl.arange(0, NW)[:, None, None]
+            ln = tl.arange(0, 32)[None, :, None]
+            dd = tl.arange(0, D)[None, None, :]
+            p = a + wi * 32 + ln  # [NW, 32, 1] positions
+            ok = (p >= start) & (p < start + cnt)
+            e = first + p - start  # entries
+            page = tl.load(TABLE + b * stride_tab + a // T).to(tl.int64)
+            off = p % T
+            x = tl.load(X + e * stride_xn + h * stride_xh + dd, mask=ok, other=0.0)  # [NW, 32, D]
+            xf = x.to(tl.float32)
+            if KEY:
+                cbase = b * stride_cb + h * stride_ch
+                cs = tl.load(CS + cbase + dd)
+                cz = tl.load(CZ + cbase + dd)
+                xn = tl.math.div_rn(xf - cz, cs)
+                if OUT:
+                    out = ((xn < -1.0) | (xn > 1.0)) & ok
+            else:
+                if OUT:
+                    lo = tl.load(LO + e, mask=ok, other=0.0)
+                    hi = tl.load(HI + e, mask=ok, other=0.0)
+                    out = ((xf < lo) | (xf > hi)) & ok
+                    vmin = tl.min(tl.where(out, float("inf"), xf), axis=2, keep_dims=True)
+                    vmax = tl.max(tl.where(out, float("-inf"), xf), axis=2, keep_dims=True)
+                    empty = vmin == float("inf")  # every entry of the head is an outlier
+                    vmin = tl.where(empty, 0.0, vmin)
+                    vmax = tl.where(empty, 0.0, vmax)
+                else:
+                    vmin = tl.min(xf, axis=2, keep_dims=True)
+                    vmax = tl.max(xf, axis=2, keep_dims=True)
+                sc = _to_storage(tl.maximum((vmax - vmin) * 0.5, 1e-6), VS.dtype.element_ty == tl.bfloat16)
+                zr = _to_storage((vmax + vmin) * 0.5, VS.dtype.element_ty == tl.bfloat16)
+                soff = (page * H + h) * T + off
+                tl.store(VS + soff, sc.to(VS.dtype.element_ty), mask=ok)
+                tl.store(VZ + soff, zr.to(VZ.dtype.element_ty), mask=ok)
+                xn = tl.math.div_rn(xf - zr, sc)
+            # bit-planes: word (page, h, d, j, w) holds bit j of tokens 32w .. 32w+31 of the page, token at lane
+            partial = (start > a) | (start + cnt < a + BN)
+            pbase = ((page * H + h) * D + dd) * (BITS * W) + (a % T) // 32 + wi  # [NW, 1, D]
+            if CODE_TREE:
+                # nearest level by binary search over the sorted midpoints, one bit per level (most significant
+                # first): bit = x > threshold of the node, which is torch.bucketize's count of midpoints below x
+                c0, c1, c2, c3 = _code_bits(xn, MIDS, BITS)
+                onehot = tl.full([NW, 32, 1], 1, tl.int32) << ln
+                if OUT:
+                    inl = ok & ~out
+                for j in tl.static_range(BITS):
+                    if j == 0:
+                        cj = c0
+                    elif j == 1:
+                        cj = c1
+                    elif j == 2:
+                        cj = c2
+                    else:
+                        cj = c3
+                    if OUT:
+                        if (ZERO_CODE >> j) & 1:
+                            cj = (cj & ok) | out
+                        else:
+                            cj = cj & inl
+                    else:
+                        cj = cj & ok
+                    word = tl.sum(tl.where(cj, onehot, 0), axis=1, keep_dims=True)  # [NW, 1, D]
+                    ptr = PL + pbase + j * W
+                    if partial:  # other tokens of these words may be stored already: keep their bits
+                        word = word | tl.load(ptr)
+                    tl.store(ptr, word)
+            else:
+                # nearest level = number of midpoints strictly below (torch.bucketize, right=False)
+                code = tl.zeros([NW, 32, D], dtype=tl.int32)
+                for k in tl.static_range(NL):
+                    code += (xn > tl.load(MIDS + k)).to(tl.int32)
+                if OUT:
+                    code = tl.where(out, ZERO_CODE, code)
+                code = tl.where(ok, code, 0)  # lanes of other positions stay as they are (zero on fresh pages)
+                for j in tl.static_range(BITS):
+                    # the 32 lanes are distinct bits, so their sum is their OR (int32 wrap-around sets bit 31)
+                    word = tl.sum(((code >> j) & 1) << ln, axis=1, keep_dims=True)  # [NW, 1, D]
+                    ptr = PL + pbase + j * W
+                    if partial:  # other tokens of these words may be stored already: keep their bits
+                        word = word | tl.load(ptr)
+                    tl.store(ptr, word)
+            if OUT:
+                oi = out.to(tl.int32)
+                tcnt = tl.sum(oi, axis=2, keep_dims=True)  # [NW, 32, 1] outliers per token (this head)
+                wtot = tl.sum(tcnt, axis=1, keep_dims=True)  # [NW, 1, 1]
+                total = tl.sum(tl.sum(tl.sum(wtot, axis=2), axis=1), axis=0)
+                base = tl.atomic_add(COUNTER, total, mask=total > 0)
+                base = tl.where(total > 0, base, 0)
+                tstart = base + (tl.cumsum(wtot, axis=0) - wtot) + (tl.cumsum(tcnt, axis=1) - tcnt)
+                pos = tstart + tl.cumsum(oi, axis=2) - oi  # [NW, 32, D] staging position of each outlier
+                tl.store(CNT + e * H + h, tcnt, mask=ok)
+                tl.store(SST + e * H + h, tstart, mask=ok)
+                keep = out & (pos < cap)
+                tl.store(STV + pos, x.to(STV.dtype.element_ty), mask=keep)
+                tl.store(STI + pos, h * D + dd, mask=keep)
+                if h == 0:
+                    tl.store(SLOT + e, page * T + off, mask=ok)
+
+    @triton.jit
+    def _scatter_kernel(CNT, SST, TSTART, STV, STI, OV, OI, N, H, HP: tl.constexpr, BT: tl.constexpr):
+        t = tl.program_id(0) * BT + tl.arange(0, BT)
+        hh = tl.arange(0, HP)
+        m2 = (t < N)[:, None] & (hh < H)[None, :]
+        idx = t.to(tl.int64)[:, None] * H + hh[None, :]
+        c = tl.load(CNT + idx, mask=m2, other=0)
+        src = tl.load(SST + idx, mask=m2, other=0)
+        dst = tl.load(TSTART + t, mask=t < N, other=0)[:, None] + (tl.cumsum(c, axis=1) - c)
+        for k in range(0, tl.max(tl.max(c, axis=1), axis=0)):
+            m = m2 & (k < c)
+            v = tl.load(STV + src + k, mask=m)
+            i = tl.load(STI + src + k, mask=m)
+            tl.store(OV + dst + k, v, mask=m)
+            tl.store(OI + dst + k, i.to(OI.dtype.element_ty), mask=m)
+
+
+def unsupported_reason(cache, tokens: torch.Tensor | None = None) -> str | None:
+    """Why the Triton path cannot write to ``cache`` (``None`` if it can)."""
+    if triton is None:
+        return f"triton is not available ({_TRITON_IMPORT_ERROR})"
+    if not cache.quantized:
+        return f"datatype {cache.config.datatype} is not quantized"
+    D = cache.head_dim
+    if D < 16 or D & (D - 1):
+        return f"head size {D} is not a power of two >= 16"
+    if cache.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {cache.dtype} (fp16/bf16/fp32 only)"
+    if cache.config.page_size % 32:
+        return f"page size {cache.config.page_size} is not a multiple of 32"
+    return None
+
+
+def _block_n(T: int, block_n: int | None) -> int:
+    bn = block_n or TUNING["block_n"]
+    if bn % 32 or bn & (bn - 1) or T % bn:
+        bn = 64 if T % 64 == 0 else 32
+    return bn
+
+
+def quantize_append(
+    cache,
+    counts: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    staging_capacity: int | None = None,
+) -> None:
+    """Quantize ``tokens`` and store them as the next quantized tokens of each sequence of ``cache``.
+
+    Args:
+        cache: a quantized :class:`~kvquant.quant.store.QuantizedKVCache` whose pages are already reserved for
+            the new tokens (:meth:`~kvquant.quant.paged.PageTable.reserve`); its ``q_len`` is *not* advanced here.
+        counts: ``[B]`` int, tokens appended to each sequence; sequence ``b`` gets positions
+            ``q_len[b] .. q_len[b] + counts[b] - 1``.
+        tokens: ``[N, H, D]`` in the cache dtype, ``N = counts.sum()``, grouped by sequence in order (the
+            ``counts[0]`` tokens of sequence 0 first, oldest first); last dim contiguous.
+        block_n: positions per program (32, 64, ... dividing the page size); ``None`` takes :data:`TUNING`.
+        num_warps: warps per program of the quantize kernel.
+        staging_capacity: outlier staging entries (default: an estimate; re-run when exceeded). Testing knob.
+    """
+    plan = QuantizeAppend(cache, counts, tokens, block_n=block_n, num_warps=num_warps,
+                          staging_capacity=staging_capacity)
+    plan.run_kernel()
+    plan.finish()
+
+
+class QuantizeAppend:
+    """One append, split in its steps so that they can be timed apart (see :func:`quantize_append`).
+
+    ``__init__`` checks the inputs and prepares the launch (tile table; for values the outlier thresholds,
+    a torch ``topk`` reduction); :meth:`run_kernel` launches the fused quantize kernel (idempotent: it may
+    run again); :meth:`finish` reads the outlier count (one device sync), allocates the sparse slots and
+    scatters the staged outliers into place.
+    """
+
+    def __init__(self, cache, counts: torch.Tensor, tokens: torch.Tensor, *, block_n: int | None = None,
+                 num_warps: int | None = None, staging_capacity: int | None = None,
+                 code_tree: bool | None = None) -> None:
+        reason = unsupported_reason(cache, tokens)
+        if reason is not None:
+            raise ValueError(f"the triton quantize-append path cannot write this cache: {reason}")
+        B, H, D = cache.batch, cache.num_heads, cache.head_dim
+        dev = cache.device
+        if not isinstance(tokens, torch.Tensor) or tokens.ndim != 3 or tuple(tokens.shape[1:]) != (H, D):
+            raise ValueError(f"tokens must be [N, {H}, {D}], got {getattr(tokens, 'shape', type(tokens))}")
+        if tokens.device != dev:
+            raise ValueError(f"tokens are on {tokens.device} but the cache lives on {dev}")
+        if tokens.dtype != cache.dtype:
+            raise TypeError(f"tokens must have the cache dtype {cache.dtype}, got {tokens.dtype}")
+        if not isinstance(counts, torch.Tensor) or counts.ndim != 1 or counts.numel() != B:
+            raise ValueError(f"counts must be a [B] = [{B}] tensor, got {getattr(counts, 'shape', counts)}")
+        self.cache = cache
+        self.N = N = tokens.shape[0]
+        if N == 0:
+            return
+        if tokens.stride(-1) != 1:
+            tokens = tokens.contiguous()
+        self.tokens = tokens
+        T = cache.config.page_size
+        self.BN = BN = _block_n(T, block_n)
+        self.num_warps = num_warps or TUNING["num_warps"]
+        self.code_tree = bool(TUNING["code_tree"] if code_tree is None else code_tree)
+        counts = counts.to(dev, torch.int64)
+        self.counts = counts
+        self.start = cache.q_len.to(torch.int64)
+        self.first = torch.cumsum(counts, 0) - counts
+        n_t = torch.where(counts > 0, (self.start + counts + BN - 1) // BN - self.start // BN,
+                          torch.zeros_like(counts))
+        self.ctile = torch.zeros(B + 1, dtype=torch.int32, device=dev)
+        self.ctile[1:] = torch.cumsum(n_t, 0).to(torch.int32)
+        # grid bound without a device sync (idle programs exit at once); exact on the CPU (interpreter)
+        self.max_tiles = -(-N // BN) + 2 * B if tokens.is_cuda else int(self.ctile[-1])
+        self.mids = cache.codebook.midpoints.to(dev, torch.float32).contiguous()
+        self.is_key = cache.kind == "key"
+        self.out = bool(cache.keep_outliers)
+        dummy_f = torch.zeros(1, dtype=torch.float32, device=dev)
+        pools = cache.pages.pools
+        if self.is_key:
+            cs, cz = cache.channel_scale, cache.channel_zero
+            if cs.stride(2) != 1 or cz.stride() != cs.stride():
+                cs, cz = cs.contiguous(), cz.contiguous()
+            self.cs, self.cz, self.cs_strides = cs, cz, (cs.stride(0), cs.stride(1))
+            self.vs = self.vz = torch.zeros(1, dtype=torch.float16, device=dev)
+            self.lo = self.hi = dummy_f
+        else:
+            self.cs = self.cz = dummy_f
+            self.cs_strides = (0, 0)
+            self.vs, self.vz = pools["scale"], pools["zero"]
+            self.lo = self.hi = dummy_f
+            if self.out:  # per-token thresholds over all H*D entries: a torch reduction (topk) before the kernel
+                f = cache.config.outlier_fraction
+                self.lo, self.hi = masked_quantile_pair(tokens.reshape(N, H * D), None, f / 2, 1 - f / 2)
+        n_elem = N * H * D
+        if self.out:
+            f = cache.config.outlier_fraction
+            est = n_elem if n_elem <= 1 << 22 else min(n_elem, max(1 << 22, int(1.5 * f * n_elem) + 4 * N))
+            self.cap = staging_capacity or est
+            self.cnt = torch.empty(N, H, dtype=torch.int32, device=dev)
+            self.sst = torch.empty(N, H, dtype=torch.int32, device=dev)
+            self.slot = torch.empty(N, dtype=torch.int64, device=dev)
+            self.counter = torch.zeros(1, dtype=torch.int32, device=dev)
+        else:
+            self.cap = 0
+            self.cnt = self.sst = self.counter = torch.zeros(1, dtype=torch.int32, device=dev)
+            self.slot = torch.zeros(1, dtype=torch.int64, device=dev)
+        self._alloc_staging(self.cap)
+
+    def _alloc_staging(self, cap: int) -> None:
+        dev = self.cache.device
+        self.stv = torch.empty(max(cap, 1), dtype=self.cache.outliers.dtype, device=dev)
+        self.sti = torch.empty(max(cap, 1), dtype=torch.int32, device=dev)
+
+    def run_kernel(self) -> None:
+        """Launch the fused quantize kernel (codes into the pages, value scales, staged outliers)."""
+        if self.N == 0:
+            return
+        c = self.cache
+        if self.out:
+            self.counter.zero_()
+        tab = c.pages.table
+        for t0 in range(0, self.max_tiles, _MAX_GRID_Y):
+            _quantize_kernel[(c.num_heads, min(_MAX_GRID_Y, self.max_tiles - t0))](
+                self.tokens, self.tokens.stride(0), self.tokens.stride(1),
+                self.first, self.start, self.counts, self.ctile, t0,
+                tab, tab.stride(0),
+                self.cs, self.cz, self.cs_strides[0], self.cs_strides[1],
+                self.lo, self.hi, self.mids,
+                c.pages.pools["planes"], self.vs, self.vz,
+                self.cnt, self.sst, self.slot, self.stv, self.sti, self.counter, self.cap,
+                c.batch, c.num_heads,
+                D=c.head_dim, T=c.config.page_size, BITS=c.bits, BN=self.BN, BP=triton.next_power_of_2(c.batch + 1),
+                KEY=self.is_key, OUT=self.out, ZERO_CODE=c.codebook.zero_code, CODE_TREE=self.code_tree,
+                num_warps=self.num_warps,
+            )
+
+    def finish(self) -> None:
+        """Move the staged outliers into the cache's sparse matrix (after :meth:`run_kernel`)."""
+        if self.N == 0 or not self.out:
+            return
+        total, top = torch.stack([self.counter[0].to(torch.int64), self.slot.max() + 1]).tolist()
+        if total > self.cap:  # staging overflowed: run again with room for all (every write is idempotent)
+            self.cap = total
+            self._alloc_staging(total)
+            self.run_kernel()
+        outl = self.cache.outliers
+        tot = self.cnt.sum(1)
+        tstart = outl.allocate_slots(self.slot, tot, total, top)
+        if total:
+            BT = 32
+            H = self.cache.num_heads
+            _scatter_kernel[(triton.cdiv(self.N, BT),)](
+                self.cnt, self.sst, tstart, self.stv, self.sti, outl.values, outl.indices, self.N, H,
+                HP=triton.next_power_of_2(H), BT=BT, num_warps=4,
+            )

@@ -1,0 +1,286 @@
+"""The fused quantize-append kernel writes exactly what the torch path writes.
+
+Every test runs the same appends (a padded prefill, then decode steps) on two caches, one with
+``backend="torch"`` and one with ``backend="triton"``, and compares the storage byte for byte: bit-plane
+pages, value scales, outlier entries (values, channels, per-slot start/count, capacities), sinks, residual,
+lengths, and the dequantized tokens. Without CUDA the kernel runs under Triton's interpreter
+(``TRITON_INTERPRET=1``, set before triton is imported) on small shapes; ``@pytest.mark.gpu`` tests use
+realistic shapes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+triton = pytest.importorskip("triton", reason="triton is not installed: the kernels cannot be tested")
+
+if not torch.cuda.is_available() and "kvquant.kernels.quantize_append" in sys.modules:
+    importlib.reload(sys.modules["kvquant.kernels.quantize_append"])  # re-decorate under the interpreter
+
+from kvquant.config import QuantConfig  # noqa: E402
+from kvquant.kernels.quantize_append import quantize_append  # noqa: E402
+from kvquant.quant.codebook import create_heuristic_codebook  # noqa: E402
+from kvquant.quant.quantizer import BatchedKVQuantizer  # noqa: E402
+from kvquant.quant.stats import _quantile_pair_sort, masked_quantile_pair  # noqa: E402
+from kvquant.quant.store import QuantizedKVCache  # noqa: E402
+from kvquant.sparse.blocked import BlockedCSRMatrix  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def storage(c: QuantizedKVCache) -> dict[str, torch.Tensor]:
+    """Everything a cache stores (used part of each buffer), plus the dequantized tokens."""
+    P = c.pages.n_pages
+    o = c.outliers
+    out = {f"pool.{k}": v[:P] for k, v in c.pages.pools.items()}
+    out.update({
+        "table": c.pages.table, "out.values": o.values[: o.nnz], "out.indices": o.indices[: o.nnz],
+        "out.slot_start": o.slot_start[: o.n_slots], "out.slot_count": o.slot_count[: o.n_slots],
+        "sink": c.sink, "residual": c.residual, "q_len": c.q_len, "res_len": c.res_len, "sink_len": c.sink_len,
+        "dequantized": c.dequantize()[0],
+    })
+    out["sizes"] = torch.tensor([P, c.pages.capacity, o.nnz, o.n_slots, o.capacity_nnz, o.slot_start.shape[0]])
+    return out
+
+
+def assert_same(a: QuantizedKVCache, b: QuantizedKVCache, what: str) -> None:
+    sa, sb = storage(a), storage(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        x, y = sa[k], sb[k]
+        assert x.shape == y.shape and x.dtype == y.dtype, f"{what}: {k} {x.shape}/{x.dtype} vs {y.shape}/{y.dtype}"
+        if not torch.equal(x, y):
+            bad = (x != y).nonzero()
+            pytest.fail(f"{what}: {k} differs at {bad.shape[0]} places, first {bad[:3].tolist()}")
+
+
+def padded_mask(gen: torch.Generator, B: int, S: int, lengths: list[int]) -> torch.Tensor:
+    """Row ``b`` has ``lengths[b]`` real tokens: left padding on odd rows, right padding on even ones."""
+    mask = torch.zeros(B, S, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        if b % 2:
+            mask[b, S - n:] = True
+        else:
+            mask[b, :n] = True
+    return mask.to(DEVICE)
+
+
+def run_both(seed: int, cfg: QuantConfig, B: int, H: int, D: int, S: int, lengths: list[int], n_decode: int,
+             dtype: torch.dtype, scale_decode: float = 1.0, select: list[int] | None = None) -> None:
+    """Prefill + decode appends of keys and values on both backends; storage must be identical after each."""
+    gen = torch.Generator().manual_seed(seed)
+    chan = 0.5 + torch.rand(1, H, 1, D, generator=gen)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * chan).to(DEVICE, dtype)
+
+    x = {"key": rnd(B, H, S, D), "value": rnd(B, H, S, D)}
+    mask = padded_mask(gen, B, S, lengths)
+    nb = B if select is None else len(select)
+    steps = [{"key": scale_decode * rnd(nb, H, 1, D), "value": scale_decode * rnd(nb, H, 1, D)}
+             for _ in range(n_decode)]
+    for kind in ("key", "value"):
+        caches = []
+        for backend in ("torch", "triton"):
+            qz = BatchedKVQuantizer(replace(cfg, backend=backend))
+            quantize = qz.quantize_keys if kind == "key" else qz.quantize_values
+            caches.append(quantize(x[kind], mask))
+        ref, fused = caches
+        assert not ref.uses_triton(x[kind][:, :, 0]) and fused.uses_triton(x[kind][:, :, 0])
+        assert_same(ref, fused, f"{kind} prefill")
+        if select is not None:
+            index = torch.tensor(select, device=DEVICE)
+            ref, fused = ref.select(index), fused.select(index)
+        for i, step in enumerate(steps):
+            ref.append(step[kind])
+            fused.append(step[kind])
+            assert_same(ref, fused, f"{kind} decode step {i}")
+
+
+@pytest.fixture(params=[True, False], ids=["tree", "count"])
+def code_tree(request, monkeypatch) -> bool:
+    """Both ways of finding the code in the kernel (select tree / counting midpoints)."""
+    monkeypatch.setitem(sys.modules["kvquant.kernels.quantize_append"].TUNING, "code_tree", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("datatype", ["nuq2", "nuq3", "nuq4", "int3"])
+def test_bits_and_datatypes(seed: int, datatype: str, code_tree: bool) -> None:
+    """Prefill of rows ending just before a page boundary, then decode steps across it."""
+    if not code_tree and datatype in ("nuq2", "int3"):
+        pytest.skip("the counting variant is covered by nuq3/nuq4 (keeps the CPU run short)")
+    cfg = QuantConfig(datatype=datatype, outlier_fraction=0.05, n_sink=1, residual_length=0, page_size=32)
+    run_both(seed, cfg, B=3, H=2, D=32, S=33, lengths=[33, 30, 31], n_decode=4, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_dtypes_and_head_dims(seed: int, dtype: torch.dtype, monkeypatch) -> None:
+    """Also the 64-token tiles (two words per tile) of 64-token pages."""
+    monkeypatch.setitem(sys.modules["kvquant.kernels.quantize_append"].TUNING, "block_n", 64)
+    D = {torch.float16: 64, torch.bfloat16: 32, torch.float32: 128}[dtype]
+    cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.02, n_sink=2, residual_length=0, page_size=64)
+    run_both(seed, cfg, B=2, H=2, D=D, S=70, lengths=[70, 37], n_decode=2, dtype=dtype)
+
+
+def test_no_outliers(seed: int) -> None:
+    """outlier_fraction = 0: keys clamp to the range, values use the full min/max; no sparse entries."""
+    cfg = QuantConfig(datatype="nuq4", outlier_fraction=0.0, n_sink=0, residual_length=0, page_size=32)
+    run_both(seed, cfg, B=2, H=3, D=32, S=45, lengths=[45, 20], n_decode=2, dtype=torch.float16, scale_decode=3.0)
+
+
+def test_residual_window_and_odd_lengths(seed: int) -> None:
+    """Tokens reach the pages only when they leave the residual window; odd, unaligned run starts."""
+    cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.05, n_sink=3, residual_length=5, page_size=32)
+    run_both(seed, cfg, B=3, H=2, D=32, S=41, lengths=[41, 9, 27], n_decode=4, dtype=torch.float32)
+
+
+def test_decode_outliers_beyond_prompt_range_and_select(seed: int) -> None:
+    """Decode keys far outside the prompt's channel ranges (many outliers per token), after a beam reorder."""
+    cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.05, n_sink=1, residual_length=0, page_size=32)
+    run_both(seed, cfg, B=2, H=2, D=32, S=20, lengths=[20, 13], n_decode=3, dtype=torch.float16,
+             scale_decode=4.0, select=[1, 0, 1])
+
+
+def test_values_on_midpoints_and_range_ends(seed: int, code_tree: bool) -> None:
+    """Keys exactly on the level midpoints and on +-1 (ranges [-1, 1]): ties resolve like torch.bucketize."""
+    cb = create_heuristic_codebook("nuq3")
+    gen = torch.Generator().manual_seed(seed)
+    special = torch.cat([cb.midpoints, torch.tensor([-1.0, 1.0, 0.0])])
+    H, D, S = 2, 32, 40
+    k = special[torch.randint(0, special.numel(), (1, H, S, D), generator=gen)]
+    k = torch.where(torch.rand(k.shape, generator=gen) < 0.1, 2 * k + 0.01, k).to(DEVICE)  # some outliers
+    ranges = (-torch.ones(H, D), torch.ones(H, D))
+    cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.05, n_sink=0, page_size=32)
+    ref = BatchedKVQuantizer(replace(cfg, backend="torch"), key_ranges=ranges).quantize_keys(k)
+    fused = BatchedKVQuantizer(replace(cfg, backend="triton"), key_ranges=ranges).quantize_keys(k)
+    assert_same(ref, fused, "keys on midpoints")
+
+
+def test_staging_overflow_reruns(seed: int) -> None:
+    """A staging buffer too small for the outliers triggers the (idempotent) second pass."""
+    gen = torch.Generator().manual_seed(seed)
+    cfg = QuantConfig(datatype="nuq2", outlier_fraction=0.1, n_sink=0, page_size=32)
+    x = torch.randn(2, 2, 40, 32, generator=gen).to(DEVICE)
+    ref = BatchedKVQuantizer(replace(cfg, backend="torch")).quantize_values(x)
+    cb = create_heuristic_codebook("nuq2")
+    fused = QuantizedKVCache("value", replace(cfg, backend="triton"), 2, 2, 32, torch.float32, DEVICE, cb)
+    counts = torch.tensor([40, 40], device=DEVICE)
+    fused.pages.reserve(counts)
+    quantize_append(fused, counts, x.transpose(1, 2).reshape(80, 2, 32), staging_capacity=3)
+    fused.q_len += counts
+    assert_same(ref, fused, "values after a staging overflow")
+
+
+def test_dispatch_and_bad_input() -> None:
+    with pytest.raises(ValueError, match="backend"):
+        QuantConfig(backend="cuda")
+    cb = create_heuristic_codebook("nuq3")
+    auto = QuantizedKVCache("value", QuantConfig(), 1, 2, 32, torch.float32, DEVICE, cb)
+    x = torch.randn(1, 2, 32, device=DEVICE)
+    assert auto.uses_triton(x) == (DEVICE == "cuda")
+    assert not QuantizedKVCache("value", QuantConfig(backend="torch"), 1, 2, 32, torch.float32, DEVICE,
+                                cb).uses_triton(x)
+    odd = QuantizedKVCache("value", QuantConfig(backend="triton"), 1, 2, 24, torch.float32, DEVICE, cb)
+    with pytest.raises(ValueError, match="power of two"):
+        odd.append(torch.randn(1, 2, 3, 24, device=DEVICE))
+    assert not QuantizedKVCache("value", QuantConfig(backend="auto"), 1, 2, 24, torch.float32, DEVICE,
+                                cb).uses_triton(x)  # auto falls back to torch
+    c = QuantizedKVCache("value", QuantConfig(backend="triton"), 1, 2, 32, torch.float32, DEVICE, cb)
+    one = torch.ones(1, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="tokens must be"):
+        quantize_append(c, one, torch.randn(1, 3, 32, device=DEVICE))
+    with pytest.raises(TypeError, match="dtype"):
+        quantize_append(c, one, torch.randn(1, 2, 32, device=DEVICE, dtype=torch.float16))
+    with pytest.raises(ValueError, match="counts"):
+        quantize_append(c, torch.ones(2, dtype=torch.int64, device=DEVICE), torch.randn(1, 2, 32, device=DEVICE))
+    if DEVICE == "cuda":
+        with pytest.raises(ValueError, match="on cpu"):
+            quantize_append(c, one, torch.randn(1, 2, 32))
+
+
+def test_topk_quantiles_equal_sort(seed: int) -> None:
+    """The topk selection of tail quantiles is bit-identical to the full sort (ties, masks, empty rows)."""
+    gen = torch.Generator().manual_seed(seed)
+    for n in (64, 100, 4096):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            x = torch.randn(3, 4, n, generator=gen)
+            x = torch.where(torch.rand(x.shape, generator=gen) < 0.3, x.round(), x).to(DEVICE, dtype)
+            for mask in (None, (torch.rand(3, 1, n, generator=gen) < 0.7).to(DEVICE)):
+                if mask is not None:
+                    mask[0] = False
+                for f in (0.0, 0.01, 0.05):
+                    got = masked_quantile_pair(x, mask, f / 2, 1 - f / 2)
+                    want = _quantile_pair_sort(x, mask, f / 2, 1 - f / 2)
+                    for g, w in zip(got, want):
+                        assert torch.equal(g.nan_to_num(7.0), w.nan_to_num(7.0))
+
+
+def test_allocate_slots_matches_append_slots(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    a, b = BlockedCSRMatrix(16, block_nnz=8), BlockedCSRMatrix(16, block_nnz=8)
+    for _ in range(3):
+        slots = torch.randperm(40, generator=gen)[:5] + 40 * _
+        counts = torch.randint(0, 4, (5,), generator=gen)
+        total = int(counts.sum())
+        vals, idx = torch.randn(total, generator=gen).half(), torch.randint(0, 16, (total,), generator=gen)
+        a.append_slots(slots, counts, vals, idx)
+        starts = b.allocate_slots(slots, counts, total)
+        pos = torch.repeat_interleave(starts, counts) + torch.arange(total) - torch.repeat_interleave(
+            torch.cumsum(counts, 0) - counts, counts)
+        b.values[pos], b.indices[pos] = vals, idx.to(b.indices.dtype)
+    for name in ("values", "indices", "slot_start", "slot_count"):
+        assert torch.equal(getattr(a, name)[: a.nnz if name in ("values", "indices") else a.n_slots],
+                           getattr(b, name)[: b.nnz if name in ("values", "indices") else b.n_slots])
+    assert (a.nnz, a.n_slots, a.capacity_nnz) == (b.nnz, b.n_slots, b.capacity_nnz)
+
+
+# -- GPU, realistic shapes ------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_llama_prefill_and_decode(seed: int, dtype: torch.dtype, code_tree: bool) -> None:
+    """32 heads x 128, 3-bit, 1 % outliers, a padded batch of long prompts, then 70 decode steps."""
+    cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.01, n_sink=1, residual_length=0, page_size=64)
+    run_both(seed, cfg, B=2, H=32, D=128, S=2100, lengths=[2100, 1333], n_decode=70, dtype=dtype)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("bits", [2, 4])
+def test_gpu_gqa_fp32_residual(seed: int, bits: int, code_tree: bool) -> None:
+    cfg = QuantConfig(datatype=f"nuq{bits}", outlier_fraction=0.01, n_sink=4, residual_length=32, page_size=128)
+    run_both(seed, cfg, B=4, H=8, D=128, S=1500, lengths=[1500, 1100, 7, 900], n_decode=40,
+             dtype=torch.float32, scale_decode=2.0)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_single_long_prompt_then_decode_attention(seed: int) -> None:
+    """B=1 32K-token prompt on both backends; the decode kernel reads the fused-written cache."""
+    from kvquant.kernels.decode_attention import decode_attention
+
+    cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.01, n_sink=1, page_size=64)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    k = torch.randn(1, 32, 32768, 128, device=DEVICE, generator=gen).half()
+    v = torch.randn(1, 32, 32768, 128, device=DEVICE, generator=gen).half()
+    ref = BatchedKVQuantizer(replace(cfg, backend="torch"))
+    fused = BatchedKVQuantizer(replace(cfg, backend="triton"))
+    kr, kf = ref.quantize_keys(k), fused.quantize_keys(k)
+    assert_same(kr, kf, "32K keys")
+    del kr
+    vr, vf = ref.quantize_values(v), fused.quantize_values(v)
+    assert_same(vr, vf, "32K values")
+    q = torch.randn(1, 32, 128, device=DEVICE, generator=gen).half()
+    assert torch.equal(decode_attention(q, kf, vf, backend="triton"), decode_attention(q, kf, vr, backend="triton"))
