@@ -321,9 +321,11 @@ class CacheProber:
     def __call__(self, datatype: str, batch: int, length: int) -> bool:
         """Whether the caches of every layer fit; details of the last probe in :attr:`last`."""
         L, H, D = self.shape.num_layers, self.shape.num_kv_heads, self.shape.head_dim
+        cuda = is_cuda(self.device)  # CPU works too (tests): no memory numbers, no real OOM
         free_memory(self.device)
-        base = torch.cuda.memory_allocated(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device) if cuda else 0
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
         held: list[Any] = []
         t0 = time.perf_counter()
         ok = True
@@ -342,14 +344,21 @@ class CacheProber:
                         held.append(self._quantized_layer(quantizer, fit, batch, length))
                     else:
                         held.append(copy.deepcopy(held[0]))
-            torch.cuda.synchronize(self.device)
+            if cuda:
+                torch.cuda.synchronize(self.device)
         except Exception as exc:
             if not is_oom(exc):
                 raise
             ok = False
-        used = torch.cuda.memory_allocated(self.device) - base if ok else None
-        peak = torch.cuda.max_memory_allocated(self.device) - base
-        self.last = {"batch": batch, "context": length, "fits": ok, "kv_bytes_allocated": used,
+        held_bytes = None
+        if ok and datatype != "fp16":
+            held_bytes = sum(int(c.memory_report()["total"]) for layer in held for c in layer)
+        elif ok:
+            held_bytes = sum(t.numel() * t.element_size() for layer in held for t in layer)
+        used = torch.cuda.memory_allocated(self.device) - base if ok and cuda else None
+        peak = torch.cuda.max_memory_allocated(self.device) - base if cuda else None
+        self.last = {"batch": batch, "context": length, "fits": ok, "kv_bytes_held": held_bytes,
+                     "kv_bytes_allocated": used,
                      "peak_bytes_above_weights": peak, "seconds": time.perf_counter() - t0}
         del held
         free_memory(self.device)
