@@ -284,3 +284,36 @@ def test_capacity_cli_cpu(tmp_path: Path, capsys: pytest.CaptureFixture) -> None
                      "--datatypes", "nuq3", "--memory-budget-gb", "0.05", "--no-progress",
                      "--out", str(tmp_path / "g")]) == 0
     assert json.loads((tmp_path / "g" / "capacity.json").read_text())["contexts"] == [2048]
+
+
+def test_empirical_frontier_updates_rows(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The GPU search loop, run on CPU: the allocator cap is mocked, OOM simulated above batch 4."""
+    shape = _shape("small")
+    s = cap.CapacitySettings(datatypes=["fp16", "nuq2"], contexts=[64], chunk_mib=0.05, max_probes=10,
+                             progress=False)
+    fits = {dt: cap.measure_fit(shape, dt, s.quant, "cpu", torch.float16, (64, 128)) for dt in s.datatypes}
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d=None: calls.append(f))
+    real_q = cap.CacheProber._quantized_layer
+
+    def limited(self, quantizer, fit, batch, length):
+        if batch > 4:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return real_q(self, quantizer, fit, batch, length)
+
+    monkeypatch.setattr(cap.CacheProber, "_quantized_layer", limited)
+    real_empty = torch.empty
+
+    def empty(*size, **kw):
+        if kw.get("dtype") == torch.float16 and len(size) == 4 and size[0] > 2:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return real_empty(*size, **kw)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    doc = {"rows": [{"datatype": dt, "context": 64, "analytic_max_batch": 3} for dt in s.datatypes]}
+    cap.empirical_frontier(doc, shape, s, torch.device("cpu"), torch.float16, fits, 10.0, 20.0, tmp_path / "c.json")
+    assert calls == [0.5, 1.0]  # capped at budget / total, then released
+    got = {r["datatype"]: (r["empirical_max_batch"], r["empirical_exact"]) for r in doc["rows"]}
+    assert got == {"fp16": (2, True), "nuq2": (4, True)}
+    assert all(p["fits"] == (p["batch"] <= 4) for p in doc["rows"][1]["probes"])
+    assert json.loads((tmp_path / "c.json").read_text())["rows"][1]["empirical_max_batch"] == 4

@@ -37,6 +37,7 @@ import datetime as _dt
 import math
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -413,12 +414,41 @@ def capacity_table(doc: dict[str, Any]) -> str:
     return format_table(rows, ["context"] + [f"{dt} B max (analytic / empirical)" for dt in dts])
 
 
+def empirical_frontier(doc: dict[str, Any], shape: ModelShape, settings: CapacitySettings, dev: torch.device,
+                       dtype: torch.dtype, fits: dict[str, KVFit], budget: float, total: float, out_path: Path
+                       ) -> None:
+    """Search the largest batch of every row of ``doc`` on the GPU, the allocator capped at ``budget``;
+    ``doc`` is updated and rewritten to ``out_path`` after every row."""
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), dev)
+    try:
+        prober = CacheProber(shape, settings, dev, dtype, fits)
+        bar = tqdm(doc["rows"], desc="capacity probes", disable=not settings.progress, file=sys.stderr)
+        for row in bar:
+            bar.set_postfix_str(f"{row['datatype']} S={row['context']}")
+            details: list[dict[str, Any]] = []
+
+            def fits_fn(b: int, row: dict[str, Any] = row, details: list = details) -> bool:
+                ok = prober(row["datatype"], b, row["context"])
+                details.append(dict(prober.last))
+                return ok
+
+            res = search_max_batch(fits_fn, row["analytic_max_batch"], settings.max_probes)
+            row.update(empirical_max_batch=res["max_batch"], empirical_exact=res["exact"],
+                       empirical_bracket=res["bracket"], probes=details,
+                       empirical_max_tokens=res["max_batch"] * row["context"])
+            write_json_atomic(out_path, doc)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, dev)
+
+
 def run_capacity(model: str | None, dtype: str | None, device: str, settings: CapacitySettings, out_dir: str | Path
                  ) -> int:
     """Compute (and on CUDA check) the capacity frontier; writes ``<out_dir>/capacity.json``."""
     out_dir = Path(out_dir)
     dev = torch.device(device)
     cuda = is_cuda(dev)
+    if cuda and dev.index is None:  # set_per_process_memory_fraction needs an explicit index
+        dev = torch.device("cuda", torch.cuda.current_device())
     empirical = settings.empirical and cuda
     total = free0 = None
     if cuda:
@@ -434,7 +464,7 @@ def run_capacity(model: str | None, dtype: str | None, device: str, settings: Ca
         print(f"budget {budget / GIB:.1f} GiB is more than the device's {total / GIB:.1f} GiB", file=sys.stderr)
         return 2
     print(f"loading model {model or '(default)'} ...", file=sys.stderr)
-    bm, shape, info = _shape_model(model, dtype, device, empirical, settings.seed)
+    bm, shape, info = _shape_model(model, dtype, str(dev), empirical, settings.seed)
     tdtype = getattr(torch, shape.dtype)
     note = RANDOM_WEIGHTS_NOTE if info["random_weights"] else None
     if note:
@@ -470,39 +500,25 @@ def run_capacity(model: str | None, dtype: str | None, device: str, settings: Ca
                                 "empirical_exact": None, "empirical_bracket": None, "probes": []})
     out_path = out_dir / "capacity.json"
     write_json_atomic(out_path, doc)
+    code = 0
     if empirical:
         assert bm is not None
-        limited = False
         try:
-            frac = min(1.0, budget / total)
-            torch.cuda.set_per_process_memory_fraction(frac, dev)
-            limited = True
-            prober = CacheProber(shape, settings, dev, tdtype, fits)
-            bar = tqdm(doc["rows"], desc="capacity probes", disable=not settings.progress, file=sys.stderr)
-            for row in bar:
-                bar.set_postfix_str(f"{row['datatype']} S={row['context']}")
-                details: list[dict[str, Any]] = []
-
-                def fits_fn(b: int, row: dict[str, Any] = row, details: list = details) -> bool:
-                    ok = prober(row["datatype"], b, row["context"])
-                    details.append(dict(prober.last))
-                    return ok
-
-                res = search_max_batch(fits_fn, row["analytic_max_batch"], settings.max_probes)
-                row.update(empirical_max_batch=res["max_batch"], empirical_exact=res["exact"],
-                           empirical_bracket=res["bracket"], probes=details,
-                           empirical_max_tokens=res["max_batch"] * row["context"])
-                write_json_atomic(out_path, doc)
-        finally:
-            if limited:
-                torch.cuda.set_per_process_memory_fraction(1.0, dev)
+            empirical_frontier(doc, shape, settings, dev, tdtype, fits, budget, total, out_path)
+        except Exception as exc:  # keep (and print) the analytic frontier whatever happens on the GPU
+            traceback.print_exc(file=sys.stderr)
+            doc["empirical_note"] = f"empirical check failed: {type(exc).__name__}: {str(exc)[:300]}"
+            write_json_atomic(out_path, doc)
+            code = 1
     print(capacity_table(doc))
     print(f"\n(analytic / empirical max batch; '?' = empirical search stopped before bracketing exactly; "
           f"budget {budget / GIB:.2f} GiB incl. {shape.weights_bytes / GIB:.2f} GiB of weights)")
     if note:
         print(f"({doc['model']}: {note})")
+    if doc.get("empirical_note") and empirical:
+        print(doc["empirical_note"])
     print(f"results in {out_path}")
-    return 0
+    return code
 
 
 def add_capacity_args(p: argparse.ArgumentParser) -> None:

@@ -229,7 +229,10 @@ def is_oom(exc: BaseException) -> bool:
     generic = getattr(torch, "OutOfMemoryError", None)
     if isinstance(generic, type):
         types += (generic,)
-    return isinstance(exc, types)
+    if isinstance(exc, types):
+        return True
+    # allocations outside the caching allocator (cuBLAS workspaces, ...) fail with a plain RuntimeError
+    return isinstance(exc, RuntimeError) and "CUDA out of memory" in str(exc)
 
 
 def gpu_name(device: torch.device | str) -> str | None:
