@@ -518,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", default="1,8,32", help="batch sizes: list (1,8,32) or doubling range (1..32)")
     p.add_argument("--prompt-len", default="1K..32K", help="prompt lengths: list (1024,4096) or doubling range")
     p.add_argument("--gen", type=int, default=128, help="new tokens per sequence")
-    p.add_argument("--warmup", type=int, default=1, help="untimed short runs before each configuration")
+    p.add_argument("--warmup", type=int, default=2, help="untimed short runs before each configuration")
     p.add_argument("--calibration", default=None, help="calibration file from kvquant calibrate (optional)")
     p.add_argument("--data", default="wikitext2-raw", help="text for prompts when the model has a tokenizer")
     p.add_argument("--out", type=Path, default=Path("results/bench"), help="results folder")

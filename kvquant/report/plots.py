@@ -36,17 +36,18 @@ def _series_by_batch(records: list[dict[str, Any]], metric: Callable[[dict[str, 
     return out
 
 
-def _grid(records: list[dict[str, Any]], rows: list[tuple[str, Callable[[dict[str, Any]], float | None]]],
-          path: Path, title: str, logy: bool = False) -> Path | None:
-    series = [(label, _series_by_batch(records, f)) for label, f in rows]
-    series = [(label, s) for label, s in series if s]
+def _grid(records: list[dict[str, Any]], rows: list[tuple[str, Callable[[dict[str, Any]], float | None], bool]],
+          path: Path, title: str) -> Path | None:
+    """A row per metric (label, value function, log y axis), a column per batch, a line per datatype."""
+    series = [(label, _series_by_batch(records, f), logy) for label, f, logy in rows]
+    series = [(label, s, logy) for label, s, logy in series if s]
     if not series:
         return None
-    batches = sorted({b for _, s in series for b in s})
+    batches = sorted({b for _, s, _ in series for b in s})
     plt = _plt()
     fig, axes = plt.subplots(len(series), len(batches), figsize=(4.2 * len(batches), 3.4 * len(series)),
                              squeeze=False)
-    for i, (label, s) in enumerate(series):
+    for i, (label, s, logy) in enumerate(series):
         for j, b in enumerate(batches):
             ax = axes[i][j]
             for dt in sorted(s.get(b, {}), key=datatype_key):
@@ -70,8 +71,8 @@ def _grid(records: list[dict[str, Any]], rows: list[tuple[str, Callable[[dict[st
 
 def plot_throughput(records: list[dict[str, Any]], path: Path, title: str) -> Path | None:
     """Decode and end-to-end tokens/s vs prompt length, a column per batch, a line per datatype."""
-    return _grid(records, [("decode tokens/s", lambda r: r.get("decode_tokens_per_s")),
-                           ("end-to-end tokens/s", lambda r: r.get("e2e_tokens_per_s"))], path, title, logy=True)
+    return _grid(records, [("decode tokens/s", lambda r: r.get("decode_tokens_per_s"), True),
+                           ("end-to-end tokens/s", lambda r: r.get("e2e_tokens_per_s"), True)], path, title)
 
 
 def plot_memory(records: list[dict[str, Any]], path: Path, title: str) -> Path | None:
@@ -82,7 +83,7 @@ def plot_memory(records: list[dict[str, Any]], path: Path, title: str) -> Path |
     def peak(r: dict[str, Any]) -> float | None:
         return r["peak_memory_bytes"] / 2**30 if _num(r.get("peak_memory_bytes")) else None
 
-    return _grid(records, [("KV cache (MiB)", kv), ("peak GPU memory (GiB)", peak)], path, title, logy=True)
+    return _grid(records, [("KV cache (MiB)", kv, True), ("peak GPU memory (GiB)", peak, False)], path, title)
 
 
 def plot_energy(records: list[dict[str, Any]], path: Path, title: str) -> Path | None:

@@ -9,7 +9,9 @@ from kvquant.report.pareto import TradeoffPoint
 
 
 def _mib(v: Any) -> str | None:
-    return fmt_num(v / 2**20, ".4g") if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return None
+    return fmt_num(v / 2**20, ".1f" if v >= 2**20 else ".3g")
 
 
 def _gib(v: Any) -> str | None:
