@@ -115,9 +115,22 @@ def cmd_bench(a: argparse.Namespace, rest: list[str]) -> None:
         from kvquant.bench.roundtrip import main
     elif a.what == "kernels":
         from kvquant.bench.kernels import main
+    elif a.what == "generate":
+        from kvquant.bench.generate import main
+    elif a.what == "capacity":
+        from kvquant.bench.capacity import main
     else:  # pragma: no cover - argparse restricts choices
         raise SystemExit(f"unknown benchmark {a.what}")
-    main(rest)
+    code = main(rest)
+    if isinstance(code, int) and not isinstance(code, bool) and code:  # roundtrip returns its rows
+        raise SystemExit(code)
+
+
+def cmd_report(a: argparse.Namespace) -> None:
+    from kvquant.report import build_report
+
+    path = build_report(a.results_dir, a.out)
+    print(f"report written to {path}")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -177,8 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.set_defaults(func=cmd_eval_ppl)
 
     b = sub.add_parser("bench", help="benchmarks (extra arguments go to the benchmark; try --help)")
-    b.add_argument("what", choices=["roundtrip", "kernels"])
+    b.add_argument("what", choices=["roundtrip", "kernels", "generate", "capacity"])
     b.set_defaults(func=None)
+
+    r = sub.add_parser("report", help="report.md with tables and plots from a results folder")
+    r.add_argument("results_dir", type=Path, help="folder with bench generate / capacity / eval ppl / kernels output")
+    r.add_argument("--out", type=Path, default=None, help="report file (default: RESULTS_DIR/report.md)")
+    r.set_defaults(func=cmd_report)
     return p
 
 

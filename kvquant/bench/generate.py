@@ -1,0 +1,598 @@
+"""End-to-end generation benchmark: prefill latency, decode throughput, memory, KV bytes and energy.
+
+For every (datatype, batch, prompt length) configuration, in that order:
+
+1. ``--warmup`` untimed short runs (same datatype and batch, prompt ``min(S, 128)``, 3 new tokens) so that
+   one-off costs (CUDA context, cuBLAS heuristics, Triton compilation) are not timed;
+2. a **prefill**: one forward of the ``[B, S]`` prompt through the model with a fresh cache
+   (``logits_to_keep=1``: only the last position's logits are computed, as ``generate`` does), greedy pick
+   of the first new token;
+3. a **decode loop** of ``gen - 1`` forwards of one token per sequence with the cache, greedy (argmax on
+   the device, no host round trip per step). As in ``model.generate(max_new_tokens=gen)``, the first of
+   the ``gen`` new tokens comes from the prefill logits.
+
+Timing: ``time.perf_counter`` between ``torch.cuda.synchronize()`` calls at the start of the prefill, the
+end of the prefill and the end of the decode loop. Reported rates count every sequence of the batch:
+
+* ``prefill_tokens_per_s = B * S / prefill_s``;
+* ``decode_tokens_per_s = B * (gen - 1) / decode_s`` (tokens produced by the decode forwards);
+* ``e2e_tokens_per_s = B * gen / (prefill_s + decode_s)`` (all new tokens over the whole request).
+
+Caches: ``fp16`` is transformers' ``DynamicCache`` in the model dtype (the real baseline); every other
+datatype is a :class:`~kvquant.cache.hf_cache.KVQuantCache` with its default backend. KV bytes: the
+cache's ``memory_report()`` (bytes held) for kvquant, the K/V tensors' bytes for ``DynamicCache``; both
+after the last decode step. Peak memory: ``torch.cuda.max_memory_allocated`` (weights included), reset
+before each timed run; ``None`` on CPU. Energy: one :class:`~kvquant.energy.DetailedEnergyProfiler`
+region for the prefill and one for the decode loop (NVML); ``j_per_token`` is their summed energy over
+the ``B * gen`` new tokens. Without NVML (or on CPU) every energy field is ``None`` and
+``energy_note`` says why. Prompts are real text tokens (``--data``) when the model has a tokenizer, else
+uniform random token ids (``prompt_source``). A CUDA out-of-memory error is recorded as status ``OOM``;
+larger configurations of the same datatype (batch and length both >=) are then recorded as
+``skipped`` without running (``--no-skip-after-oom`` runs them anyway).
+
+Files in ``--out``: ``generate.jsonl`` (one JSON object per configuration, written as soon as it ends),
+``generate.csv`` (same fields), ``energy/`` (the profiler's per-region power samples and summary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import sys
+import time
+import traceback
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from kvquant.bench.capacity import add_capacity_args
+from kvquant.bench.common import (
+    RANDOM_WEIGHTS_NOTE,
+    BenchModel,
+    ResultWriter,
+    fmt_num,
+    format_table,
+    free_memory,
+    gpu_name,
+    is_cuda,
+    is_oom,
+    load_bench_model,
+    parse_datatypes,
+    parse_size_list,
+    synchronize,
+)
+from kvquant.config import QuantConfig
+
+SCHEMA = "kvquant.bench.generate/v1"
+
+#: Every record has exactly these keys (also the CSV header), ``None`` where a value is unavailable.
+FIELDS: list[str] = [
+    "schema", "kind", "run_id", "timestamp", "model", "model_source", "random_weights", "note",
+    "device", "gpu_name", "torch_version", "dtype", "kv_dtype",
+    "datatype", "batch", "prompt_len", "gen_tokens", "warmup", "prompt_source", "calibration",
+    "outlier_fraction", "n_sink", "residual_length", "cache_class", "cache_backend",
+    "status", "error",
+    "prefill_s", "decode_s", "total_s", "decode_steps", "decode_ms_per_step",
+    "prefill_tokens_per_s", "decode_tokens_per_s", "e2e_tokens_per_s", "generated_tokens",
+    "weights_bytes", "peak_memory_bytes", "peak_memory_note",
+    "kv_tokens", "kv_elements", "kv_bytes", "kv_bytes_allocated", "kv_fp16_bytes", "bits_per_element",
+    "compression_vs_fp16", "logits_finite",
+    "energy_available", "energy_note", "energy_method", "prefill_energy_j", "decode_energy_j", "energy_j",
+    "j_per_token", "prefill_j_per_token", "decode_j_per_token", "mean_power_w", "peak_power_w",
+    "grid_intensity_g_per_kwh", "country", "co2_g", "co2_g_per_1k_tokens",
+]
+
+
+@dataclass
+class GenerateSettings:
+    """What to run (see ``kvquant bench generate --help``)."""
+
+    datatypes: list[str]
+    batches: list[int]
+    prompt_lens: list[int]
+    gen: int = 128
+    warmup: int = 1
+    calibration: str | None = None
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    data: str = "wikitext2-raw"
+    energy: str = "auto"  # auto | on | off
+    gpu_id: int | None = None
+    country: str | None = "USA"
+    grid_intensity: float | None = None
+    grid_region: str | None = None
+    seed: int = 0
+    skip_after_oom: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.gen < 1:
+            raise ValueError(f"--gen must be >= 1, got {self.gen}")
+        if self.warmup < 0:
+            raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.energy not in ("auto", "on", "off"):
+            raise ValueError(f"energy must be auto, on or off, got {self.energy!r}")
+        if not self.batches or min(self.batches) < 1 or not self.prompt_lens or min(self.prompt_lens) < 1:
+            raise ValueError("batches and prompt lengths must be non-empty lists of positive integers")
+
+
+# ----------------------------------------------------------------------------------------------------
+# prompts
+
+_CORPUS: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def make_prompts(bm: BenchModel, batch: int, length: int, data: str | None, seed: int = 0
+                 ) -> tuple[torch.Tensor, str]:
+    """``[batch, length]`` prompt ids on the model's device and where they come from.
+
+    Real text (consecutive windows of the tokenized ``data`` test split, wrapped around when the corpus is
+    shorter than ``batch * length``) when the model has a tokenizer and the text loads; uniform random ids
+    otherwise (the reason is in the returned source string).
+    """
+    reason = "random-weight model has no tokenizer" if bm.tokenizer is None else None
+    if bm.tokenizer is not None and data:
+        key = (bm.name, data)
+        try:
+            if key not in _CORPUS:
+                from kvquant.data import load_text, tokenize_corpus
+
+                _CORPUS[key] = torch.as_tensor(tokenize_corpus(load_text(data, "test"), bm.tokenizer, bm.bos_id))
+            ids = _CORPUS[key]
+            need = batch * length
+            wrapped = need > ids.numel()
+            if wrapped:
+                ids = ids.repeat(-(-need // ids.numel()))
+            return ids[:need].view(batch, length).to(bm.device), f"text:{data}:test" + (" (wrapped)" if wrapped else "")
+        except Exception as exc:  # no data available: fall back, and say so
+            reason = f"text {data!r} unavailable ({type(exc).__name__}: {str(exc)[:120]})"
+    elif bm.tokenizer is not None:
+        reason = "no --data given"
+    vocab = int(bm.text_config.vocab_size)
+    g = torch.Generator().manual_seed(seed + 7919 * batch + length)
+    low = 3 if vocab > 3 else 0  # skip pad/bos/eos of the random presets
+    ids = torch.randint(low, vocab, (batch, length), generator=g)
+    return ids.to(bm.device), f"random-ids ({reason})"
+
+
+# ----------------------------------------------------------------------------------------------------
+# caches
+
+
+def make_cache(bm: BenchModel, datatype: str, quant: QuantConfig, calibration: Any | None) -> Any:
+    """``DynamicCache`` for ``fp16``, else a :class:`KVQuantCache` of ``datatype``."""
+    if datatype == "fp16":
+        from transformers import DynamicCache
+
+        return DynamicCache()
+    from kvquant.cache.hf_cache import KVQuantCache
+
+    return KVQuantCache(bm.model, replace(quant, datatype=datatype), calibration=calibration)
+
+
+def _dynamic_kv_tensors(cache: Any) -> list[torch.Tensor]:
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        out = []
+        for layer in layers:
+            for name in ("keys", "values"):
+                t = getattr(layer, name, None)
+                if isinstance(t, torch.Tensor):
+                    out.append(t)
+        return out
+    return [t for t in (*getattr(cache, "key_cache", []), *getattr(cache, "value_cache", []))
+            if isinstance(t, torch.Tensor)]  # transformers 4.5x
+
+
+def cache_memory(cache: Any) -> dict[str, Any]:
+    """KV bytes held / allocated, fp16-equivalent bytes, elements and bits per element of a cache."""
+    if hasattr(cache, "memory_report") and hasattr(cache, "quantizer_for"):  # KVQuantCache
+        rep = cache.memory_report()
+        if not rep:
+            return {}
+        allocated = 0
+        for layer in cache.layers:
+            for store in (getattr(layer, "qkeys", None), getattr(layer, "qvalues", None)):
+                if store is not None and hasattr(store, "nbytes_allocated"):
+                    allocated += int(store.nbytes_allocated())
+        elements = int(rep["key_elements"] + rep["value_elements"])
+        return {"kv_bytes": int(rep["total_bytes"]), "kv_bytes_allocated": allocated or None,
+                "kv_fp16_bytes": int(rep["fp16_bytes"]), "kv_elements": elements,
+                "bits_per_element": float(rep["bits_per_element"]),
+                "compression_vs_fp16": float(rep["compression_vs_fp16"])}
+    tensors = _dynamic_kv_tensors(cache)
+    if not tensors:
+        return {}
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    elements = sum(t.numel() for t in tensors)
+    return {"kv_bytes": int(nbytes), "kv_bytes_allocated": int(nbytes), "kv_fp16_bytes": 2 * elements,
+            "kv_elements": int(elements), "bits_per_element": 8 * nbytes / elements,
+            "compression_vs_fp16": 2 * elements / nbytes}
+
+
+# ----------------------------------------------------------------------------------------------------
+# one configuration
+
+
+def _forward(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any) -> torch.Tensor:
+    """One forward with the cache; returns the last position's logits ``[B, vocab]``."""
+    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1]
+
+
+@torch.no_grad()
+def run_generation(model: torch.nn.Module, prompt: torch.Tensor, cache: Any, gen: int, device: torch.device,
+                   region: Any = None) -> dict[str, Any]:
+    """Prefill ``prompt`` then ``gen - 1`` greedy decode steps; timings (s) and the last logits.
+
+    ``region(name, tokens)`` is an optional context-manager factory (energy regions) wrapped around the
+    prefill and the decode loop; the timed windows are inside it.
+    """
+    region = region or (lambda name, tokens: contextlib.nullcontext())
+    B, S = prompt.shape
+    with region("prefill", B * S):
+        synchronize(device)
+        t0 = time.perf_counter()
+        logits = _forward(model, prompt, cache)
+        nxt = logits.argmax(-1, keepdim=True)
+        synchronize(device)
+        t1 = time.perf_counter()
+    steps = gen - 1
+    with region("decode", B * steps):
+        synchronize(device)
+        t2 = time.perf_counter()
+        for _ in range(steps):
+            logits = _forward(model, nxt, cache)
+            nxt = logits.argmax(-1, keepdim=True)
+        synchronize(device)
+        t3 = time.perf_counter()
+    return {"prefill_s": t1 - t0, "decode_s": t3 - t2, "decode_steps": steps, "logits": logits}
+
+
+class _Energy:
+    """Energy regions of one benchmark run (a :class:`DetailedEnergyProfiler`, or nothing)."""
+
+    def __init__(self, settings: GenerateSettings, device: torch.device, out_dir: Path) -> None:
+        self.profiler = None
+        self.note: str | None = None
+        self.country = settings.country
+        use = settings.energy == "on" or (settings.energy == "auto" and is_cuda(device))
+        if not use:
+            self.note = ("unavailable: energy measurement off (--energy off)" if settings.energy == "off" else
+                         "unavailable: CPU run (energy is measured on the GPU through NVML; --energy on forces it)")
+            return
+        from kvquant.energy import DetailedEnergyProfiler
+
+        gpu = settings.gpu_id
+        if gpu is None:
+            gpu = device.index if device.index is not None else (torch.cuda.current_device() if is_cuda(device) else 0)
+        self.profiler = DetailedEnergyProfiler(out_dir / "energy", gpu_id=gpu,
+                                               grid_intensity_g_per_kwh=settings.grid_intensity,
+                                               country_iso_code=settings.country)
+        if settings.grid_intensity is not None:
+            self.country = None
+        if not self.profiler.available:
+            self.note = f"unavailable: {self.profiler._reason or 'NVML unavailable'}"
+
+    @contextlib.contextmanager
+    def regions(self, tag: str, store: dict[str, Any]) -> Iterator[Any]:
+        """A ``region(name, tokens)`` factory recording each region's record into ``store[name]``."""
+
+        @contextlib.contextmanager
+        def region(name: str, tokens: int) -> Iterator[None]:
+            if self.profiler is None:
+                yield
+                return
+            with self.profiler.profile(f"{tag}_{name}", tokens=tokens) as ctx:
+                yield
+            store[name] = ctx.record
+
+        yield region
+
+    def fields(self, store: dict[str, Any], generated: int) -> dict[str, Any]:
+        out: dict[str, Any] = {k: None for k in FIELDS if k.startswith(("energy", "prefill_energy", "decode_energy"))}
+        out.update({"j_per_token": None, "prefill_j_per_token": None, "decode_j_per_token": None,
+                    "mean_power_w": None, "peak_power_w": None, "co2_g": None, "co2_g_per_1k_tokens": None,
+                    "grid_intensity_g_per_kwh": None, "country": self.country})
+        out["energy_available"] = False
+        out["energy_note"] = self.note
+        pre, dec = store.get("prefill"), store.get("decode")
+        if self.profiler is None or pre is None:
+            return out
+        out["grid_intensity_g_per_kwh"] = self.profiler.grid_intensity_g_per_kwh
+        out["energy_method"] = pre.get("method")
+        recs = [r for r in (pre, dec) if r is not None]
+        if not all(r.get("energy_j") is not None for r in recs):
+            reasons = {r.get("reason") for r in recs if r.get("reason")}
+            out["energy_note"] = "unavailable: " + ("; ".join(sorted(reasons)) or "no energy reading")
+            return out
+        e_pre = float(pre["energy_j"])
+        e_dec = float(dec["energy_j"]) if dec is not None else 0.0
+        energy = e_pre + e_dec
+        duration = sum(float(r.get("duration_s") or 0.0) for r in recs)
+        out.update(energy_available=True, energy_note=None, prefill_energy_j=e_pre,
+                   decode_energy_j=e_dec if dec is not None else None, energy_j=energy,
+                   j_per_token=energy / generated if generated else None,
+                   prefill_j_per_token=pre.get("j_per_token"),
+                   decode_j_per_token=dec.get("j_per_token") if dec is not None else None,
+                   mean_power_w=energy / duration if duration else None,
+                   peak_power_w=max((r.get("peak_power_w") or 0.0) for r in recs) or None)
+        intensity = self.profiler.grid_intensity_g_per_kwh
+        if intensity is not None:
+            from kvquant.energy import co2_from_energy
+
+            co2 = co2_from_energy(energy, intensity)
+            out["co2_g"] = co2
+            out["co2_g_per_1k_tokens"] = co2 / generated * 1000.0 if generated else None
+        return out
+
+    def close(self) -> None:
+        if self.profiler is not None:
+            self.profiler.close()
+
+
+def measure_config(bm: BenchModel, settings: GenerateSettings, datatype: str, batch: int, prompt_len: int,
+                   calibration: Any | None, energy: _Energy) -> dict[str, Any]:
+    """Warm up, then run and measure one configuration; returns the measured record fields.
+
+    Raises whatever the run raises (``torch.cuda.OutOfMemoryError`` included): the caller records it.
+    """
+    dev = bm.device
+    for i in range(settings.warmup):
+        w_prompt, _ = make_prompts(bm, batch, min(prompt_len, 128), None, settings.seed + 1000 + i)
+        run_generation(bm.model, w_prompt, make_cache(bm, datatype, settings.quant, calibration),
+                       min(settings.gen, 3), dev)
+        del w_prompt
+    free_memory(dev)
+    prompt, source = make_prompts(bm, batch, prompt_len, settings.data, settings.seed)
+    cache = make_cache(bm, datatype, settings.quant, calibration)
+    if is_cuda(dev):
+        torch.cuda.reset_peak_memory_stats(dev)
+    store: dict[str, Any] = {}
+    tag = f"{datatype}_b{batch}_s{prompt_len}"
+    with energy.regions(tag, store) as region:
+        res = run_generation(bm.model, prompt, cache, settings.gen, dev, region)
+    peak = torch.cuda.max_memory_allocated(dev) if is_cuda(dev) else None
+    B, gen = batch, settings.gen
+    generated = B * gen
+    prefill_s, decode_s = res["prefill_s"], res["decode_s"]
+    steps = res["decode_steps"]
+    rec: dict[str, Any] = {
+        "prompt_source": source,
+        "cache_class": type(cache).__name__,
+        "cache_backend": str(getattr(cache, "backend", None) or getattr(cache.config, "backend", None) or "default")
+        if datatype != "fp16" else "transformers DynamicCache",
+        "prefill_s": prefill_s, "decode_s": decode_s if steps else None, "total_s": prefill_s + decode_s,
+        "decode_steps": steps, "decode_ms_per_step": 1e3 * decode_s / steps if steps else None,
+        "prefill_tokens_per_s": B * prompt_len / prefill_s if prefill_s > 0 else None,
+        "decode_tokens_per_s": B * steps / decode_s if steps and decode_s > 0 else None,
+        "e2e_tokens_per_s": generated / (prefill_s + decode_s) if prefill_s + decode_s > 0 else None,
+        "generated_tokens": generated,
+        "peak_memory_bytes": peak,
+        "peak_memory_note": None if peak is not None else "unavailable: not a CUDA device",
+        "kv_tokens": prompt_len + steps,
+        "logits_finite": bool(torch.isfinite(res["logits"]).all()),
+    }
+    rec.update(cache_memory(cache))
+    rec.update(energy.fields(store, generated))
+    del res, cache, prompt
+    return rec
+
+
+# ----------------------------------------------------------------------------------------------------
+# the sweep
+
+
+def _base_record(bm: BenchModel, s: GenerateSettings, run_id: str, datatype: str, batch: int, length: int
+                 ) -> dict[str, Any]:
+    rec: dict[str, Any] = {k: None for k in FIELDS}
+    rec.update(
+        schema=SCHEMA, kind="generate", run_id=run_id,
+        timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        model=bm.name, model_source=bm.source, random_weights=bm.random_weights,
+        note=RANDOM_WEIGHTS_NOTE if bm.random_weights else None,
+        device=str(bm.device), gpu_name=gpu_name(bm.device), torch_version=torch.__version__,
+        dtype=str(bm.dtype).removeprefix("torch."),
+        kv_dtype=str(bm.dtype).removeprefix("torch.") if datatype == "fp16" else datatype,
+        datatype=datatype, batch=batch, prompt_len=length, gen_tokens=s.gen, warmup=s.warmup,
+        calibration=s.calibration, outlier_fraction=s.quant.outlier_fraction if datatype != "fp16" else None,
+        n_sink=s.quant.n_sink if datatype != "fp16" else None,
+        residual_length=s.quant.residual_length if datatype != "fp16" else None,
+        weights_bytes=bm.weights_bytes,
+        peak_memory_note=None if is_cuda(bm.device) else "unavailable: not a CUDA device",
+    )
+    return rec
+
+
+def run_generate_benchmark(bm: BenchModel, settings: GenerateSettings, out_dir: str | Path) -> list[dict[str, Any]]:
+    """Run every configuration, writing each record to ``out_dir`` as soon as it ends; returns the records."""
+    out_dir = Path(out_dir)
+    writer = ResultWriter(out_dir, "generate", FIELDS)
+    calibration = None
+    if settings.calibration:
+        from kvquant.calibration import Calibration
+
+        calibration = Calibration.load(settings.calibration)
+    for dt in settings.datatypes:  # fail fast on an incompatible calibration, before any measurement
+        if dt != "fp16":
+            make_cache(bm, dt, settings.quant, calibration)
+    energy = _Energy(settings, bm.device, out_dir)
+    carbon = None
+    if settings.grid_region and energy.profiler is not None:
+        from kvquant.energy import CarbonTracker
+
+        carbon = CarbonTracker(out_dir / "codecarbon", country_iso_code=settings.country or "USA",
+                               region=settings.grid_region).start()
+    run_id = uuid.uuid4().hex[:12]
+    configs = [(dt, b, s) for dt in settings.datatypes for b in settings.batches for s in settings.prompt_lens]
+    records: list[dict[str, Any]] = []
+    ooms: dict[str, list[tuple[int, int]]] = {}
+    bar = tqdm(configs, desc="bench generate", disable=not settings.progress, file=sys.stderr)
+    try:
+        for dt, b, s in bar:
+            bar.set_postfix_str(f"{dt} B={b} S={s}")
+            rec = _base_record(bm, settings, run_id, dt, b, s)
+            smaller = [(ob, os_) for ob, os_ in ooms.get(dt, []) if ob <= b and os_ <= s]
+            if settings.skip_after_oom and smaller:
+                rec["status"] = "skipped"
+                rec["error"] = f"not run: batch {smaller[0][0]} x prompt {smaller[0][1]} already ran out of memory"
+            else:
+                try:
+                    rec.update(measure_config(bm, settings, dt, b, s, calibration, energy))
+                    rec["status"] = "ok"
+                except Exception as exc:
+                    if is_oom(exc):
+                        rec["status"] = "OOM"
+                        rec["error"] = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "OOM"
+                        ooms.setdefault(dt, []).append((b, s))
+                    else:
+                        rec["status"] = "error"
+                        rec["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
+                        traceback.print_exc(file=sys.stderr)
+                free_memory(bm.device)
+                if rec["energy_note"] is None and not rec["energy_available"]:
+                    rec["energy_note"] = energy.note or "unavailable: configuration did not complete"
+            writer.write(rec)
+            records.append(rec)
+    finally:
+        bar.close()
+        energy.close()
+        if carbon is not None:
+            m = carbon.stop()
+            from kvquant.bench.common import write_json_atomic
+
+            write_json_atomic(out_dir / "codecarbon_run.json", {"run_id": run_id, **m.to_dict(),
+                                                               "region": settings.grid_region})
+    return records
+
+
+def results_table(records: list[dict[str, Any]]) -> str:
+    """The printed summary table (Markdown)."""
+    rows = []
+    for r in records:
+        peak = r.get("peak_memory_bytes")
+        kvb = r.get("kv_bytes")
+        rows.append([
+            r["datatype"], r["batch"], r["prompt_len"], r["status"], fmt_num(r.get("prefill_s"), ".3f"),
+            fmt_num(r.get("decode_tokens_per_s"), ".1f"), fmt_num(r.get("e2e_tokens_per_s"), ".1f"),
+            fmt_num(peak / 2**30 if peak is not None else None, ".2f"),
+            fmt_num(kvb / 2**20 if kvb is not None else None, ".1f"), fmt_num(r.get("bits_per_element"), ".2f"),
+            fmt_num(r.get("j_per_token"), ".3g"), fmt_num(r.get("co2_g_per_1k_tokens"), ".3g"),
+        ])
+    return format_table(rows, ["datatype", "batch", "prompt", "status", "prefill s", "decode tok/s", "e2e tok/s",
+                               "peak GiB", "KV MiB", "bits/elem", "J/token", "gCO2/1K tok"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# command line
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="path, alias (smollm2-135m, stories260k), hub id, or random:<preset> with random weights "
+                        "(random:7b = Llama-2-7B shape, random:8b = Llama-3-8B GQA, random:1b, random:small, "
+                        "random:tiny)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default=None, help="float16 | bfloat16 | float32 (default: float16 on CUDA, "
+                                                 "float32 on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def add_quant_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--datatypes", default="fp16,nuq4,nuq3,nuq2", help="comma list of fp16, nuq2-4, int2-4")
+    p.add_argument("--outlier-fraction", type=float, default=0.01)
+    p.add_argument("--n-sink", type=int, default=1)
+    p.add_argument("--residual-length", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvquant bench generate", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p)
+    add_quant_args(p)
+    p.add_argument("--batch", default="1,8,32", help="batch sizes: list (1,8,32) or doubling range (1..32)")
+    p.add_argument("--prompt-len", default="1K..32K", help="prompt lengths: list (1024,4096) or doubling range")
+    p.add_argument("--gen", type=int, default=128, help="new tokens per sequence")
+    p.add_argument("--warmup", type=int, default=2, help="untimed short runs before each configuration")
+    p.add_argument("--calibration", default=None, help="calibration file from kvquant calibrate (optional)")
+    p.add_argument("--data", default="wikitext2-raw", help="text for prompts when the model has a tokenizer")
+    p.add_argument("--out", type=Path, default=Path("results/bench"), help="results folder")
+    p.add_argument("--energy", choices=["auto", "on", "off"], default="auto",
+                   help="NVML energy: auto = on CUDA devices only")
+    p.add_argument("--gpu-id", type=int, default=None, help="NVML index of the GPU (default: the torch device's)")
+    p.add_argument("--country", default="USA", help="ISO 3166-1 alpha-3 code for the grid carbon intensity")
+    p.add_argument("--grid-intensity", type=float, default=None, help="g CO2eq/kWh (overrides --country)")
+    p.add_argument("--grid-region", default=None,
+                   help="sub-national region for an extra whole-run CodeCarbon measurement (e.g. california)")
+    p.add_argument("--no-skip-after-oom", action="store_true",
+                   help="also run configurations larger than one that ran out of memory")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--find-capacity", action="store_true",
+                   help="instead of the throughput sweep, find the largest batch x context that fits "
+                        "(same as kvquant bench capacity; --prompt-len gives the contexts)")
+    add_capacity_args(p)
+    return p
+
+
+def _resolve_device(device: str | None) -> str:
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: CUDA is not available on this machine")
+    return device
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``kvquant bench generate``. Returns a process exit code."""
+    p = build_parser()
+    a = p.parse_args(argv)
+    try:
+        datatypes = parse_datatypes(a.datatypes)
+        batches = parse_size_list(a.batch)
+        lens = parse_size_list(a.prompt_len)
+        quant = QuantConfig(outlier_fraction=a.outlier_fraction, n_sink=a.n_sink, residual_length=a.residual_length)
+    except ValueError as exc:
+        p.error(str(exc))
+    device = _resolve_device(a.device)
+    if a.find_capacity:
+        from kvquant.bench.capacity import CapacitySettings, run_capacity
+
+
+        try:
+            cs = CapacitySettings(datatypes=datatypes, contexts=lens, quant=quant, budget_gb=a.memory_budget_gb,
+                                  reserve_gb=a.reserve_gb, empirical=not a.no_empirical, max_probes=a.max_probes,
+                                  chunk_mib=a.chunk_mib, quantize_all_layers=a.quantize_all_layers, seed=a.seed,
+                                  progress=not a.no_progress)
+        except ValueError as exc:
+            p.error(str(exc))
+        return run_capacity(a.model, a.dtype, device, cs, a.out)
+    try:
+        settings = GenerateSettings(datatypes=datatypes, batches=batches, prompt_lens=lens, gen=a.gen,
+                                    warmup=a.warmup, calibration=a.calibration, quant=quant, data=a.data,
+                                    energy=a.energy, gpu_id=a.gpu_id, country=a.country,
+                                    grid_intensity=a.grid_intensity, grid_region=a.grid_region, seed=a.seed,
+                                    skip_after_oom=not a.no_skip_after_oom, progress=not a.no_progress)
+    except ValueError as exc:
+        p.error(str(exc))
+    print(f"loading model {a.model or '(default)'} on {device} ...", file=sys.stderr)
+    bm = load_bench_model(a.model, a.dtype, device, a.seed)
+    print(f"model: {bm.name} ({bm.source}), {bm.weights_bytes / 2**30:.2f} GiB of weights, dtype "
+          f"{str(bm.dtype).removeprefix('torch.')}", file=sys.stderr)
+    if bm.random_weights:
+        print(f"NOTE: {RANDOM_WEIGHTS_NOTE}", file=sys.stderr)
+    records = run_generate_benchmark(bm, settings, a.out)
+    print(results_table(records))
+    if bm.random_weights:
+        print(f"\n({bm.name}: {RANDOM_WEIGHTS_NOTE})")
+    n_bad = sum(r["status"] not in ("ok", "OOM", "skipped") for r in records)
+    print(f"\n{len(records)} configurations ({n_bad} errors); results in {a.out}/generate.jsonl and .csv")
+    return 1 if n_bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,192 @@
+"""``kvquant report RESULTS_DIR``: assemble ``report.md`` (Markdown tables + PNG figures) from a results
+folder. A missing input makes its section say what is missing; nothing here raises on bad data."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kvquant.bench.common import RANDOM_WEIGHTS_NOTE, format_table
+from kvquant.report import plots, tables
+from kvquant.report.load import Results, group_generate, load_results
+from kvquant.report.pareto import energy_per_datatype, tradeoff_points
+
+FIGURES = "figures"
+
+
+class _Figures:
+    def __init__(self, out_dir: Path) -> None:
+        self.dir = out_dir / FIGURES
+        self.out_dir = out_dir
+        self.written: list[Path] = []
+
+    def add(self, fn: Callable[..., Path | None], name: str, *args: Any) -> str:
+        """Run a plot function; the Markdown image link, or a sentence saying why there is none."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / name
+        try:
+            got = fn(*args[:-1], path, args[-1]) if args else fn(path)
+        except ImportError as exc:
+            return f"_Figure skipped: matplotlib is not installed ({exc}); `pip install kvquant[report]`._"
+        except Exception as exc:  # a figure must never stop the report
+            traceback.print_exc()
+            return f"_Figure `{name}` failed: {type(exc).__name__}: {exc}._"
+        if got is None:
+            return "_No data to plot._"
+        self.written.append(got)
+        return f"![{name}]({got.relative_to(self.out_dir).as_posix()})"
+
+
+def _slug(*parts: Any) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9]+", "_", "_".join(str(p) for p in parts)).strip("_").lower()[:80]
+
+
+def _generation_sections(res: Results, figs: _Figures) -> list[str]:
+    out = ["## Generation benchmark (`kvquant bench generate`)", ""]
+    if not res.generate:
+        out += [f"_Missing: no `kvquant bench generate` results (`generate.jsonl` / `generate.csv`) in "
+                f"`{res.root}`. Run e.g. `kvquant bench generate --model random:7b --out {res.root}`._", ""]
+        return out
+    for (model, device), recs in group_generate(res.generate).items():
+        slug = _slug(model, device)
+        out += [f"### {model} on {device}", ""]
+        if any(r.get("random_weights") for r in recs):
+            out += [f"> **{RANDOM_WEIGHTS_NOTE}** (model `{model}` is built from its config).", ""]
+        r0 = recs[0]
+        out += [f"Model dtype {r0.get('dtype')}, prompts: {r0.get('prompt_source')}; torch {r0.get('torch_version')}. "
+                "Rates count every sequence of the batch: decode tok/s = B·(gen−1) / decode time, e2e tok/s = "
+                "B·gen / (prefill + decode time). `fp16` is transformers' `DynamicCache` in the model dtype.", ""]
+        counts: dict[str, int] = {}
+        for r in recs:
+            counts[str(r.get("status"))] = counts.get(str(r.get("status")), 0) + 1
+        out += ["Configurations: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ".", ""]
+        errors = [r for r in recs if r.get("status") not in ("ok",) and r.get("error")]
+        out += ["#### Throughput", "", tables.generation_table(recs), "",
+                figs.add(plots.plot_throughput, f"throughput_{slug}.png", recs, f"{model}: tokens/s vs context"), "",
+                "#### Memory", "", tables.memory_table(recs), "",
+                figs.add(plots.plot_memory, f"memory_{slug}.png", recs, f"{model}: KV cache and peak memory"), ""]
+        out += ["#### Energy", ""]
+        if any(r.get("j_per_token") is not None for r in recs):
+            out += [tables.energy_table(recs), "",
+                    figs.add(plots.plot_energy, f"energy_{slug}.png", recs, f"{model}: J per generated token"), ""]
+        else:
+            notes = sorted({str(r.get("energy_note")) for r in recs if r.get("energy_note")})
+            out += ["_Energy unavailable for these runs: " + ("; ".join(notes) or "no measurement recorded")
+                    + "._", ""]
+        if errors:
+            out += ["#### Not measured", "", format_table([[r["datatype"], r["batch"], r["prompt_len"], r["status"],
+                                                            str(r["error"])[:160]] for r in errors],
+                                                          ["datatype", "batch", "prompt", "status", "why"]), ""]
+    if res.superseded:
+        out += [f"_{res.superseded} older record(s) of the same configurations were superseded by newer runs._", ""]
+    return out
+
+
+def _capacity_sections(res: Results, figs: _Figures) -> list[str]:
+    from kvquant.bench.capacity import capacity_table
+
+    out = ["## Capacity (`kvquant bench capacity`)", ""]
+    if not res.capacity:
+        out += [f"_Missing: no `capacity.json` in `{res.root}`. Run e.g. `kvquant bench capacity --model random:7b "
+                f"--out {res.root}`._", ""]
+        return out
+    for doc in res.capacity:
+        model = doc.get("model")
+        out += [f"### {model} ({doc.get('gpu_name') or doc.get('device')}, `{doc.get('_file')}`)", ""]
+        if doc.get("random_weights"):
+            out += [f"> **{RANDOM_WEIGHTS_NOTE}** — capacity depends only on the shapes.", ""]
+        sh = doc.get("shape", {})
+        gib = 2**30
+        out += [f"{sh.get('num_layers')} layers, {sh.get('num_heads')} heads / {sh.get('num_kv_heads')} KV heads, "
+                f"head dim {sh.get('head_dim')}; weights {doc.get('weights_bytes', 0) / gib:.2f} GiB; budget "
+                f"{doc.get('budget_bytes', 0) / gib:.2f} GiB ({doc.get('budget_source')}), weights included.", ""]
+        try:
+            out += [capacity_table(doc), ""]
+        except (KeyError, TypeError) as exc:
+            out += [f"_Capacity table unreadable ({type(exc).__name__}: {exc})._", ""]
+        out += ["Cells: largest batch from the analytic model / found on the GPU (`?`: search not bracketed)."
+                + ("" if doc.get("empirical") else f" {doc.get('empirical_note') or 'No empirical check.'}"), "",
+                figs.add(plots.plot_capacity, f"capacity_{_slug(model, doc.get('_file'))}.png", doc,
+                         f"{model}: largest batch vs context"), ""]
+    return out
+
+
+def _accuracy_sections(res: Results, figs: _Figures) -> list[str]:
+    out = ["## Accuracy vs cost (`kvquant eval ppl`)", ""]
+    if not res.ppl:
+        out += [f"_Missing: no `kvquant eval ppl` JSON in `{res.root}`, so no ΔPPL and no Pareto front. Run e.g. "
+                f"`kvquant eval ppl --model smollm2-135m --datatypes fp16,nuq4,nuq3,nuq2 --out "
+                f"{res.root}/ppl.json`._", ""]
+        return out
+    groups = group_generate(res.generate)
+    for doc in res.ppl:
+        meta = doc.get("meta", {})
+        model = meta.get("model")
+        out += [f"### {model} (`{doc.get('_file')}`; ctx {meta.get('ctx')}, {meta.get('windows')} windows)", "",
+                tables.ppl_table(doc), ""]
+        energy: dict[str, float] = {}
+        how = ""
+        same = [recs for (m, _), recs in groups.items() if m == model]
+        with_e = [recs for recs in groups.values() if any(r.get("j_per_token") is not None for r in recs)]
+        dts = [str(r.get("datatype")) for r in doc.get("results", [])]
+        src = next((recs for recs in same if recs in with_e), None) or (with_e[0] if with_e else None)
+        if src is not None:
+            energy, how = energy_per_datatype(src, [d for d in dts if d != "plain"])
+            how = f"J/token from `bench generate` on {src[0].get('model')}: {how}"
+            if src[0].get("model") != model:
+                how += f" (**a different model from the perplexity's {model}**)"
+        points, notes = tradeoff_points(doc, energy or None)
+        out += ["Pareto front, every objective minimised (ΔPPL vs fp16 from this file, fp16 at ΔPPL 0). "
+                + (how + "." if how else "No J/token available: front over bits/element only."), "",
+                tables.tradeoff_table(points), ""]
+        if notes:
+            out += ["Not placed: " + "; ".join(notes) + ".", ""]
+        best_bits = [p.datatype for p in points if p.pareto_bits]
+        out += [f"**Pareto-optimal (bits/element vs ΔPPL):** {', '.join(best_bits) or 'none'}."]
+        if any(p.pareto_energy is not None for p in points):
+            out += [f"**Pareto-optimal (J/token vs ΔPPL):** "
+                    f"{', '.join(p.datatype for p in points if p.pareto_energy) or 'none'}."]
+        out += ["", figs.add(plots.plot_pareto, f"pareto_{_slug(model, doc.get('_file'))}.png", points,
+                             f"{model}: accuracy vs cost"), ""]
+    return out
+
+
+def _kernel_sections(res: Results) -> list[str]:
+    out = ["## Kernels (`kvquant bench kernels`)", ""]
+    if not res.kernels:
+        return out + ["_Missing: no `kvquant bench kernels --out FILE.json` output in this folder._", ""]
+    dev = next((r for r in res.kernels if r.get("kind") == "device"), None)
+    if dev:
+        out += [f"{dev.get('name')}, copy bandwidth {dev.get('copy_bw_GBps', 0):.0f} GB/s, torch {dev.get('torch')}.",
+                ""]
+    return out + [tables.kernels_table(res.kernels), ""]
+
+
+def build_report(results_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write the report of ``results_dir`` (default ``results_dir/report.md``, figures in ``figures/`` next to
+    it) and return its path.
+
+    Raises:
+        FileNotFoundError: ``results_dir`` is not a directory.
+    """
+    res = load_results(results_dir)
+    out_path = Path(out) if out is not None else Path(results_dir) / "report.md"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    figs = _Figures(out_path.parent)
+    lines = ["# kvquant benchmark report", "",
+             f"Generated {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')} from `{res.root}`.", ""]
+    found = [[k, len(v), ", ".join(f"`{x}`" for x in v[:6]) + (" …" if len(v) > 6 else "")]
+             for k, v in sorted(res.files.items())]
+    lines += [format_table(found, ["input", "files", "names"]) if found else "_No recognised result files._", ""]
+    if res.skipped:
+        lines += ["Unreadable files (ignored): " + "; ".join(res.skipped), ""]
+    for section in (_generation_sections(res, figs), _capacity_sections(res, figs), _accuracy_sections(res, figs),
+                    _kernel_sections(res)):
+        lines += section
+    out_path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+    return out_path
