@@ -217,7 +217,9 @@ class KVQuantCache(Cache):
         config: quantization settings; keyword overrides are applied on top (``datatype="nuq4"``).
         calibration: per-layer key ranges and NUQ codebooks from ``kvquant calibrate``; without it, key
             ranges come from each prompt and codebooks are the heuristic ones.
-        backend: ``"torch"`` (dequantize the past every step), ``"triton"`` (single-token decode steps run
+        backend: (``QuantConfig.backend``, one knob for writing and reading the cache) ``"torch"``
+            (the PyTorch reference: dequantize the past every step), ``"triton"`` (appends go through the
+            fused quantize-append kernel and single-token decode steps run
             the Triton kernel over the packed cache; switches the model's attention to the ``kvquant_*``
             wrapper of its ``sdpa``/``eager`` attention, see :mod:`kvquant.cache.kernel_attention`; undo with
             :func:`~kvquant.cache.kernel_attention.uninstall_kernel_attention`) or ``"auto"`` (triton when
@@ -226,7 +228,7 @@ class KVQuantCache(Cache):
     """
 
     def __init__(self, model: torch.nn.Module, config: QuantConfig | None = None,
-                 calibration: Calibration | str | None = None, backend: str = "auto", **overrides: Any) -> None:
+                 calibration: Calibration | str | None = None, **overrides: Any) -> None:
         config = config or QuantConfig()
         self.config = replace(config, **overrides) if overrides else config
         cfg = model.config
@@ -251,7 +253,7 @@ class KVQuantCache(Cache):
         self._quantizers: dict[int, BatchedKVQuantizer] = {}
         self._step: dict[str, Any] = {}
         self._rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.backend = self._resolve_backend(backend, model)
+        self.backend = self._resolve_backend(self.config.backend, model)
         install_step_hook(model)
         if self.backend == "triton":
             kernel_attention.install_kernel_attention(model)
