@@ -187,3 +187,20 @@ def test_cache_implementation_kvquant_matches_explicit_cache(model, seed):
     finally:
         unregister_cache_implementation(model)
     assert "generate" not in vars(model)
+
+
+def test_reserve_tokens_allocates_the_decode_budget_exactly(model, seed):
+    ids, mask = _batch(seed, model.config.vocab_size)
+    free = KVQuantCache(model, QuantConfig(datatype="nuq3", page_size=32))
+    held = KVQuantCache(model, QuantConfig(datatype="nuq3", page_size=32), reserve_tokens=40)
+    a, b = _generate(model, ids, mask, free), _generate(model, ids, mask, held)
+    assert torch.equal(a.sequences, b.sequences)  # reserving changes where pages live, not what they hold
+    for f_layer, h_layer in zip(free.layers, held.layers):
+        f, h = f_layer.qkeys.pages, h_layer.qkeys.pages
+        # pages for (real prompt tokens - 1 sink + 40) tokens per sequence, and the pools sized to exactly that
+        want = (mask.sum(1) - 1 + 40 + 31) // 32
+        assert torch.equal(h.pages_per_seq.cpu(), want.cpu())
+        assert h.capacity == h.n_pages == int(want.sum())
+        assert f.n_pages <= h.n_pages
+    with pytest.raises(ValueError, match="reserve_tokens"):
+        KVQuantCache(model, QuantConfig(datatype="nuq3"), reserve_tokens=-1)

@@ -164,15 +164,18 @@ def make_prompts(bm: BenchModel, batch: int, length: int, data: str | None, seed
 # caches
 
 
-def make_cache(bm: BenchModel, datatype: str, quant: QuantConfig, calibration: Any | None) -> Any:
-    """``DynamicCache`` for ``fp16``, else a :class:`KVQuantCache` of ``datatype``."""
+def make_cache(bm: BenchModel, datatype: str, quant: QuantConfig, calibration: Any | None,
+               reserve_tokens: int = 0) -> Any:
+    """``DynamicCache`` for ``fp16``, else a :class:`KVQuantCache` of ``datatype`` that allocates the pages of
+    ``reserve_tokens`` generated tokens right after the prefill (exactly, as a server with a known budget)."""
     if datatype == "fp16":
         from transformers import DynamicCache
 
         return DynamicCache()
     from kvquant.cache.hf_cache import KVQuantCache
 
-    return KVQuantCache(bm.model, replace(quant, datatype=datatype), calibration=calibration)
+    return KVQuantCache(bm.model, replace(quant, datatype=datatype), calibration=calibration,
+                        reserve_tokens=reserve_tokens)
 
 
 def _dynamic_kv_tensors(cache: Any) -> list[torch.Tensor]:
@@ -350,7 +353,7 @@ def measure_config(bm: BenchModel, settings: GenerateSettings, datatype: str, ba
         del w_prompt
     free_memory(dev)
     prompt, source = make_prompts(bm, batch, prompt_len, settings.data, settings.seed)
-    cache = make_cache(bm, datatype, settings.quant, calibration)
+    cache = make_cache(bm, datatype, settings.quant, calibration, reserve_tokens=settings.gen)
     if is_cuda(dev):
         torch.cuda.reset_peak_memory_stats(dev)
     store: dict[str, Any] = {}

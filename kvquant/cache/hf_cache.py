@@ -107,6 +107,9 @@ class KVQuantLayer(CacheLayerMixin):
             quantizer = self.owner.quantizer_for(self.layer_idx)
             self.qkeys = quantizer.quantize_keys(k_store, step_mask)
             self.qvalues = quantizer.quantize_values(value_states, step_mask)
+            if self.owner.reserve_tokens:  # the decode budget, allocated once and exactly
+                self.qkeys.reserve(self.owner.reserve_tokens)
+                self.qvalues.reserve(self.owner.reserve_tokens)
             first = step_mask.long().argmax(1)
             self.pos_offset = positions.gather(1, first[:, None]).squeeze(1)
             out_k, out_v = key_states, value_states
@@ -225,11 +228,17 @@ class KVQuantCache(Cache):
             :func:`~kvquant.cache.kernel_attention.uninstall_kernel_attention`) or ``"auto"`` (triton when
             the model is on CUDA, triton imports, the datatype is quantized, the head size is a power of two
             >= 32 and the attention is sdpa/eager; else torch).
+        reserve_tokens: after the prefill, allocate the pages for this many more tokens per sequence at once
+            and exactly (e.g. ``max_new_tokens``); otherwise the page pools grow by doubling, which can hold
+            up to twice the bytes in use.
     """
 
     def __init__(self, model: torch.nn.Module, config: QuantConfig | None = None,
-                 calibration: Calibration | str | None = None, **overrides: Any) -> None:
+                 calibration: Calibration | str | None = None, reserve_tokens: int = 0, **overrides: Any) -> None:
         config = config or QuantConfig()
+        if reserve_tokens < 0:
+            raise ValueError(f"reserve_tokens must be >= 0, got {reserve_tokens}")
+        self.reserve_tokens = int(reserve_tokens)
         self.config = replace(config, **overrides) if overrides else config
         cfg = model.config
         cfg = getattr(cfg, "text_config", None) or cfg

@@ -34,18 +34,21 @@ class PageTable:
         self.pools[name] = torch.zeros((self.capacity, *per_page_shape), dtype=dtype, device=self.device)
         return self.pools[name]
 
-    def _grow_pool(self, need: int) -> None:
+    def _grow_pool(self, need: int, exact: bool = False) -> None:
         if need <= self.capacity:
             return
-        cap = max(need, 2 * self.capacity)
+        cap = need if exact else max(need, 2 * self.capacity)
         for name, t in self.pools.items():
             new = torch.zeros((cap, *t.shape[1:]), dtype=t.dtype, device=t.device)
             new[: self.n_pages] = t[: self.n_pages]
             self.pools[name] = new
         self.capacity = cap
 
-    def reserve(self, lengths: torch.Tensor) -> torch.Tensor:
+    def reserve(self, lengths: torch.Tensor, exact: bool = False) -> torch.Tensor:
         """Allocate pages so that sequence ``b`` can hold ``lengths[b]`` tokens.
+
+        The pools grow by doubling (amortised O(1) appends) unless ``exact``, which sizes them to what is
+        asked (a known budget, e.g. ``max_new_tokens``: no doubling slack).
 
         Returns:
             ``[n_new]`` ids of the pages allocated now (fresh pages, all zero).
@@ -55,7 +58,7 @@ class PageTable:
         total = int(extra.sum())
         if total == 0:
             return torch.empty(0, dtype=torch.int64, device=self.device)
-        self._grow_pool(self.n_pages + total)
+        self._grow_pool(self.n_pages + total, exact)
         width = int(need_pages.max())
         if width > self.table.shape[1]:
             grown = torch.full((self.batch, max(width, 2 * self.table.shape[1])), -1, dtype=torch.int32,

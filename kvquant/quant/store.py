@@ -105,9 +105,10 @@ class QuantizedKVCache:
         return int(self.lengths.max()) if self.batch else 0
 
     def reserve(self, extra_tokens: int) -> None:
-        """Pre-allocate pages (and outlier slots) for ``extra_tokens`` more tokens per sequence."""
-        self.pages.reserve(self.q_len + self.res_len + extra_tokens)
-        self.outliers.reserve(slots=self.pages.capacity * self.config.page_size)
+        """Pre-allocate pages (and outlier slots) for ``extra_tokens`` more tokens per sequence, sized
+        exactly (no doubling slack). Reserved pages count as held in :meth:`memory_report`."""
+        self.pages.reserve(self.q_len + self.res_len + extra_tokens, exact=True)
+        self.outliers.reserve(slots=self.pages.capacity * self.config.page_size, exact=True)
 
     # -- writing --------------------------------------------------------------------------------------
     def append(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:

@@ -63,15 +63,16 @@ class _BlockedSlotMatrix:
         return self.values.shape[0]
 
     # -- growth ---------------------------------------------------------------------------------------
-    def reserve(self, nnz: int | None = None, slots: int | None = None) -> None:
-        """Make room for ``nnz`` entries and ``slots`` slots in total (amortised: at least doubles)."""
+    def reserve(self, nnz: int | None = None, slots: int | None = None, exact: bool = False) -> None:
+        """Make room for ``nnz`` entries and ``slots`` slots in total (amortised: at least doubles, unless
+        ``exact``; entries are always allocated in whole blocks)."""
         if nnz is not None and nnz > self.capacity_nnz:
-            want = max(nnz, 2 * self.capacity_nnz)
+            want = nnz if exact else max(nnz, 2 * self.capacity_nnz)
             want = -(-want // self.block_nnz) * self.block_nnz
             self.values = _grow(self.values[: self.nnz], want)
             self.indices = _grow(self.indices[: self.nnz], want)
         if slots is not None and slots > self.slot_start.shape[0]:
-            want = max(slots, 2 * self.slot_start.shape[0])
+            want = slots if exact else max(slots, 2 * self.slot_start.shape[0])
             self.slot_start = _grow(self.slot_start, want)
             self.slot_count = _grow(self.slot_count, want)
 
