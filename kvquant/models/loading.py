@@ -77,7 +77,7 @@ def _load_from(
     tok_kwargs = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec.path, **tok_kwargs)
-    except (ValueError, AttributeError, TypeError) as exc:
+    except (ValueError, AttributeError, TypeError, ImportError) as exc:  # e.g. 4.5x reading a 5.x config
         tokenizer = _tokenizer_from_json(spec.path, exc)
     model = AutoModelForCausalLM.from_pretrained(spec.path, **model_kwargs)
     if spec.gguf_file:
