@@ -204,3 +204,18 @@ def test_reserve_tokens_allocates_the_decode_budget_exactly(model, seed):
         assert f.n_pages <= h.n_pages
     with pytest.raises(ValueError, match="reserve_tokens"):
         KVQuantCache(model, QuantConfig(datatype="nuq3"), reserve_tokens=-1)
+
+
+def test_magnitude_sensitivity_spreads_key_levels_and_leaves_values(model, seed):
+    seqs = torch.randint(0, model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(seed))
+    plain = calibrate(model, seqs, QuantConfig(), bits=(3,), sensitivity="none", progress=False)
+    mag = calibrate(model, seqs, QuantConfig(), bits=(3,), sensitivity="magnitude", progress=False)
+    assert mag.sensitivity == "magnitude"
+    for p, m in zip(plain.layers, mag.layers):
+        # weighting by |k| moves mass to the tails: the outer key levels move outwards, the range is unchanged
+        pl, ml = p.key_codebooks[3].levels, m.key_codebooks[3].levels
+        assert ml[-1] - ml[0] > pl[-1] - pl[0]
+        assert torch.equal(p.key_lo, m.key_lo) and torch.equal(p.key_hi, m.key_hi)
+        assert torch.equal(p.value_codebooks[3].levels, m.value_codebooks[3].levels)
+    with pytest.raises(ValueError, match="sensitivity must be one of"):
+        calibrate(model, seqs, QuantConfig(), sensitivity="entropy", progress=False)

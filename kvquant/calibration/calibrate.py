@@ -15,6 +15,8 @@ from kvquant.quant.codebook import compute_nuq_codebook
 from kvquant.quant.encode import normalize_values, range_to_scale_zero
 from kvquant.quant.stats import masked_quantile_pair
 
+SENSITIVITIES = ("none", "fisher", "magnitude")
+
 
 class _RecordingLayer(KVQuantLayer):
     """Stands in for a cache layer during calibration: records pre-RoPE keys, values (and their grads)."""
@@ -64,8 +66,10 @@ class _RecordingCache(KVQuantCache):
 
 
 def _fit_layer(keys: torch.Tensor, values: torch.Tensor, kw: torch.Tensor | None, vw: torch.Tensor | None,
-               config: QuantConfig, bits_list: tuple[int, ...], max_samples: int, seed: int) -> LayerCalibration:
-    """keys/values: ``[N, H, D]`` float32 calibration tokens (sinks excluded); kw/vw: Fisher weights."""
+               config: QuantConfig, bits_list: tuple[int, ...], max_samples: int, seed: int,
+               key_magnitude: bool = False) -> LayerCalibration:
+    """keys/values: ``[N, H, D]`` float32 calibration tokens (sinks excluded); kw/vw: Fisher weights.
+    ``key_magnitude``: weight each normalised key by its magnitude ``|k|`` (the ``"magnitude"`` sensitivity)."""
     f = config.outlier_fraction
     N, H, D = keys.shape
     lo, hi = masked_quantile_pair(keys.permute(1, 2, 0), None, f / 2, 1 - f / 2)  # [H, D]
@@ -74,6 +78,8 @@ def _fit_layer(keys: torch.Tensor, values: torch.Tensor, kw: torch.Tensor | None
     k_in = (kn >= -1) & (kn <= 1)
     vn, v_out, _, _ = normalize_values(values, f, torch.float16)
     v_in = ~v_out
+    if key_magnitude:
+        kw = kn.abs()
     kcb, vcb = {}, {}
     for bits in bits_list:
         kcb[bits] = compute_nuq_codebook(kn[k_in], bits, None if kw is None else kw[k_in], seed, max_samples)
@@ -100,8 +106,11 @@ def calibrate(
         sequences: ``[n, L]`` token ids (no padding), e.g. random crops of Wikitext-2 train/valid.
         config: outlier fraction, sink count and pre-RoPE setting the calibration is for.
         bits: codebook widths to fit.
-        sensitivity: ``"none"`` (plain k-means) or ``"fisher"`` (k-means weighted by squared gradients of
-            the language-model loss w.r.t. each K/V activation, as in KVQuant).
+        sensitivity: ``"none"`` (plain k-means), ``"fisher"`` (k-means weighted by squared gradients of
+            the language-model loss w.r.t. each K/V activation, as in KVQuant) or ``"magnitude"`` (keys
+            weighted by their normalised magnitude ``|k|``, values plain). Plain k-means pulls the outer key
+            levels inwards and clips the large key entries that dominate ``q·k``; on SmolLM2-135M the
+            magnitude weighting is what made NUQ keys match or beat the uniform grid (``notes/accuracy.md``).
 
     Returns:
         A :class:`Calibration`; ``.save(path)`` writes it.
@@ -109,8 +118,8 @@ def calibrate(
     import kvquant
 
     config = config or QuantConfig()
-    if sensitivity not in ("none", "fisher"):
-        raise ValueError(f"sensitivity must be 'none' or 'fisher', got {sensitivity!r}")
+    if sensitivity not in SENSITIVITIES:
+        raise ValueError(f"sensitivity must be one of {SENSITIVITIES}, got {sensitivity!r}")
     if sequences.ndim != 2 or sequences.shape[1] <= config.n_sink:
         raise ValueError(f"sequences must be [n, L] with L > n_sink, got {tuple(sequences.shape)}")
     want_grads = sensitivity == "fisher"
@@ -142,7 +151,8 @@ def calibrate(
         if want_grads:
             kw = torch.cat(kgrads[i], 0)[:, :, s0:].permute(0, 2, 1, 3).reshape(keys.shape)
             vw = torch.cat(vgrads[i], 0)[:, :, s0:].permute(0, 2, 1, 3).reshape(vals.shape)
-        layers.append(_fit_layer(keys, vals, kw, vw, config, bits, max_samples, seed))
+        layers.append(_fit_layer(keys, vals, kw, vw, config, bits, max_samples, seed,
+                                 key_magnitude=sensitivity == "magnitude"))
         layer.keys = layer.values = []
     return Calibration(layers, model_id, config.outlier_fraction, config.n_sink, config.pre_rope, rec.num_kv_heads,
                        rec.head_dim, sensitivity, int(sequences.numel()), dataset, kvquant.__version__)
