@@ -50,6 +50,10 @@ def test_append_token_next_column_and_exact_values():
     d = m.to_dense()
     assert d.shape == (8, 3)
     assert d[7, 0] == v[0] and d[0, 0] == v[1] and d[3, 2] == v[0] and d[:, 1].abs().sum() == 0
+    owner, idx, val = m.entries_of(torch.tensor([0]))
+    assert idx.tolist() == [0, 7] and val.tolist() == [v[1].item(), v[0].item()]  # stored sorted by index
+    with pytest.raises(ValueError, match="same length"):
+        m.append_token(v, torch.tensor([1]))
 
 
 def test_growth_is_amortised():

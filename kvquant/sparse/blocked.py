@@ -149,10 +149,18 @@ class _BlockedSlotMatrix:
         return starts
 
     def append_token(self, values: torch.Tensor, indices: torch.Tensor, slot: int | None = None) -> int:
-        """Append one token's outliers (amortised O(1)); ``slot`` defaults to the next one. Returns it."""
+        """Append one token's outliers (amortised O(1)); ``slot`` defaults to the next one. Returns it.
+
+        Entries are stored sorted by index, the invariant every writer keeps (the decode kernel relies on it).
+        """
         slot = self.n_slots if slot is None else int(slot)
         values = torch.as_tensor(values).reshape(-1)
         indices = torch.as_tensor(indices).reshape(-1)
+        if values.shape != indices.shape:
+            raise ValueError(f"values and indices must have the same length, got {values.numel()} and "
+                             f"{indices.numel()}")
+        indices, order = torch.sort(indices)
+        values = values[order]
         self.append_slots(
             torch.tensor([slot]), torch.tensor([values.numel()]), values.to(self.device), indices.to(self.device)
         )
