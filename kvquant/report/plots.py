@@ -164,13 +164,21 @@ def plot_pareto(points: list[TradeoffPoint], path: Path, title: str) -> Path | N
             on = bool(getattr(p, flag))
             ax.scatter(getattr(p, xattr), p.delta_ppl, s=50, color="C0" if on else "none",
                        edgecolors="C0" if on else "gray", zorder=3)
-            ax.annotate(p.datatype + ("" if on else " (dominated)"), (getattr(p, xattr), p.delta_ppl),
-                        textcoords="offset points", xytext=(5, 5), fontsize=8, color="black" if on else "gray")
+            ax.annotate(p.datatype, (getattr(p, xattr), p.delta_ppl), textcoords="offset points", xytext=(4, 4),
+                        fontsize=8, color="black" if on else "gray")
+        ax.scatter([], [], s=50, color="none", edgecolors="gray", label="dominated")
+        xs = [getattr(p, xattr) for p in pts]
+        if xs and min(xs) > 0 and max(xs) / min(xs) > 4:  # bits from 2 to 32: a log axis keeps 2-4 bits apart
+            ax.set_xscale("log", base=2)
+        ys = [abs(p.delta_ppl) for p in pts if p.delta_ppl]
+        if ys and max(ys) / max(min(ys), 1e-12) > 100:  # one diverging baseline must not flatten the rest
+            ax.set_yscale("symlog", linthresh=min(ys))
+            if all(p.delta_ppl >= 0 for p in pts):  # no negative decades to show
+                ax.set_ylim(-0.5 * min(ys), 3 * max(ys))
         ax.set_xlabel(xlabel)
         ax.set_ylabel("ΔPPL vs fp16")
         ax.grid(True, alpha=0.3)
-        if front:
-            ax.legend(fontsize=8)
+        ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
