@@ -108,6 +108,48 @@ def test_decode_versions_extra_token(seed: int, version: int, use_rope: bool, ha
           extra=True, version=version)
 
 
+def heavy_outliers(gen: torch.Generator, cache, group_size: int) -> None:
+    """Replace the cache's outliers: per (token, head) none, a few or most of the ``D`` channels (all of them
+    in every head of the first token), written in shuffled slot order with ``group_size``-channel groups."""
+    o, H, D = cache.outliers, cache.num_heads, cache.head_dim
+    q_len = cache.q_len.cpu()
+    seq = torch.repeat_interleave(torch.arange(cache.batch), q_len)
+    pos = torch.cat([torch.arange(int(n)) for n in q_len])
+    page, off = cache.pages.locate(seq.to(DEVICE), pos.to(DEVICE))
+    slots = (page * cache.config.page_size + off).cpu()
+    n = slots.numel()
+    mode = torch.randint(0, 3, (n, H, 1), generator=gen)  # 0: no entry, 1: ~10 %, 2: ~70 % of the channels
+    mask = torch.rand(n, H, D, generator=gen) < torch.tensor([0.0, 0.1, 0.7])[mode]
+    mask[0] = True
+    vals = 4 * torch.randn(n, H * D, generator=gen)
+    new = type(o)(o.n_inner, o.dtype, o.device, 16, 1, group_size=group_size)
+    order = torch.randperm(n, generator=gen)
+    for part in order.split(7):
+        new.append_dense(slots[part].to(DEVICE), vals[part].to(DEVICE, o.dtype),
+                         mask[part].reshape(-1, H * D).to(DEVICE))
+    per_head = mask.sum(2)
+    assert ((per_head == 0).sum(1) >= 2).any() and ((per_head > 0).sum(1) >= 3).any() and (per_head == D).any()
+    cache.outliers = new
+
+
+@pytest.mark.parametrize("version", [2, 3, "3b"])
+@pytest.mark.parametrize("groups_per_head", [1, 2])
+def test_decode_outlier_heavy_heads(seed: int, version, groups_per_head: int) -> None:
+    """Slots with entries in many heads, several heads with none, and whole heads of outliers; head runs read
+    from per-(slot, group) counts with one or two groups per head (version 2: binary search)."""
+    cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.02, n_sink=1, residual_length=3, page_size=32)
+    gen = torch.Generator().manual_seed(seed)
+    B, Hkv, G, D, S = 2, 4, 2, 32, 70
+    kc, vc = build_caches(gen, B, Hkv, D, S, cfg, torch.float32, n_decode=1)
+    for c in (kc, vc):
+        heavy_outliers(gen, c, D // groups_per_head)
+    q = torch.randn(B, Hkv * G, D, generator=gen).to(DEVICE)
+    for rope in (None, (*rope_tables(S + 64, D, True), torch.randint(0, 60, (B,), generator=gen).to(DEVICE))):
+        out = decode_attention(q, kc, vc, rope=rope, backend="triton", version=version)
+        ref = decode_attention_reference(q, kc, vc, rope=rope)
+        assert rel_err(out, ref) < TOL[torch.float32]
+
+
 def test_decode_bad_extra_and_tables(seed: int) -> None:
     cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.01, n_sink=1, residual_length=0, page_size=32)
     gen = torch.Generator().manual_seed(seed)

@@ -2,7 +2,8 @@
 
 Every test runs the same appends (a padded prefill, then decode steps) on two caches, one with
 ``backend="torch"`` and one with ``backend="triton"``, and compares the storage byte for byte: bit-plane
-pages, value scales, outlier entries (values, channels, per-slot start/count, capacities), sinks, residual,
+pages, value scales, outlier entries (values, channels, per-slot start/count, per-(slot, head) counts,
+capacities), sinks, residual,
 lengths, and the dequantized tokens. Without CUDA the kernel runs under Triton's interpreter
 (``TRITON_INTERPRET=1``, set before triton is imported) on small shapes; ``@pytest.mark.gpu`` tests use
 realistic shapes.
@@ -46,10 +47,16 @@ def storage(c: QuantizedKVCache) -> dict[str, torch.Tensor]:
     out.update({
         "table": c.pages.table, "out.values": o.values[: o.nnz], "out.indices": o.indices[: o.nnz],
         "out.slot_start": o.slot_start[: o.n_slots], "out.slot_count": o.slot_count[: o.n_slots],
+        "out.head_counts": o.head_counts[: o.n_slots], "out.head_counts_capacity": o.head_counts,
         "sink": c.sink, "residual": c.residual, "q_len": c.q_len, "res_len": c.res_len, "sink_len": c.sink_len,
         "dequantized": c.dequantize()[0],
     })
     out["sizes"] = torch.tensor([P, c.pages.capacity, o.nnz, o.n_slots, o.capacity_nnz, o.slot_start.shape[0]])
+    if c.keep_outliers:  # the per-(slot, head) counts are exact (not just equal on both backends)
+        hc = o.head_counts[: o.n_slots].long()
+        owner, idx, _ = o.entries_of(torch.arange(o.n_slots, device=o.device))
+        want = torch.zeros_like(hc).index_put_((owner, idx // o.group_size), torch.ones_like(owner), accumulate=True)
+        assert o.group_size == c.head_dim and torch.equal(hc, want)
     return out
 
 
@@ -227,7 +234,7 @@ def test_topk_quantiles_equal_sort(seed: int) -> None:
 
 def test_allocate_slots_matches_append_slots(seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
-    a, b = BlockedCSRMatrix(16, block_nnz=8), BlockedCSRMatrix(16, block_nnz=8)
+    a, b = (BlockedCSRMatrix(16, block_nnz=8, group_size=4) for _ in range(2))
     for _ in range(3):
         slots = torch.randperm(40, generator=gen)[:5] + 40 * _
         counts = torch.randint(0, 4, (5,), generator=gen)
@@ -238,7 +245,8 @@ def test_allocate_slots_matches_append_slots(seed: int) -> None:
         pos = torch.repeat_interleave(starts, counts) + torch.arange(total) - torch.repeat_interleave(
             torch.cumsum(counts, 0) - counts, counts)
         b.values[pos], b.indices[pos] = vals, idx.to(b.indices.dtype)
-    for name in ("values", "indices", "slot_start", "slot_count"):
+        b.recount_groups(slots)
+    for name in ("values", "indices", "slot_start", "slot_count", "head_counts"):
         assert torch.equal(getattr(a, name)[: a.nnz if name in ("values", "indices") else a.n_slots],
                            getattr(b, name)[: b.nnz if name in ("values", "indices") else b.n_slots])
     assert (a.nnz, a.n_slots, a.capacity_nnz) == (b.nnz, b.n_slots, b.capacity_nnz)

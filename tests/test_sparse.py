@@ -71,8 +71,11 @@ def test_growth_is_amortised():
 def test_nbytes_counts_blocks_and_slots():
     m = BlockedCSRMatrix(100, torch.float16, "cpu", block_nnz=8)
     m.append_token(torch.ones(3, dtype=torch.float16), torch.tensor([1, 2, 3]))
-    # one block of 8 entries x (2 B value + 2 B index) + one slot x (4 B start + 2 B count)
-    assert m.nbytes() == 8 * 4 + 6
+    # one block of 8 entries x (2 B value + 2 B index) + one slot x (4 B start + 2 B count + 1 B group count)
+    assert m.nbytes() == 8 * 4 + 7
+    m = BlockedCSRMatrix(100, torch.float16, "cpu", block_nnz=8, group_size=20)
+    m.append_token(torch.ones(3, dtype=torch.float16), torch.tensor([1, 2, 3]))
+    assert m.nbytes() == 8 * 4 + 6 + 5  # 5 groups
 
 
 def test_bad_input():
@@ -83,3 +86,89 @@ def test_bad_input():
         m.append_slots(torch.tensor([0]), torch.tensor([2]), torch.ones(1), torch.zeros(1, dtype=torch.long))
     with pytest.raises(ValueError, match="positive"):
         BlockedCSRMatrix(0)
+    with pytest.raises(ValueError, match="divisor"):
+        BlockedCSRMatrix(10, group_size=3)
+    with pytest.raises(ValueError, match="255"):
+        BlockedCSRMatrix(512, group_size=256)
+    with pytest.raises(ValueError, match="255"):
+        BlockedCSRMatrix(300)  # default group = all channels
+    with pytest.raises(ValueError, match="head_counts"):
+        BlockedCSRMatrix(8, group_size=4).allocate_slots(torch.tensor([0]), torch.tensor([1]), 1,
+                                                         head_counts=torch.ones(1, 3))
+
+
+def recount(m, n_slots: int) -> torch.Tensor:
+    """``[n_slots, G]`` per-group entry counts recomputed from the stored entries."""
+    owner, idx, _ = m.entries_of(torch.arange(n_slots))
+    out = torch.zeros(n_slots, m.n_groups, dtype=torch.int64)
+    out.index_put_((owner, idx // m.group_size), torch.ones_like(owner), accumulate=True)
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(heads=st.integers(1, 6), group=st.sampled_from([1, 2, 3, 8, 16]), shared=st.booleans(),
+       steps=st.lists(st.tuples(st.sampled_from(["slots", "token", "dense", "alloc"]), st.integers(1, 7)),
+                      min_size=1, max_size=10),
+       density=st.floats(0.0, 1.0), block=st.integers(1, 16), seed=st.integers(0, 2**31 - 1),
+       csc=st.booleans(), n_select=st.integers(0, 12))
+def test_head_counts_exact_through_every_writer(heads, group, shared, steps, density, block, seed, csc, n_select):
+    """``head_counts[slot, g]`` equals a recount of the slot's entries with ``index // group_size == g`` after
+    any mix of writers (shuffled slot order, growth of slots and blocks from one slot / one block), and after
+    ``select_slots``; the entries stay sorted, so group ``g``'s run starts at ``start + sum(counts[:g])``."""
+    g = torch.Generator().manual_seed(seed)
+    n_inner = heads * group
+    gs = n_inner if shared and n_inner <= 255 else group
+    total = sum(k for _, k in steps)
+    dense = torch.randn(total, n_inner, generator=g).half()
+    dense *= (torch.rand(total, n_inner, generator=g) < density)
+    dense[dense == 0] *= 0  # no negative zeros: nonzero() and the dense comparison agree
+    order = torch.randperm(total, generator=g)
+    cls = BlockedCSCMatrix if csc else BlockedCSRMatrix
+    m = cls(n_inner, torch.float16, "cpu", block, 1, group_size=gs)
+    assert m.n_groups == n_inner // gs and m.head_counts.shape == (1, m.n_groups)
+    start = 0
+    for kind, k in steps:
+        slots = order[start:start + k]
+        rows = dense[slots]
+        if kind == "token":
+            for s in slots.tolist():
+                idx = dense[s].nonzero().flatten()
+                perm = torch.randperm(idx.numel(), generator=g)  # any order in, sorted out
+                m.append_token(dense[s, idx[perm]], idx[perm], slot=s)
+        elif kind == "dense":
+            m.append_dense(slots, rows, rows != 0)
+        else:
+            r, c = (rows != 0).nonzero(as_tuple=True)
+            if kind == "slots":
+                m.append_slots(slots, (rows != 0).sum(1), rows[r, c], c)
+            else:  # a kernel's path: allocate, fill in place, counts given or recounted
+                counts = (rows != 0).sum(1)
+                starts = m.allocate_slots(slots, counts, int(counts.sum()),
+                                          head_counts=recount_rows(rows, gs) if k % 2 else None)
+                pos = torch.repeat_interleave(starts, counts) + torch.arange(r.numel()) - torch.repeat_interleave(
+                    torch.cumsum(counts, 0) - counts, counts)
+                m.values[pos], m.indices[pos] = rows[r, c], c.to(m.indices.dtype)
+                if not k % 2:
+                    m.recount_groups(slots)
+        start += k
+    assert m.head_counts.shape[0] >= m.n_slots == total
+    assert torch.equal(m.head_counts[:total].long(), recount(m, total))
+    assert torch.equal(m.head_counts[:total].long(), recount_rows(dense, gs))
+    assert torch.equal(m.head_counts[:total].long().sum(1), m.slot_count[:total].long())
+    # run of group g = [start + sum(counts[:g]), + counts[g]) holds exactly the group's channels
+    hc = m.head_counts[:total].long()
+    first = m.slot_start[:total].long()[:, None] + torch.cumsum(hc, 1) - hc
+    for s in range(total):
+        for grp in range(m.n_groups):
+            ch = m.indices[first[s, grp]: first[s, grp] + hc[s, grp]].long()
+            assert ((ch // gs) == grp).all() and (ch.diff() > 0).all()
+    sel = torch.randint(0, total, (n_select,), generator=g)
+    new = m.select_slots(sel)
+    assert new.group_size == gs
+    assert torch.equal(new.head_counts[:n_select].long(), recount_rows(dense[sel], gs))
+    assert new.nbytes() - new.nbytes(0) == n_select * (6 + new.n_groups)
+
+
+def recount_rows(rows: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``[n, G]`` nonzeros of dense rows ``[n, n_inner]`` per group of ``group_size`` channels."""
+    return (rows != 0).reshape(rows.shape[0], rows.shape[1] // group_size, group_size).sum(2)

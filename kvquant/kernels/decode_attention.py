@@ -7,9 +7,10 @@ One query token per sequence attends over ``[sinks | quantized pages | residual]
   pages) serves all ``G = Hq / Hkv`` query heads of that KV head, so the packed KV is read once. Per page
   (``T`` tokens, in sub-tiles of ``BT``) it unpacks the bit-planes in registers, looks the levels up,
   applies the per-channel (keys) / per-token (values) affine map, replaces the outlier positions by their
-  exact sparse values (the head's entries of a slot are a contiguous run, found by binary search on the
-  sorted channel indices), optionally rotates the keys (RoPE, ``rotate_half`` convention, positions from
-  ``pos_offset``), and updates an online softmax;
+  exact sparse values (the head's entries of a slot are a contiguous run; versions 3/3b read where it starts
+  and its length from the per-(slot, channel group) counts ``head_counts`` of the outlier storage, version 2
+  finds it by binary search on the sorted channel indices), optionally rotates the keys (RoPE, ``rotate_half``
+  convention, positions from ``pos_offset``), and updates an online softmax;
 * kernel 2 (``_exact_kernel``), grid ``(B * Hkv,)``: the exact sink and residual tokens, as one more split;
 * kernel 3 (``_reduce_kernel``), grid ``(B * Hq,)``: log-sum-exp combination of the splits.
 
@@ -19,7 +20,8 @@ IEEE float32 for float32 caches.
 
 Requirements of the Triton path: quantized datatype (``fp16`` caches fall back to the torch reference),
 ``D`` a power of two >= 32, both caches with the same page size and lengths, outlier entries of a slot
-sorted by channel (what :meth:`~kvquant.sparse.blocked._BlockedSlotMatrix.append_dense` writes).
+sorted by channel (what :meth:`~kvquant.sparse.blocked._BlockedSlotMatrix.append_dense` writes), and for
+versions 3/3b exact per-group counts ``head_counts`` with groups dividing ``D`` (every writer keeps them).
 """
 
 from __future__ import annotations
@@ -99,6 +101,21 @@ if triton is not None:
                 va_lo, va_hi = _lower_bound_step(VOI, va_lo, va_hi, lo_ch)
                 vb_lo, vb_hi = _lower_bound_step(VOI, vb_lo, vb_hi, hi_ch)
         return ka_lo, kb_lo - ka_lo, va_lo, vb_lo - va_lo
+
+    @triton.jit
+    def _head_run(SS, HC, slot, ok, hk, n_groups, gph, NGP: tl.constexpr, BT: tl.constexpr):
+        """First entry and number of entries of head ``hk`` in each slot ``[BT]``, from the per-group counts
+        ``HC [slots, n_groups]`` (uint8; head ``hk`` = groups ``hk*gph .. hk*gph+gph-1``, ``NGP`` >= n_groups a
+        power of two): ``slot_start + sum(counts[:hk*gph])`` and ``sum(counts[hk*gph : (hk+1)*gph])``. One row
+        load per slot, no search."""
+        gg = tl.arange(0, NGP)
+        row = tl.load(HC + slot.to(tl.int64)[:, None] * n_groups + gg[None, :],
+                      mask=ok[:, None] & (gg < n_groups)[None, :], other=0).to(tl.int32)  # [BT, NGP]
+        g0 = hk * gph
+        before = tl.sum(tl.where(gg[None, :] < g0, row, 0), axis=1)
+        mine = tl.sum(tl.where((gg[None, :] >= g0) & (gg[None, :] < g0 + gph), row, 0), axis=1)
+        start = tl.load(SS + slot, mask=ok, other=0)
+        return start + before, mine
 
     @triton.jit
     def _replace_outliers(xa, xb, OI, OV, first, n, ch0, DH: tl.constexpr):
@@ -355,13 +372,14 @@ if triton is not None:
     @triton.jit
     def _pages_kernel_v3(
         Q, OP, MP, LP,
-        KPL, KLEV, KCS, KCZ, KTAB, KSS, KSC, KOI, KOV, k_nslots, k_tab_stride,
-        VPL, VLEV, VSC, VZR, VTAB, VSS, VSCNT, VOI, VOV, v_nslots, v_tab_stride,
+        KPL, KLEV, KCS, KCZ, KTAB, KSS, KHC, KOI, KOV, k_nslots, k_tab_stride, k_ngroups, k_gph,
+        VPL, VLEV, VSC, VZR, VTAB, VSS, VHC, VOI, VOV, v_nslots, v_tab_stride, v_ngroups, v_gph,
         QLEN, SLEN, POS, COS, SIN,
         Hkv, Hq, pages_per_split, NS1,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, T: tl.constexpr, BT: tl.constexpr,
         KBITS: tl.constexpr, VBITS: tl.constexpr, KOUT: tl.constexpr, VOUT: tl.constexpr, ROPE: tl.constexpr,
         HALF: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, KCORR: tl.constexpr,
+        KNGP: tl.constexpr, VNGP: tl.constexpr,
     ):
         """v3 page kernel: select-tree levels, keys' affine map folded into the query when there is no RoPE
         (``s = (q*cs) . level + q . cz``), key outliers as sparse score corrections, value outliers replaced in
@@ -417,12 +435,13 @@ if triton is not None:
                 t = sub * BT + tt  # offset in page
                 i = pi * T + t  # quantized token index
                 ok = i < qlen
-                if KOUT or VOUT:  # issue the outlier searches first: their loads overlap the unpacking
+                # the head's outlier runs (per-group counts: no search); loads issued before the unpacking
+                if KOUT:
                     kslot = kpage * T + t
+                    kfirst, kn = _head_run(KSS, KHC, kslot, ok & (kslot < k_nslots), hk, k_ngroups, k_gph, KNGP, BT)
+                if VOUT:
                     vslot = vpage * T + t
-                    kfirst, kn, vfirst, vn = _head_entries_kv(KSS, KSC, KOI, kslot, ok & (kslot < k_nslots),
-                                                              VSS, VSCNT, VOI, vslot, ok & (vslot < v_nslots),
-                                                              hk * D, hk * D + D, KOUT, VOUT)
+                    vfirst, vn = _head_run(VSS, VHC, vslot, ok & (vslot < v_nslots), hk, v_ngroups, v_gph, VNGP, BT)
                 # keys -> scores
                 la = _select_levels(KPL, KLEV, kbase, 0, W, sub * (BT // 32), KBITS, BT, DH)
                 lb = _select_levels(KPL, KLEV, kbase, DH, W, sub * (BT // 32), KBITS, BT, DH)
@@ -668,14 +687,27 @@ def decode_attention(
     kout, vout = kc.outliers, vc.outliers
     kp = kc.pages.pools
     vp = vc.pages.pools
-    pages_kernel = _pages_kernel_v2 if version == 2 else _pages_kernel_v3
-    extra_const = {} if version == 2 else {"KCORR": version == 3}
+    if version == 2:  # baseline: head runs found by binary search over the sorted channels
+        pages_kernel, extra_const = _pages_kernel_v2, {}
+        kargs = (kout.slot_start, kout.slot_count, kout.indices, kout.values, kout.slot_start.shape[0], ktab.stride(0))
+        vargs = (vout.slot_start, vout.slot_count, vout.indices, vout.values, vout.slot_start.shape[0], vtab.stride(0))
+    else:  # head runs from the per-(slot, group) counts
+        for o in (kout, vout):
+            if D % o.group_size:
+                raise ValueError(f"outlier channel groups ({o.group_size}) must divide the head size {D}")
+        pages_kernel = _pages_kernel_v3
+        extra_const = {"KCORR": version == 3, "KNGP": triton.next_power_of_2(kout.n_groups),
+                       "VNGP": triton.next_power_of_2(vout.n_groups)}
+        kargs = (kout.slot_start, kout.head_counts, kout.indices, kout.values, kout.slot_start.shape[0],
+                 ktab.stride(0), kout.n_groups, D // kout.group_size)
+        vargs = (vout.slot_start, vout.head_counts, vout.indices, vout.values, vout.slot_start.shape[0],
+                 vtab.stride(0), vout.n_groups, D // vout.group_size)
     pages_kernel[(B * Hkv, n_splits)](
         qs, opart, mpart, lpart,
         kp["planes"], kc.codebook.levels, kc.channel_scale.contiguous(), kc.channel_zero.contiguous(), ktab,
-        kout.slot_start, kout.slot_count, kout.indices, kout.values, kout.slot_start.shape[0], ktab.stride(0),
+        *kargs,
         vp["planes"], vc.codebook.levels, vp["scale"], vp["zero"], vtab,
-        vout.slot_start, vout.slot_count, vout.indices, vout.values, vout.slot_start.shape[0], vtab.stride(0),
+        *vargs,
         kc.q_len, kc.sink_len, pos, cos, sin,
         Hkv, Hq, pages_per_split, NS1,
         G=G, GP=GP, D=D, T=T, BT=BT, KBITS=kc.bits, VBITS=vc.bits,

@@ -20,7 +20,9 @@ over the tokens plus a small pass over the outliers, writing byte-identical stor
 * ``_scatter_kernel``, grid ``(N / BT,)``: moves each (token, head) group from the staging range to its
   final place in the blocked CSC (keys) / CSR (values) buffers — slot start (prefix sum over tokens of the
   per-token counts) plus the exclusive prefix over heads — so a slot's entries are contiguous and sorted
-  by channel, as :meth:`~kvquant.sparse.blocked._BlockedSlotMatrix.append_dense` writes them.
+  by channel, as :meth:`~kvquant.sparse.blocked._BlockedSlotMatrix.append_dense` writes them. The per
+  (token, head) counts are also the per-(slot, head) ``head_counts`` of the sparse matrix: written as they are
+  (one torch copy in :meth:`QuantizeAppend.finish`) when a channel group is a head, else recounted in torch.
 
 Left to PyTorch (a separate reduction before the kernel): the per-token value outlier thresholds, the
 ``f/2`` and ``1 - f/2`` quantiles over all ``H * D`` entries of a token (``torch.topk`` of the few
@@ -417,7 +419,10 @@ class QuantizeAppend:
             self.run_kernel()
         outl = self.cache.outliers
         tot = self.cnt.sum(1)
-        tstart = outl.allocate_slots(self.slot, tot, total, top)
+        # per-(slot, head) counts: the kernel's per-(token, head) counts are exactly that when a channel group
+        # is a head (QuantizedKVCache's layout); other groupings are recounted in torch after the scatter
+        per_head = outl.n_groups == self.cache.num_heads
+        tstart = outl.allocate_slots(self.slot, tot, total, top, head_counts=self.cnt if per_head else None)
         if total:
             BT = 32
             H = self.cache.num_heads
@@ -425,3 +430,5 @@ class QuantizeAppend:
                 self.cnt, self.sst, tstart, self.stv, self.sti, outl.values, outl.indices, self.N, H,
                 HP=triton.next_power_of_2(H), BT=BT, num_warps=4,
             )
+        if not per_head:
+            outl.recount_groups(self.slot)

@@ -86,7 +86,11 @@ class QuantizedKVCache:
             self.channel_scale = self.channel_zero = None
         sparse_cls = BlockedCSCMatrix if kind == "key" else BlockedCSRMatrix
         self.keep_outliers = self.quantized and config.outlier_fraction > 0
-        self.outliers = sparse_cls(num_heads * head_dim, storage_dtype(dtype), self.device, config.block_nnz)
+        # per-(slot, head) outlier counts for the decode kernel: one group per head (split in equal parts when
+        # head_dim > 255, the uint8 limit of a group's count)
+        group = next(g for g in range(min(head_dim, 255), 0, -1) if head_dim % g == 0)
+        self.outliers = sparse_cls(num_heads * head_dim, storage_dtype(dtype), self.device, config.block_nnz,
+                                   group_size=group)
         self.sink = torch.zeros(batch, num_heads, config.n_sink, head_dim, dtype=dtype, device=self.device)
         self.residual = torch.zeros(batch, num_heads, config.residual_length, head_dim, dtype=dtype,
                                     device=self.device)

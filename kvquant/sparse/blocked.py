@@ -8,6 +8,13 @@ quadratically), and every token slot has a ``(start, count)`` pair — the "four
 CSC/CSR, which lets tokens of many sequences be appended in any interleaving (decode appends one token
 per sequence per step) while a slot's entries stay contiguous for the kernels.
 
+Channels are split in ``G = n_inner // group_size`` groups of ``group_size`` consecutive channels (one group
+per attention head: ``group_size = head_dim``), and every slot also stores ``head_counts[slot, g]``
+(``uint8``), its number of entries in group ``g``. Entries of a slot are sorted by channel, so group ``g``'s
+entries are the contiguous run starting at ``slot_start[slot] + sum(head_counts[slot, :g])``: the decode
+kernel reads a head's run directly instead of searching for it. Cost: ``G`` bytes per slot (``1 / group_size``
+byte per element, 0.0625 bits at ``group_size = 128``).
+
 Slots are written once (append-only). :meth:`to_standard_csc` / :meth:`to_standard_csr` give the
 textbook three-array form with slots in order.
 """
@@ -33,12 +40,21 @@ class _BlockedSlotMatrix:
         device: torch.device | str = "cpu",
         block_nnz: int = 1024,
         initial_slots: int = 64,
+        group_size: int | None = None,
     ) -> None:
         if n_inner <= 0:
             raise ValueError(f"n_inner (channels) must be positive, got {n_inner}")
         if block_nnz <= 0:
             raise ValueError(f"block_nnz must be positive, got {block_nnz}")
+        group_size = n_inner if group_size is None else int(group_size)
+        if group_size <= 0 or n_inner % group_size:
+            raise ValueError(f"group_size must be a positive divisor of n_inner = {n_inner}, got {group_size}")
+        if group_size > 255:
+            raise ValueError(f"group_size must be <= 255 (per-group counts are uint8), got {group_size}; "
+                             f"pass group_size=head_dim")
         self.n_inner = n_inner
+        self.group_size = group_size
+        self.n_groups = n_inner // group_size
         self.block_nnz = block_nnz
         self.index_dtype = torch.int16 if n_inner <= 2**15 else torch.int32
         self.count_dtype = torch.int16 if n_inner < 2**15 else torch.int32
@@ -46,6 +62,8 @@ class _BlockedSlotMatrix:
         self.indices = torch.empty(block_nnz, dtype=self.index_dtype, device=device)
         self.slot_start = torch.zeros(max(initial_slots, 1), dtype=torch.int32, device=device)
         self.slot_count = torch.zeros(max(initial_slots, 1), dtype=self.count_dtype, device=device)
+        # [slot_capacity, G] entries of each slot per channel group (<= group_size <= 255)
+        self.head_counts = torch.zeros(max(initial_slots, 1), self.n_groups, dtype=torch.uint8, device=device)
         self.nnz = 0
         self.n_slots = 0  # one past the highest slot written
 
@@ -75,6 +93,7 @@ class _BlockedSlotMatrix:
             want = slots if exact else max(slots, 2 * self.slot_start.shape[0])
             self.slot_start = _grow(self.slot_start, want)
             self.slot_count = _grow(self.slot_count, want)
+            self.head_counts = _grow(self.head_counts, want)
 
     # -- appends --------------------------------------------------------------------------------------
     def append_slots(
@@ -105,25 +124,38 @@ class _BlockedSlotMatrix:
         starts = self.nnz + torch.cumsum(counts, 0) - counts
         self.slot_start[slots] = starts.to(torch.int32)
         self.slot_count[slots] = counts.to(self.count_dtype)
+        owner = torch.repeat_interleave(torch.arange(slots.numel(), device=self.device), counts)
+        self.head_counts[slots] = self._group_counts(owner, indices.reshape(-1), slots.numel())
         self.values[self.nnz : self.nnz + total] = values.reshape(-1).to(self.dtype)
         self.indices[self.nnz : self.nnz + total] = indices.reshape(-1).to(self.index_dtype)
         self.nnz += total
         self.n_slots = max(self.n_slots, top)
 
+    def _group_counts(self, owner: torch.Tensor, indices: torch.Tensor, n: int) -> torch.Tensor:
+        """``[n, G]`` uint8: entries of each owner ``0 .. n-1`` per channel group (``owner``, ``indices``:
+        ``[nnz]``)."""
+        group = indices.to(self.device, torch.int64) // self.group_size
+        key = owner.to(self.device, torch.int64) * self.n_groups + group
+        return torch.bincount(key, minlength=n * self.n_groups).reshape(n, self.n_groups).to(torch.uint8)
+
     def allocate_slots(
-        self, slots: torch.Tensor, counts: torch.Tensor, total: int, top: int | None = None
+        self, slots: torch.Tensor, counts: torch.Tensor, total: int, top: int | None = None,
+        head_counts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Batched append whose entries a kernel writes in place (no intermediate copy).
 
         Reserves ``total`` entries after the current ones and gives slot ``slots[i]`` the next ``counts[i]``
         of them (exactly the layout :meth:`append_slots` writes). The caller must then fill
         ``values[starts[i] : starts[i] + counts[i]]`` and ``indices[...]`` (channels ascending within a slot;
-        the decode kernel relies on it) before anything reads the matrix.
+        the decode kernel relies on it) before anything reads the matrix, and give the per-group counts:
+        ``head_counts`` here, or :meth:`recount_groups` after filling the indices.
 
         Args:
             slots: ``[n]`` int, distinct, not written before. counts: ``[n]`` int, ``sum(counts) == total``.
             total: number of entries (a host int: the caller already knows it).
             top: ``max(slots) + 1`` if the caller knows it (saves a device sync).
+            head_counts: ``[n, G]`` int, entries of slot ``slots[i]`` in channel group ``g`` (rows sum to
+                ``counts``; not checked: no device sync). ``None``: rows left zero until :meth:`recount_groups`.
 
         Returns:
             ``starts [n]`` int64, the index of the first entry of each slot.
@@ -140,13 +172,24 @@ class _BlockedSlotMatrix:
             return torch.empty(0, dtype=torch.int64, device=self.device)
         top = int(slots.max()) + 1 if top is None else int(top)
         self.reserve(nnz=self.nnz + total, slots=top)
+        if head_counts is not None and tuple(head_counts.shape) != (slots.numel(), self.n_groups):
+            raise ValueError(f"head_counts must be [n, G] = {(slots.numel(), self.n_groups)}, got "
+                             f"{tuple(head_counts.shape)}")
+        self.reserve(nnz=self.nnz + total, slots=top)
         counts = counts.to(torch.int64)
         starts = self.nnz + torch.cumsum(counts, 0) - counts
         self.slot_start[slots] = starts.to(torch.int32)
         self.slot_count[slots] = counts.to(self.count_dtype)
+        self.head_counts[slots] = 0 if head_counts is None else head_counts.to(self.device, torch.uint8)
         self.nnz += total
         self.n_slots = max(self.n_slots, top)
         return starts
+
+    def recount_groups(self, slots: torch.Tensor) -> None:
+        """Recompute ``head_counts`` of ``slots`` from their stored entries (after a kernel filled them)."""
+        slots = slots.to(self.device, torch.int64).reshape(-1)
+        owner, idx, _ = self.entries_of(slots)
+        self.head_counts[slots] = self._group_counts(owner, idx, slots.numel())
 
     def append_token(self, values: torch.Tensor, indices: torch.Tensor, slot: int | None = None) -> int:
         """Append one token's outliers (amortised O(1)); ``slot`` defaults to the next one. Returns it.
@@ -207,7 +250,8 @@ class _BlockedSlotMatrix:
 
     def select_slots(self, slots: torch.Tensor) -> _BlockedSlotMatrix:
         """A new matrix whose slot ``i`` holds the entries of ``slots[i]`` (compacted copy)."""
-        new = type(self)(self.n_inner, self.dtype, self.device, self.block_nnz, slots.numel())
+        new = type(self)(self.n_inner, self.dtype, self.device, self.block_nnz, slots.numel(),
+                         group_size=self.group_size)
         owner, idx, val = self.entries_of(slots)
         counts = torch.bincount(owner, minlength=slots.numel())
         new.append_slots(torch.arange(slots.numel(), device=self.device), counts, val, idx)
@@ -215,20 +259,22 @@ class _BlockedSlotMatrix:
 
     # -- accounting -----------------------------------------------------------------------------------
     def nbytes(self, n_slots: int | None = None) -> int:
-        """Bytes held: entries up to block granularity, plus ``(start, count)`` of ``n_slots`` slots."""
+        """Bytes held: entries up to block granularity, plus ``(start, count, head_counts[G])`` of ``n_slots``
+        slots."""
         n = self.n_slots if n_slots is None else n_slots
         blocks = -(-self.nnz // self.block_nnz)
         per_entry = self.values.element_size() + self.indices.element_size()
-        per_slot = self.slot_start.element_size() + self.slot_count.element_size()
+        per_slot = self.slot_start.element_size() + self.slot_count.element_size() + self.n_groups
         return blocks * self.block_nnz * per_entry + n * per_slot
 
     def nbytes_allocated(self) -> int:
         """Bytes reserved, including capacity not yet used."""
         return sum(t.numel() * t.element_size() for t in (self.values, self.indices, self.slot_start,
-                                                           self.slot_count))
+                                                           self.slot_count, self.head_counts))
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(n_inner={self.n_inner}, slots={self.n_slots}, nnz={self.nnz})"
+        return (f"{type(self).__name__}(n_inner={self.n_inner}, group_size={self.group_size}, slots={self.n_slots}, "
+                f"nnz={self.nnz})")
 
 
 class BlockedCSCMatrix(_BlockedSlotMatrix):
@@ -239,8 +285,8 @@ class BlockedCSCMatrix(_BlockedSlotMatrix):
     """
 
     def __init__(self, n_rows: int, dtype: torch.dtype = torch.float16, device: torch.device | str = "cpu",
-                 block_nnz: int = 1024, initial_cols: int = 64) -> None:
-        super().__init__(n_rows, dtype, device, block_nnz, initial_cols)
+                 block_nnz: int = 1024, initial_cols: int = 64, group_size: int | None = None) -> None:
+        super().__init__(n_rows, dtype, device, block_nnz, initial_cols, group_size)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -263,8 +309,8 @@ class BlockedCSRMatrix(_BlockedSlotMatrix):
     """Value outliers: a sparse ``[n_rows (tokens), n_cols (channels)]`` matrix, a row per token."""
 
     def __init__(self, n_cols: int, dtype: torch.dtype = torch.float16, device: torch.device | str = "cpu",
-                 block_nnz: int = 1024, initial_rows: int = 64) -> None:
-        super().__init__(n_cols, dtype, device, block_nnz, initial_rows)
+                 block_nnz: int = 1024, initial_rows: int = 64, group_size: int | None = None) -> None:
+        super().__init__(n_cols, dtype, device, block_nnz, initial_rows, group_size)
 
     @property
     def shape(self) -> tuple[int, int]:
