@@ -90,8 +90,8 @@ def test_bad_input():
         BlockedCSRMatrix(10, group_size=3)
     with pytest.raises(ValueError, match="255"):
         BlockedCSRMatrix(512, group_size=256)
-    with pytest.raises(ValueError, match="255"):
-        BlockedCSRMatrix(300)  # default group = all channels
+    assert BlockedCSRMatrix(300).group_size == 150  # default: the largest divisor <= 255 (uint8 counts)
+    assert BlockedCSRMatrix(4096).group_size == 128 and BlockedCSRMatrix(64).group_size == 64
     with pytest.raises(ValueError, match="head_counts"):
         BlockedCSRMatrix(8, group_size=4).allocate_slots(torch.tensor([0]), torch.tensor([1]), 1,
                                                          head_counts=torch.ones(1, 3))

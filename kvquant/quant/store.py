@@ -23,7 +23,7 @@ from kvquant.quant.encode import encode_keys, encode_values
 from kvquant.quant.packing import pack_bitplanes, unpack_bitplanes
 from kvquant.quant.paged import PageTable
 from kvquant.quant.validate import check_kv, check_mask, compact_order
-from kvquant.sparse.blocked import BlockedCSCMatrix, BlockedCSRMatrix
+from kvquant.sparse.blocked import BlockedCSCMatrix, BlockedCSRMatrix, largest_group
 
 
 def storage_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -88,7 +88,7 @@ class QuantizedKVCache:
         self.keep_outliers = self.quantized and config.outlier_fraction > 0
         # per-(slot, head) outlier counts for the decode kernel: one group per head (split in equal parts when
         # head_dim > 255, the uint8 limit of a group's count)
-        group = next(g for g in range(min(head_dim, 255), 0, -1) if head_dim % g == 0)
+        group = largest_group(head_dim)
         self.outliers = sparse_cls(num_heads * head_dim, storage_dtype(dtype), self.device, config.block_nnz,
                                    group_size=group)
         self.sink = torch.zeros(batch, num_heads, config.n_sink, head_dim, dtype=dtype, device=self.device)

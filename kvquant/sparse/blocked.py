@@ -13,7 +13,8 @@ per attention head: ``group_size = head_dim``), and every slot also stores ``hea
 (``uint8``), its number of entries in group ``g``. Entries of a slot are sorted by channel, so group ``g``'s
 entries are the contiguous run starting at ``slot_start[slot] + sum(head_counts[slot, :g])``: the decode
 kernel reads a head's run directly instead of searching for it. Cost: ``G`` bytes per slot (``1 / group_size``
-byte per element, 0.0625 bits at ``group_size = 128``).
+byte per element, 0.0625 bits at ``group_size = 128``). ``group_size`` defaults to the largest divisor of
+``n_inner`` that is at most 255 (counts are uint8).
 
 Slots are written once (append-only). :meth:`to_standard_csc` / :meth:`to_standard_csr` give the
 textbook three-array form with slots in order.
@@ -28,6 +29,11 @@ def _grow(t: torch.Tensor, n: int, fill: int | float = 0) -> torch.Tensor:
     out = torch.full((n, *t.shape[1:]), fill, dtype=t.dtype, device=t.device)
     out[: t.shape[0]] = t
     return out
+
+
+def largest_group(n: int, limit: int = 255) -> int:
+    """The largest divisor of ``n`` that is ``<= limit`` (a channel group whose counts fit in uint8)."""
+    return next(g for g in range(min(n, limit), 0, -1) if n % g == 0)
 
 
 class _BlockedSlotMatrix:
@@ -46,7 +52,7 @@ class _BlockedSlotMatrix:
             raise ValueError(f"n_inner (channels) must be positive, got {n_inner}")
         if block_nnz <= 0:
             raise ValueError(f"block_nnz must be positive, got {block_nnz}")
-        group_size = n_inner if group_size is None else int(group_size)
+        group_size = largest_group(n_inner) if group_size is None else int(group_size)
         if group_size <= 0 or n_inner % group_size:
             raise ValueError(f"group_size must be a positive divisor of n_inner = {n_inner}, got {group_size}")
         if group_size > 255:
