@@ -30,26 +30,13 @@ import math
 
 import torch
 
+from kvquant.kernels._triton import TRITON_IMPORT_ERROR, tl, triton, triton_available  # noqa: F401
 from kvquant.kernels.reference import Rope, decode_attention_reference
 from kvquant.quant.store import QuantizedKVCache
-
-try:  # triton is optional: the torch path works without it
-    import triton
-    import triton.language as tl
-
-    _TRITON_IMPORT_ERROR: Exception | None = None
-except Exception as e:  # pragma: no cover - depends on the install
-    triton = None
-    tl = None
-    _TRITON_IMPORT_ERROR = e
 
 LOG2E = 1.4426950408889634
 TUNING = {"num_warps": 4, "block_t": None, "programs_per_sm": 16, "version": "3b"}  # page kernel launch defaults
 
-
-def triton_available() -> bool:
-    """Whether triton imported."""
-    return triton is not None
 
 
 if triton is not None:
@@ -563,7 +550,7 @@ def _pick_backend(backend: str, q: torch.Tensor, key_cache: QuantizedKVCache) ->
         ok = triton is not None and q.is_cuda and key_cache.quantized
         return "triton" if ok else "torch"
     if backend == "triton" and triton is None:
-        raise RuntimeError(f"triton is not available: {_TRITON_IMPORT_ERROR}")
+        raise RuntimeError(f"triton is not available: {TRITON_IMPORT_ERROR}")
     return backend
 
 

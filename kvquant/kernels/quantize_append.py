@@ -34,17 +34,8 @@ from __future__ import annotations
 
 import torch
 
+from kvquant.kernels._triton import TRITON_IMPORT_ERROR, tl, triton, triton_available  # noqa: F401
 from kvquant.quant.stats import masked_quantile_pair
-
-try:  # triton is optional: the torch path works without it
-    import triton
-    import triton.language as tl
-
-    _TRITON_IMPORT_ERROR: Exception | None = None
-except Exception as e:  # pragma: no cover - depends on the install
-    triton = None
-    tl = None
-    _TRITON_IMPORT_ERROR = e
 
 # Defaults of the quantize kernel's launch. code_tree: codes by a select tree over the midpoints (bits straight
 # from the compares) instead of counting the midpoints below and extracting the bits (same codes; 7 vs 14
@@ -54,10 +45,6 @@ except Exception as e:  # pragma: no cover - depends on the install
 TUNING = {"block_n": 32, "num_warps": 4, "code_tree": True}
 _MAX_GRID_Y = 65535
 
-
-def triton_available() -> bool:
-    """Whether triton imported."""
-    return triton is not None
 
 
 if triton is not None:
@@ -251,7 +238,7 @@ if triton is not None:
 def unsupported_reason(cache, tokens: torch.Tensor | None = None) -> str | None:
     """Why the Triton path cannot write to ``cache`` (``None`` if it can)."""
     if triton is None:
-        return f"triton is not available ({_TRITON_IMPORT_ERROR})"
+        return f"triton is not available ({TRITON_IMPORT_ERROR})"
     if not cache.quantized:
         return f"datatype {cache.config.datatype} is not quantized"
     D = cache.head_dim
