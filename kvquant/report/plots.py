@@ -20,6 +20,14 @@ def _plt() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    """Lay out, write (PNG, 110 dpi) and close a figure; returns ``path``."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -63,10 +71,7 @@ def _grid(records: list[dict[str, Any]], rows: list[tuple[str, Callable[[dict[st
             if s.get(b):
                 ax.legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_throughput(records: list[dict[str, Any]], path: Path, title: str) -> Path | None:
@@ -107,10 +112,7 @@ def plot_energy(records: list[dict[str, Any]], path: Path, title: str) -> Path |
     ax.legend(fontsize=7, ncol=2)
     ax.grid(True, axis="y", alpha=0.3)
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_capacity(doc: dict[str, Any], path: Path, title: str) -> Path | None:
@@ -136,10 +138,7 @@ def plot_capacity(doc: dict[str, Any], path: Path, title: str) -> Path | None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_pareto(points: list[TradeoffPoint], path: Path, title: str) -> Path | None:
@@ -180,7 +179,4 @@ def plot_pareto(points: list[TradeoffPoint], path: Path, title: str) -> Path | N
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
