@@ -1,6 +1,6 @@
 """The triton cache backend: ``model.generate`` decoding through the Triton kernel vs the torch backend.
 
-On CPU the kernel runs under Triton's interpreter (``TRITON_INTERPRET=1``, set here before triton is imported)
+On CPU the kernel runs under Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest.py before triton is imported)
 with a tiny GQA Llama (head size 32, 2 layers); with CUDA the same tests run compiled, plus a ``gpu`` test
 at realistic shapes (fp16, head size 128, longer prompts).
 """
@@ -8,19 +8,11 @@ at realistic shapes (fp16, head size 128, longer prompts).
 from __future__ import annotations
 
 import importlib
-import os
-import sys
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
 pytest.importorskip("triton", reason="triton is not installed: the kernel backend cannot be tested")
-
-if not torch.cuda.is_available() and "kvquant.kernels.decode_attention" in sys.modules:
-    importlib.reload(sys.modules["kvquant.kernels.decode_attention"])  # re-decorate under the interpreter
 
 from transformers import DynamicCache  # noqa: E402
 

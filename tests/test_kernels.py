@@ -1,26 +1,18 @@
 """Triton kernels vs their PyTorch references.
 
-Without CUDA the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, set here before triton is
-imported) on small shapes; with CUDA the same tests run compiled, plus ``@pytest.mark.gpu`` tests at
+Without CUDA the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest.py before
+triton is imported) on small shapes; with CUDA the same tests run compiled, plus ``@pytest.mark.gpu`` tests at
 realistic shapes.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
 triton = pytest.importorskip("triton", reason="triton is not installed: the kernels cannot be tested")
-
-if not torch.cuda.is_available() and "kvquant.kernels.decode_attention" in sys.modules:
-    importlib.reload(sys.modules["kvquant.kernels.decode_attention"])  # re-decorate under the interpreter
 
 from kvquant.config import QuantConfig  # noqa: E402
 from kvquant.kernels.decode_attention import decode_attention  # noqa: E402

@@ -5,27 +5,19 @@ Every test runs the same appends (a padded prefill, then decode steps) on two ca
 pages, value scales, outlier entries (values, channels, per-slot start/count, per-(slot, head) counts,
 capacities), sinks, residual,
 lengths, and the dequantized tokens. Without CUDA the kernel runs under Triton's interpreter
-(``TRITON_INTERPRET=1``, set before triton is imported) on small shapes; ``@pytest.mark.gpu`` tests use
+(``TRITON_INTERPRET=1``, set by conftest.py before triton is imported) on small shapes; ``@pytest.mark.gpu`` tests use
 realistic shapes.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
 import sys
 from dataclasses import replace
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
 triton = pytest.importorskip("triton", reason="triton is not installed: the kernels cannot be tested")
-
-if not torch.cuda.is_available() and "kvquant.kernels.quantize_append" in sys.modules:
-    importlib.reload(sys.modules["kvquant.kernels.quantize_append"])  # re-decorate under the interpreter
 
 from kvquant.config import QuantConfig  # noqa: E402
 from kvquant.kernels.quantize_append import quantize_append  # noqa: E402
