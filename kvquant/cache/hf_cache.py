@@ -300,11 +300,10 @@ class KVQuantCache(Cache):
             return False
         key = ("kernel", s, layer.cumulative_length)
         if key not in self._step:  # one host sync per step, not per layer
-            mask = self._step_inputs(layer.qkeys.batch, s, layer.cumulative_length, layer.qkeys.device)[0]
+            mask, positions = self._step_inputs(layer.qkeys.batch, s, layer.cumulative_length, layer.qkeys.device)
             ok = bool(mask.all())
             self._step[key] = ok
             if ok:  # check once that the new tokens continue each sequence (re-rotation relies on it)
-                _, positions = self._step_inputs(layer.qkeys.batch, s, layer.cumulative_length, layer.qkeys.device)
                 expect = layer.pos_offset + layer.qkeys.lengths
                 if not bool((positions[:, 0] == expect).all()):
                     raise ValueError("position ids of the new tokens do not continue the cached sequences")
