@@ -188,11 +188,26 @@ def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
 
     main(["bench", "generate", "--model", "random:tiny", "--device", "cpu", "--datatypes", "fp16,nuq2",
           "--batch", "1", "--prompt-len", "32..64", "--gen", "2", "--warmup", "1", "--no-progress",
-          "--out", str(tmp_path)])
+          "--backend", "torch", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert "| datatype | batch | prompt | status |" in out and "nuq2 | 1 | 64 | ok" in out
     assert RANDOM_WEIGHTS_NOTE in out
-    assert len(_jsonl(tmp_path / "generate.jsonl")) == 4
+    records = _jsonl(tmp_path / "generate.jsonl")
+    assert len(records) == 4
+    assert {r["cache_backend"] for r in records if r["datatype"] == "nuq2"} == {"torch"}
+
+
+def test_bench_help_is_the_benchmarks_own(capsys: pytest.CaptureFixture) -> None:
+    from kvquant.cli.main import main
+
+    for what, option in (("generate", "--prompt-len"), ("capacity", "--contexts"), ("kernels", "--prefill-sweep")):
+        with pytest.raises(SystemExit) as exc:
+            main(["bench", what, "--help"])
+        assert exc.value.code == 0
+        assert option in capsys.readouterr().out, what
+    with pytest.raises(SystemExit) as exc:
+        main(["bench"])
+    assert exc.value.code == 2 and "kvquant bench WHAT --help" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------------

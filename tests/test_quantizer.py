@@ -235,3 +235,17 @@ def test_bad_masks_and_configs():
         c.dequantize_aligned(torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="key ranges"):
         q.quantize_keys(x, key_ranges=(torch.zeros(3, 4), torch.ones(3, 4)))
+
+
+def test_same_device_treats_bare_cuda_as_the_current_one(monkeypatch: pytest.MonkeyPatch):
+    from kvquant.quant.validate import same_device
+
+    assert same_device("cpu", torch.device("cpu")) and not same_device("cpu", "meta")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)  # no GPU needed: only the index logic
+    assert same_device("cuda", "cuda:1") and same_device(torch.device("cuda:1"), "cuda")
+    assert not same_device("cuda", "cuda:0") and not same_device("cuda:0", "cuda:1")
+    assert same_device("cuda", "cuda") and not same_device("cuda", "cpu")
+    # an appended tensor on another device is a clear error (the check the GPU run tripped over with 'cuda:0')
+    c = BatchedKVQuantizer().quantize_keys(torch.randn(1, 2, 5, 4))
+    with pytest.raises(ValueError, match="lives on"):
+        c.append(torch.randn(1, 2, 1, 4, device="meta"))

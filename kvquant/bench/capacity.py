@@ -548,7 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = CapacitySettings(
             datatypes=parse_datatypes(a.datatypes), contexts=parse_size_list(a.contexts),
-            quant=QuantConfig(outlier_fraction=a.outlier_fraction, n_sink=a.n_sink, residual_length=a.residual_length),
+            quant=QuantConfig(outlier_fraction=a.outlier_fraction, n_sink=a.n_sink, residual_length=a.residual_length,
+                              backend=a.backend),
             budget_gb=a.memory_budget_gb, reserve_gb=a.reserve_gb, empirical=not a.no_empirical,
             max_probes=a.max_probes, chunk_mib=a.chunk_mib, quantize_all_layers=a.quantize_all_layers, seed=a.seed,
             progress=not a.no_progress)

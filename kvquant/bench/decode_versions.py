@@ -90,12 +90,12 @@ def best_label(rows: list, shape: str) -> str:
     return min(cand, key=lambda r: r["ms"])["what"] if cand else "v3"
 
 
-def e2e(rows: list, prompt: int, new_tokens: int, batch: int) -> None:
+def e2e(rows: list, prompt: int, new_tokens: int, batch: int, dtype: torch.dtype = torch.float16) -> None:
     from kvquant.cache import kernel_attention
     from kvquant.cache.hf_cache import KVQuantCache
     from kvquant.models import tiny_llama
 
-    model = tiny_llama(seed=0, dtype=torch.float16, num_layers=4, hidden=2048, heads=32, kv_heads=8, head_dim=128,
+    model = tiny_llama(seed=0, dtype=dtype, num_layers=4, hidden=2048, heads=32, kv_heads=8, head_dim=128,
                        vocab=4096, max_pos=prompt + new_tokens + 64, intermediate=5632).cuda()
     model.set_attn_implementation("sdpa")
     g = torch.Generator().manual_seed(0)
@@ -122,7 +122,8 @@ def e2e(rows: list, prompt: int, new_tokens: int, batch: int) -> None:
             times[n] = best
         res[backend] = out
         tok_s = batch * (new_tokens - 1) / (times[new_tokens] - times[1])
-        row = {"part": "e2e", "backend": backend, "batch": batch, "prompt": prompt, "new_tokens": new_tokens,
+        row = {"part": "e2e", "backend": backend, "dtype": str(dtype).removeprefix("torch."), "batch": batch,
+               "prompt": prompt, "new_tokens": new_tokens,
                "total_s": times[new_tokens], "prefill_plus_one_s": times[1], "decode_tok_per_s": tok_s}
         rows.append(row)
         print(f"e2e {backend}: decode {tok_s:.1f} tokens/s (batch {batch}, {new_tokens} new tokens, total "
@@ -130,7 +131,8 @@ def e2e(rows: list, prompt: int, new_tokens: int, batch: int) -> None:
         kernel_attention.uninstall_kernel_attention(model)
     a, b = res["torch"].sequences, res["triton"].sequences
     same = torch.equal(a, b)
-    info = {"part": "e2e", "identical_tokens": same}
+    info = {"part": "e2e", "dtype": str(dtype).removeprefix("torch."), "identical_tokens": same,
+            "tokens_compared": int(a.shape[0] * (a.shape[1] - ids.shape[1]))}
     if not same:
         diff = (a != b).nonzero()
         first = int(diff[:, 1].min()) - ids.shape[1]
@@ -150,8 +152,8 @@ def e2e(rows: list, prompt: int, new_tokens: int, batch: int) -> None:
         model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=2, do_sample=False,
                        pad_token_id=0)
     layer = cache.layers[0]
-    q = torch.randn(batch, 32, 128, device="cuda", dtype=torch.float16)
-    kv1 = torch.randn(batch, 8, 1, 128, device="cuda", dtype=torch.float16)
+    q = torch.randn(batch, 32, 128, device="cuda", dtype=dtype)
+    kv1 = torch.randn(batch, 8, 1, 128, device="cuda", dtype=dtype)
     rope = (*cache.kernel_rope_tables(q.device), layer.pos_offset)
     k_ms = _bench(partial(da.decode_attention, q, layer.qkeys, layer.qvalues, rope=rope, backend="triton",
                           extra_kv=(kv1[:, :, 0], kv1[:, :, 0])))
@@ -161,7 +163,8 @@ def e2e(rows: list, prompt: int, new_tokens: int, batch: int) -> None:
         layer.qvalues.append(kv1)
 
     a_ms = _bench(append, warmup=5, rep=50)
-    row = {"part": "e2e_breakdown", "kernel_ms_per_layer": k_ms, "append_ms_per_layer": a_ms}
+    row = {"part": "e2e_breakdown", "dtype": str(dtype).removeprefix("torch."), "kernel_ms_per_layer": k_ms,
+           "append_ms_per_layer": a_ms}
     rows.append(row)
     print(f"per layer and step: kernel {k_ms:.3f} ms, append (K+V) {a_ms:.3f} ms", flush=True)
     kernel_attention.uninstall_kernel_attention(model)
@@ -182,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", type=int, default=2048)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--e2e-dtypes", default="float16",
+                   help="comma list of model dtypes for the end-to-end part (float32 makes greedy ties rare)")
     args = p.parse_args(argv)
     rows: list = []
     bw = copy_bandwidth("cuda")
@@ -189,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
     try:
         if not args.skip_e2e:
-            e2e(rows, args.prompt, args.new_tokens, args.batch)
+            for name in args.e2e_dtypes.split(","):
+                e2e(rows, args.prompt, args.new_tokens, args.batch, getattr(torch, name.strip()))
         if not args.skip_kernels:
             kernels(rows, bw, args.context, VARIANTS)
     finally:

@@ -511,6 +511,8 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--outlier-fraction", type=float, default=0.01)
     p.add_argument("--n-sink", type=int, default=1)
     p.add_argument("--residual-length", type=int, default=0)
+    p.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto",
+                   help="cache kernels: auto = Triton on CUDA when installed, else the torch reference")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -558,7 +560,8 @@ def main(argv: list[str] | None = None) -> int:
         datatypes = parse_datatypes(a.datatypes)
         batches = parse_size_list(a.batch)
         lens = parse_size_list(a.prompt_len)
-        quant = QuantConfig(outlier_fraction=a.outlier_fraction, n_sink=a.n_sink, residual_length=a.residual_length)
+        quant = QuantConfig(outlier_fraction=a.outlier_fraction, n_sink=a.n_sink, residual_length=a.residual_length,
+                            backend=a.backend)
     except ValueError as exc:
         p.error(str(exc))
     device = _resolve_device(a.device)

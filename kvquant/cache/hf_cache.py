@@ -38,6 +38,7 @@ from kvquant.calibration.format import Calibration
 from kvquant.config import QuantConfig
 from kvquant.quant.quantizer import BatchedKVQuantizer
 from kvquant.quant.store import QuantizedKVCache
+from kvquant.quant.validate import same_device
 
 _HOOK_ATTR = "_kvquant_step_hook"
 BACKENDS = ("auto", "torch", "triton")
@@ -320,7 +321,7 @@ class KVQuantCache(Cache):
         rope_type = str(getattr(self.rotary.rotary_emb, "rope_type", "default"))
         dynamic = "dynamic" in rope_type or "longrope" in rope_type
         have = self._rope_tables
-        if have is None or dynamic or have[0].shape[0] < need or have[0].device != device:
+        if have is None or dynamic or have[0].shape[0] < need or not same_device(have[0].device, device):
             n = need if dynamic else max(need, 2 * (have[0].shape[0] if have is not None else 0), 1024)
             cos, sin = self.rotary(torch.arange(n, device=device)[None])
             cos, sin = cos[0].contiguous(), sin[0].contiguous()

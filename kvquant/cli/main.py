@@ -190,8 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--out", type=Path, default=Path("results/ppl.json"))
     ppl.set_defaults(func=cmd_eval_ppl)
 
-    b = sub.add_parser("bench", help="benchmarks (extra arguments go to the benchmark; try --help)")
-    b.add_argument("what", choices=["roundtrip", "kernels", "generate", "capacity"])
+    b = sub.add_parser("bench", help="benchmarks (extra arguments go to the benchmark; try --help)", add_help=False)
+    b.add_argument("what", nargs="?", choices=["roundtrip", "kernels", "generate", "capacity"],
+                   help="benchmark to run; `kvquant bench WHAT --help` lists its options")
     b.set_defaults(func=None)
 
     r = sub.add_parser("report", help="report.md with tables and plots from a results folder")
@@ -205,6 +206,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
+        if args.what is None:
+            print("usage: kvquant bench {roundtrip,kernels,generate,capacity} [options]\n"
+                  "`kvquant bench WHAT --help` lists the options of one benchmark.")
+            raise SystemExit(0 if {"-h", "--help"} & set(rest) else 2)
         cmd_bench(args, rest)
         return
     if rest:

@@ -36,6 +36,7 @@ import torch
 
 from kvquant.kernels._triton import TRITON_IMPORT_ERROR, tl, triton, triton_available  # noqa: F401
 from kvquant.quant.stats import masked_quantile_pair
+from kvquant.quant.validate import same_device
 
 # Defaults of the quantize kernel's launch. code_tree: codes by a select tree over the midpoints (bits straight
 # from the compares) instead of counting the midpoints below and extracting the bits (same codes; 7 vs 14
@@ -202,14 +203,17 @@ if triton is not None:
                         word = word | tl.load(ptr)
                     tl.store(ptr, word)
             if OUT:
-                oi = out.to(tl.int32)
-                tcnt = tl.sum(oi, axis=2, keep_dims=True)  # [NW, 32, 1] outliers per token (this head)
-                wtot = tl.sum(tcnt, axis=1, keep_dims=True)  # [NW, 1, 1]
-                total = tl.sum(tl.sum(tl.sum(wtot, axis=2), axis=1), axis=0)
+                # prefix sums over the tile's BN tokens in token order (w * 32 + lane), on 1-D / 2-D views:
+                # Triton 3.6 fails to lower scans over the size-1 axes of [NW, 32, 1] tensors (NW = 1)
+                oi = tl.reshape(out.to(tl.int32), [BN, D])
+                tcnt = tl.sum(oi, axis=1)  # [BN] outliers per token (this head)
+                total = tl.sum(tcnt, axis=0)
                 base = tl.atomic_add(COUNTER, total, mask=total > 0)
                 base = tl.where(total > 0, base, 0)
-                tstart = base + (tl.cumsum(wtot, axis=0) - wtot) + (tl.cumsum(tcnt, axis=1) - tcnt)
-                pos = tstart + tl.cumsum(oi, axis=2) - oi  # [NW, 32, D] staging position of each outlier
+                tstart = base + tl.cumsum(tcnt, axis=0) - tcnt  # [BN]
+                pos = tl.reshape(tstart[:, None] + tl.cumsum(oi, axis=1) - oi, [NW, 32, D])  # staging positions
+                tcnt = tl.reshape(tcnt, [NW, 32, 1])
+                tstart = tl.reshape(tstart, [NW, 32, 1])
                 tl.store(CNT + e * H + h, tcnt, mask=ok)
                 tl.store(SST + e * H + h, tstart, mask=ok)
                 keep = out & (pos < cap)
@@ -226,7 +230,9 @@ if triton is not None:
         idx = t.to(tl.int64)[:, None] * H + hh[None, :]
         c = tl.load(CNT + idx, mask=m2, other=0)
         src = tl.load(SST + idx, mask=m2, other=0)
-        dst = tl.load(TSTART + t, mask=t < N, other=0)[:, None] + (tl.cumsum(c, axis=1) - c)
+        dst = tl.load(TSTART + t, mask=t < N, other=0)[:, None]
+        if HP > 1:  # (no scan over a size-1 axis: Triton 3.6 fails to lower some of those)
+            dst += tl.cumsum(c, axis=1) - c
         for k in range(0, tl.max(tl.max(c, axis=1), axis=0)):
             m = m2 & (k < c)
             v = tl.load(STV + src + k, mask=m)
@@ -305,7 +311,7 @@ class QuantizeAppend:
         dev = cache.device
         if not isinstance(tokens, torch.Tensor) or tokens.ndim != 3 or tuple(tokens.shape[1:]) != (H, D):
             raise ValueError(f"tokens must be [N, {H}, {D}], got {getattr(tokens, 'shape', type(tokens))}")
-        if tokens.device != dev:
+        if not same_device(tokens.device, dev):
             raise ValueError(f"tokens are on {tokens.device} but the cache lives on {dev}")
         if tokens.dtype != cache.dtype:
             raise TypeError(f"tokens must have the cache dtype {cache.dtype}, got {tokens.dtype}")

@@ -7,6 +7,19 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def same_device(a: torch.device | str, b: torch.device | str) -> bool:
+    """Whether two devices are the same one; an index-less ``cuda`` means the current CUDA device."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.index is None or b.index is None:
+        if a.type != "cuda":
+            return a.index == b.index
+        current = torch.cuda.current_device()
+        return (current if a.index is None else a.index) == (current if b.index is None else b.index)
+    return a.index == b.index
+
+
 def check_kv(x: torch.Tensor, name: str = "x", heads: int | None = None, head_dim: int | None = None,
              device: torch.device | None = None) -> None:
     """Check a key/value tensor ``[B, H, S, D]``: type, rank, dtype, sizes, device, finiteness."""
@@ -24,7 +37,7 @@ def check_kv(x: torch.Tensor, name: str = "x", heads: int | None = None, head_di
         raise ValueError(f"{name} has {x.shape[1]} heads, expected {heads}")
     if head_dim is not None and x.shape[3] != head_dim:
         raise ValueError(f"{name} has head_dim {x.shape[3]}, expected {head_dim}")
-    if device is not None and x.device != device:
+    if device is not None and not same_device(x.device, device):
         raise ValueError(f"{name} is on {x.device} but the cache lives on {device}")
     if x.numel() and not torch.isfinite(x).all():
         bad = (~torch.isfinite(x)).nonzero()[0].tolist()
@@ -40,7 +53,7 @@ def check_mask(mask: torch.Tensor | None, batch: int, seq: int, device: torch.de
         raise TypeError(f"{name} must be a torch.Tensor [B, S], got {type(mask).__name__}")
     if mask.shape != (batch, seq):
         raise ValueError(f"{name} must have shape [B, S] = [{batch}, {seq}], got {tuple(mask.shape)}")
-    if mask.device != device:
+    if not same_device(mask.device, device):
         raise ValueError(f"{name} is on {mask.device} but the tensor it masks is on {device}")
     if mask.dtype != torch.bool:
         if mask.dtype.is_floating_point or mask.dtype.is_complex:
