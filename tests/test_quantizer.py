@@ -249,3 +249,50 @@ def test_same_device_treats_bare_cuda_as_the_current_one(monkeypatch: pytest.Mon
     c = BatchedKVQuantizer().quantize_keys(torch.randn(1, 2, 5, 4))
     with pytest.raises(ValueError, match="lives on"):
         c.append(torch.randn(1, 2, 1, 4, device="meta"))
+
+
+@pytest.mark.parametrize("residual, n_sink, frac", [(0, 1, 0.01), (3, 2, 0.01), (0, 0, 0.0), (5, 1, 0.05)])
+def test_decode_fast_path_equals_the_general_path(seed: int, residual: int, n_sink: int, frac: float):
+    """``append(x)`` (no mask: the sync-free decode path once sinks and residual are full) stores exactly what
+    ``append(x, all-ones mask)`` (the general path) stores, step after step, across page boundaries."""
+    from dataclasses import replace
+
+    gen = torch.Generator().manual_seed(seed)
+    B, H, D = 3, 2, 32
+    cfg = QuantConfig(datatype="nuq3", outlier_fraction=frac, n_sink=n_sink, residual_length=residual, page_size=32,
+                      backend="torch")
+    x = torch.randn(B, H, 20, D, generator=gen)
+    mask = torch.ones(B, 20, dtype=torch.bool)
+    mask[1, :7] = False
+    mask[2, :19] = False  # a row shorter than the residual window: not steady at first
+    for kind in ("keys", "values"):
+        fast, slow = (getattr(BatchedKVQuantizer(replace(cfg)), f"quantize_{kind}")(x, mask) for _ in range(2))
+        for step in range(45):
+            t = torch.randn(B, H, 1 + step % 2, D, generator=gen)
+            fast.append(t)
+            slow.append(t, torch.ones(B, t.shape[2], dtype=torch.bool))
+            for name in ("q_len", "res_len", "sink_len", "sink", "residual"):
+                assert torch.equal(getattr(fast, name), getattr(slow, name)), (kind, step, name)
+            assert torch.equal(fast.dequantize()[0], slow.dequantize()[0]), (kind, step)
+        assert fast._steady  # the fast path was taken
+        assert (fast.outliers.nnz, fast.outliers.n_slots) == (slow.outliers.nnz, slow.outliers.n_slots)
+        assert fast.pages.n_pages == slow.pages.n_pages
+
+
+def test_decode_fast_path_reports_nan_within_the_check_interval():
+    from kvquant.quant.store import DEFERRED_CHECK_EVERY
+
+    c = BatchedKVQuantizer(QuantConfig(datatype="nuq4", backend="torch")).quantize_values(torch.randn(2, 2, 8, 16))
+    c.append(torch.randn(2, 2, 1, 16))
+    bad = torch.randn(2, 2, 1, 16)
+    bad[1, 0, 0, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        for _ in range(DEFERRED_CHECK_EVERY + 1):
+            c.append(bad)
+            bad = torch.randn(2, 2, 1, 16)
+    with pytest.raises(ValueError, match="cannot be used further"):
+        c.append(torch.randn(2, 2, 1, 16))
+    # the general path (a mask given) still checks at once
+    c2 = BatchedKVQuantizer(QuantConfig(datatype="nuq4", backend="torch")).quantize_values(torch.randn(2, 2, 8, 16))
+    with pytest.raises(ValueError, match="NaN"):
+        c2.append(torch.full((2, 2, 1, 16), float("inf")), torch.ones(2, 1))

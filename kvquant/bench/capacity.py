@@ -451,8 +451,14 @@ def run_capacity(model: str | None, dtype: str | None, device: str, settings: Ca
         dev = torch.device("cuda", torch.cuda.current_device())
     empirical = settings.empirical and cuda
     total = free0 = None
+    held_elsewhere = None
     if cuda:
         free0, total = torch.cuda.mem_get_info(dev)
+        held_elsewhere = total - free0 - torch.cuda.memory_reserved(dev)
+        if held_elsewhere > 0.05 * total:
+            print(f"WARNING: {held_elsewhere / GIB:.1f} GiB of the GPU's {total / GIB:.1f} GiB are held by other "
+                  "processes: empirical probes will fit less than the analytic frontier (rerun on an idle GPU)",
+                  file=sys.stderr)
     if settings.budget_gb is not None:
         budget, budget_source = settings.budget_gb * GIB, f"--memory-budget-gb {settings.budget_gb}"
     elif cuda:
@@ -481,7 +487,8 @@ def run_capacity(model: str | None, dtype: str | None, device: str, settings: Ca
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **info, "note": note, "device": str(dev), "gpu_name": gpu_name(dev), "torch_version": torch.__version__,
         "shape": asdict(shape), "weights_bytes": shape.weights_bytes, "budget_bytes": budget,
-        "budget_source": budget_source, "device_total_bytes": total, "reserve_bytes": reserve,
+        "budget_source": budget_source, "device_total_bytes": total, "held_by_other_processes_bytes": held_elsewhere,
+        "reserve_bytes": reserve,
         "quant": settings.quant.to_dict(), "contexts": settings.contexts,
         "empirical": empirical, "empirical_note": None if empirical else (
             "empirical check skipped: " + ("--no-empirical" if cuda else "needs a CUDA device")),

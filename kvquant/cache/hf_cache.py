@@ -51,7 +51,6 @@ class _PendingDecode:
     key: torch.Tensor  # [B, Hkv, 1, D] as the model made it (post-RoPE): attended exactly
     value: torch.Tensor  # [B, Hkv, 1, D]
     key_store: torch.Tensor  # [B, Hkv, 1, D] what is stored (pre-RoPE when the cache un-rotates)
-    mask: torch.Tensor  # [B, 1] bool
 
 
 class KVQuantLayer(CacheLayerMixin):
@@ -97,7 +96,7 @@ class KVQuantLayer(CacheLayerMixin):
         if self.qkeys is not None and self.owner._kernel_step(self, s):
             # triton backend, one real token per sequence: keep it pending, the attention wrapper runs the
             # kernel over the stored past plus this exact token, then appends it (kernel_decode)
-            self._pending = _PendingDecode(key_states, value_states, k_store, step_mask)
+            self._pending = _PendingDecode(key_states, value_states, k_store)
             self.seen_mask = torch.cat([self.seen_mask, step_mask], 1)
             self.cumulative_length += s
             return key_states, value_states
@@ -161,8 +160,9 @@ class KVQuantLayer(CacheLayerMixin):
             rope = (cos, sin, self.pos_offset)
         out = da.decode_attention(query[:, :, 0], self.qkeys, self.qvalues, softmax_scale=scaling, rope=rope,
                                   backend="triton", extra_kv=(pend.key[:, :, 0], pend.value[:, :, 0]))
-        self.qkeys.append(pend.key_store, pend.mask)
-        self.qvalues.append(pend.value, pend.mask)
+        # the step's tokens are all real (_kernel_step checked the mask once per step): no mask, no device sync
+        self.qkeys.append(pend.key_store)
+        self.qvalues.append(pend.value)
         return out[:, None]
 
     def get_seq_length(self, *args: Any) -> int:
@@ -302,13 +302,15 @@ class KVQuantCache(Cache):
         key = ("kernel", s, layer.cumulative_length)
         if key not in self._step:  # one host sync per step, not per layer
             mask, positions = self._step_inputs(layer.qkeys.batch, s, layer.cumulative_length, layer.qkeys.device)
-            ok = bool(mask.all())
-            self._step[key] = ok
-            if ok:  # check once that the new tokens continue each sequence (re-rotation relies on it)
-                expect = layer.pos_offset + layer.qkeys.lengths
-                if not bool((positions[:, 0] == expect).all()):
+            # all real tokens? do they continue each sequence (re-rotation relies on it)? largest position: one sync
+            expect = layer.pos_offset + layer.qkeys.lengths
+            ok, continues, max_pos = torch.stack([mask.all().long(), (positions[:, 0] == expect).all().long(),
+                                                  positions.max()]).tolist()
+            self._step[key] = bool(ok)
+            if ok:
+                if not continues:
                     raise ValueError("position ids of the new tokens do not continue the cached sequences")
-                self._step["max_pos"] = int(positions.max()) + 1
+                self._step["max_pos"] = int(max_pos) + 1
         return self._step[key]
 
     def kernel_rope_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -698,7 +698,7 @@ def decode_attention(
         kc.q_len, kc.sink_len, pos, cos, sin,
         Hkv, Hq, pages_per_split, NS1,
         G=G, GP=GP, D=D, T=T, BT=BT, KBITS=kc.bits, VBITS=vc.bits,
-        KOUT=bool(kc.keep_outliers and kout.nnz > 0), VOUT=bool(vc.keep_outliers and vout.nnz > 0),
+        KOUT=bool(kc.keep_outliers and kout.nnz_upper > 0), VOUT=bool(vc.keep_outliers and vout.nnz_upper > 0),
         ROPE=rope is not None, HALF=half, DOT_DTYPE=dot_dtype, PREC=prec, **extra_const,
         num_warps=num_warps, num_stages=2,
     )

@@ -45,6 +45,9 @@ from kvquant.quant.validate import same_device
 # notes/kernels.md, "Prefill quantization".
 TUNING = {"block_n": 32, "num_warps": 4, "code_tree": True}
 _MAX_GRID_Y = 65535
+# appends of at most this many elements (N * H * D) stage every element and keep the outlier count on the device:
+# no host sync (decode steps); the sparse matrix keeps room for that many more entries
+ASYNC_MAX_ELEMENTS = 1 << 18
 
 
 
@@ -336,8 +339,9 @@ class QuantizeAppend:
                           torch.zeros_like(counts))
         self.ctile = torch.zeros(B + 1, dtype=torch.int32, device=dev)
         self.ctile[1:] = torch.cumsum(n_t, 0).to(torch.int32)
-        # grid bound without a device sync (idle programs exit at once); exact on the CPU (interpreter)
-        self.max_tiles = -(-N // BN) + 2 * B if tokens.is_cuda else int(self.ctile[-1])
+        # grid bound without a device sync (idle programs exit at once): a sequence's run spans at most two
+        # partly filled tiles beyond its share of full ones
+        self.max_tiles = -(-N // BN) + 2 * B
         self.mids = cache.codebook.midpoints.to(dev, torch.float32).contiguous()
         self.is_key = cache.kind == "key"
         self.out = bool(cache.keep_outliers)
@@ -402,26 +406,42 @@ class QuantizeAppend:
             )
 
     def finish(self) -> None:
-        """Move the staged outliers into the cache's sparse matrix (after :meth:`run_kernel`)."""
+        """Move the staged outliers into the cache's sparse matrix (after :meth:`run_kernel`).
+
+        Small appends (a decode step: at most :data:`ASYNC_MAX_ELEMENTS` elements) make no device sync: the
+        staging holds every element, so it cannot overflow, and the outlier count stays on the device
+        (:meth:`~kvquant.sparse.blocked._BlockedSlotMatrix.allocate_slots_async`). Larger ones read the count
+        once (to size the staging exactly and allocate the entries)."""
         if self.N == 0 or not self.out:
+            return
+        outl = self.cache.outliers
+        tot = self.cnt.sum(1)
+        # per-(slot, head) counts: the kernel's per-(token, head) counts are exactly that when a channel group
+        # is a head (QuantizedKVCache's layout); other groupings are recounted in torch after the scatter
+        per_head = outl.n_groups == self.cache.num_heads
+        n_elem = self.N * self.cache.num_heads * self.cache.head_dim
+        if per_head and self.cap >= n_elem and n_elem <= ASYNC_MAX_ELEMENTS:
+            top_bound = self.cache.pages.n_pages * self.cache.config.page_size
+            tstart = outl.allocate_slots_async(self.slot, tot, n_elem, top_bound, self.cnt)
+            self._scatter(tstart)
             return
         total, top = torch.stack([self.counter[0].to(torch.int64), self.slot.max() + 1]).tolist()
         if total > self.cap:  # staging overflowed: run again with room for all (every write is idempotent)
             self.cap = total
             self._alloc_staging(total)
             self.run_kernel()
-        outl = self.cache.outliers
-        tot = self.cnt.sum(1)
-        # per-(slot, head) counts: the kernel's per-(token, head) counts are exactly that when a channel group
-        # is a head (QuantizedKVCache's layout); other groupings are recounted in torch after the scatter
-        per_head = outl.n_groups == self.cache.num_heads
         tstart = outl.allocate_slots(self.slot, tot, total, top, head_counts=self.cnt if per_head else None)
         if total:
-            BT = 32
-            H = self.cache.num_heads
-            _scatter_kernel[(triton.cdiv(self.N, BT),)](
-                self.cnt, self.sst, tstart, self.stv, self.sti, outl.values, outl.indices, self.N, H,
-                HP=triton.next_power_of_2(H), BT=BT, num_warps=4,
-            )
+            self._scatter(tstart)
         if not per_head:
             outl.recount_groups(self.slot)
+
+    def _scatter(self, tstart: torch.Tensor) -> None:
+        """Copy the staged outliers of every (token, head) to its place in the sparse matrix."""
+        outl = self.cache.outliers
+        BT = 32
+        H = self.cache.num_heads
+        _scatter_kernel[(triton.cdiv(self.N, BT),)](
+            self.cnt, self.sst, tstart, self.stv, self.sti, outl.values, outl.indices, self.N, H,
+            HP=triton.next_power_of_2(H), BT=BT, num_warps=4,
+        )

@@ -59,9 +59,10 @@ class Codebook:
         """``[2**bits - 1]`` decision thresholds between neighbouring levels."""
         return (self.levels[1:] + self.levels[:-1]) * 0.5
 
-    @property
+    @functools.cached_property
     def zero_code(self) -> int:
-        """Code of the level nearest 0: the dense code stored where a value went to the sparse part."""
+        """Code of the level nearest 0: the dense code stored where a value went to the sparse part (computed
+        once: reading it is a device sync)."""
         return int(self.levels.abs().argmin())
 
     def to(self, device: torch.device | str) -> Codebook:

@@ -25,6 +25,9 @@ from kvquant.quant.paged import PageTable
 from kvquant.quant.validate import check_kv, check_mask, compact_order
 from kvquant.sparse.blocked import BlockedCSCMatrix, BlockedCSRMatrix, largest_group
 
+# sync-free decode appends check their tokens for NaN/Inf together, once per this many appends
+DEFERRED_CHECK_EVERY = 32
+
 
 def storage_dtype(dtype: torch.dtype) -> torch.dtype:
     """16-bit dtype for outliers and per-token scales: the input's own if 16-bit, else float16."""
@@ -97,6 +100,13 @@ class QuantizedKVCache:
         self.sink_len = torch.zeros(batch, dtype=torch.int64, device=self.device)
         self.q_len = torch.zeros(batch, dtype=torch.int64, device=self.device)
         self.res_len = torch.zeros(batch, dtype=torch.int64, device=self.device)
+        # what the host knows, for appends without a device sync (see _append_steady)
+        self._host_stale = True  # _steady / _headroom must be re-read from the device
+        self._steady = False  # every sequence has all its sinks and a full residual window
+        self._headroom = 0  # tokens every sequence can still quantize into its reserved pages
+        self._nonfinite: torch.Tensor | None = None  # NaN/Inf seen by sync-free appends, checked every few steps
+        self._unchecked_appends = 0
+        self._failed: str | None = None
 
     # -- sizes ----------------------------------------------------------------------------------------
     @property
@@ -113,6 +123,7 @@ class QuantizedKVCache:
         exactly (no doubling slack). Reserved pages count as held in :meth:`memory_report`."""
         self.pages.reserve(self.q_len + self.res_len + extra_tokens, exact=True)
         self.outliers.reserve(slots=self.pages.capacity * self.config.page_size, exact=True)
+        self._host_stale = True
 
     # -- writing --------------------------------------------------------------------------------------
     def append(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
@@ -122,7 +133,17 @@ class QuantizedKVCache:
             x: ``[B, H, n, D]`` new tokens (a prefill or ``n = 1`` decode tokens).
             attention_mask: ``[B, n]`` 1 for real tokens, 0 for padding (left, right or anywhere);
                 ``None`` means all real. A row may be all padding here (that sequence gets nothing).
+
+        Decode steps (``attention_mask=None``, every sequence past its sinks and residual window) make no
+        device sync on the Triton backend: what the host needs is known there, and NaN/Inf in ``x`` is
+        detected up to :data:`DEFERRED_CHECK_EVERY` appends later (an error then; the cache is unusable after it).
         """
+        if self._failed is not None:
+            raise ValueError(self._failed)
+        if attention_mask is None and x.ndim == 4 and self._fast_path_ready(x.shape[2]):
+            self._append_steady(x)
+            return
+        self._host_stale = True
         check_kv(x, f"{self.kind}s", self.num_heads, self.head_dim, self.device)
         if x.shape[0] != self.batch:
             raise ValueError(f"{self.kind}s have batch {x.shape[0]} but the cache holds {self.batch}")
@@ -175,6 +196,61 @@ class QuantizedKVCache:
             self.residual = torch.where(keep[:, None, :, None], got, torch.zeros_like(got))
             self.res_len = pend_len - evict
 
+    def _fast_path_ready(self, n: int) -> bool:
+        """Whether an all-real append of ``n`` tokens per sequence can take :meth:`_append_steady` (reads the
+        device once after a slow-path append, reserve or select; then tracks it on the host)."""
+        if n == 0:
+            return False
+        if self._host_stale:
+            T = self.config.page_size
+            full = (self.sink_len == self.config.n_sink) & (self.res_len == self.config.residual_length)
+            room = self.pages.pages_per_seq * T - self.q_len
+            checks = [full.all().long(), room.min()]
+            if self._nonfinite is not None:
+                checks.append(self._nonfinite.long())
+            got = torch.stack(checks).tolist()  # the one sync
+            if len(got) == 3:
+                self._raise_if_nonfinite(bool(got[2]))
+            self._steady, self._headroom = bool(got[0]), int(got[1])
+            self._host_stale = False
+        return self._steady
+
+    def _raise_if_nonfinite(self, bad: bool) -> None:
+        self._nonfinite, self._unchecked_appends = None, 0
+        if bad:
+            self._failed = (f"{self.kind}s appended in the last {DEFERRED_CHECK_EVERY} decode steps contain NaN or "
+                            "Inf; the cache holds them and cannot be used further")
+            raise ValueError(self._failed)
+
+    def _append_steady(self, x: torch.Tensor) -> None:
+        """:meth:`append` of ``n`` real tokens to every sequence whose sinks and residual window are full:
+        each sequence quantizes its ``n`` oldest pending tokens. No device sync on the Triton backend."""
+        check_kv(x, f"{self.kind}s", self.num_heads, self.head_dim, self.device, finite=False)
+        if x.shape[0] != self.batch:
+            raise ValueError(f"{self.kind}s have batch {x.shape[0]} but the cache holds {self.batch}")
+        B, H, n, D = x.shape
+        x = x.to(self.dtype)
+        bad = ~torch.isfinite(x).all()
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+        self._unchecked_appends += 1
+        if self._unchecked_appends >= DEFERRED_CHECK_EVERY:
+            self._raise_if_nonfinite(bool(self._nonfinite))
+        if self.config.residual_length:
+            pending = torch.cat([self.residual, x], dim=2)
+            out, self.residual = pending[:, :, :n], pending[:, :, n:].contiguous()
+        else:
+            out = x
+        if self._headroom < n:  # a new page for some sequence: allocate (one sync), re-read the room
+            self.pages.reserve(self.q_len + n)
+            self._host_stale = True
+            self._fast_path_ready(n)
+        self._headroom -= n
+        seq = torch.arange(B, device=self.device).repeat_interleave(n)
+        pos = self.q_len[seq] + torch.arange(n, device=self.device).repeat(B)
+        tokens = out.transpose(1, 2).reshape(B * n, H, D)  # [N, H, D] grouped by sequence, oldest first
+        self._write(seq, pos, tokens, run_counts=torch.full((B,), n, device=self.device), reserved=True)
+        self.q_len += n
+
     def uses_triton(self, tokens: torch.Tensor) -> bool:
         """Whether appending ``tokens`` goes through the fused Triton kernel (``config.backend``).
 
@@ -196,15 +272,19 @@ class QuantizedKVCache:
         return True
 
     def _write(self, seq: torch.Tensor, pos: torch.Tensor, tokens: torch.Tensor,
-               run_counts: torch.Tensor | None = None) -> None:
+               run_counts: torch.Tensor | None = None, reserved: bool = False) -> None:
         """Store ``tokens [N, H, D]`` as quantized token ``pos[i]`` of sequence ``seq[i]``.
 
         ``run_counts [B]``, when given, says the entries are runs: ``run_counts[b]`` tokens of sequence ``b``
         at positions ``q_len[b], q_len[b] + 1, ...``, sequences in order (what :meth:`append` passes); the
-        Triton path needs it, the torch path takes any ``(seq, pos)``.
+        Triton path needs it, the torch path takes any ``(seq, pos)``. ``reserved``: the pages are known to be
+        allocated already (skips the check, a device sync).
         """
         fresh_from = self.pages.n_pages
-        self.pages.reserve(self.q_len.scatter_add(0, seq, torch.ones_like(seq)))
+        if not reserved:
+            self.pages.reserve(self.q_len.scatter_add(0, seq, torch.ones_like(seq)))
+        if self.keep_outliers:  # a slot per page position: slot capacity follows the page pool's
+            self.outliers.reserve(slots=self.pages.capacity * self.config.page_size, exact=True)
         if run_counts is not None and self.uses_triton(tokens):
             from kvquant.kernels.quantize_append import quantize_append
 
@@ -325,6 +405,7 @@ class QuantizedKVCache:
         new = object.__new__(QuantizedKVCache)
         new.__dict__.update(self.__dict__)
         new.batch = index.numel()
+        new._host_stale = True
         new.pages, old_ids = self.pages.select(index)
         T = self.config.page_size
         old_slots = (old_ids[:, None] * T + torch.arange(T, device=self.device)).reshape(-1)

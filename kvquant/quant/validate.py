@@ -21,8 +21,9 @@ def same_device(a: torch.device | str, b: torch.device | str) -> bool:
 
 
 def check_kv(x: torch.Tensor, name: str = "x", heads: int | None = None, head_dim: int | None = None,
-             device: torch.device | None = None) -> None:
-    """Check a key/value tensor ``[B, H, S, D]``: type, rank, dtype, sizes, device, finiteness."""
+             device: torch.device | None = None, finite: bool = True) -> None:
+    """Check a key/value tensor ``[B, H, S, D]``: type, rank, dtype, sizes, device, and finiteness (a device
+    sync; ``finite=False`` leaves it to the caller)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor [B, H, S, D], got {type(x).__name__}")
     if x.ndim != 4:
@@ -39,7 +40,7 @@ def check_kv(x: torch.Tensor, name: str = "x", heads: int | None = None, head_di
         raise ValueError(f"{name} has head_dim {x.shape[3]}, expected {head_dim}")
     if device is not None and not same_device(x.device, device):
         raise ValueError(f"{name} is on {x.device} but the cache lives on {device}")
-    if x.numel() and not torch.isfinite(x).all():
+    if finite and x.numel() and not torch.isfinite(x).all():
         bad = (~torch.isfinite(x)).nonzero()[0].tolist()
         raise ValueError(f"{name} contains NaN or Inf (first at index {bad})")
 

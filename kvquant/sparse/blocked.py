@@ -70,10 +70,50 @@ class _BlockedSlotMatrix:
         self.slot_count = torch.zeros(max(initial_slots, 1), dtype=self.count_dtype, device=device)
         # [slot_capacity, G] entries of each slot per channel group (<= group_size <= 255)
         self.head_counts = torch.zeros(max(initial_slots, 1), self.n_groups, dtype=torch.uint8, device=device)
-        self.nnz = 0
-        self.n_slots = 0  # one past the highest slot written
+        self._nnz = 0
+        self._n_slots = 0  # one past the highest slot written
+        # counts of appends made without a device sync (allocate_slots_async): device scalars, folded into
+        # _nnz / _n_slots the next time a reader needs them (one sync); _nnz_upper bounds nnz on the host
+        self._nnz_dev: torch.Tensor | None = None
+        self._top_dev: torch.Tensor | None = None
+        self._nnz_upper = 0
 
     # -- properties -----------------------------------------------------------------------------------
+    @property
+    def nnz(self) -> int:
+        """Entries stored (a device sync if appends were made with :meth:`allocate_slots_async`)."""
+        self._resolve()
+        return self._nnz
+
+    @nnz.setter
+    def nnz(self, value: int) -> None:
+        self._resolve()
+        self._nnz = self._nnz_upper = int(value)
+
+    @property
+    def n_slots(self) -> int:
+        """One past the highest slot written (a device sync after :meth:`allocate_slots_async`)."""
+        self._resolve()
+        return self._n_slots
+
+    @n_slots.setter
+    def n_slots(self, value: int) -> None:
+        self._resolve()
+        self._n_slots = int(value)
+
+    @property
+    def nnz_upper(self) -> int:
+        """An upper bound of :attr:`nnz` known on the host (no sync); equal to it after a sync."""
+        return self._nnz_upper
+
+    def _resolve(self) -> None:
+        if self._nnz_dev is None:
+            return
+        nnz, top = torch.stack([self._nnz_dev, self._top_dev]).tolist()
+        self._nnz_dev = self._top_dev = None
+        self._nnz = self._nnz_upper = int(nnz)
+        self._n_slots = max(self._n_slots, int(top))
+
     @property
     def dtype(self) -> torch.dtype:
         return self.values.dtype
@@ -177,7 +217,6 @@ class _BlockedSlotMatrix:
                 raise ValueError(f"no slots but total = {total}")
             return torch.empty(0, dtype=torch.int64, device=self.device)
         top = int(slots.max()) + 1 if top is None else int(top)
-        self.reserve(nnz=self.nnz + total, slots=top)
         if head_counts is not None and tuple(head_counts.shape) != (slots.numel(), self.n_groups):
             raise ValueError(f"head_counts must be [n, G] = {(slots.numel(), self.n_groups)}, got "
                              f"{tuple(head_counts.shape)}")
@@ -189,6 +228,48 @@ class _BlockedSlotMatrix:
         self.head_counts[slots] = 0 if head_counts is None else head_counts.to(self.device, torch.uint8)
         self.nnz += total
         self.n_slots = max(self.n_slots, top)
+        return starts
+
+    def allocate_slots_async(
+        self, slots: torch.Tensor, counts: torch.Tensor, max_total: int, top_bound: int, head_counts: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`allocate_slots` without a device sync, for small appends (a decode step).
+
+        The number of entries stays on the device: room is reserved for ``max_total`` of them (an upper bound
+        the caller knows, e.g. every element of the appended tokens), and :attr:`nnz` / :attr:`n_slots` are
+        brought up to date (one sync) only when something reads them. Capacity grows (doubling) when the host's
+        upper bound of ``nnz`` would pass it, which costs one sync then.
+
+        Args:
+            slots: ``[n]`` int64 distinct slots, ``< top_bound``. counts: ``[n]`` int entries per slot.
+            max_total: upper bound of ``counts.sum()``. top_bound: upper bound of ``max(slots) + 1`` (host).
+            head_counts: ``[n, G]`` per-group counts of each slot (rows sum to ``counts``; not checked).
+
+        Returns:
+            ``starts [n]`` int64, where each slot's entries go (the caller fills them).
+        """
+        slots = slots.reshape(-1)
+        if slots.numel() == 0:
+            return torch.empty(0, dtype=torch.int64, device=self.device)
+        if tuple(head_counts.shape) != (slots.numel(), self.n_groups):
+            raise ValueError(f"head_counts must be [n, G] = {(slots.numel(), self.n_groups)}, got "
+                             f"{tuple(head_counts.shape)}")
+        self.reserve(slots=top_bound)
+        upper = self._nnz_upper + max_total
+        if upper > self.capacity_nnz:
+            self.reserve(nnz=self.nnz + max_total)  # reading nnz syncs
+            upper = self._nnz + max_total
+        base: torch.Tensor | int = self._nnz if self._nnz_dev is None else self._nnz_dev
+        counts = counts.reshape(-1).to(torch.int64)
+        ends = base + torch.cumsum(counts, 0)
+        starts = ends - counts
+        self.slot_start[slots] = starts.to(torch.int32)
+        self.slot_count[slots] = counts.to(self.count_dtype)
+        self.head_counts[slots] = head_counts.to(torch.uint8)
+        top = slots.max() + 1
+        self._top_dev = top if self._top_dev is None else torch.maximum(self._top_dev, top)
+        self._nnz_dev = ends[-1]
+        self._nnz_upper = upper
         return starts
 
     def recount_groups(self, slots: torch.Tensor) -> None:
