@@ -69,6 +69,7 @@ class KVQuantLayer(CacheLayerMixin):
         self.cumulative_length = 0
         self.seen_mask: torch.Tensor | None = None  # [B, cumulative_length] bool, padding = False
         self.pos_offset: torch.Tensor | None = None  # [B] position of each sequence's first real token
+        self._pos_offset_i32: torch.Tensor | None = None
         self._pending: _PendingDecode | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -112,6 +113,7 @@ class KVQuantLayer(CacheLayerMixin):
                 self.qvalues.reserve(self.owner.reserve_tokens)
             first = step_mask.long().argmax(1)
             self.pos_offset = positions.gather(1, first[:, None]).squeeze(1)
+            self._pos_offset_i32 = self.pos_offset.to(torch.int32)  # what the kernel reads, converted once
             out_k, out_v = key_states, value_states
         else:
             past_mask = self.seen_mask
@@ -157,7 +159,7 @@ class KVQuantLayer(CacheLayerMixin):
         rope = None
         if self.owner.pre_rope:
             cos, sin = self.owner.kernel_rope_tables(query.device)
-            rope = (cos, sin, self.pos_offset)
+            rope = (cos, sin, self._pos_offset_i32)
         out = da.decode_attention(query[:, :, 0], self.qkeys, self.qvalues, softmax_scale=scaling, rope=rope,
                                   backend="triton", extra_kv=(pend.key[:, :, 0], pend.value[:, :, 0]))
         # the step's tokens are all real (_kernel_step checked the mask once per step): no mask, no device sync
@@ -192,6 +194,7 @@ class KVQuantLayer(CacheLayerMixin):
         idx = beam_idx.to(self.qkeys.device)
         self.qkeys, self.qvalues = self.qkeys.select(idx), self.qvalues.select(idx)
         self.seen_mask, self.pos_offset = self.seen_mask[idx], self.pos_offset[idx]
+        self._pos_offset_i32 = self.pos_offset.to(torch.int32)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.reorder_cache(indices)

@@ -83,8 +83,11 @@ class QuantizedKVCache:
         if kind == "key" and self.quantized:
             if channel_scale is None or channel_zero is None:
                 raise ValueError("quantized keys need per-channel scale and zero [B, H, D]")
-            self.channel_scale = channel_scale.to(self.device, torch.float32).expand(batch, num_heads, head_dim)
-            self.channel_zero = channel_zero.to(self.device, torch.float32).expand(batch, num_heads, head_dim)
+            # [B, H, D] contiguous: the kernels read them every step (an expanded view would be copied each time)
+            self.channel_scale = channel_scale.to(self.device, torch.float32).expand(batch, num_heads, head_dim
+                                                                                     ).contiguous()
+            self.channel_zero = channel_zero.to(self.device, torch.float32).expand(batch, num_heads, head_dim
+                                                                                   ).contiguous()
         else:
             self.channel_scale = self.channel_zero = None
         sparse_cls = BlockedCSCMatrix if kind == "key" else BlockedCSRMatrix
@@ -140,7 +143,7 @@ class QuantizedKVCache:
         """
         if self._failed is not None:
             raise ValueError(self._failed)
-        if attention_mask is None and x.ndim == 4 and self._fast_path_ready(x.shape[2]):
+        if attention_mask is None and isinstance(x, torch.Tensor) and x.ndim == 4 and self._fast_path_ready(x.shape[2]):
             self._append_steady(x)
             return
         self._host_stale = True
