@@ -6,6 +6,9 @@ from dataclasses import asdict, dataclass
 
 from kvquant.quant.datatypes import parse_datatype
 
+BACKENDS = ("auto", "torch", "triton")
+"""Values of :attr:`QuantConfig.backend` (see :func:`kvquant.kernels._triton.resolve_backend`)."""
+
 
 @dataclass(frozen=True)
 class QuantConfig:
@@ -52,8 +55,8 @@ class QuantConfig:
             raise ValueError(f"page_size must be a positive multiple of 32, got {self.page_size}")
         if self.block_nnz <= 0:
             raise ValueError(f"block_nnz must be positive, got {self.block_nnz}")
-        if self.backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {self.backend!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
 
     @property
     def bits(self) -> int:

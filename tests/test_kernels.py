@@ -217,3 +217,16 @@ def test_decode_gpu_realistic(seed: int, G: int, dtype: torch.dtype) -> None:
 def test_decode_gpu_fp32_bits(seed: int, bits: int) -> None:
     cfg = QuantConfig(datatype=f"nuq{bits}", outlier_fraction=0.01, n_sink=1, residual_length=16, page_size=128)
     check(seed, B=3, Hkv=4, G=2, D=128, S=1500, cfg=cfg, dtype=torch.float32, use_rope=True)
+
+
+def test_resolve_backend_is_one_rule() -> None:
+    from kvquant.kernels._triton import resolve_backend
+
+    assert resolve_backend("torch", ["anything"], True) == "torch"
+    assert resolve_backend("auto", [], True) == "triton" and resolve_backend("auto", [], False) == "torch"
+    assert resolve_backend("auto", ["head size 24"], True) == "torch"
+    assert resolve_backend("triton", [], False) == "triton"  # explicit: runs even on CPU (interpreter)
+    with pytest.raises(ValueError, match="not possible: head size 24; fp16"):
+        resolve_backend("triton", ["head size 24", "fp16"], True)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend("cuda", [], True)

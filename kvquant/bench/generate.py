@@ -67,7 +67,7 @@ from kvquant.bench.common import (
     parse_size_list,
     synchronize,
 )
-from kvquant.config import QuantConfig
+from kvquant.config import BACKENDS, QuantConfig
 
 SCHEMA = "kvquant.bench.generate/v1"
 
@@ -511,7 +511,7 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--outlier-fraction", type=float, default=0.01)
     p.add_argument("--n-sink", type=int, default=1)
     p.add_argument("--residual-length", type=int, default=0)
-    p.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto",
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="cache kernels: auto = Triton on CUDA when installed, else the torch reference")
 
 

@@ -41,7 +41,6 @@ from kvquant.quant.store import QuantizedKVCache
 from kvquant.quant.validate import same_device
 
 _HOOK_ATTR = "_kvquant_step_hook"
-BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -273,28 +272,18 @@ class KVQuantCache(Cache):
         super().__init__(layers=[KVQuantLayer(self, i) for i in range(self.num_layers)])
 
     def _resolve_backend(self, backend: str, model: torch.nn.Module) -> str:
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if backend == "torch":
-            return "torch"
-        da = importlib.import_module("kvquant.kernels.decode_attention")
+        from kvquant.kernels._triton import resolve_backend
+
         D = self.head_dim
         problems = []
-        if not da.triton_available():
-            problems.append("triton does not import")
         if not self.config.is_quantized:
             problems.append(f"datatype {self.config.datatype} is not quantized")
         if D < 32 or D & (D - 1):
             problems.append(f"head size {D} is not a power of two >= 32")
-        if not kernel_attention.can_install(model):
+        if backend != "torch" and not kernel_attention.can_install(model):
             problems.append(f"attention {kernel_attention.current_implementation(model)!r} is not sdpa/eager")
-        if backend == "triton":
-            if problems:
-                raise ValueError("backend='triton' is not possible: " + "; ".join(problems))
-            return "triton"
         param = next(model.parameters(), None)
-        on_cuda = param is not None and param.device.type == "cuda"
-        return "triton" if on_cuda and not problems else "torch"
+        return resolve_backend(backend, problems, param is not None and param.device.type == "cuda")
 
     def _kernel_step(self, layer: KVQuantLayer, s: int) -> bool:
         """Whether this layer's step runs the kernel path (same answer for all layers of a step)."""

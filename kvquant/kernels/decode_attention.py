@@ -30,7 +30,13 @@ import math
 
 import torch
 
-from kvquant.kernels._triton import TRITON_IMPORT_ERROR, tl, triton, triton_available  # noqa: F401
+from kvquant.kernels._triton import (  # noqa: F401
+    TRITON_IMPORT_ERROR,
+    resolve_backend,
+    tl,
+    triton,
+    triton_available,
+)
 from kvquant.kernels.reference import Rope, decode_attention_reference
 from kvquant.quant.store import QuantizedKVCache
 
@@ -544,14 +550,8 @@ if triton is not None:
 
 
 def _pick_backend(backend: str, q: torch.Tensor, key_cache: QuantizedKVCache) -> str:
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    if backend == "auto":
-        ok = triton is not None and q.is_cuda and key_cache.quantized
-        return "triton" if ok else "torch"
-    if backend == "triton" and triton is None:
-        raise RuntimeError(f"triton is not available: {TRITON_IMPORT_ERROR}")
-    return backend
+    problems = [] if key_cache.quantized else [f"datatype {key_cache.config.datatype} is not quantized"]
+    return resolve_backend(backend, problems, q.is_cuda)
 
 
 def _check_pair(q: torch.Tensor, key_cache: QuantizedKVCache, value_cache: QuantizedKVCache) -> None:

@@ -262,17 +262,13 @@ class QuantizedKVCache:
         ``TRITON_INTERPRET=1``), an error if that is impossible. An ``fp16`` cache has nothing to quantize and
         is always written by torch.
         """
-        backend = self.config.backend
-        if backend == "torch" or not self.quantized:
+        if self.config.backend == "torch" or not self.quantized:
             return False
+        from kvquant.kernels._triton import resolve_backend
         from kvquant.kernels.quantize_append import unsupported_reason
 
         reason = unsupported_reason(self, tokens)
-        if backend == "auto":
-            return reason is None and tokens.is_cuda
-        if reason is not None:
-            raise ValueError(f"backend='triton' cannot write this cache: {reason}")
-        return True
+        return resolve_backend(self.config.backend, [reason] if reason else [], tokens.is_cuda) == "triton"
 
     def _write(self, seq: torch.Tensor, pos: torch.Tensor, tokens: torch.Tensor,
                run_counts: torch.Tensor | None = None, reserved: bool = False) -> None:
