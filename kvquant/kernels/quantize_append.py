@@ -244,6 +244,30 @@ if triton is not None:
             tl.store(OI + dst + k, i.to(OI.dtype.element_ty), mask=m)
 
 
+def _constants(cache) -> dict[str, torch.Tensor]:
+    """Tensors the launches of one cache reuse (built once per cache; ``unit_*``: the tables of a decode step,
+    one token per sequence, used when the caller passes :func:`unit_counts`)."""
+    consts = getattr(cache, "_quantize_append_constants", None)
+    if consts is None or consts["batch"] != cache.batch:
+        dev, B = cache.device, cache.batch
+        consts = {
+            "batch": B,
+            "mids": cache.codebook.midpoints.to(dev, torch.float32).contiguous(),
+            "dummy_f": torch.zeros(1, dtype=torch.float32, device=dev),
+            "dummy_h": torch.zeros(1, dtype=torch.float16, device=dev),
+            "unit_counts": torch.ones(B, dtype=torch.int64, device=dev),
+            "unit_first": torch.arange(B, dtype=torch.int64, device=dev),
+            "unit_ctile": torch.arange(B + 1, dtype=torch.int32, device=dev),
+        }
+        cache._quantize_append_constants = consts
+    return consts
+
+
+def unit_counts(cache) -> torch.Tensor:
+    """``[B]`` ones: ``counts`` for a decode step, which lets :func:`quantize_append` reuse its launch tables."""
+    return _constants(cache)["unit_counts"]
+
+
 def unsupported_reason(cache, tokens: torch.Tensor | None = None) -> str | None:
     """Why the Triton path cannot write to ``cache`` (``None`` if it can)."""
     if triton is None:
@@ -331,28 +355,33 @@ class QuantizeAppend:
         self.BN = BN = _block_n(T, block_n)
         self.num_warps = num_warps or TUNING["num_warps"]
         self.code_tree = bool(TUNING["code_tree"] if code_tree is None else code_tree)
-        counts = counts.to(dev, torch.int64)
-        self.counts = counts
+        consts = _constants(cache)
         self.start = cache.q_len.to(torch.int64)
-        self.first = torch.cumsum(counts, 0) - counts
-        n_t = torch.where(counts > 0, (self.start + counts + BN - 1) // BN - self.start // BN,
-                          torch.zeros_like(counts))
-        self.ctile = torch.zeros(B + 1, dtype=torch.int32, device=dev)
-        self.ctile[1:] = torch.cumsum(n_t, 0).to(torch.int32)
+        if N == B and "unit_first" in consts and counts is consts["unit_counts"]:
+            # one token per sequence (a decode step): every run is one tile, the tables are constant
+            self.counts, self.first, self.ctile = counts, consts["unit_first"], consts["unit_ctile"]
+        else:
+            counts = counts.to(dev, torch.int64)
+            self.counts = counts
+            self.first = torch.cumsum(counts, 0) - counts
+            n_t = torch.where(counts > 0, (self.start + counts + BN - 1) // BN - self.start // BN,
+                              torch.zeros_like(counts))
+            self.ctile = torch.zeros(B + 1, dtype=torch.int32, device=dev)
+            self.ctile[1:] = torch.cumsum(n_t, 0).to(torch.int32)
         # grid bound without a device sync (idle programs exit at once): a sequence's run spans at most two
         # partly filled tiles beyond its share of full ones
         self.max_tiles = -(-N // BN) + 2 * B
-        self.mids = cache.codebook.midpoints.to(dev, torch.float32).contiguous()
+        self.mids = consts["mids"]
         self.is_key = cache.kind == "key"
         self.out = bool(cache.keep_outliers)
-        dummy_f = torch.zeros(1, dtype=torch.float32, device=dev)
+        dummy_f = consts["dummy_f"]
         pools = cache.pages.pools
         if self.is_key:
             cs, cz = cache.channel_scale, cache.channel_zero
             if cs.stride(2) != 1 or cz.stride() != cs.stride():
                 cs, cz = cs.contiguous(), cz.contiguous()
             self.cs, self.cz, self.cs_strides = cs, cz, (cs.stride(0), cs.stride(1))
-            self.vs = self.vz = torch.zeros(1, dtype=torch.float16, device=dev)
+            self.vs = self.vz = consts["dummy_h"]
             self.lo = self.hi = dummy_f
         else:
             self.cs = self.cz = dummy_f

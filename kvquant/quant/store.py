@@ -251,7 +251,13 @@ class QuantizedKVCache:
         seq = torch.arange(B, device=self.device).repeat_interleave(n)
         pos = self.q_len[seq] + torch.arange(n, device=self.device).repeat(B)
         tokens = out.transpose(1, 2).reshape(B * n, H, D)  # [N, H, D] grouped by sequence, oldest first
-        self._write(seq, pos, tokens, run_counts=torch.full((B,), n, device=self.device), reserved=True)
+        if n == 1 and self.uses_triton(tokens):
+            from kvquant.kernels.quantize_append import unit_counts
+
+            run_counts = unit_counts(self)
+        else:
+            run_counts = torch.full((B,), n, device=self.device)
+        self._write(seq, pos, tokens, run_counts=run_counts, reserved=True)
         self.q_len += n
 
     def uses_triton(self, tokens: torch.Tensor) -> bool:
