@@ -172,3 +172,41 @@ def test_head_counts_exact_through_every_writer(heads, group, shared, steps, den
 def recount_rows(rows: torch.Tensor, group_size: int) -> torch.Tensor:
     """``[n, G]`` nonzeros of dense rows ``[n, n_inner]`` per group of ``group_size`` channels."""
     return (rows != 0).reshape(rows.shape[0], rows.shape[1] // group_size, group_size).sum(2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(group=st.sampled_from([1, 4, 8]), n_groups=st.integers(1, 4),
+       steps=st.lists(st.tuples(st.integers(1, 6), st.booleans()), min_size=1, max_size=14),
+       density=st.floats(0.0, 0.7), block=st.integers(1, 16), seed=st.integers(0, 2**31 - 1), csc=st.booleans())
+def test_async_allocation_matches_synced_appends(group, n_groups, steps, density, block, seed, csc):
+    """``allocate_slots_async`` (the count stays on the device; worst-case room reserved) interleaved with synced
+    appends stores exactly what synced appends alone store; ``nnz`` / ``n_slots`` resolve to the true values."""
+    g = torch.Generator().manual_seed(seed)
+    n_inner = group * n_groups
+    total = sum(k for k, _ in steps)
+    dense = torch.randn(total, n_inner, generator=g).half()
+    dense *= (torch.rand(total, n_inner, generator=g) < density)
+    order = torch.randperm(total, generator=g)
+    cls = BlockedCSCMatrix if csc else BlockedCSRMatrix
+    ref, got = (cls(n_inner, torch.float16, "cpu", block, 1, group_size=group) for _ in range(2))
+    start = 0
+    for k, use_async in steps:
+        slots = order[start:start + k]
+        start += k
+        rows = dense[slots]
+        ref.append_dense(slots, rows, rows != 0)
+        if not use_async:
+            got.append_dense(slots, rows, rows != 0)
+            continue
+        mask = rows != 0
+        counts = mask.sum(1)
+        hc = mask.reshape(k, n_groups, group).sum(2)
+        starts = got.allocate_slots_async(slots, counts, k * n_inner, int(slots.max()) + 1, hc)
+        r, c = mask.nonzero(as_tuple=True)  # row-major: by slot, channels ascending
+        pos = starts[r] + torch.arange(r.numel()) - (torch.cumsum(counts, 0) - counts)[r]
+        got.values[pos], got.indices[pos] = rows[r, c], c.to(got.index_dtype)
+        assert got.nnz_upper >= ref.nnz  # the host bound never undercounts (read without resolving)
+    assert (got.nnz, got.n_slots) == (ref.nnz, ref.n_slots)
+    assert got.nnz_upper == got.nnz  # a read resolves the bound too
+    assert torch.equal(got.to_dense(total), ref.to_dense(total))
+    assert torch.equal(got.head_counts[:total], ref.head_counts[:total])
