@@ -219,3 +219,39 @@ def test_magnitude_sensitivity_spreads_key_levels_and_leaves_values(model, seed)
         assert torch.equal(p.value_codebooks[3].levels, m.value_codebooks[3].levels)
     with pytest.raises(ValueError, match="sensitivity must be one of"):
         calibrate(model, seqs, QuantConfig(), sensitivity="entropy", progress=False)
+
+
+def test_query_sensitivity_weights_keys_by_query_energy(model, seed):
+    from kvquant.calibration.calibrate import _QueryEnergy
+
+    seqs = torch.randint(0, model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(seed))
+    plain = calibrate(model, seqs, QuantConfig(), bits=(3,), sensitivity="none", progress=False)
+    qcal = calibrate(model, seqs, QuantConfig(), bits=(3,), sensitivity="query", progress=False)
+    assert qcal.sensitivity == "query"
+    moved = 0
+    for p, q in zip(plain.layers, qcal.layers):
+        assert torch.equal(p.key_lo, q.key_lo) and torch.equal(p.value_codebooks[3].levels, q.value_codebooks[3].levels)
+        moved += not torch.equal(p.key_codebooks[3].levels, q.key_codebooks[3].levels)
+    assert moved > 0
+    # the recorded energies: sum of squared q_proj outputs per query head and channel, summed over the query heads
+    # that read each KV head (head j reads KV head j // G, as repeat_kv does) and over each rotary pair
+    energy = _QueryEnergy(model, model.config.num_hidden_layers)
+    seen = {}
+    attn0 = model.model.layers[0].self_attn
+    handle = attn0.q_proj.register_forward_hook(lambda m, a, out: seen.setdefault("q", out.detach().float()))
+    with torch.no_grad():
+        model(input_ids=seqs[:2])
+    handle.remove()
+    energy.remove()
+    cfg = model.config
+    Hq, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    D = cfg.hidden_size // Hq
+    q2 = seen["q"].reshape(-1, Hq, D).pow(2).sum(0)
+    want = torch.zeros(Hkv, D)
+    for j in range(Hq):
+        want[j // (Hq // Hkv)] += q2[j]
+    want = want[:, : D // 2] + want[:, D // 2:]
+    want = torch.cat([want, want], 1) / want.mean()
+    torch.testing.assert_close(energy.per_key_channel(0, Hkv, D), want, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="q_proj"):
+        _QueryEnergy(torch.nn.Linear(2, 2), 2)

@@ -9,13 +9,11 @@ from tqdm.auto import tqdm
 
 from kvquant.cache.hf_cache import KVQuantCache, KVQuantLayer
 from kvquant.cache.rope import invert_rope
-from kvquant.calibration.format import Calibration, LayerCalibration
+from kvquant.calibration.format import SENSITIVITIES, Calibration, LayerCalibration
 from kvquant.config import QuantConfig
 from kvquant.quant.codebook import compute_nuq_codebook
 from kvquant.quant.encode import normalize_values, range_to_scale_zero
 from kvquant.quant.stats import masked_quantile_pair
-
-SENSITIVITIES = ("none", "fisher", "magnitude")
 
 
 class _RecordingLayer(KVQuantLayer):
@@ -67,9 +65,13 @@ class _RecordingCache(KVQuantCache):
 
 def _fit_layer(keys: torch.Tensor, values: torch.Tensor, kw: torch.Tensor | None, vw: torch.Tensor | None,
                config: QuantConfig, bits_list: tuple[int, ...], max_samples: int, seed: int,
-               key_magnitude: bool = False) -> LayerCalibration:
+               key_magnitude: bool = False, query_energy: torch.Tensor | None = None) -> LayerCalibration:
     """keys/values: ``[N, H, D]`` float32 calibration tokens (sinks excluded); kw/vw: Fisher weights.
-    ``key_magnitude``: weight each normalised key by its magnitude ``|k|`` (the ``"magnitude"`` sensitivity)."""
+    ``key_magnitude``: weight each normalised key by its magnitude ``|k|`` (the ``"magnitude"`` sensitivity).
+    ``query_energy``: ``[H, D]`` logit sensitivity of each key channel (the ``"query"`` sensitivity): a key
+    error ``e`` moves the logits by ``q·R e``; averaged over relative rotations ``R`` its square is
+    ``1/2 sum_pairs |q_pair|^2 |e_pair|^2``, so a normalised error in channel ``c`` weighs
+    ``E|q_pair(c)|^2 * scale_c^2``."""
     f = config.outlier_fraction
     N, H, D = keys.shape
     lo, hi = masked_quantile_pair(keys.permute(1, 2, 0), None, f / 2, 1 - f / 2)  # [H, D]
@@ -80,6 +82,8 @@ def _fit_layer(keys: torch.Tensor, values: torch.Tensor, kw: torch.Tensor | None
     v_in = ~v_out
     if key_magnitude:
         kw = kn.abs()
+    if query_energy is not None:
+        kw = (query_energy * scale.float() ** 2).expand(N, H, D)
     kcb, vcb = {}, {}
     for bits in bits_list:
         kcb[bits] = compute_nuq_codebook(kn[k_in], bits, None if kw is None else kw[k_in], seed, max_samples)
@@ -124,6 +128,7 @@ def calibrate(
         raise ValueError(f"sequences must be [n, L] with L > n_sink, got {tuple(sequences.shape)}")
     want_grads = sensitivity == "fisher"
     rec = _RecordingCache(model, replace_datatype(config), want_grads)
+    queries = _QueryEnergy(model, rec.num_layers) if sensitivity == "query" else None
     device = next(model.parameters()).device
     kgrads: list[list[torch.Tensor]] = [[] for _ in range(rec.num_layers)]
     vgrads: list[list[torch.Tensor]] = [[] for _ in range(rec.num_layers)]
@@ -151,11 +156,51 @@ def calibrate(
         if want_grads:
             kw = torch.cat(kgrads[i], 0)[:, :, s0:].permute(0, 2, 1, 3).reshape(keys.shape)
             vw = torch.cat(vgrads[i], 0)[:, :, s0:].permute(0, 2, 1, 3).reshape(vals.shape)
+        qe = None if queries is None else queries.per_key_channel(i, rec.num_kv_heads, rec.head_dim)
         layers.append(_fit_layer(keys, vals, kw, vw, config, bits, max_samples, seed,
-                                 key_magnitude=sensitivity == "magnitude"))
+                                 key_magnitude=sensitivity == "magnitude", query_energy=qe))
         layer.keys = layer.values = []
+    if queries is not None:
+        queries.remove()
     return Calibration(layers, model_id, config.outlier_fraction, config.n_sink, config.pre_rope, rec.num_kv_heads,
                        rec.head_dim, sensitivity, int(sequences.numel()), dataset, kvquant.__version__)
+
+
+class _QueryEnergy:
+    """Running ``sum q^2`` per layer, query head and channel (pre-RoPE queries, from hooks on ``q_proj``)."""
+
+    def __init__(self, model: torch.nn.Module, num_layers: int) -> None:
+        self.sums: list[torch.Tensor | None] = [None] * num_layers
+        self.hooks = []
+        for module in model.modules():
+            proj, idx = getattr(module, "q_proj", None), getattr(module, "layer_idx", None)
+            if isinstance(proj, torch.nn.Module) and isinstance(idx, int) and 0 <= idx < num_layers:
+                self.hooks.append(proj.register_forward_hook(self._hook(idx)))
+        if len(self.hooks) != num_layers:
+            self.remove()
+            raise ValueError(f"--sensitivity query needs a q_proj in every attention layer; found {len(self.hooks)} "
+                             f"of {num_layers} (not a Llama-style model?)")
+
+    def _hook(self, idx: int):
+        def hook(module: torch.nn.Module, args: Any, out: torch.Tensor) -> None:
+            sq = out.detach().float().pow(2).reshape(-1, out.shape[-1]).sum(0)
+            self.sums[idx] = sq if self.sums[idx] is None else self.sums[idx] + sq
+        return hook
+
+    def per_key_channel(self, layer: int, kv_heads: int, head_dim: int) -> torch.Tensor:
+        """``[H_kv, D]``: query energy of each rotary pair, summed over the query heads that read the KV head."""
+        q = self.sums[layer]
+        if q is None:
+            raise RuntimeError(f"no queries were recorded for layer {layer}")
+        q = q.cpu().reshape(kv_heads, -1, head_dim).sum(1)  # GQA: the query heads sharing each KV head
+        h = head_dim // 2
+        pair = q[:, :h] + q[:, h:]  # rotate_half layout: channel i rotates with channel i + D/2
+        return torch.cat([pair, pair], 1) / pair.mean()
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
 
 
 def replace_datatype(config: QuantConfig) -> QuantConfig:

@@ -12,6 +12,9 @@ from safetensors.torch import save_file
 
 from kvquant.quant.codebook import Codebook
 
+SENSITIVITIES = ("none", "fisher", "magnitude", "query")
+"""How ``kvquant calibrate`` weights the k-means points (see :func:`kvquant.calibration.calibrate.calibrate`)."""
+
 FORMAT_VERSION = 1
 
 

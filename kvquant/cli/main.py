@@ -167,8 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--n-seqs", type=int, default=16)
     c.add_argument("--seq-len", type=int, default=512)
     c.add_argument("--batch-size", type=int, default=4)
-    c.add_argument("--sensitivity", choices=["none", "fisher", "magnitude"], default="none",
-                   help="k-means weights: none, fisher (squared loss gradients, KVQuant), magnitude (keys by |k|)")
+    from kvquant.calibration.format import SENSITIVITIES
+
+    c.add_argument("--sensitivity", choices=list(SENSITIVITIES), default="none",
+                   help="k-means weights: none, fisher (squared loss gradients, KVQuant), magnitude (keys by |k|), "
+                        "query (keys by the logit error they cause: query energy x channel scale^2)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", type=Path, required=True)
     c.set_defaults(func=cmd_calibrate)
