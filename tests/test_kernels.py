@@ -230,3 +230,27 @@ def test_resolve_backend_is_one_rule() -> None:
         resolve_backend("triton", ["head size 24", "fp16"], True)
     with pytest.raises(ValueError, match="backend must be one of"):
         resolve_backend("cuda", [], True)
+
+
+@pytest.mark.parametrize("name", ["quanto4", "hqq4"])
+def test_hf_quantized_cache_step_attends_over_every_token(name: str, seed: int) -> None:
+    """The benchmark's transformers-QuantizedCache row really runs that cache: each step appends a token and
+    attends over the whole dequantized context (close to exact attention at 4 bits)."""
+    from kvquant.bench.kernels import hf_quantized_step
+    from kvquant.eval.baselines import baseline_available
+
+    ok, why = baseline_available(name)
+    if not ok:
+        pytest.skip(why)
+    g = torch.Generator().manual_seed(seed)
+    B, Hq, Hkv, L, D = 2, 4, 2, 300, 64
+    q = torch.randn(B, Hq, 1, D, generator=g)
+    k, v = torch.randn(B, Hkv, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g)
+    step, cache = hf_quantized_step(name, q, k, v)
+    for n in range(1, 4):
+        out = step()
+        kk = torch.cat([k] + [k[:, :, -1:]] * n, 2)
+        vv = torch.cat([v] + [v[:, :, -1:]] * n, 2)
+        want = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, enable_gqa=True)
+        assert out.shape == want.shape and cache.get_seq_length() == L + n
+        assert float((out - want).norm() / want.norm()) < 0.25

@@ -5,7 +5,10 @@ Decode rows compare, per (context, batch, heads) config:
 * ``fp16_sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` over a dense fp16 cache;
 * ``dequant``: :func:`~kvquant.kernels.reference.decode_attention_reference` (dequantize everything, then
   attend: what a dequantize-then-attend cache such as transformers' ``QuantizedCache`` does);
-* ``kernel``: :func:`~kvquant.kernels.decode_attention.decode_attention` (Triton).
+* ``kernel``: :func:`~kvquant.kernels.decode_attention.decode_attention` (Triton);
+* ``hf_<name>`` (``--hf-baselines quanto4,hqq4``, where the backend installs): one decode step of transformers'
+  own ``QuantizedCache`` (append the token, dequantize the whole layer, concatenate, then SDPA), the path users
+  of ``cache_implementation="quantized"`` run today.
 
 Each row: median time (``triton.testing.do_bench``, warm-up, inputs rotated over several cache copies when
 the cache is small enough to sit in L2), ratio vs fp16, bytes moved, and the fraction of the bandwidth floor
@@ -92,6 +95,38 @@ def synthetic_caches(
             c.outliers.reserve(nnz=slots.numel() * cnt, slots=P * T)
             c.outliers.append_slots(slots, torch.full_like(slots, cnt), vals.reshape(-1), ch.reshape(-1))
     return kc, vc
+
+
+def hf_quantized_step(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """One decode step through transformers' ``QuantizedCache`` (baseline ``name``, e.g. ``"quanto4"``).
+
+    Args:
+        q: ``[B, Hq, 1, D]`` the step's query; k, v: ``[B, Hkv, L, D]`` the context, quantized once here (as a
+            prefill would be).
+
+    Returns:
+        ``(step, cache)``: ``step()`` appends one more token (the last context token again) and attends over
+        everything the cache returns (``[B, Hq, 1, D]``); each call grows the cache by one token, as decoding does.
+    """
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig
+
+    from kvquant.eval.baselines import make_baseline_cache
+
+    B, Hq, _, D = q.shape
+    Hkv = k.shape[1]
+    cfg = LlamaConfig(hidden_size=Hq * D, num_attention_heads=Hq, num_key_value_heads=Hkv, head_dim=D,
+                      num_hidden_layers=1, intermediate_size=4 * Hq * D, vocab_size=32)
+    cache = make_baseline_cache(name, SimpleNamespace(config=cfg))
+    cache.update(k, v, 0)
+    k1, v1 = k[:, :, -1:].clone(), v[:, :, -1:].clone()
+
+    def step() -> torch.Tensor:
+        kk, vv = cache.update(k1, v1, 0)
+        return F.scaled_dot_product_attention(q, kk, vv, enable_gqa=Hq != Hkv)
+
+    return step, cache
 
 
 def _bench(fn, warmup: int = 25, rep: int = 100) -> float:
@@ -198,6 +233,8 @@ def bench_decode(args, bw: float, rows: list, out_path: Path | None) -> None:
                     del kv, q4
                 if row.get("dequant_ms"):
                     row["speedup_vs_dequant"] = row["dequant_ms"] / row["kernel_ms"]
+                for name in args.hf_baselines:
+                    _bench_hf(name, row, B, Hq, Hkv, L, D, dev, dtype)
                 rows.append(row)
                 _flush(rows, out_path)
                 print(_fmt(row), flush=True)
@@ -387,7 +424,35 @@ def _fmt(r: dict) -> str:
     return (f"{r['shape']:3s} L={r['context']:6d} B={r['batch']:2d} | fp16 {f('fp16_ms')} | dequant {f('dequant_ms')}"
             f" | kernel {f('kernel_ms')} (floor {f('kernel_floor_ms')}, {f('kernel_frac_floor', '{:4.2f}')}) | "
             f"x fp16 {f('speedup_vs_fp16', '{:5.2f}')} x deq {f('speedup_vs_dequant', '{:6.1f}')} "
-            f"err {f('rel_err', '{:.1e}')}")
+            f"err {f('rel_err', '{:.1e}')}"
+            + "".join(f" | hf {k[3:-3]} {f(k)}" for k in r if k.startswith("hf_") and k.endswith("_ms")))
+
+
+def _bench_hf(name: str, row: dict, B: int, Hq: int, Hkv: int, L: int, D: int, dev: str, dtype: torch.dtype) -> None:
+    """Add ``hf_<name>_ms`` (and its speed-up) to a decode row, or why it was not measured."""
+    from kvquant.eval.baselines import baseline_available, tensor_bytes
+
+    ok, why = baseline_available(name)
+    if not ok:
+        row[f"hf_{name}_ms"] = None
+        row[f"hf_{name}_note"] = why
+        return
+    if 3 * 2 * B * Hkv * L * D * 2 > 0.7 * torch.cuda.mem_get_info()[0]:
+        row[f"hf_{name}_ms"] = None
+        row[f"hf_{name}_note"] = "does not fit (it dequantizes the whole layer every step)"
+        return
+    try:
+        k = torch.randn(B, Hkv, L, D, device=dev, dtype=dtype)
+        v = torch.randn(B, Hkv, L, D, device=dev, dtype=dtype)
+        step, cache = hf_quantized_step(name, torch.randn(B, Hq, 1, D, device=dev, dtype=dtype), k, v)
+        del k, v
+        row[f"hf_{name}_bytes"] = tensor_bytes(cache.layers[0].__dict__)
+        row[f"hf_{name}_ms"] = _bench(step, warmup=5, rep=50)
+        row[f"speedup_vs_hf_{name}"] = row[f"hf_{name}_ms"] / row["kernel_ms"]
+    except torch.OutOfMemoryError:
+        row[f"hf_{name}_ms"] = None
+        row[f"hf_{name}_note"] = "out of memory"
+    torch.cuda.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -405,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--page-size", type=int, default=64)
     p.add_argument("--rope", action="store_true", help="rotate keys in the kernel")
     p.add_argument("--no-dequant", action="store_true", help="skip the (slow) dequantize-everything path")
+    p.add_argument("--hf-baselines", default="quanto4,hqq4",
+                   help="transformers QuantizedCache backends to time per decode row (comma list; '' for none)")
     p.add_argument("--prefill-lengths", type=int, nargs="*", default=None)
     p.add_argument("--prefill-shapes", nargs="*", default=["mha", "gqa"], choices=sorted(PREFILL_SHAPES))
     p.add_argument("--prefill-sweep", action="store_true", help="time the quantize kernel's launch variants")
@@ -412,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--skip-prefill", action="store_true")
     args = p.parse_args(argv)
+    args.hf_baselines = [x.strip() for x in args.hf_baselines.split(",") if x.strip()]
     if not torch.cuda.is_available():
         print("kvquant bench kernels: needs a CUDA GPU")
         return 1
