@@ -238,16 +238,16 @@ class QuantizedKVCache:
         self._unchecked_appends += 1
         if self._unchecked_appends >= DEFERRED_CHECK_EVERY:
             self._raise_if_nonfinite(bool(self._nonfinite))
-        if self.config.residual_length:
-            pending = torch.cat([self.residual, x], dim=2)
-            out, self.residual = pending[:, :, :n], pending[:, :, n:].contiguous()
-        else:
-            out = x
         if self._headroom < n:  # a new page for some sequence: allocate (one sync), re-read the room
             self.pages.reserve(self.q_len + n)
             self._host_stale = True
             self._fast_path_ready(n)
         self._headroom -= n
+        if self.config.residual_length:
+            pending = torch.cat([self.residual, x], dim=2)
+            out, self.residual = pending[:, :, :n], pending[:, :, n:].contiguous()
+        else:
+            out = x
         seq = torch.arange(B, device=self.device).repeat_interleave(n)
         pos = self.q_len[seq] + torch.arange(n, device=self.device).repeat(B)
         tokens = out.transpose(1, 2).reshape(B * n, H, D)  # [N, H, D] grouped by sequence, oldest first
