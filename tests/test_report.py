@@ -133,6 +133,7 @@ def test_report_from_synthetic_results(synthetic_dir: Path) -> None:
     assert "| nuq2 | 8 | 4096 | OOM |" in text  # memory table keeps the OOM row
     assert "#### Not measured" in text and "CUDA out of memory" in text
     assert "| 4096 | 33 / 32 | 150 / 147 |" in text  # capacity table
+    assert "Other processes held" not in text
     assert "**Pareto-optimal (bits/element vs ΔPPL):** fp16, nuq4, nuq3, nuq2." in text
     assert "**Pareto-optimal (J/token vs ΔPPL):**" in text and "Not placed: quanto4" in text
     assert "| decode | mha | 4096 | 8 | nuq3 |" in text
@@ -195,3 +196,11 @@ def test_report_from_real_bench_output(tmp_path: Path) -> None:
     assert "_Missing: no `capacity.json`" in text and "_Missing: no `kvquant eval ppl` JSON" in text
     pngs = sorted((tmp_path / "rep" / "figures").glob("*.png"))
     assert [p.name for p in pngs] == ["memory_random_tiny_cpu.png", "throughput_random_tiny_cpu.png"]
+
+
+def test_capacity_report_flags_memory_held_elsewhere(synthetic_dir: Path) -> None:
+    path = synthetic_dir / "capacity.json"
+    doc = json.loads(path.read_text())
+    doc.update(held_by_other_processes_bytes=48 * 2**30, device_total_bytes=80 * 2**30)
+    path.write_text(json.dumps(doc))
+    assert "**Other processes held 48.0 GiB of the GPU during this run**" in build_report(synthetic_dir).read_text()

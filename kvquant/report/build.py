@@ -105,6 +105,10 @@ def _capacity_sections(res: Results, figs: _Figures) -> list[str]:
         out += [f"{sh.get('num_layers')} layers, {sh.get('num_heads')} heads / {sh.get('num_kv_heads')} KV heads, "
                 f"head dim {sh.get('head_dim')}; weights {doc.get('weights_bytes', 0) / gib:.2f} GiB; budget "
                 f"{doc.get('budget_bytes', 0) / gib:.2f} GiB ({doc.get('budget_source')}), weights included.", ""]
+        elsewhere, total = doc.get("held_by_other_processes_bytes"), doc.get("device_total_bytes")
+        if elsewhere and total and elsewhere > 0.05 * total:
+            out += [f"> **Other processes held {elsewhere / gib:.1f} GiB of the GPU during this run**: the empirical "
+                    "column undercounts what fits; trust the analytic one.", ""]
         try:
             out += [capacity_table(doc), ""]
         except (KeyError, TypeError) as exc:
