@@ -17,6 +17,7 @@ from kvquant.models import tiny_llama
 def test_parse_and_availability():
     assert parse_baseline("quanto4") == ("quanto", 4)
     assert parse_baseline("hqq2") == ("hqq", 2)
+    assert parse_baseline("quanto4k") == ("quanto", 4) and parse_baseline("hqq4k") is None
     assert parse_baseline("nuq3") is None and parse_baseline("quanto") is None
     ok, why = baseline_available("quanto3")
     assert not ok and "2 and 4 bits" in why
@@ -54,3 +55,23 @@ def test_baseline_cache_memory_and_perplexity(name, seed):
                                                       progress=False)}
     assert res[name].bits_per_element is not None and res[name].tokens == res["fp16"].tokens
     assert abs(res[name].delta_ppl_pct) < 50
+
+
+def test_quanto_per_channel_keys_survive_offset_channels(seed):
+    """quanto's default groups a token's channels: one key channel with a large offset (a k_proj bias, as in
+    Qwen2) wrecks the others. ``quanto4k`` groups keys per channel (KIVI) and keeps them."""
+    ok, why = baseline_available("quanto4k")
+    if not ok:
+        pytest.skip(why)
+    model = tiny_llama(seed=0, num_layers=1, hidden=256, heads=2, kv_heads=2, head_dim=128, vocab=32, max_pos=1024)
+    k = torch.randn(1, 2, 512, 128, generator=torch.Generator().manual_seed(seed))
+    k[..., 5] += 80.0
+    plain = [c for c in range(128) if c != 5]
+    err = {}
+    for name in ("quanto4", "quanto4k"):
+        cache = make_baseline_cache(name, model)
+        cache.update(k, k, 0)
+        got, _ = cache.update(k[:, :, -1:], k[:, :, -1:], 0)
+        diff = (got[:, :, :512] - k)[..., plain]
+        err[name] = float(diff.norm() / k[..., plain].norm())
+    assert err["quanto4k"] < 0.2 < 1.0 < err["quanto4"], err

@@ -2,7 +2,11 @@
 
 ``quanto4``, ``quanto2``, ``hqq4`` and ``hqq2`` name transformers' KIVI-style ``QuantizedCache``: uniform
 quantization in groups of ``q_group_size`` (default 64) with a scale and zero per group, plus an
-unquantized residual window of up to ``residual_length`` (default 128) recent tokens. Whether a backend
+unquantized residual window of up to ``residual_length`` (default 128) recent tokens, with transformers'
+defaults otherwise (what ``cache_implementation="quantized"`` gives). quanto's default ``axis_key=0`` groups
+each *token's* channels, which a key channel with a large offset (e.g. from a ``k_proj`` bias) ruins;
+``quanto4k`` / ``quanto2k`` set ``axis_key=-1``: keys grouped per channel, as KIVI does (HQQ's default axis
+already does that for keys). Whether a backend
 runs depends on its package (``optimum-quanto``, ``hqq``) being installed; :func:`baseline_available`
 says so without raising.
 
@@ -20,18 +24,25 @@ BASELINES = {"quanto": "optimum.quanto", "hqq": "hqq"}
 
 
 def parse_baseline(name: str) -> tuple[str, int] | None:
-    """``"quanto4"`` → ``("quanto", 4)``; ``None`` for a name that is not a baseline."""
+    """``"quanto4"`` → ``("quanto", 4)`` (``"quanto4k"`` too); ``None`` for a name that is not a baseline."""
     for backend in BASELINES:
-        if name.startswith(backend) and name[len(backend):].isdigit():
-            return backend, int(name[len(backend):])
+        rest = name[len(backend):]
+        if backend == "quanto" and rest.endswith("k"):
+            rest = rest[:-1]
+        if name.startswith(backend) and rest.isdigit():
+            return backend, int(rest)
     return None
+
+
+def _per_channel_keys(name: str) -> bool:
+    return name.startswith("quanto") and name.endswith("k")
 
 
 def baseline_available(name: str) -> tuple[bool, str]:
     """Whether baseline ``name`` can run here, and why not."""
     parsed = parse_baseline(name)
     if parsed is None:
-        return False, f"{name!r} is not a baseline (quanto2, quanto4, hqq2, hqq4)"
+        return False, f"{name!r} is not a baseline (quanto2, quanto4, quanto2k, quanto4k, hqq2, hqq4)"
     backend, nbits = parsed
     if nbits not in (2, 4):
         return False, f"transformers' QuantizedCache supports 2 and 4 bits, not {nbits}"
@@ -55,6 +66,8 @@ def make_baseline_cache(name: str, model: torch.nn.Module, residual_length: int 
     from transformers import QuantizedCache
 
     extra = {} if residual_length is None else {"residual_length": residual_length}
+    if _per_channel_keys(name):
+        extra["axis_key"] = -1
     try:
         return QuantizedCache(backend=backend, config=model.config, nbits=nbits, **extra)
     except TypeError:  # transformers 4.5x signature
