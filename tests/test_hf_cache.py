@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -255,3 +257,22 @@ def test_query_sensitivity_weights_keys_by_query_energy(model, seed):
     torch.testing.assert_close(energy.per_key_channel(0, Hkv, D), want, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="q_proj"):
         _QueryEnergy(torch.nn.Linear(2, 2), 2)
+
+
+def test_eval_ppl_cli_residual_window(shared_dir, tmp_path, capsys, monkeypatch):
+    """`kvquant eval ppl --residual-length R` runs the cache with an exact window of R recent tokens (the KIVI
+    baselines keep one): recorded in the JSON, and it costs bits (the window is stored exactly)."""
+    from kvquant.cli.main import main
+
+    monkeypatch.setenv("KVQUANT_SHARED", str(shared_dir))
+    rows = {}
+    for r in (0, 8):
+        out = tmp_path / f"ppl{r}.json"
+        main(["eval", "ppl", "--model", "stories260k", "--data", "tinystories", "--ctx", "64", "--chunk", "16",
+              "--max-windows", "2", "--datatypes", "fp16,nuq2", "--residual-length", str(r), "--out", str(out)])
+        doc = json.loads(out.read_text())
+        assert doc["meta"]["config"]["residual_length"] == r
+        rows[r] = {x["datatype"]: x for x in doc["results"]}
+    assert rows[0]["fp16"]["ppl"] == pytest.approx(rows[8]["fp16"]["ppl"])
+    assert rows[8]["nuq2"]["bits_per_element"] > rows[0]["nuq2"]["bits_per_element"]
+    assert rows[8]["nuq2"]["ppl"] != rows[0]["nuq2"]["ppl"]

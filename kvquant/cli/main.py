@@ -71,7 +71,8 @@ def cmd_eval_ppl(a: argparse.Namespace) -> None:
             skipped[name] = why
             print(f"skipping {name}: {why}", file=sys.stderr)
     windows = torch.stack(make_windows(_corpus(tok, spec, a.data, "test"), a.ctx, max_windows=a.max_windows))
-    cfg = QuantConfig(outlier_fraction=a.outlier_fraction, n_sink=a.n_sink, pre_rope=not a.post_rope)
+    cfg = QuantConfig(outlier_fraction=a.outlier_fraction, n_sink=a.n_sink, pre_rope=not a.post_rope,
+                      residual_length=a.residual_length)
     meta = {"model": spec.name, "data": a.data, "calibration": a.calibration, "skipped": skipped}
     res = evaluate_perplexity(model, windows, datatypes, cal, cfg, a.prefill, a.chunk, a.batch_size, a.out, meta=meta)
     print(format_table(res))
@@ -185,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--data", default="wikitext2-raw")
     ppl.add_argument("--datatypes", default=DEFAULT_DATATYPES,
                      help="comma list: fp16, nuq2-4, int2-4, plain, quanto2/4, hqq2/4")
+    ppl.add_argument("--residual-length", type=int, default=0,
+                     help="exact fp16 window of the most recent tokens (KIVI-style baselines keep 128)")
     ppl.add_argument("--ctx", type=int, default=2048)
     ppl.add_argument("--prefill", type=int, default=None, help="default ctx // 2")
     ppl.add_argument("--chunk", type=int, default=32)
