@@ -230,6 +230,7 @@ def test_query_sensitivity_weights_keys_by_query_energy(model, seed):
     plain = calibrate(model, seqs, QuantConfig(), bits=(3,), sensitivity="none", progress=False)
     qcal = calibrate(model, seqs, QuantConfig(), bits=(3,), sensitivity="query", progress=False)
     assert qcal.sensitivity == "query"
+    assert not any(layer.self_attn.q_proj._forward_hooks for layer in model.model.layers)  # no query hook left
     moved = 0
     for p, q in zip(plain.layers, qcal.layers):
         assert torch.equal(p.key_lo, q.key_lo) and torch.equal(p.value_codebooks[3].levels, q.value_codebooks[3].levels)

@@ -133,20 +133,24 @@ def calibrate(
     kgrads: list[list[torch.Tensor]] = [[] for _ in range(rec.num_layers)]
     vgrads: list[list[torch.Tensor]] = [[] for _ in range(rec.num_layers)]
     chunks = list(torch.split(sequences, batch_size))
-    for chunk in tqdm(chunks, desc="calibration forward", disable=not progress):
-        ids = chunk.to(device)
-        if want_grads:
-            model.zero_grad(set_to_none=True)
-            emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-            out = model(inputs_embeds=emb, labels=ids, past_key_values=rec, use_cache=True)
-            out.loss.backward()
-            for i, layer in enumerate(rec.layers):
-                kg, vg = layer.collect_grads()
-                kgrads[i] += kg
-                vgrads[i] += vg
-        else:
-            with torch.no_grad():
-                model(input_ids=ids, past_key_values=rec, use_cache=True)
+    try:
+        for chunk in tqdm(chunks, desc="calibration forward", disable=not progress):
+            ids = chunk.to(device)
+            if want_grads:
+                model.zero_grad(set_to_none=True)
+                emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+                out = model(inputs_embeds=emb, labels=ids, past_key_values=rec, use_cache=True)
+                out.loss.backward()
+                for i, layer in enumerate(rec.layers):
+                    kg, vg = layer.collect_grads()
+                    kgrads[i] += kg
+                    vgrads[i] += vg
+            else:
+                with torch.no_grad():
+                    model(input_ids=ids, past_key_values=rec, use_cache=True)
+    finally:
+        if queries is not None:  # the energies are summed: the model leaves without our hooks, error or not
+            queries.remove()
     layers = []
     s0 = config.n_sink
     for i, layer in enumerate(tqdm(rec.layers, desc="fitting codebooks", disable=not progress)):
@@ -160,8 +164,6 @@ def calibrate(
         layers.append(_fit_layer(keys, vals, kw, vw, config, bits, max_samples, seed,
                                  key_magnitude=sensitivity == "magnitude", query_energy=qe))
         layer.keys = layer.values = []
-    if queries is not None:
-        queries.remove()
     return Calibration(layers, model_id, config.outlier_fraction, config.n_sink, config.pre_rope, rec.num_kv_heads,
                        rec.head_dim, sensitivity, int(sequences.numel()), dataset, kvquant.__version__)
 
