@@ -111,18 +111,13 @@ def cmd_demo(a: argparse.Namespace) -> None:
     print(format_table(res))
 
 
+BENCHMARKS = ("roundtrip", "kernels", "generate", "capacity")  # each is the module kvquant.bench.<name>
+
+
 def cmd_bench(a: argparse.Namespace, rest: list[str]) -> None:
-    if a.what == "roundtrip":
-        from kvquant.bench.roundtrip import main
-    elif a.what == "kernels":
-        from kvquant.bench.kernels import main
-    elif a.what == "generate":
-        from kvquant.bench.generate import main
-    elif a.what == "capacity":
-        from kvquant.bench.capacity import main
-    else:  # pragma: no cover - argparse restricts choices
-        raise SystemExit(f"unknown benchmark {a.what}")
-    code = main(rest)
+    import importlib
+
+    code = importlib.import_module(f"kvquant.bench.{a.what}").main(rest)
     if isinstance(code, int) and not isinstance(code, bool) and code:  # roundtrip returns its rows
         raise SystemExit(code)
 
@@ -185,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--calibration", default=None)
     ppl.add_argument("--data", default="wikitext2-raw")
     ppl.add_argument("--datatypes", default=DEFAULT_DATATYPES,
-                     help="comma list: fp16, nuq2-4, int2-4, plain, quanto2/4, hqq2/4")
+                     help="comma list: fp16, nuq2-4, int2-4, plain, quanto2/4, quanto2k/4k, hqq2/4")
     ppl.add_argument("--residual-length", type=int, default=0,
                      help="exact fp16 window of the most recent tokens (KIVI-style baselines keep 128)")
     ppl.add_argument("--ctx", type=int, default=2048)
@@ -197,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.set_defaults(func=cmd_eval_ppl)
 
     b = sub.add_parser("bench", help="benchmarks (extra arguments go to the benchmark; try --help)", add_help=False)
-    b.add_argument("what", nargs="?", choices=["roundtrip", "kernels", "generate", "capacity"],
+    b.add_argument("what", nargs="?", choices=BENCHMARKS,
                    help="benchmark to run; `kvquant bench WHAT --help` lists its options")
     b.set_defaults(func=None)
 
@@ -213,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         if args.what is None:
-            print("usage: kvquant bench {roundtrip,kernels,generate,capacity} [options]\n"
+            print(f"usage: kvquant bench {{{','.join(BENCHMARKS)}}} [options]\n"
                   "`kvquant bench WHAT --help` lists the options of one benchmark.")
             raise SystemExit(0 if {"-h", "--help"} & set(rest) else 2)
         cmd_bench(args, rest)

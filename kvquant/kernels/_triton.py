@@ -20,7 +20,6 @@ def triton_available() -> bool:
     return triton is not None
 
 
-
 def resolve_backend(requested: str, problems: list[str], on_cuda: bool) -> str:
     """The one rule every kvquant component uses to pick its backend.
 

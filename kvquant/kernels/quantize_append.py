@@ -357,7 +357,7 @@ class QuantizeAppend:
         self.code_tree = bool(TUNING["code_tree"] if code_tree is None else code_tree)
         consts = _constants(cache)
         self.start = cache.q_len.to(torch.int64)
-        if N == B and "unit_first" in consts and counts is consts["unit_counts"]:
+        if N == B and counts is consts["unit_counts"]:
             # one token per sequence (a decode step): every run is one tile, the tables are constant
             self.counts, self.first, self.ctile = counts, consts["unit_first"], consts["unit_ctile"]
         else:

@@ -251,7 +251,7 @@ class QuantizedKVCache:
         seq = torch.arange(B, device=self.device).repeat_interleave(n)
         pos = self.q_len[seq] + torch.arange(n, device=self.device).repeat(B)
         tokens = out.transpose(1, 2).reshape(B * n, H, D)  # [N, H, D] grouped by sequence, oldest first
-        if n == 1 and self.uses_triton(tokens):
+        if n == 1 and self.quantized:  # the Triton path reuses its decode-step tables (torch ignores the counts)
             from kvquant.kernels.quantize_append import unit_counts
 
             run_counts = unit_counts(self)
