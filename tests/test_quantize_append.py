@@ -11,6 +11,7 @@ realistic shapes.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from dataclasses import replace
 
@@ -142,6 +143,42 @@ def test_residual_window_and_odd_lengths(seed: int) -> None:
     """Tokens reach the pages only when they leave the residual window; odd, unaligned run starts."""
     cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.05, n_sink=3, residual_length=5, page_size=32)
     run_both(seed, cfg, B=3, H=2, D=32, S=41, lengths=[41, 9, 27], n_decode=4, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("path", ["small", "general"])
+def test_small_and_general_append_paths(seed: int, path: str, monkeypatch) -> None:
+    """Both launch plans write what torch writes: "small" appends (value thresholds by the sort kernel, dense
+    staging, the fused one-launch finish, counts kept on the device) and the general one (topk thresholds, the
+    compacting counter, a synced finish), here forced for every append by lowering the size limit."""
+    qa = importlib.import_module("kvquant.kernels.quantize_append")
+    if path == "general":
+        monkeypatch.setattr(qa, "ASYNC_MAX_ELEMENTS", 0)
+    cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.03, n_sink=1, residual_length=0, page_size=32)
+    run_both(seed, cfg, B=3, H=3, D=32, S=37, lengths=[37, 5, 30], n_decode=3, dtype=torch.float16,
+             scale_decode=2.0)
+
+
+@pytest.mark.parametrize("residual", [0, 3])
+def test_triton_decode_path_reports_nan(seed: int, residual: int) -> None:
+    """NaN/Inf in sync-free decode appends on the Triton path is reported within the check interval: flagged by
+    the quantize kernel when the token is quantized at once, by torch when it enters the residual window."""
+    from kvquant.quant.store import DEFERRED_CHECK_EVERY
+
+    gen = torch.Generator().manual_seed(seed)
+    for kind in ("keys", "values"):
+        cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.05, n_sink=1, residual_length=residual, page_size=32,
+                          backend="triton")
+        c = getattr(BatchedKVQuantizer(cfg), f"quantize_{kind}")(torch.randn(2, 2, 12, 32, generator=gen).to(DEVICE))
+        c.append(torch.randn(2, 2, 1, 32, generator=gen).to(DEVICE))
+        assert c._steady
+        bad = torch.randn(2, 2, 1, 32, generator=gen)
+        bad[1, 1, 0, 7] = float("inf") if kind == "keys" else float("nan")
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            c.append(bad.to(DEVICE))
+            for _ in range(DEFERRED_CHECK_EVERY):
+                c.append(torch.randn(2, 2, 1, 32, generator=gen).to(DEVICE))
+        with pytest.raises(ValueError, match="cannot be used further"):
+            c.append(torch.randn(2, 2, 1, 32, generator=gen).to(DEVICE))
 
 
 def test_decode_outliers_beyond_prompt_range_and_select(seed: int) -> None:

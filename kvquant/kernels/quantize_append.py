@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from kvquant.kernels._triton import TRITON_IMPORT_ERROR, tl, triton, triton_available  # noqa: F401
-from kvquant.quant.stats import masked_quantile_pair
+from kvquant.quant.stats import masked_quantile_pair, quantile_position
 from kvquant.quant.validate import same_device
 
 # Defaults of the quantize kernel's launch. code_tree: codes by a select tree over the midpoints (bits straight
@@ -45,9 +45,13 @@ from kvquant.quant.validate import same_device
 # notes/kernels.md, "Prefill quantization".
 TUNING = {"block_n": 32, "num_warps": 4, "code_tree": True}
 _MAX_GRID_Y = 65535
-# appends of at most this many elements (N * H * D) stage every element and keep the outlier count on the device:
-# no host sync (decode steps); the sparse matrix keeps room for that many more entries
+# appends of at most this many elements (N * H * D), "small" ones (a decode step), take the launch-light path: value
+# thresholds by a sort kernel, every element staged in place (no counter), and one fused kernel that allocates and
+# scatters the outliers with the count kept on the device (no host sync); the sparse matrix keeps room for that many
+# more entries
 ASYNC_MAX_ELEMENTS = 1 << 18
+# the thresholds kernel sorts a token's H * D entries in one program: up to this many (padded to a power of two)
+SORT_MAX_ELEMENTS = 1 << 13
 
 
 
@@ -103,10 +107,11 @@ if triton is not None:
         CS, CZ, stride_cb, stride_ch,
         LO, HI, MIDS,
         PL, VS, VZ,
-        CNT, SST, SLOT, STV, STI, COUNTER, cap,
+        CNT, SST, SLOT, STV, STI, COUNTER, cap, NONFIN,
         B, H,
         D: tl.constexpr, T: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
         KEY: tl.constexpr, OUT: tl.constexpr, ZERO_CODE: tl.constexpr, CODE_TREE: tl.constexpr,
+        DENSE_STAGE: tl.constexpr, CHECK_FINITE: tl.constexpr,
     ):
         W: tl.constexpr = T // 32
         NW: tl.constexpr = BN // 32
@@ -133,6 +138,9 @@ if triton is not None:
             off = p % T
             x = tl.load(X + e * stride_xn + h * stride_xh + dd, mask=ok, other=0.0)  # [NW, 32, D]
             xf = x.to(tl.float32)
+            if CHECK_FINITE:  # NaN/Inf: set the flag (float32, NaN = seen) the host reads every few steps
+                bad = tl.max(tl.reshape(((xf != xf) | (tl.abs(xf) == float("inf"))).to(tl.int32), [BN * D]), axis=0)
+                tl.store(NONFIN, float("nan"), mask=bad > 0)
             if KEY:
                 cbase = b * stride_cb + h * stride_ch
                 cs = tl.load(CS + cbase + dd)
@@ -210,10 +218,13 @@ if triton is not None:
                 # Triton 3.6 fails to lower scans over the size-1 axes of [NW, 32, 1] tensors (NW = 1)
                 oi = tl.reshape(out.to(tl.int32), [BN, D])
                 tcnt = tl.sum(oi, axis=1)  # [BN] outliers per token (this head)
-                total = tl.sum(tcnt, axis=0)
-                base = tl.atomic_add(COUNTER, total, mask=total > 0)
-                base = tl.where(total > 0, base, 0)
-                tstart = base + tl.cumsum(tcnt, axis=0) - tcnt  # [BN]
+                if DENSE_STAGE:  # room for every element: (token, head) stages at its own D entries
+                    tstart = (tl.reshape(e, [BN]) * H + h) * D
+                else:  # compacted: a range per program, reserved on a global counter
+                    total = tl.sum(tcnt, axis=0)
+                    base = tl.atomic_add(COUNTER, total, mask=total > 0)
+                    base = tl.where(total > 0, base, 0)
+                    tstart = base + tl.cumsum(tcnt, axis=0) - tcnt  # [BN]
                 pos = tl.reshape(tstart[:, None] + tl.cumsum(oi, axis=1) - oi, [NW, 32, D])  # staging positions
                 tcnt = tl.reshape(tcnt, [NW, 32, 1])
                 tstart = tl.reshape(tstart, [NW, 32, 1])
@@ -226,6 +237,16 @@ if triton is not None:
                     tl.store(SLOT + e, page * T + off, mask=ok)
 
     @triton.jit
+    def _copy_staged(c, m2, src, dst, STV, STI, OV, OI):
+        """Copy ``c [BT, HP]`` staged entries of each (token, head) from ``src`` to ``dst`` (where ``m2``)."""
+        for k in range(0, tl.max(tl.max(c, axis=1), axis=0)):
+            m = m2 & (k < c)
+            v = tl.load(STV + src + k, mask=m)
+            i = tl.load(STI + src + k, mask=m)
+            tl.store(OV + dst + k, v, mask=m)
+            tl.store(OI + dst + k, i.to(OI.dtype.element_ty), mask=m)
+
+    @triton.jit
     def _scatter_kernel(CNT, SST, TSTART, STV, STI, OV, OI, N, H, HP: tl.constexpr, BT: tl.constexpr):
         t = tl.program_id(0) * BT + tl.arange(0, BT)
         hh = tl.arange(0, HP)
@@ -236,12 +257,57 @@ if triton is not None:
         dst = tl.load(TSTART + t, mask=t < N, other=0)[:, None]
         if HP > 1:  # (no scan over a size-1 axis: Triton 3.6 fails to lower some of those)
             dst += tl.cumsum(c, axis=1) - c
-        for k in range(0, tl.max(tl.max(c, axis=1), axis=0)):
-            m = m2 & (k < c)
-            v = tl.load(STV + src + k, mask=m)
-            i = tl.load(STI + src + k, mask=m)
-            tl.store(OV + dst + k, v, mask=m)
-            tl.store(OI + dst + k, i.to(OI.dtype.element_ty), mask=m)
+        _copy_staged(c, m2, src, dst, STV, STI, OV, OI)
+
+
+    @triton.jit
+    def _thresholds_kernel(X, stride_xn, stride_xh, LO, HI, i0_lo, i1_lo, f_lo, i0_hi, i1_hi, f_hi, H,
+                           D: tl.constexpr, HDP: tl.constexpr):
+        """Per-token outlier thresholds of values: order statistics ``i0``/``i1`` of the token's ``H * D``
+        entries (a sort; padding sorts last) and the float32 interpolation ``v0 + (v1 - v0) * f`` of
+        :func:`~kvquant.quant.stats.masked_quantile_pair` (launched without FMA contraction: bit-identical)."""
+        t = tl.program_id(0).to(tl.int64)
+        k = tl.arange(0, HDP)
+        h = k // D
+        x = tl.load(X + t * stride_xn + h * stride_xh + k % D, mask=h < H, other=float("inf")).to(tl.float32)
+        xs = tl.sort(x)
+        lo0 = tl.max(tl.where(k == i0_lo, xs, float("-inf")), axis=0)
+        lo1 = tl.max(tl.where(k == i1_lo, xs, float("-inf")), axis=0)
+        hi0 = tl.max(tl.where(k == i0_hi, xs, float("-inf")), axis=0)
+        hi1 = tl.max(tl.where(k == i1_hi, xs, float("-inf")), axis=0)
+        tl.store(LO + t, lo0 + (lo1 - lo0) * f_lo)
+        tl.store(HI + t, hi0 + (hi1 - hi0) * f_hi)
+
+    @triton.jit
+    def _finish_small_kernel(CNT, SST, SLOT, STV, STI, DEV, START, COUNT, HC, OV, OI, N, H,
+                             BT: tl.constexpr, HP: tl.constexpr):
+        """A small append's outliers into the sparse matrix, in one program: allocate each (token, head)'s
+        entries after the ``DEV[0]`` stored ones (slot start, count and per-head counts), copy them from the
+        staging, and advance the device counters ``DEV = (nnz, n_slots)`` in place (what
+        :meth:`~kvquant.sparse.blocked._BlockedSlotMatrix.allocate_slots_async` plus :func:`_scatter_kernel`
+        do in several launches). ``BT``, ``HP`` >= 2 (no scans over size-1 axes)."""
+        hh = tl.arange(0, HP)
+        base = tl.load(DEV)
+        top = tl.load(DEV + 1)
+        for t0 in range(0, N, BT):
+            t = t0 + tl.arange(0, BT)
+            tm = t < N
+            m2 = tm[:, None] & (hh < H)[None, :]
+            idx = t.to(tl.int64)[:, None] * H + hh[None, :]
+            c = tl.load(CNT + idx, mask=m2, other=0)
+            tot = tl.sum(c, axis=1)
+            tstart = base + (tl.cumsum(tot, axis=0) - tot).to(tl.int64)
+            slot = tl.load(SLOT + t, mask=tm, other=0)
+            tl.store(START + slot, tstart.to(tl.int32), mask=tm)
+            tl.store(COUNT + slot, tot.to(COUNT.dtype.element_ty), mask=tm)
+            tl.store(HC + slot[:, None] * H + hh[None, :], c.to(tl.uint8), mask=m2)
+            src = tl.load(SST + idx, mask=m2, other=0)
+            dst = tstart[:, None] + (tl.cumsum(c, axis=1) - c)
+            _copy_staged(c, m2, src, dst, STV, STI, OV, OI)
+            base += tl.sum(tot, axis=0)
+            top = tl.maximum(top, tl.max(tl.where(tm, slot + 1, 0), axis=0))
+        tl.store(DEV, base)
+        tl.store(DEV + 1, top)
 
 
 def _constants(cache) -> dict[str, torch.Tensor]:
@@ -255,12 +321,33 @@ def _constants(cache) -> dict[str, torch.Tensor]:
             "mids": cache.codebook.midpoints.to(dev, torch.float32).contiguous(),
             "dummy_f": torch.zeros(1, dtype=torch.float32, device=dev),
             "dummy_h": torch.zeros(1, dtype=torch.float16, device=dev),
+            "dummy_i": torch.zeros(1, dtype=torch.int32, device=dev),
+            "dummy_l": torch.zeros(1, dtype=torch.int64, device=dev),
             "unit_counts": torch.ones(B, dtype=torch.int64, device=dev),
             "unit_first": torch.arange(B, dtype=torch.int64, device=dev),
             "unit_ctile": torch.arange(B + 1, dtype=torch.int32, device=dev),
         }
         cache._quantize_append_constants = consts
     return consts
+
+
+def _small_buffers(cache, consts: dict, n: int) -> dict[str, torch.Tensor]:
+    """Work buffers of a small append of ``n`` tokens, kept per cache and reused (launches are stream-ordered)."""
+    key = ("small", n)
+    bufs = consts.get(key)
+    if bufs is None:
+        dev, H, D = cache.device, cache.num_heads, cache.head_dim
+        bufs = {
+            "lo": torch.empty(n, dtype=torch.float32, device=dev),
+            "hi": torch.empty(n, dtype=torch.float32, device=dev),
+            "cnt": torch.empty(n, H, dtype=torch.int32, device=dev),
+            "sst": torch.empty(n, H, dtype=torch.int32, device=dev),
+            "slot": torch.empty(n, dtype=torch.int64, device=dev),
+            "stv": torch.empty(max(n * H * D, 1), dtype=cache.outliers.dtype, device=dev),
+            "sti": torch.empty(max(n * H * D, 1), dtype=torch.int32, device=dev),
+        }
+        consts[key] = bufs
+    return bufs
 
 
 def unit_counts(cache) -> torch.Tensor:
@@ -299,6 +386,7 @@ def quantize_append(
     block_n: int | None = None,
     num_warps: int | None = None,
     staging_capacity: int | None = None,
+    nonfinite: torch.Tensor | None = None,
 ) -> None:
     """Quantize ``tokens`` and store them as the next quantized tokens of each sequence of ``cache``.
 
@@ -312,9 +400,11 @@ def quantize_append(
         block_n: positions per program (32, 64, ... dividing the page size); ``None`` takes :data:`TUNING`.
         num_warps: warps per program of the quantize kernel.
         staging_capacity: outlier staging entries (default: an estimate; re-run when exceeded). Testing knob.
+        nonfinite: ``[1]`` float32 on the device, or None: the kernel sets it to NaN if ``tokens`` hold NaN/Inf
+            (without a sync; the caller reads it when it wants). None: the caller has checked the tokens.
     """
     plan = QuantizeAppend(cache, counts, tokens, block_n=block_n, num_warps=num_warps,
-                          staging_capacity=staging_capacity)
+                          staging_capacity=staging_capacity, nonfinite=nonfinite)
     plan.run_kernel()
     plan.finish()
 
@@ -330,7 +420,7 @@ class QuantizeAppend:
 
     def __init__(self, cache, counts: torch.Tensor, tokens: torch.Tensor, *, block_n: int | None = None,
                  num_warps: int | None = None, staging_capacity: int | None = None,
-                 code_tree: bool | None = None) -> None:
+                 code_tree: bool | None = None, nonfinite: torch.Tensor | None = None) -> None:
         reason = unsupported_reason(cache, tokens)
         if reason is not None:
             raise ValueError(f"the triton quantize-append path cannot write this cache: {reason}")
@@ -374,6 +464,12 @@ class QuantizeAppend:
         self.mids = consts["mids"]
         self.is_key = cache.kind == "key"
         self.out = bool(cache.keep_outliers)
+        self.nonfinite = nonfinite
+        n_elem = N * H * D
+        # a small append (a decode step) takes the launch-light path; see ASYNC_MAX_ELEMENTS
+        self.small = (n_elem <= ASYNC_MAX_ELEMENTS and staging_capacity is None
+                      and cache.outliers.n_groups == H)  # the fused finish writes per-head counts
+        small_bufs = _small_buffers(cache, consts, N) if self.small and self.out else None
         dummy_f = consts["dummy_f"]
         pools = cache.pages.pools
         if self.is_key:
@@ -388,11 +484,19 @@ class QuantizeAppend:
             self.cs_strides = (0, 0)
             self.vs, self.vz = pools["scale"], pools["zero"]
             self.lo = self.hi = dummy_f
-            if self.out:  # per-token thresholds over all H*D entries: a torch reduction (topk) before the kernel
+            if self.out:  # per-token thresholds over all H*D entries, before the kernel
                 f = cache.config.outlier_fraction
-                self.lo, self.hi = masked_quantile_pair(tokens.reshape(N, H * D), None, f / 2, 1 - f / 2)
-        n_elem = N * H * D
-        if self.out:
+                if small_bufs is not None and triton.next_power_of_2(H * D) <= SORT_MAX_ELEMENTS:
+                    self.lo, self.hi = small_bufs["lo"], small_bufs["hi"]
+                    self._thresholds(f / 2, 1 - f / 2)
+                else:  # a torch reduction (topk of the extreme order statistics)
+                    self.lo, self.hi = masked_quantile_pair(tokens.reshape(N, H * D), None, f / 2, 1 - f / 2)
+        if small_bufs is not None:  # every element has its staging place: no counter, no overflow
+            self.cap = n_elem
+            self.cnt, self.sst, self.slot = small_bufs["cnt"], small_bufs["sst"], small_bufs["slot"]
+            self.stv, self.sti = small_bufs["stv"], small_bufs["sti"]
+            self.counter = consts["dummy_i"]
+        elif self.out:
             f = cache.config.outlier_fraction
             est = n_elem if n_elem <= 1 << 22 else min(n_elem, max(1 << 22, int(1.5 * f * n_elem) + 4 * N))
             self.cap = staging_capacity or est
@@ -400,11 +504,22 @@ class QuantizeAppend:
             self.sst = torch.empty(N, H, dtype=torch.int32, device=dev)
             self.slot = torch.empty(N, dtype=torch.int64, device=dev)
             self.counter = torch.zeros(1, dtype=torch.int32, device=dev)
+            self._alloc_staging(self.cap)
         else:
             self.cap = 0
-            self.cnt = self.sst = self.counter = torch.zeros(1, dtype=torch.int32, device=dev)
-            self.slot = torch.zeros(1, dtype=torch.int64, device=dev)
-        self._alloc_staging(self.cap)
+            self.cnt = self.sst = self.counter = consts["dummy_i"]
+            self.slot = consts["dummy_l"]
+            self._alloc_staging(0)
+
+    def _thresholds(self, q_lo: float, q_hi: float) -> None:
+        """Per-token value thresholds into ``self.lo`` / ``self.hi`` by :func:`_thresholds_kernel`."""
+        c = self.cache
+        n = c.num_heads * c.head_dim
+        lo, hi = quantile_position(n, q_lo), quantile_position(n, q_hi)
+        _thresholds_kernel[(self.N,)](
+            self.tokens, self.tokens.stride(0), self.tokens.stride(1), self.lo, self.hi, *lo, *hi, c.num_heads,
+            D=c.head_dim, HDP=triton.next_power_of_2(n), num_warps=4, enable_fp_fusion=False,
+        )
 
     def _alloc_staging(self, cap: int) -> None:
         dev = self.cache.device
@@ -416,7 +531,7 @@ class QuantizeAppend:
         if self.N == 0:
             return
         c = self.cache
-        if self.out:
+        if self.out and not self.small:
             self.counter.zero_()
         tab = c.pages.table
         for t0 in range(0, self.max_tiles, _MAX_GRID_Y):
@@ -428,32 +543,39 @@ class QuantizeAppend:
                 self.lo, self.hi, self.mids,
                 c.pages.pools["planes"], self.vs, self.vz,
                 self.cnt, self.sst, self.slot, self.stv, self.sti, self.counter, self.cap,
+                self.lo if self.nonfinite is None else self.nonfinite,  # (any float32 pointer when unused)
                 c.batch, c.num_heads,
                 D=c.head_dim, T=c.config.page_size, BITS=c.bits, BN=self.BN, BP=triton.next_power_of_2(c.batch + 1),
                 KEY=self.is_key, OUT=self.out, ZERO_CODE=c.codebook.zero_code, CODE_TREE=self.code_tree,
-                num_warps=self.num_warps,
+                DENSE_STAGE=self.small, CHECK_FINITE=self.nonfinite is not None, num_warps=self.num_warps,
             )
 
     def finish(self) -> None:
         """Move the staged outliers into the cache's sparse matrix (after :meth:`run_kernel`).
 
-        Small appends (a decode step: at most :data:`ASYNC_MAX_ELEMENTS` elements) make no device sync: the
-        staging holds every element, so it cannot overflow, and the outlier count stays on the device
-        (:meth:`~kvquant.sparse.blocked._BlockedSlotMatrix.allocate_slots_async`). Larger ones read the count
+        Small appends (a decode step: at most :data:`ASYNC_MAX_ELEMENTS` elements) make one launch and no device
+        sync: the staging holds every element, so it cannot overflow, and :func:`_finish_small_kernel` allocates,
+        scatters and advances the matrix's device counters
+        (:meth:`~kvquant.sparse.blocked._BlockedSlotMatrix.begin_async_append`). Larger ones read the count
         once (to size the staging exactly and allocate the entries)."""
         if self.N == 0 or not self.out:
             return
         outl = self.cache.outliers
-        tot = self.cnt.sum(1)
         # per-(slot, head) counts: the kernel's per-(token, head) counts are exactly that when a channel group
         # is a head (QuantizedKVCache's layout); other groupings are recounted in torch after the scatter
         per_head = outl.n_groups == self.cache.num_heads
-        n_elem = self.N * self.cache.num_heads * self.cache.head_dim
-        if per_head and self.cap >= n_elem and n_elem <= ASYNC_MAX_ELEMENTS:
-            top_bound = self.cache.pages.n_pages * self.cache.config.page_size
-            tstart = outl.allocate_slots_async(self.slot, tot, n_elem, top_bound, self.cnt)
-            self._scatter(tstart)
+        H = self.cache.num_heads
+        if self.small:  # one launch, no sync (small implies per-head groups)
+            n_elem = self.N * H * self.cache.head_dim
+            dev_counts = outl.begin_async_append(n_elem, self.cache.pages.n_pages * self.cache.config.page_size)
+            _finish_small_kernel[(1,)](
+                self.cnt, self.sst, self.slot, self.stv, self.sti, dev_counts, outl.slot_start, outl.slot_count,
+                outl.head_counts, outl.values, outl.indices, self.N, H,
+                BT=max(2, min(triton.next_power_of_2(self.N), max(2, 4096 // triton.next_power_of_2(H)))),
+                HP=max(2, triton.next_power_of_2(H)), num_warps=4,
+            )
             return
+        tot = self.cnt.sum(1)
         total, top = torch.stack([self.counter[0].to(torch.int64), self.slot.max() + 1]).tolist()
         if total > self.cap:  # staging overflowed: run again with room for all (every write is idempotent)
             self.cap = total

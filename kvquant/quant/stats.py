@@ -32,6 +32,14 @@ def masked_quantile_pair(
     return _quantile_pair_sort(x, mask, q_lo, q_hi)
 
 
+def quantile_position(n: int, q: float) -> tuple[int, int, float]:
+    """Where quantile ``q`` of ``n >= 1`` sorted values lies: order statistics ``i0 <= i1`` and the weight
+    ``frac`` of the second (``torch.quantile``'s linear rule, worked out in float32 as it does)."""
+    pos = max(np.float32(q) * np.float32(n - 1), np.float32(0.0))
+    i0 = int(np.floor(pos))
+    return i0, min(i0 + 1, n - 1), float(pos - np.float32(i0))
+
+
 def _interpolate(n: torch.Tensor | int, q: float, pick) -> torch.Tensor:
     """Quantile ``q`` of rows holding ``n`` valid entries; ``pick(i)`` gives order statistic ``i`` (float32).
 
@@ -40,10 +48,8 @@ def _interpolate(n: torch.Tensor | int, q: float, pick) -> torch.Tensor:
     if isinstance(n, int):
         if n == 0:
             return pick(0) * float("nan")
-        pos = max(np.float32(q) * np.float32(n - 1), np.float32(0.0))
-        i0 = int(np.floor(pos))
-        frac = float(pos - np.float32(i0))
-        v0, v1 = pick(i0), pick(min(i0 + 1, n - 1))
+        i0, i1, frac = quantile_position(n, q)
+        v0, v1 = pick(i0), pick(i1)
         return v0 + (v1 - v0) * frac
     pos = (q * (n - 1)).clamp_min(0)
     i0 = pos.floor().long()

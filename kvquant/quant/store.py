@@ -107,7 +107,9 @@ class QuantizedKVCache:
         self._host_stale = True  # _steady / _headroom must be re-read from the device
         self._steady = False  # every sequence has all its sinks and a full residual window
         self._headroom = 0  # tokens every sequence can still quantize into its reserved pages
-        self._nonfinite: torch.Tensor | None = None  # NaN/Inf seen by sync-free appends, checked every few steps
+        # [1] float32 flag, NaN once a sync-free append met NaN/Inf (set by torch or by the quantize kernel), read
+        # every DEFERRED_CHECK_EVERY appends
+        self._nonfinite: torch.Tensor | None = None
         self._unchecked_appends = 0
         self._failed: str | None = None
 
@@ -210,7 +212,7 @@ class QuantizedKVCache:
             room = self.pages.pages_per_seq * T - self.q_len
             checks = [full.all().long(), room.min()]
             if self._nonfinite is not None:
-                checks.append(self._nonfinite.long())
+                checks.append(self._nonfinite.isnan().reshape(()).long())
             got = torch.stack(checks).tolist()  # the one sync
             if len(got) == 3:
                 self._raise_if_nonfinite(bool(got[2]))
@@ -219,7 +221,7 @@ class QuantizedKVCache:
         return self._steady
 
     def _raise_if_nonfinite(self, bad: bool) -> None:
-        self._nonfinite, self._unchecked_appends = None, 0
+        self._unchecked_appends = 0
         if bad:
             self._failed = (f"{self.kind}s appended in the last {DEFERRED_CHECK_EVERY} decode steps contain NaN or "
                             "Inf; the cache holds them and cannot be used further")
@@ -233,31 +235,38 @@ class QuantizedKVCache:
             raise ValueError(f"{self.kind}s have batch {x.shape[0]} but the cache holds {self.batch}")
         B, H, n, D = x.shape
         x = x.to(self.dtype)
-        bad = ~torch.isfinite(x).all()
-        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+        R = self.config.residual_length
+        tokens_in = x.transpose(1, 2).reshape(B * n, H, D) if R == 0 else None
+        kernel = self.uses_triton(x)
+        if self._nonfinite is None:
+            self._nonfinite = torch.zeros(1, dtype=torch.float32, device=self.device)
+        if not (kernel and R == 0):  # else the quantize kernel raises the flag itself, as it reads the tokens
+            self._nonfinite += (x - x).sum()  # x - x is 0, or NaN where x is NaN/Inf: the flag turns NaN for good
         self._unchecked_appends += 1
         if self._unchecked_appends >= DEFERRED_CHECK_EVERY:
-            self._raise_if_nonfinite(bool(self._nonfinite))
+            self._raise_if_nonfinite(bool(self._nonfinite.isnan()))
         if self._headroom < n:  # a new page for some sequence: allocate (one sync), re-read the room
             self.pages.reserve(self.q_len + n)
             self._host_stale = True
             self._fast_path_ready(n)
         self._headroom -= n
-        if self.config.residual_length:
+        if R:
             pending = torch.cat([self.residual, x], dim=2)
             out, self.residual = pending[:, :, :n], pending[:, :, n:].contiguous()
+            tokens = out.transpose(1, 2).reshape(B * n, H, D)  # [N, H, D] grouped by sequence, oldest first
         else:
-            out = x
-        seq = torch.arange(B, device=self.device).repeat_interleave(n)
-        pos = self.q_len[seq] + torch.arange(n, device=self.device).repeat(B)
-        tokens = out.transpose(1, 2).reshape(B * n, H, D)  # [N, H, D] grouped by sequence, oldest first
-        if n == 1 and self.quantized:  # the Triton path reuses its decode-step tables (torch ignores the counts)
-            from kvquant.kernels.quantize_append import unit_counts
+            tokens = tokens_in
+        if kernel:
+            from kvquant.kernels.quantize_append import quantize_append, unit_counts
 
-            run_counts = unit_counts(self)
+            # a decode step reuses the launch tables of the cache
+            run_counts = unit_counts(self) if n == 1 else torch.full((B,), n, device=self.device)
+            self._reserve_outlier_slots()
+            quantize_append(self, run_counts, tokens, nonfinite=self._nonfinite if R == 0 else None)
         else:
-            run_counts = torch.full((B,), n, device=self.device)
-        self._write(seq, pos, tokens, run_counts=run_counts, reserved=True)
+            seq = torch.arange(B, device=self.device).repeat_interleave(n)
+            pos = self.q_len[seq] + torch.arange(n, device=self.device).repeat(B)
+            self._write(seq, pos, tokens, reserved=True)
         self.q_len += n
 
     def uses_triton(self, tokens: torch.Tensor) -> bool:
@@ -288,8 +297,7 @@ class QuantizedKVCache:
         fresh_from = self.pages.n_pages
         if not reserved:
             self.pages.reserve(self.q_len.scatter_add(0, seq, torch.ones_like(seq)))
-        if self.keep_outliers:  # a slot per page position: slot capacity follows the page pool's
-            self.outliers.reserve(slots=self.pages.capacity * self.config.page_size, exact=True)
+        self._reserve_outlier_slots()
         if run_counts is not None and self.uses_triton(tokens):
             from kvquant.kernels.quantize_append import quantize_append
 
@@ -320,6 +328,11 @@ class QuantizedKVCache:
         if self.keep_outliers:
             n = tokens.shape[0]
             self.outliers.append_dense(page * T + off, tokens.reshape(n, -1), enc.outliers.reshape(n, -1))
+
+    def _reserve_outlier_slots(self) -> None:
+        """A slot per page position: the sparse matrix's slot capacity follows the page pool's."""
+        if self.keep_outliers:
+            self.outliers.reserve(slots=self.pages.capacity * self.config.page_size, exact=True)
 
     # -- reading --------------------------------------------------------------------------------------
     def codes(self) -> torch.Tensor:
@@ -411,6 +424,7 @@ class QuantizedKVCache:
         new.__dict__.update(self.__dict__)
         new.batch = index.numel()
         new._host_stale = True
+        new._nonfinite = None if self._nonfinite is None else self._nonfinite.clone()
         new.pages, old_ids = self.pages.select(index)
         T = self.config.page_size
         old_slots = (old_ids[:, None] * T + torch.arange(T, device=self.device)).reshape(-1)

@@ -72,10 +72,12 @@ class _BlockedSlotMatrix:
         self.head_counts = torch.zeros(max(initial_slots, 1), self.n_groups, dtype=torch.uint8, device=device)
         self._nnz = 0
         self._n_slots = 0  # one past the highest slot written
-        # counts of appends made without a device sync (allocate_slots_async): device scalars, folded into
-        # _nnz / _n_slots the next time a reader needs them (one sync); _nnz_upper bounds nnz on the host
-        self._nnz_dev: torch.Tensor | None = None
-        self._top_dev: torch.Tensor | None = None
+        # appends made without a device sync (begin_async_append) keep (nnz, n_slots) on the device, in
+        # _dev_counts [2] int64, advanced in place by the writer; the host reads them back (one sync) the next
+        # time it needs them. Meanwhile _nnz_upper bounds nnz on the host.
+        self._dev_counts: torch.Tensor | None = None
+        self._dev_ahead = False  # the device counts hold appends the host has not read yet
+        self._dev_current = False  # the device counts equal the host's (no write needed to reuse them)
         self._nnz_upper = 0
 
     # -- properties -----------------------------------------------------------------------------------
@@ -89,6 +91,7 @@ class _BlockedSlotMatrix:
     def nnz(self, value: int) -> None:
         self._resolve()
         self._nnz = self._nnz_upper = int(value)
+        self._dev_current = False
 
     @property
     def n_slots(self) -> int:
@@ -100,6 +103,7 @@ class _BlockedSlotMatrix:
     def n_slots(self, value: int) -> None:
         self._resolve()
         self._n_slots = int(value)
+        self._dev_current = False
 
     @property
     def nnz_upper(self) -> int:
@@ -107,12 +111,13 @@ class _BlockedSlotMatrix:
         return self._nnz_upper
 
     def _resolve(self) -> None:
-        if self._nnz_dev is None:
+        if not self._dev_ahead:
             return
-        nnz, top = torch.stack([self._nnz_dev, self._top_dev]).tolist()
-        self._nnz_dev = self._top_dev = None
+        nnz, top = self._dev_counts.tolist()
+        self._dev_ahead = False
         self._nnz = self._nnz_upper = int(nnz)
         self._n_slots = max(self._n_slots, int(top))
+        self._dev_current = self._n_slots == int(top)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -230,15 +235,36 @@ class _BlockedSlotMatrix:
         self.n_slots = max(self.n_slots, top)
         return starts
 
+    def begin_async_append(self, max_total: int, top_bound: int) -> torch.Tensor:
+        """Make room for an append whose counts stay on the device (a decode step: no device sync).
+
+        Reserves room for ``max_total`` more entries (an upper bound the caller knows, e.g. every element of
+        the appended tokens) and for slots ``< top_bound``. Returns the device counters ``[2]`` int64
+        ``(nnz, n_slots)``: the caller's kernel must advance them in place (entries ``nnz ..`` are free; slots
+        must be new). :attr:`nnz` / :attr:`n_slots` read them back (one sync) only when something needs them.
+        Capacity grows (doubling) when the host's upper bound of ``nnz`` would pass it, which costs one sync then.
+        """
+        self.reserve(slots=top_bound)
+        upper = self._nnz_upper + max_total
+        if upper > self.capacity_nnz:
+            self.reserve(nnz=self.nnz + max_total)  # reading nnz syncs
+            upper = self._nnz + max_total
+        if self._dev_counts is None:
+            self._dev_counts = torch.zeros(2, dtype=torch.int64, device=self.device)
+            self._dev_current = False
+        if not self._dev_ahead and not self._dev_current:  # two fills, no sync
+            self._dev_counts[0].fill_(self._nnz)
+            self._dev_counts[1].fill_(self._n_slots)
+        self._dev_ahead, self._dev_current = True, False
+        self._nnz_upper = upper
+        return self._dev_counts
+
     def allocate_slots_async(
         self, slots: torch.Tensor, counts: torch.Tensor, max_total: int, top_bound: int, head_counts: torch.Tensor
     ) -> torch.Tensor:
-        """:meth:`allocate_slots` without a device sync, for small appends (a decode step).
-
-        The number of entries stays on the device: room is reserved for ``max_total`` of them (an upper bound
-        the caller knows, e.g. every element of the appended tokens), and :attr:`nnz` / :attr:`n_slots` are
-        brought up to date (one sync) only when something reads them. Capacity grows (doubling) when the host's
-        upper bound of ``nnz`` would pass it, which costs one sync then.
+        """:meth:`allocate_slots` without a device sync, for small appends (a decode step), in torch ops on
+        the counters of :meth:`begin_async_append` (the reference of the fused decode kernel in
+        :mod:`kvquant.kernels.quantize_append`).
 
         Args:
             slots: ``[n]`` int64 distinct slots, ``< top_bound``. counts: ``[n]`` int entries per slot.
@@ -254,22 +280,15 @@ class _BlockedSlotMatrix:
         if tuple(head_counts.shape) != (slots.numel(), self.n_groups):
             raise ValueError(f"head_counts must be [n, G] = {(slots.numel(), self.n_groups)}, got "
                              f"{tuple(head_counts.shape)}")
-        self.reserve(slots=top_bound)
-        upper = self._nnz_upper + max_total
-        if upper > self.capacity_nnz:
-            self.reserve(nnz=self.nnz + max_total)  # reading nnz syncs
-            upper = self._nnz + max_total
-        base: torch.Tensor | int = self._nnz if self._nnz_dev is None else self._nnz_dev
+        dev = self.begin_async_append(max_total, top_bound)
         counts = counts.reshape(-1).to(torch.int64)
-        ends = base + torch.cumsum(counts, 0)
+        ends = dev[0] + torch.cumsum(counts, 0)
         starts = ends - counts
         self.slot_start[slots] = starts.to(torch.int32)
         self.slot_count[slots] = counts.to(self.count_dtype)
         self.head_counts[slots] = head_counts.to(torch.uint8)
-        top = slots.max() + 1
-        self._top_dev = top if self._top_dev is None else torch.maximum(self._top_dev, top)
-        self._nnz_dev = ends[-1]
-        self._nnz_upper = upper
+        dev[1] = torch.maximum(dev[1], slots.max() + 1)
+        dev[0] = ends[-1]
         return starts
 
     def recount_groups(self, slots: torch.Tensor) -> None:
