@@ -36,6 +36,7 @@ from kvquant.cache import kernel_attention
 from kvquant.cache.rope import RotaryTables, apply_rope, find_rotary_embedding, invert_rope
 from kvquant.calibration.format import Calibration
 from kvquant.config import QuantConfig
+from kvquant.kernels.unrope import invert_rope_triton
 from kvquant.quant.quantizer import BatchedKVQuantizer
 from kvquant.quant.store import QuantizedKVCache
 from kvquant.quant.validate import same_device
@@ -90,8 +91,11 @@ class KVQuantLayer(CacheLayerMixin):
         pre_rope = self.owner.pre_rope
         k_store = key_states
         if pre_rope:
-            cos, sin = self.owner.rotary(positions)
-            k_store = invert_rope(key_states, cos, sin).to(key_states.dtype)
+            cos, sin = self.owner._step_rotary(B, s, self.cumulative_length, positions)
+            if self.owner.backend == "triton":  # one launch instead of ~8, bit-identical
+                k_store = invert_rope_triton(key_states, cos, sin)
+            else:
+                k_store = invert_rope(key_states, cos, sin).to(key_states.dtype)
 
         if self.qkeys is not None and self.owner._kernel_step(self, s):
             # triton backend, one real token per sequence: keep it pending, the attention wrapper runs the
@@ -351,6 +355,14 @@ class KVQuantCache(Cache):
         key = ("inputs", batch, s, past, str(device))
         if key not in self._step:
             self._step[key] = self._compute_step_inputs(batch, s, past, device)
+        return self._step[key]
+
+    def _step_rotary(self, batch: int, s: int, past: int, positions: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos, sin [B, s, D]`` of the tokens being added (computed once per step, shared by the layers)."""
+        key = ("rope", batch, s, past, str(positions.device))
+        if key not in self._step:
+            self._step[key] = self.rotary(positions)
         return self._step[key]
 
     def _compute_step_inputs(self, batch: int, s: int, past: int, device: torch.device
