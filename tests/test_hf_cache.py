@@ -277,3 +277,130 @@ def test_eval_ppl_cli_residual_window(shared_dir, tmp_path, capsys, monkeypatch)
     assert rows[0]["fp16"]["ppl"] == pytest.approx(rows[8]["fp16"]["ppl"])
     assert rows[8]["nuq2"]["bits_per_element"] > rows[0]["nuq2"]["bits_per_element"]
     assert rows[8]["nuq2"]["ppl"] != rows[0]["nuq2"]["ppl"]
+
+
+def _calibrate_recording(model, seqs, monkeypatch, **kw):
+    """Calibrate, returning the result, its saved tensors and the statistics every layer was fitted on."""
+    import kvquant.calibration.calibrate as calmod
+
+    fitted = []
+    real_fit = calmod._fit_layer
+
+    def fit(keys, values, kw_, vw, *args, query_energy=None, **kwargs):
+        fitted.append([None if t is None else t.clone() for t in (keys, values, kw_, vw, query_energy)])
+        return real_fit(keys, values, kw_, vw, *args, query_energy=query_energy, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(calmod, "_fit_layer", fit)
+        cal = calibrate(model, seqs, QuantConfig(), bits=(2, 3), model_id="tiny", progress=False, **kw)
+    return cal, fitted
+
+
+def _saved_tensors(cal, path):
+    from safetensors.torch import load_file
+
+    return load_file(str(cal.save(path)))
+
+
+@pytest.mark.parametrize("sensitivity,where,fits", [
+    ("none", "lm_head", 1), ("none", "lm_head", 2), ("query", "lm_head", 1), ("query", "lm_head", 2),
+    ("fisher", "lm_head", 1), ("fisher", "lm_head", 2), ("fisher", "collect_grads", 1),
+    ("fisher", "collect_grads", 2),
+])
+def test_calibrate_oom_halves_the_batch_and_matches_a_smaller_batch_run(model, tmp_path, monkeypatch, capsys, seed,
+                                                                        sensitivity, where, fits):
+    """A forward that runs out of memory is undone (recorded keys/values, gradients, query energies) and retried
+    with half the batch: the calibration equals a run at that batch size from the start, bit for bit."""
+    from kvquant.calibration.calibrate import _RecordingLayer
+
+    seqs = torch.randint(0, model.config.vocab_size, (7, 24), generator=torch.Generator().manual_seed(seed))
+    ref, ref_fitted = _calibrate_recording(model, seqs, monkeypatch, sensitivity=sensitivity, batch_size=fits)
+    capsys.readouterr()
+
+    fails = []
+    if where == "lm_head":  # after every decoder layer recorded its K/V (and the query hooks ran)
+        def hook(module, args, out):
+            if out.shape[0] > fits:
+                fails.append(out.shape[0])
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        handle = model.lm_head.register_forward_hook(hook)
+    else:  # in the backward bookkeeping, after layer 0 already handed over its gradients
+        real_collect = _RecordingLayer.collect_grads
+
+        def collect(self):
+            if self.layer_idx == 1 and self.live and self.live[0][0].shape[0] > fits:
+                fails.append(self.live[0][0].shape[0])
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return real_collect(self)
+        monkeypatch.setattr(_RecordingLayer, "collect_grads", collect)
+        handle = None
+    try:
+        cal, fitted = _calibrate_recording(model, seqs, monkeypatch, sensitivity=sensitivity, batch_size=4)
+    finally:
+        if handle is not None:
+            handle.remove()
+    assert fails == ([4, 2] if fits == 1 else [4])  # the size is kept after a reduction: no repeated failures
+    err = capsys.readouterr().err
+    assert err.count("out of memory with a batch of") == len(fails)
+    assert "retrying with batch size 2" in err and ("retrying with batch size 1" in err) == (fits == 1)
+    assert len(fitted) == len(ref_fitted) == model.config.num_hidden_layers
+    for got, want in zip(fitted, ref_fitted):
+        for g, w in zip(got, want):
+            assert (g is None) == (w is None)
+            if g is not None:
+                assert torch.equal(g, w)
+    a, b = _saved_tensors(cal, tmp_path / "a.safetensors"), _saved_tensors(ref, tmp_path / "b.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert cal.n_tokens == ref.n_tokens == seqs.numel()
+    assert all(p.grad is None for p in model.parameters())  # no parameter gradients left behind
+    assert not any(layer.self_attn.q_proj._forward_hooks for layer in model.model.layers)
+
+
+@pytest.mark.parametrize("sensitivity", ["none", "fisher", "query"])
+def test_calibrate_oom_at_batch_one_says_what_to_change(model, monkeypatch, capsys, sensitivity):
+    seqs = torch.randint(0, model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(0))
+
+    def hook(module, args, out):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+    handle = model.lm_head.register_forward_hook(hook)
+    try:
+        with pytest.raises(torch.OutOfMemoryError) as info:
+            calibrate(model, seqs, QuantConfig(), bits=(2,), sensitivity=sensitivity, batch_size=2,
+                      model_id="tiny-llama", progress=False)
+    finally:
+        handle.remove()
+    msg = str(info.value)
+    for part in ("single sequence", "model tiny-llama", "seq_len 24", "dtype float32", "--seq-len", "--dtype"):
+        assert part in msg, (part, msg)
+    assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
+    assert "retrying with batch size 1" in capsys.readouterr().err
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(layer.self_attn.q_proj._forward_hooks for layer in model.model.layers)
+    with pytest.raises(ValueError, match="batch_size"):
+        calibrate(model, seqs, QuantConfig(), batch_size=0, progress=False)
+
+
+def test_no_progress_flag_on_every_long_running_command():
+    from kvquant.cli.main import build_parser
+
+    p = build_parser()
+    for argv in (["demo"], ["calibrate", "--out", "x"], ["eval", "ppl"]):
+        assert p.parse_args(argv).progress is True
+        assert p.parse_args([*argv, "--no-progress"]).progress is False
+
+
+def test_calibrate_and_eval_ppl_cli_no_progress_hides_the_bars(shared_dir, tmp_path, capsys, monkeypatch):
+    from kvquant.cli.main import main
+
+    monkeypatch.setenv("KVQUANT_SHARED", str(shared_dir))
+    common = ["--model", "stories260k", "--data", "tinystories"]
+    for flag in ([], ["--no-progress"]):
+        cal = tmp_path / f"cal{len(flag)}.safetensors"
+        main(["calibrate", *common, "--n-seqs", "2", "--seq-len", "32", "--batch-size", "2", "--out", str(cal),
+              *flag])
+        main(["eval", "ppl", *common, "--ctx", "32", "--chunk", "8", "--max-windows", "1", "--datatypes", "fp16",
+              "--out", str(tmp_path / f"ppl{len(flag)}.json"), *flag])
+        err = capsys.readouterr().err
+        assert cal.exists()
+        for bar in ("calibration forward", "fitting codebooks", "ppl fp16"):
+            assert (bar in err) == (not flag), (bar, flag, err)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import sys
 from typing import Any
 
 import torch
@@ -115,6 +117,11 @@ def calibrate(
             weighted by their normalised magnitude ``|k|``, values plain). Plain k-means pulls the outer key
             levels inwards and clips the large key entries that dominate ``q·k``; on SmolLM2-135M the
             magnitude weighting is what made NUQ keys match or beat the uniform grid (``notes/accuracy.md``).
+        batch_size: sequences per forward. A forward that raises ``torch.OutOfMemoryError`` is undone and
+            retried with half as many sequences (one line on stderr), and the rest of the run keeps the smaller
+            size; the result is the one of a run at that batch size from the start. Running out of memory on a
+            single sequence raises ``torch.OutOfMemoryError`` saying what to change.
+        progress: show tqdm progress bars.
 
     Returns:
         A :class:`Calibration`; ``.save(path)`` writes it.
@@ -126,31 +133,67 @@ def calibrate(
         raise ValueError(f"sensitivity must be one of {SENSITIVITIES}, got {sensitivity!r}")
     if sequences.ndim != 2 or sequences.shape[1] <= config.n_sink:
         raise ValueError(f"sequences must be [n, L] with L > n_sink, got {tuple(sequences.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     want_grads = sensitivity == "fisher"
     rec = _RecordingCache(model, replace_datatype(config), want_grads)
     queries = _QueryEnergy(model, rec.num_layers) if sensitivity == "query" else None
     device = next(model.parameters()).device
     kgrads: list[list[torch.Tensor]] = [[] for _ in range(rec.num_layers)]
     vgrads: list[list[torch.Tensor]] = [[] for _ in range(rec.num_layers)]
-    chunks = list(torch.split(sequences, batch_size))
+
+    def forward(ids: torch.Tensor) -> None:
+        """Record one batch of sequences (its keys, values, and gradients or query energies)."""
+        if want_grads:
+            model.zero_grad(set_to_none=True)
+            emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+            out = model(inputs_embeds=emb, labels=ids, past_key_values=rec, use_cache=True)
+            # the loss is a mean over the batch's tokens: times the batch size, every sequence weighs the same
+            # whatever the batch it ran in (a smaller last batch, or one halved after running out of memory)
+            (out.loss * ids.shape[0]).backward()
+            for i, layer in enumerate(rec.layers):
+                kg, vg = layer.collect_grads()
+                kgrads[i] += kg
+                vgrads[i] += vg
+        else:
+            with torch.no_grad():
+                model(input_ids=ids, past_key_values=rec, use_cache=True)
+
+    # the gradients wanted are those of the keys/values: no parameter gradients (a model's worth of memory)
+    frozen = [p for p in model.parameters() if p.requires_grad] if want_grads else []
+    for p in frozen:
+        p.requires_grad_(False)
+    n, limit, start = sequences.shape[0], int(batch_size), 0
+    bar = tqdm(total=n, desc="calibration forward", unit="seq", disable=not progress)
     try:
-        for chunk in tqdm(chunks, desc="calibration forward", disable=not progress):
-            ids = chunk.to(device)
-            if want_grads:
-                model.zero_grad(set_to_none=True)
-                emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-                out = model(inputs_embeds=emb, labels=ids, past_key_values=rec, use_cache=True)
-                out.loss.backward()
-                for i, layer in enumerate(rec.layers):
-                    kg, vg = layer.collect_grads()
-                    kgrads[i] += kg
-                    vgrads[i] += vg
+        while start < n:
+            chunk = sequences[start:start + limit]
+            mark = _Checkpoint(rec, queries, kgrads, vgrads)
+            try:
+                forward(chunk.to(device))
+            except torch.OutOfMemoryError as exc:
+                mark.rollback()
+                if chunk.shape[0] == 1:
+                    raise torch.OutOfMemoryError(_oom_message(model, model_id, sequences.shape[1], sensitivity,
+                                                              device)) from exc
+                oom = True
             else:
-                with torch.no_grad():
-                    model(input_ids=ids, past_key_values=rec, use_cache=True)
+                oom = False
+            if oom:  # outside the except block: its traceback no longer holds the failed forward's tensors
+                del mark
+                _free_memory(model, device, want_grads)
+                old, limit = chunk.shape[0], (chunk.shape[0] + 1) // 2
+                print(f"calibration: out of memory with a batch of {old} sequences of {sequences.shape[1]} tokens; "
+                      f"retrying with batch size {limit}", file=sys.stderr)
+                continue
+            start += chunk.shape[0]
+            bar.update(chunk.shape[0])
     finally:
+        bar.close()
         if queries is not None:  # the energies are summed: the model leaves without our hooks, error or not
             queries.remove()
+        for p in frozen:
+            p.requires_grad_(True)
     layers = []
     s0 = config.n_sink
     for i, layer in enumerate(tqdm(rec.layers, desc="fitting codebooks", disable=not progress)):
@@ -203,6 +246,46 @@ class _QueryEnergy:
         for h in self.hooks:
             h.remove()
         self.hooks = []
+
+
+class _Checkpoint:
+    """What the recorders have collected before one forward, to undo a forward that ran out of memory: the
+    recorded lists are truncated and the query energies restored, so a retry at a smaller batch size leaves the
+    statistics exactly as if the sequences had been run at that batch size from the start."""
+
+    def __init__(self, rec: _RecordingCache, queries: _QueryEnergy | None, kgrads: list[list[torch.Tensor]],
+                 vgrads: list[list[torch.Tensor]]) -> None:
+        self.rec, self.queries, self.kgrads, self.vgrads = rec, queries, kgrads, vgrads
+        self.lengths = [(len(layer.keys), len(layer.values)) for layer in rec.layers]
+        self.grad_lengths = [(len(k), len(v)) for k, v in zip(kgrads, vgrads)]
+        # the hooks rebind their sums (never add in place), so the current tensors are the snapshot
+        self.sums = None if queries is None else list(queries.sums)
+
+    def rollback(self) -> None:
+        for layer, (nk, nv) in zip(self.rec.layers, self.lengths):
+            del layer.keys[nk:], layer.values[nv:]
+            layer.live = []  # the failed forward's K/V and their autograd graph
+        for k, v, (nk, nv) in zip(self.kgrads, self.vgrads, self.grad_lengths):
+            del k[nk:], v[nv:]
+        if self.queries is not None:
+            self.queries.sums = list(self.sums)
+
+
+def _oom_message(model: torch.nn.Module, model_id: str, seq_len: int, sensitivity: str, device: torch.device) -> str:
+    name = model_id or getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return (f"calibration ran out of memory on a single sequence (model {name}, seq_len {seq_len}, dtype {dtype}, "
+            f"sensitivity {sensitivity}, device {device}); use a shorter --seq-len or a lower-precision --dtype "
+            "(bfloat16 / float16)")
+
+
+def _free_memory(model: torch.nn.Module, device: torch.device, want_grads: bool) -> None:
+    """Release what a forward that ran out of memory left behind before the retry."""
+    if want_grads:
+        model.zero_grad(set_to_none=True)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def replace_datatype(config: QuantConfig) -> QuantConfig:

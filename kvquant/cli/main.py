@@ -43,7 +43,7 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
     cfg = QuantConfig(outlier_fraction=a.outlier_fraction, n_sink=a.n_sink, pre_rope=not a.post_rope)
     t0 = time.perf_counter()
     cal = calibrate(model, seqs, cfg, sensitivity=a.sensitivity, batch_size=a.batch_size, model_id=spec.name,
-                    dataset=f"{a.data}:{a.split}")
+                    dataset=f"{a.data}:{a.split}", progress=a.progress)
     path = cal.save(a.out)
     print(f"calibration written to {path} ({time.perf_counter() - t0:.1f} s, {seqs.numel()} tokens)")
 
@@ -74,7 +74,8 @@ def cmd_eval_ppl(a: argparse.Namespace) -> None:
     cfg = QuantConfig(outlier_fraction=a.outlier_fraction, n_sink=a.n_sink, pre_rope=not a.post_rope,
                       residual_length=a.residual_length)
     meta = {"model": spec.name, "data": a.data, "calibration": a.calibration, "skipped": skipped}
-    res = evaluate_perplexity(model, windows, datatypes, cal, cfg, a.prefill, a.chunk, a.batch_size, a.out, meta=meta)
+    res = evaluate_perplexity(model, windows, datatypes, cal, cfg, a.prefill, a.chunk, a.batch_size, a.out, meta=meta,
+                              progress=a.progress)
     print(format_table(res))
     print(f"results written to {a.out}")
 
@@ -91,7 +92,8 @@ def cmd_demo(a: argparse.Namespace) -> None:
     model, tok, spec = _load(a.model, None, a.device)
     print("1/3 calibrating on validation text ...")
     ids = _corpus(tok, spec, a.data, "validation")
-    cal = calibrate(model, sample_calibration_sequences(ids, 8, a.ctx, 0), QuantConfig(), model_id=spec.name)
+    cal = calibrate(model, sample_calibration_sequences(ids, 8, a.ctx, 0), QuantConfig(), model_id=spec.name,
+                    progress=a.progress)
     print("2/3 generating with a nuq3 cache (batch of 2 left-padded prompts) ...")
     prompts = ["The capital of France is", "Once upon a time, a little robot"]
     tok.padding_side = "left"
@@ -107,7 +109,7 @@ def cmd_demo(a: argparse.Namespace) -> None:
     print(f"3/3 perplexity through the cache ({a.windows} windows of {a.ctx} tokens, test split) ...")
     test = _corpus(tok, spec, a.data, "test")
     windows = torch.stack(make_windows(test, a.ctx, max_windows=a.windows))
-    res = evaluate_perplexity(model, windows, ["fp16", "nuq4", "nuq3"], cal, chunk=a.chunk)
+    res = evaluate_perplexity(model, windows, ["fp16", "nuq4", "nuq3"], cal, chunk=a.chunk, progress=a.progress)
     print(format_table(res))
 
 
@@ -135,6 +137,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
 
 
+def _progress_arg(p: argparse.ArgumentParser) -> None:
+    """``--no-progress`` (sets ``progress=False``) for every command that shows progress bars; ``kvquant bench``
+    generate/capacity have the same flag."""
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars (for logs and scripted runs)")
+
+
 def _quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--outlier-fraction", type=float, default=0.01)
     p.add_argument("--n-sink", type=int, default=1)
@@ -153,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--windows", type=int, default=2)
     d.add_argument("--chunk", type=int, default=64)
     d.add_argument("--new-tokens", type=int, default=20)
+    _progress_arg(d)
     d.set_defaults(func=cmd_demo)
 
     c = sub.add_parser("calibrate", help="fit per-channel key ranges and NUQ codebooks")
@@ -162,13 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--split", default="validation")
     c.add_argument("--n-seqs", type=int, default=16)
     c.add_argument("--seq-len", type=int, default=512)
-    c.add_argument("--batch-size", type=int, default=4)
+    c.add_argument("--batch-size", type=int, default=4,
+                   help="sequences per forward; halved automatically when a forward runs out of GPU memory")
     from kvquant.calibration.format import SENSITIVITIES
 
     c.add_argument("--sensitivity", choices=list(SENSITIVITIES), default="none",
                    help="k-means weights: none, fisher (squared loss gradients, KVQuant), magnitude (keys by |k|), "
                         "query (keys by the logit error they cause: query energy x channel scale^2)")
     c.add_argument("--seed", type=int, default=0)
+    _progress_arg(c)
     c.add_argument("--out", type=Path, required=True)
     c.set_defaults(func=cmd_calibrate)
 
@@ -189,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--batch-size", type=int, default=1)
     ppl.add_argument("--max-windows", type=int, default=None)
     ppl.add_argument("--out", type=Path, default=Path("results/ppl.json"))
+    _progress_arg(ppl)
     ppl.set_defaults(func=cmd_eval_ppl)
 
     b = sub.add_parser("bench", help="benchmarks (extra arguments go to the benchmark; try --help)", add_help=False)
@@ -198,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="report.md with tables and plots from a results folder")
     r.add_argument("results_dir", type=Path, help="folder with bench generate / capacity / eval ppl / kernels output")
-    r.add_argument("--out", type=Path, default=None, help="report file (default: RESULTS_DIR/report.md)")
+    r.add_argument("--out", default=None,
+                   help="report file, or a folder (existing, or ending in /) for FOLDER/report.md "
+                        "(default: RESULTS_DIR/report.md)")
     r.set_defaults(func=cmd_report)
     return p
 
