@@ -11,6 +11,8 @@ from kvquant.bench import generate as gen
 from kvquant.bench.common import load_bench_model
 from kvquant.report import build_report, load_results, pareto_mask, tradeoff_points
 from kvquant.report import plots as plots_mod
+from kvquant.report import tables as tables_mod
+from kvquant.report.load import group_ppl, ppl_protocol
 from kvquant.report.pareto import dominators, energy_per_datatype
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -136,7 +138,7 @@ def test_report_from_synthetic_results(synthetic_dir: Path) -> None:
     assert "Other processes held" not in text
     assert "**Pareto-optimal (bits/element vs ΔPPL):** fp16, nuq4, nuq3, nuq2." in text
     assert "**Pareto-optimal (J/token vs ΔPPL):**" in text and "Not placed: quanto4" in text
-    assert "| decode | mha | 4096 | 8 | nuq3 |" in text
+    assert "| mha | 4096 | 8 | nuq3 | 0.500 | - | 0.200 | 2.50 |" in text
     assert "Missing" not in text
     names = {p.name for p in _pngs(synthetic_dir)}
     assert {"throughput_random_7b_nvidia_h100_80gb_hbm3.png", "memory_random_7b_nvidia_h100_80gb_hbm3.png",
@@ -204,3 +206,168 @@ def test_capacity_report_flags_memory_held_elsewhere(synthetic_dir: Path) -> Non
     doc.update(held_by_other_processes_bytes=48 * 2**30, device_total_bytes=80 * 2**30)
     path.write_text(json.dumps(doc))
     assert "**Other processes held 48.0 GiB of the GPU during this run**" in build_report(synthetic_dir).read_text()
+
+
+# ----------------------------------------------------------------------------------------------------
+# perplexity files of the same protocol are merged
+
+
+def _ppl_file(rows: list[tuple[str, float]], ctx: int = 2048, base_dt: str = "nuq3", **cfg_extra) -> dict:
+    """A `kvquant eval ppl` document as the CLI writes it; ΔPPL against fp16 of this file only (as eval does)."""
+    ref = next((p for d, p in rows if d == "fp16"), None)
+    cfg = {"datatype": base_dt, "outlier_fraction": 0.01, "n_sink": 1, "residual_length": 0, "pre_rope": True,
+           "page_size": 64, **cfg_extra}
+    return {"meta": {"model": "tiny-lm", "data": "wikitext2-raw", "calibration": "/cal", "skipped": {},
+                     "ctx": ctx, "prefill": ctx // 2, "chunk": 64, "windows": 8, "config": cfg},
+            "results": [{"datatype": d, "ppl": p, "nll": 2.0, "tokens": 8184, "windows": 8,
+                         "bits_per_element": {"fp16": 32.0, "nuq4": 4.9, "nuq3": 3.9, "int4": 4.9,
+                                              "nuq2": 2.9}.get(d),
+                         "seconds": 1.0, "delta_ppl": None if ref is None or d == "fp16" else p - ref,
+                         "delta_ppl_pct": None if ref is None or d == "fp16" else 100 * (p - ref) / ref}
+                        for d, p in rows]}
+
+
+def _section(text: str, start: str) -> str:
+    """The Markdown from the heading line containing ``start`` up to the next heading of level 2 or 3."""
+    i = text.index(start)
+    ends = [j for j in (text.find("\n### ", i + 1), text.find("\n## ", i + 1)) if j >= 0]
+    return text[i:min(ends) if ends else len(text)]
+
+
+def test_ppl_files_of_same_protocol_merge(tmp_path: Path) -> None:
+    # a: fp16 + nuq4; b: nuq3 + int4, no fp16, another base datatype and another `skipped` (not protocol);
+    # c: same model at another ctx (its own fp16): stays separate
+    (tmp_path / "a.json").write_text(json.dumps(_ppl_file([("fp16", 10.0), ("nuq4", 10.05)])))
+    b = _ppl_file([("nuq3", 10.25), ("int4", 10.4)], base_dt="nuq4")
+    b["meta"]["skipped"] = {"quanto4": "optimum.quanto is not installed"}
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    (tmp_path / "c.json").write_text(json.dumps(_ppl_file([("fp16", 8.0), ("nuq2", 9.0)], ctx=4096)))
+    text = build_report(tmp_path).read_text()
+    assert text.count("### tiny-lm") == 2
+    merged = _section(text, "### tiny-lm (merged from `a.json` + `b.json`; ctx 2048, 8 windows)")
+    assert "ΔPPL and ΔPPL % recomputed against the fp16 row of `a.json`" in merged
+    # b's rows get ΔPPL from a's fp16 (10.0): nuq3 +0.25 (+2.50 %), int4 +0.40 (+4.00 %); rows sorted by datatype
+    assert "| nuq3 | 10.2500 | +0.2500 | +2.50 | 3.90 | 8184 | `b.json` |" in merged
+    assert "| int4 | 10.4000 | +0.4000 | +4.00 | 4.90 | 8184 | `b.json` |" in merged
+    assert "| nuq4 | 10.0500 | +0.0500 | +0.50 | 4.90 | 8184 | `a.json` |" in merged
+    assert merged.index("| fp16 |") < merged.index("| nuq4 |") < merged.index("| nuq3 |") < merged.index("| int4 |")
+    assert "Not placed" not in merged  # every row has a ΔPPL, so every row is on the Pareto table
+    assert "**Pareto-optimal (bits/element vs ΔPPL):** fp16, nuq4, nuq3." in merged
+    assert "c.json" not in merged and "nuq2" not in merged
+    alone = _section(text, "### tiny-lm (`c.json`; ctx 4096, 8 windows)")
+    assert "| nuq2 | 9.0000 | +1.0000 | +12.50 | 2.90 | 8184 |" in alone and "merged" not in alone
+    assert len(list((tmp_path / "figures").glob("pareto_*.png"))) == 2
+
+
+def test_ppl_protocol_and_grouping_rules() -> None:
+    a = {**_ppl_file([("fp16", 10.0)]), "_file": "a.json"}
+    assert ppl_protocol(a["meta"]) == ppl_protocol(_ppl_file([("int4", 10.2)], base_dt="int4")["meta"])
+    for other in (_ppl_file([], ctx=1024), _ppl_file([], outlier_fraction=0.0), _ppl_file([], page_size=128)):
+        assert ppl_protocol(other["meta"]) != ppl_protocol(a["meta"])
+    no_prefill = _ppl_file([])
+    del no_prefill["meta"]["prefill"]  # a key missing from one file only: different protocols, no error
+    assert ppl_protocol(no_prefill["meta"]) != ppl_protocol(a["meta"])
+    assert ppl_protocol({}) is None and ppl_protocol(None) is None and ppl_protocol({"ctx": 2048}) is None
+    # files with no model in their meta are never merged
+    bare = [{"meta": {"ctx": 2048}, "results": [{"datatype": "fp16", "ppl": 9.0}], "_file": f"{i}.json"}
+            for i in range(2)]
+    assert [g["_files"] for g in group_ppl(bare)] == [["0.json"], ["1.json"]]
+    # a single file is passed through unchanged (stored ΔPPL kept, no recomputation)
+    single = {**_ppl_file([("fp16", 10.0), ("nuq4", 10.05)]), "_file": "s.json"}
+    single["results"][1]["delta_ppl"] = 0.123
+    (g,) = group_ppl([single])
+    assert g["results"] == single["results"] and g["_files"] == ["s.json"] and g["_reference"] == "s.json"
+
+
+def test_ppl_merge_duplicate_datatypes() -> None:
+    a = {**_ppl_file([("fp16", 10.0), ("nuq3", 10.2)]), "_file": "a.json"}
+    b = {**_ppl_file([("nuq3", 10.2 * (1 + 1e-7)), ("int4", 10.5)]), "_file": "b.json"}
+    (g,) = group_ppl([a, b])
+    nuq3 = [r for r in g["results"] if r["datatype"] == "nuq3"]
+    assert len(nuq3) == 1 and nuq3[0]["_file"] == "a.json, b.json" and not g["_notes"]  # they agree: one row
+    assert "| nuq3 | 10.2000 | +0.2000 | +2.00 | 3.90 | 8184 | `a.json`, `b.json` |" in tables_mod.ppl_table(g)
+    # disagreeing nuq3 and fp16: every row is kept and labelled, b's rows use b's own fp16 (10.5)
+    c = {**_ppl_file([("fp16", 10.5), ("nuq3", 10.8)]), "_file": "c.json"}
+    d = {**_ppl_file([("int4", 10.7)]), "_file": "d.json"}
+    (g,) = group_ppl([a, c, d])
+    rows = {(r["datatype"], r["_file"]): r for r in g["results"]}
+    assert set(rows) == {("fp16", "a.json"), ("fp16", "c.json"), ("nuq3", "a.json"), ("nuq3", "c.json"),
+                         ("int4", "d.json")}
+    assert rows[("nuq3", "c.json")]["delta_ppl"] == pytest.approx(0.3)  # vs c's fp16
+    assert rows[("nuq3", "a.json")]["delta_ppl"] == pytest.approx(0.2)  # vs a's fp16
+    assert rows[("int4", "d.json")]["delta_ppl"] == pytest.approx(0.7)  # d has no fp16: the first one, a's
+    assert g["_reference"] == "a.json"
+    assert any(n.startswith("nuq3 disagrees") and "`c.json`: PPL 10.8000" in n for n in g["_notes"])
+    assert any("fp16 of their own file" in n for n in g["_notes"])
+    pts, _ = tradeoff_points(g)
+    assert {p.datatype for p in pts} == {"fp16 (a.json)", "fp16 (c.json)", "nuq3 (a.json)", "nuq3 (c.json)",
+                                         "int4"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# kernels table
+
+
+def _kernel_rows() -> list[dict]:
+    dec = {"kind": "decode", "shape": "mha", "Hq": 32, "Hkv": 32, "D": 128, "datatype": "nuq3", "outliers": 0.01}
+    return [
+        {"kind": "device", "name": "H100", "copy_bw_GBps": 3000.0, "torch": "2.11"},
+        {**dec, "context": 1024, "batch": 8, "kernel_ms": 0.207, "kernel_floor_ms": 0.0108,
+         "kernel_frac_floor": 0.0521, "dequant_ms": 10.274, "fp16_ms": 0.0609, "speedup_vs_fp16": 0.294,
+         "speedup_vs_dequant": 49.62, "hf_quanto4_bytes": 1, "hf_quanto4_ms": 73.67, "speedup_vs_hf_quanto4": 355.8,
+         "hf_hqq4_bytes": 1, "hf_hqq4_ms": 68.877, "speedup_vs_hf_hqq4": 332.7},
+        {**dec, "context": 131072, "batch": 32, "kernel_ms": 82.9, "kernel_frac_floor": 0.0597, "dequant_ms": None,
+         "hf_quanto4_ms": None, "hf_quanto4_note": "does not fit (it dequantizes the whole layer every step)",
+         "hf_hqq4_ms": None, "hf_hqq4_note": "hqq is not installed (pip install hqq)"},
+        {**dec, "context": 262144, "batch": 32, "skipped": "quantized cache does not fit"},
+        {"kind": "prefill", "what": "keys", "shape": "gqa", "tokens": 4096, "H": 8, "D": 128, "datatype": "nuq3",
+         "kernel_ms": 0.0966, "kernel_GBps": 105.2, "kernel_frac_bw": 0.035, "write_ms": 0.663,
+         "append_triton_ms": 5.314, "append_torch_ms": 5.768, "identical": True},
+        {"kind": "decode_append", "what": "values", "shape": "gqa", "batch": 8, "H": 8, "prompt": 4096,
+         "triton_ms": 2.876, "torch_ms": 4.389},
+    ]
+
+
+def test_kernels_table_columns(tmp_path: Path) -> None:
+    (tmp_path / "kernels.json").write_text(json.dumps(_kernel_rows()))
+    res = load_results(tmp_path)
+    assert [r["kind"] for r in res.kernels] == ["device", "decode", "decode", "decode", "prefill", "decode_append"]
+    text = build_report(tmp_path).read_text()
+    assert ("| shape | context | batch | datatype | fp16 ms | dequant ms | kernel ms | × fp16 | × dequant | "
+            "floor frac | hf quanto4 ms | hf hqq4 ms | note |") in text
+    assert ("| mha | 1024 | 8 | nuq3 | 0.061 | 10.274 | 0.207 | 0.29 | 49.6 | 0.052 | 73.670 (×356) | "
+            "68.877 (×333) | - |") in text
+    # not measured: the short form of each note, the whole note once below the table
+    assert "| mha | 131072 | 32 | nuq3 | - | - | 82.900 | - | - | 0.060 | does not fit | hqq is not installed | - |" \
+        in text
+    assert "quanto4: does not fit (it dequantizes the whole layer every step)" in text
+    assert "| mha | 262144 | 32 | nuq3 | - | - | - | - | - | - | - | - | quantized cache does not fit |" in text
+    # prefill and decode-append rows still render, in their own table
+    assert ("| prefill | keys | gqa | 4096 | 1 | 8 | nuq3 | 0.097 | 105 | 0.035 | 0.663 | 5.314 | 5.768 | 1.09 | "
+            "True |") in text
+    assert "| decode append | values | gqa | 4096 | 8 | 8 | - | - | - | - | - | 2.876 | 4.389 | 1.53 | - |" in text
+    # no hf baseline anywhere: no hf column
+    assert "hf " not in tables_mod.kernels_table([{"kind": "decode", "kernel_ms": 1.0}])
+    assert tables_mod.short_note("x" * 60).endswith("…") and len(tables_mod.short_note("x" * 60)) == 40
+
+
+# ----------------------------------------------------------------------------------------------------
+# --out
+
+
+def test_report_out_directory(synthetic_dir: Path, tmp_path: Path) -> None:
+    from kvquant.cli.main import main
+
+    out_dir = tmp_path / "existing"
+    out_dir.mkdir()
+    main(["report", str(synthetic_dir), "--out", str(out_dir)])  # an existing directory
+    assert (out_dir / "report.md").is_file() and _pngs(out_dir) and not (tmp_path / "figures").exists()
+    assert "](figures/" in (out_dir / "report.md").read_text()
+    # a new directory named with a trailing separator (a str: pathlib drops the separator)
+    got = build_report(synthetic_dir, str(tmp_path / "new") + "/")
+    assert got == tmp_path / "new" / "report.md" and got.is_file() and _pngs(tmp_path / "new")
+    # an existing file keeps being overwritten in place
+    f = tmp_path / "old.md"
+    f.write_text("stale")
+    main(["report", str(synthetic_dir), "--out", str(f)])
+    assert f.read_text().startswith("# kvquant benchmark report") and _pngs(tmp_path)

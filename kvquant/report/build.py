@@ -4,6 +4,7 @@ folder. A missing input makes its section say what is missing; nothing here rais
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -11,10 +12,11 @@ from typing import Any
 
 from kvquant.bench.common import RANDOM_WEIGHTS_NOTE, format_table
 from kvquant.report import plots, tables
-from kvquant.report.load import Results, group_generate, load_results
+from kvquant.report.load import Results, group_generate, group_ppl, load_results
 from kvquant.report.pareto import energy_per_datatype, tradeoff_points
 
 FIGURES = "figures"
+REPORT = "report.md"
 
 
 class _Figures:
@@ -120,6 +122,19 @@ def _capacity_sections(res: Results, figs: _Figures) -> list[str]:
     return out
 
 
+_PROTOCOL_KEYS = (("data", "data"), ("prefill", "prefill"), ("chunk", "chunk"), ("calibration", "calibration"))
+
+
+def _protocol_line(meta: dict[str, Any]) -> str | None:
+    """The protocol of a perplexity run beyond model, ctx and windows (what tells two sections apart)."""
+    parts = [f"{label} `{meta[k]}`" if isinstance(meta[k], str) else f"{label} {meta[k]}"
+             for k, label in _PROTOCOL_KEYS if meta.get(k) is not None]
+    cfg = meta.get("config")
+    if isinstance(cfg, dict):
+        parts.append("config " + ", ".join(f"{k}={v}" for k, v in cfg.items() if k != "datatype"))
+    return "Protocol: " + "; ".join(parts) + "." if parts else None
+
+
 def _accuracy_sections(res: Results, figs: _Figures) -> list[str]:
     out = ["## Accuracy vs cost (`kvquant eval ppl`)", ""]
     if not res.ppl:
@@ -128,16 +143,29 @@ def _accuracy_sections(res: Results, figs: _Figures) -> list[str]:
                 f"{res.root}/ppl.json`._", ""]
         return out
     groups = group_generate(res.generate)
-    for doc in res.ppl:
-        meta = doc.get("meta", {})
+    for doc in group_ppl(res.ppl):
+        meta = doc.get("meta") if isinstance(doc.get("meta"), dict) else {}
         model = meta.get("model")
-        out += [f"### {model} (`{doc.get('_file')}`; ctx {meta.get('ctx')}, {meta.get('windows')} windows)", "",
-                tables.ppl_table(doc), ""]
+        files = doc.get("_files") or [doc.get("_file")]
+        ref = doc.get("_reference")
+        merged = len(files) > 1
+        where = ("merged from " + " + ".join(f"`{f}`" for f in files)) if merged else f"`{files[0]}`"
+        out += [f"### {model} ({where}; ctx {meta.get('ctx')}, {meta.get('windows')} windows)", ""]
+        proto = _protocol_line(meta)
+        if proto:
+            out += [proto, ""]
+        if merged:
+            how_ref = (f"ΔPPL and ΔPPL % recomputed against the fp16 row of `{ref}`" if ref else
+                       "no fp16 row in any of them: ΔPPL as stored in each file")
+            out += [f"{len(files)} `kvquant eval ppl` files with this protocol, merged; {how_ref}.", ""]
+        out += [tables.ppl_table(doc), ""]
+        if doc.get("_notes"):
+            out += ["**Note:** " + "; ".join(doc["_notes"]) + ".", ""]
         energy: dict[str, float] = {}
         how = ""
         same = [recs for (m, _), recs in groups.items() if m == model]
         with_e = [recs for recs in groups.values() if any(r.get("j_per_token") is not None for r in recs)]
-        dts = [str(r.get("datatype")) for r in doc.get("results", [])]
+        dts = list(dict.fromkeys(str(r.get("datatype")) for r in doc.get("results", [])))
         src = next((recs for recs in same if recs in with_e), None) or (with_e[0] if with_e else None)
         if src is not None:
             energy, how = energy_per_datatype(src, [d for d in dts if d != "plain"])
@@ -145,7 +173,8 @@ def _accuracy_sections(res: Results, figs: _Figures) -> list[str]:
             if src[0].get("model") != model:
                 how += f" (**a different model from the perplexity's {model}**)"
         points, notes = tradeoff_points(doc, energy or None)
-        out += ["Pareto front, every objective minimised (ΔPPL vs fp16 from this file, fp16 at ΔPPL 0). "
+        ref_txt = f"ΔPPL vs the fp16 of `{ref}`" if merged and ref else "ΔPPL vs fp16 from this file"
+        out += [f"Pareto front, every objective minimised ({ref_txt}, fp16 at ΔPPL 0). "
                 + (how + "." if how else "No J/token available: front over bits/element only."), "",
                 tables.tradeoff_table(points), ""]
         if notes:
@@ -155,8 +184,8 @@ def _accuracy_sections(res: Results, figs: _Figures) -> list[str]:
         if any(p.pareto_energy is not None for p in points):
             out += [f"**Pareto-optimal (J/token vs ΔPPL):** "
                     f"{', '.join(p.datatype for p in points if p.pareto_energy) or 'none'}."]
-        out += ["", figs.add(plots.plot_pareto, f"pareto_{_slug(model, doc.get('_file'))}.png", points,
-                             f"{model}: accuracy vs cost"), ""]
+        slug = _slug(model, files[0], "merged") if merged else _slug(model, files[0])
+        out += ["", figs.add(plots.plot_pareto, f"pareto_{slug}.png", points, f"{model}: accuracy vs cost"), ""]
     return out
 
 
@@ -168,18 +197,60 @@ def _kernel_sections(res: Results) -> list[str]:
     if dev:
         out += [f"{dev.get('name')}, copy bandwidth {dev.get('copy_bw_GBps', 0):.0f} GB/s, torch {dev.get('torch')}.",
                 ""]
-    return out + [tables.kernels_table(res.kernels), ""]
+    kinds = {r.get("kind") for r in res.kernels}
+    if "decode" in kinds:
+        hf = any(k.startswith("hf_") for r in res.kernels if r.get("kind") == "decode" for k in r)
+        out += ["### Decode attention", "",
+                "One decode step over the packed cache. × fp16 / × dequant: speed-up of the kernel over SDPA on a "
+                "dense fp16 cache / over dequantize-then-attend; floor frac: time to move the quantized bytes at "
+                "the copy bandwidth ÷ kernel time (1 = at the bandwidth floor)."
+                + (" hf NAME ms: one decode step of transformers' `QuantizedCache` (append, dequantize the layer, "
+                   "SDPA), with the kernel's speed-up over it in brackets." if hf else ""), "",
+                tables.kernels_table(res.kernels), ""]
+        why: dict[str, list[str]] = {}  # full note -> baselines
+        for r in res.kernels:
+            for k, v in r.items():
+                if r.get("kind") == "decode" and k.startswith("hf_") and k.endswith("_note") and v \
+                        and tables.short_note(v) != str(v) and k[3:-5] not in why.setdefault(str(v), []):
+                    why[str(v)].append(k[3:-5])
+        if why:
+            out += ["hf baselines not measured: " + "; ".join(f"{', '.join(names)}: {v}" for v, names in why.items())
+                    + ".", ""]
+    if kinds & {"prefill", "decode_append"}:
+        out += ["### Prefill quantization and decode append", "",
+                "prefill: the fused Triton quantize kernel alone, the fused write, and the whole append on the "
+                "triton and torch backends (floor frac: kernel's share of the copy bandwidth). decode append: one "
+                "token appended per sequence.", "",
+                tables.prefill_kernels_table(res.kernels), ""]
+    if not kinds & {"decode", "prefill", "decode_append"}:
+        out += ["_No decode or prefill rows (only " + ", ".join(sorted(str(k) for k in kinds)) + ")._", ""]
+    return out
+
+
+def resolve_out(results_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Where the report goes: ``results_dir/report.md`` by default; ``DIR/report.md`` when ``out`` is an existing
+    directory or a string ending in a path separator (``"rep/"``); otherwise ``out`` itself (a file, overwritten
+    if it exists). ``pathlib.Path`` drops a trailing separator, so pass a ``str`` to ask for a new directory."""
+    if out is None:
+        return Path(results_dir) / REPORT
+    raw = str(out)
+    seps = tuple(s for s in (os.sep, os.altsep, "/") if s)
+    p = Path(out)
+    if raw.endswith(seps) or p.is_dir():
+        return p / REPORT
+    return p
 
 
 def build_report(results_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write the report of ``results_dir`` (default ``results_dir/report.md``, figures in ``figures/`` next to
-    it) and return its path.
+    """Write the report of ``results_dir`` and return its path: ``results_dir/report.md`` by default, else where
+    :func:`resolve_out` says (``DIR/report.md`` for an existing directory or a string ending in ``/``); figures
+    go to ``figures/`` next to it.
 
     Raises:
         FileNotFoundError: ``results_dir`` is not a directory.
     """
     res = load_results(results_dir)
-    out_path = Path(out) if out is not None else Path(results_dir) / "report.md"
+    out_path = resolve_out(results_dir, out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     figs = _Figures(out_path.parent)
     lines = ["# kvquant benchmark report", "",

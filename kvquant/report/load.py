@@ -3,8 +3,10 @@
 * ``kvquant bench generate``: JSON lines with ``"kind": "generate"`` (``generate.jsonl``), or its CSV when no
   JSON-lines file of the same name sits next to it;
 * ``kvquant bench capacity`` / ``generate --find-capacity``: JSON with ``"schema": "kvquant.bench.capacity/v1"``;
-* ``kvquant eval ppl``: JSON ``{"meta": {...}, "results": [{"datatype", "ppl", ...}, ...]}``;
-* ``kvquant bench kernels``: a JSON list of rows with ``"kind"`` in decode / prefill / device / sweep.
+* ``kvquant eval ppl``: JSON ``{"meta": {...}, "results": [{"datatype", "ppl", ...}, ...]}`` (files of the same
+  protocol are merged by :func:`group_ppl`);
+* ``kvquant bench kernels``: a JSON list of rows with ``"kind"`` in decode / prefill / decode_append / device /
+  sweep / tuning.
 
 Unreadable or unrecognised files are listed in :attr:`Results.skipped`, never raised.
 """
@@ -13,11 +15,12 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-_KERNEL_KINDS = {"decode", "prefill", "device", "sweep", "tuning"}
+_KERNEL_KINDS = {"decode", "prefill", "decode_append", "device", "sweep", "tuning"}
 _DT_ORDER = ("fp16", "nuq4", "nuq3", "nuq2", "int4", "int3", "int2")
 
 
@@ -145,3 +148,110 @@ def group_generate(records: list[dict[str, Any]]) -> dict[tuple[str, str], list[
     for recs in groups.values():
         recs.sort(key=lambda r: (datatype_key(r.get("datatype")), r.get("batch") or 0, r.get("prompt_len") or 0))
     return groups
+
+
+# ----------------------------------------------------------------------------------------------------
+# perplexity files of the same protocol
+
+#: Two rows of the same datatype agree when their perplexities differ by at most this relative amount.
+PPL_AGREE_RTOL = 1e-5
+#: ``meta`` keys that do not change what a perplexity run measures (``skipped``: requested datatypes that could
+#: not run).
+_NOT_PROTOCOL = ("skipped",)
+
+
+def ppl_protocol(meta: Any) -> str | None:
+    """What defines the protocol of a ``kvquant eval ppl`` file, as canonical JSON: every ``meta`` key (model,
+    data, calibration, ctx, prefill, chunk, windows, config, ...) except ``skipped``, and every ``config`` field
+    except ``datatype`` (the base config's, which each row overrides). A key missing from one file and present
+    in another makes the protocols differ. ``None`` (never merged) when the meta names no model."""
+    if not isinstance(meta, dict) or meta.get("model") is None:
+        return None
+    proto = {k: v for k, v in meta.items() if k not in _NOT_PROTOCOL}
+    if isinstance(proto.get("config"), dict):
+        proto["config"] = {k: v for k, v in proto["config"].items() if k != "datatype"}
+    return json.dumps(proto, sort_keys=True, default=str)
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _agree(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    pa, pb = a.get("ppl"), b.get("ppl")
+    if _num(pa) and _num(pb):
+        return math.isclose(pa, pb, rel_tol=PPL_AGREE_RTOL)
+    return pa == pb
+
+
+def group_ppl(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Merge the ``kvquant eval ppl`` documents of the same protocol (:func:`ppl_protocol`), in file order.
+
+    Each returned document has the shape of a ``kvquant eval ppl`` file (rows of a merged group also carry
+    ``_from``, the files they came from, and ``_file``, those names joined by ", ") plus ``_files`` (the files
+    merged, in order), ``_file`` (their names joined by `` + ``), ``_reference`` (the file whose fp16 row is the group's
+    reference, or None) and ``_notes`` (sentences for the reader). A group of one file is that file unchanged.
+
+    Rules for a group of several files:
+
+    * rows are sorted by datatype (:func:`datatype_key`), file order within a datatype;
+    * rows of the same datatype in several files whose PPL agree within :data:`PPL_AGREE_RTOL` (relative) are
+      one row, the first file's, its ``_file`` naming every file it came from; rows that disagree are all kept,
+      each labelled ``"<datatype> (<file>)"`` (``_label``), and a note says so;
+    * ΔPPL and ΔPPL % of a row are recomputed against the fp16 row of its own file when that file has one, and
+      otherwise against the group's reference: the first fp16 row, in file order (when the fp16 rows of the
+      files disagree, a note says so). With no fp16 row anywhere, rows keep the values stored in their file.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for i, doc in enumerate(docs):
+        groups.setdefault(ppl_protocol(doc.get("meta")) or f"\0file {i}", []).append(doc)
+    return [_merge_ppl(g) for g in groups.values()]
+
+
+def _merge_ppl(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    files = [str(d.get("_file")) for d in docs]
+    if len(docs) == 1:
+        fp16 = any(r.get("datatype") == "fp16" for r in docs[0].get("results", []))
+        return {**docs[0], "_files": files, "_reference": files[0] if fp16 else None, "_notes": []}
+    kept: dict[str, list[dict[str, Any]]] = {}  # datatype -> rows kept, each with the files it came from
+    own_fp16: dict[str, float] = {}
+    for f, doc in zip(files, docs):
+        for r in doc.get("results", []):
+            dt = str(r.get("datatype"))
+            if dt == "fp16" and _num(r.get("ppl")) and f not in own_fp16:
+                own_fp16[f] = float(r["ppl"])
+            same = next((k for k in kept.get(dt, []) if _agree(k, r)), None)
+            if same is not None:
+                same["_from"].append(f)
+            else:
+                kept.setdefault(dt, []).append({**r, "_from": [f]})
+    ref_file = next(iter(own_fp16), None)
+    notes = []
+    for dt, rows in kept.items():
+        if len(rows) > 1:
+            for r in rows:
+                r["_label"] = f"{dt} ({', '.join(r['_from'])})"
+            notes.append(f"{dt} disagrees between files ("
+                         + "; ".join(f"{', '.join(f'`{x}`' for x in r['_from'])}: PPL {_fmt_ppl(r.get('ppl'))}"
+                                     for r in rows)
+                         + "): every row is shown")
+    if len(kept.get("fp16", [])) > 1:
+        notes.append(f"each file's rows are compared with the fp16 of their own file; rows of files without fp16 "
+                     f"with the fp16 of `{ref_file}`")
+    results = []
+    for dt in sorted(kept, key=datatype_key):
+        for r in kept[dt]:
+            ref = own_fp16.get(r["_from"][0], own_fp16.get(ref_file)) if ref_file else None
+            if ref is not None and dt != "fp16" and _num(r.get("ppl")):
+                r["delta_ppl"] = r["ppl"] - ref
+                r["delta_ppl_pct"] = 100 * (r["ppl"] - ref) / ref
+            elif ref is not None and dt == "fp16":
+                r["delta_ppl"] = r["delta_ppl_pct"] = None
+            r["_file"] = ", ".join(r["_from"])
+            results.append(r)
+    return {"meta": docs[0].get("meta", {}), "results": results, "_files": files, "_file": " + ".join(files),
+            "_reference": ref_file, "_notes": notes}
+
+
+def _fmt_ppl(v: Any) -> str:
+    return f"{v:.4f}" if _num(v) else str(v)

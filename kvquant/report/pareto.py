@@ -52,7 +52,8 @@ class TradeoffPoint:
 def tradeoff_points(ppl_doc: dict[str, Any], j_per_token: dict[str, float] | None = None
                     ) -> tuple[list[TradeoffPoint], list[str]]:
     """Points of a ``kvquant eval ppl`` result (``fp16`` has ΔPPL 0) with Pareto flags; and notes on the
-    rows that could not be placed.
+    rows that could not be placed. A row's ``_label`` (set by :func:`~kvquant.report.load.group_ppl` on rows
+    that disagree between merged files) names its point; ``j_per_token`` is looked up by datatype.
 
     ``pareto_bits``: front of (bits/element, ΔPPL); ``pareto_energy``: (J/token, ΔPPL) over the points with
     an energy number; ``pareto_all``: (bits, J/token, ΔPPL) when every point has one.
@@ -63,19 +64,20 @@ def tradeoff_points(ppl_doc: dict[str, Any], j_per_token: dict[str, float] | Non
         dt = str(r.get("datatype"))
         if dt == "plain":
             continue
+        name = str(r.get("_label") or dt)
         d = 0.0 if dt == "fp16" else r.get("delta_ppl")
         if not isinstance(d, (int, float)) or not math.isfinite(d):
-            notes.append(f"{dt}: no ΔPPL (fp16 missing from the perplexity results?)")
+            notes.append(f"{name}: no ΔPPL (fp16 missing from the perplexity results?)")
             continue
         bits, src = r.get("bits_per_element"), "measured (eval ppl)"
         if not isinstance(bits, (int, float)) or not math.isfinite(bits):
             if dt == "fp16":
                 bits, src = 16.0, "nominal"
             else:
-                notes.append(f"{dt}: bits/element unknown (not a kvquant cache); left out of the bits front")
+                notes.append(f"{name}: bits/element unknown (not a kvquant cache); left out of the bits front")
                 bits, src = None, "unknown"
         e = (j_per_token or {}).get(dt)
-        pts.append(TradeoffPoint(dt, float(d), bits, src, e))
+        pts.append(TradeoffPoint(name, float(d), bits, src, e))
     placed = [p for p in pts if p.bits_per_element is not None]
     for p, ok, dom in zip(placed, pareto_mask([(p.bits_per_element, p.delta_ppl) for p in placed]),
                           dominators([(p.bits_per_element, p.delta_ppl) for p in placed])):

@@ -71,19 +71,73 @@ def energy_table(records: list[dict[str, Any]]) -> str:
                                "decode J/token", "mean W", "gCO2/1K tok", "method"])
 
 
+def _hf_baselines(rows: list[dict[str, Any]]) -> list[str]:
+    """Names ``<name>`` of the ``hf_<name>_ms`` keys of the decode rows, in order of first appearance."""
+    names: list[str] = []
+    for r in rows:
+        if r.get("kind") != "decode":
+            continue
+        for k in r:
+            if k.startswith("hf_") and k.endswith("_ms") and len(k) > 6 and k[3:-3] not in names:
+                names.append(k[3:-3])
+    return names
+
+
+def short_note(note: Any, width: int = 40) -> str:
+    """The part of a note before its first parenthesis, at most ``width`` characters."""
+    s = str(note).split(" (", 1)[0].strip()
+    return s if len(s) <= width else s[:width - 1] + "…"
+
+
+def _hf_cell(r: dict[str, Any], name: str) -> str | None:
+    ms = fmt_num(r.get(f"hf_{name}_ms"), ".3f")
+    if ms is None:
+        note = r.get(f"hf_{name}_note")
+        return short_note(note) if note else None
+    sp = fmt_num(r.get(f"speedup_vs_hf_{name}"), ".0f")
+    return f"{ms} (×{sp})" if sp is not None else ms
+
+
 def kernels_table(rows: list[dict[str, Any]]) -> str:
+    """Decode-attention rows of ``kvquant bench kernels``: times, speed-ups, fraction of the bytes floor reached
+    (floor time of the quantized bytes at the copy bandwidth ÷ kernel time) and a column per transformers
+    ``QuantizedCache`` baseline found in any row (``hf_<name>_ms``, with the kernel's speed-up over it, or the
+    short form of ``hf_<name>_note`` when it was not measured)."""
+    hf = _hf_baselines(rows)
     out = []
     for r in rows:
-        if r.get("kind") == "decode":
-            out.append(["decode", r.get("shape"), r.get("context"), r.get("batch"), r.get("datatype"),
-                        fmt_num(r.get("fp16_ms"), ".3f"), fmt_num(r.get("dequant_ms"), ".3f"),
-                        fmt_num(r.get("kernel_ms"), ".3f"), fmt_num(r.get("speedup_vs_fp16"), ".2f"),
-                        r.get("skipped")])
-        elif r.get("kind") == "prefill":
-            out.append(["prefill " + str(r.get("what")), None, r.get("tokens"), None, r.get("datatype"), None,
-                        None, fmt_num(r.get("ms"), ".3f"), None, None])
-    return format_table(out, ["kind", "shape", "context/tokens", "batch", "datatype", "fp16 ms", "dequant ms",
-                              "kernel ms", "× fp16", "note"])
+        if r.get("kind") != "decode":
+            continue
+        out.append([r.get("shape"), r.get("context"), r.get("batch"), r.get("datatype"),
+                    fmt_num(r.get("fp16_ms"), ".3f"), fmt_num(r.get("dequant_ms"), ".3f"),
+                    fmt_num(r.get("kernel_ms"), ".3f"), fmt_num(r.get("speedup_vs_fp16"), ".2f"),
+                    fmt_num(r.get("speedup_vs_dequant"), ".1f"), fmt_num(r.get("kernel_frac_floor"), ".3f"),
+                    *[_hf_cell(r, n) for n in hf], r.get("skipped")])
+    return format_table(out, ["shape", "context", "batch", "datatype", "fp16 ms", "dequant ms", "kernel ms",
+                              "× fp16", "× dequant", "floor frac", *[f"hf {n} ms" for n in hf], "note"])
+
+
+def prefill_kernels_table(rows: list[dict[str, Any]]) -> str:
+    """Prefill-quantization (``prefill``) and one-token append (``decode_append``) rows of ``kvquant bench
+    kernels``: the fused kernel alone, the fused write, and the whole append on the triton and torch backends.
+    Prefill rows time one sequence (``[1, H, S, D]``), hence batch 1 when the row does not say."""
+    out = []
+    for r in rows:
+        if r.get("kind") == "prefill":
+            tri, tor = r.get("append_triton_ms"), r.get("append_torch_ms")
+            out.append(["prefill", r.get("what"), r.get("shape"), r.get("tokens"), r.get("batch", 1), r.get("H"),
+                        r.get("datatype"), fmt_num(r.get("kernel_ms", r.get("ms")), ".3f"),
+                        fmt_num(r.get("kernel_GBps"), ".0f"), fmt_num(r.get("kernel_frac_bw"), ".3f"),
+                        fmt_num(r.get("write_ms"), ".3f"), fmt_num(tri, ".3f"), fmt_num(tor, ".3f"),
+                        _ratio(tor, tri), r.get("identical")])
+        elif r.get("kind") == "decode_append":
+            tri, tor = r.get("triton_ms"), r.get("torch_ms")
+            out.append(["decode append", r.get("what"), r.get("shape"), r.get("prompt"), r.get("batch"), r.get("H"),
+                        r.get("datatype"), None, None, None, None, fmt_num(tri, ".3f"), fmt_num(tor, ".3f"),
+                        _ratio(tor, tri), r.get("identical")])
+    return format_table(out, ["kind", "what", "shape", "tokens / prompt", "batch", "KV heads", "datatype",
+                              "kernel ms", "kernel GB/s", "floor frac", "write ms", "append triton ms",
+                              "append torch ms", "torch ÷ triton", "identical"])
 
 
 def tradeoff_table(points: list[TradeoffPoint]) -> str:
@@ -98,7 +152,12 @@ def tradeoff_table(points: list[TradeoffPoint]) -> str:
 
 
 def ppl_table(doc: dict[str, Any]) -> str:
+    """Perplexity rows; a ``file`` column when ``doc`` merges several files (``_files``, see
+    :func:`~kvquant.report.load.group_ppl`)."""
+    merged = len(doc.get("_files") or []) > 1
     rows = [[r.get("datatype"), fmt_num(r.get("ppl"), ".4f"), fmt_num(r.get("delta_ppl"), "+.4f"),
              fmt_num(r.get("delta_ppl_pct"), "+.2f"), fmt_num(r.get("bits_per_element"), ".2f"), r.get("tokens")]
+            + ([", ".join(f"`{f}`" for f in r.get("_from") or [r.get("_file")])] if merged else [])
             for r in doc.get("results", [])]
-    return format_table(rows, ["datatype", "PPL", "ΔPPL", "ΔPPL %", "bits/elem", "tokens"])
+    return format_table(rows, ["datatype", "PPL", "ΔPPL", "ΔPPL %", "bits/elem", "tokens"]
+                        + (["file"] if merged else []))
