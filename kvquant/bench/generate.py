@@ -437,8 +437,9 @@ def run_generate_benchmark(bm: BenchModel, settings: GenerateSettings, out_dir: 
     ooms: dict[str, list[tuple[int, int]]] = {}
     bar = tqdm(configs, desc="bench generate", disable=not settings.progress, file=sys.stderr)
     try:
-        for dt, b, s in bar:
+        for i, (dt, b, s) in enumerate(bar):
             bar.set_postfix_str(f"{dt} B={b} S={s}")
+            t_config = time.perf_counter()
             rec = _base_record(bm, settings, run_id, dt, b, s)
             smaller = [(ob, os_) for ob, os_ in ooms.get(dt, []) if ob <= b and os_ <= s]
             if settings.skip_after_oom and smaller:
@@ -462,6 +463,8 @@ def run_generate_benchmark(bm: BenchModel, settings: GenerateSettings, out_dir: 
                     rec["energy_note"] = energy.note or "unavailable: configuration did not complete"
             writer.write(rec)
             records.append(rec)
+            tqdm.write(f"[{i + 1}/{len(configs)}] {_config_line(rec)} ({time.perf_counter() - t_config:.1f} s)",
+                       file=sys.stderr)
     finally:
         bar.close()
         energy.close()
@@ -472,6 +475,17 @@ def run_generate_benchmark(bm: BenchModel, settings: GenerateSettings, out_dir: 
             write_json_atomic(out_dir / "codecarbon_run.json", {"run_id": run_id, **m.to_dict(),
                                                                "region": settings.grid_region})
     return records
+
+
+def _config_line(r: dict[str, Any]) -> str:
+    """One log line for a finished configuration (written as each one ends, progress bar or not)."""
+    head = f"{r['datatype']} B={r['batch']} S={r['prompt_len']}: {r['status']}"
+    if r["status"] != "ok":
+        return f"{head} ({r.get('error') or ''})"[:300]
+    kv_mib = (r.get("kv_bytes") or 0) / 2**20
+    return (f"{head}, prefill {fmt_num(r.get('prefill_s'), '.3f')} s, decode "
+            f"{fmt_num(r.get('decode_ms_per_step'), '.1f')} ms/step, KV {fmt_num(kv_mib, '.1f')} MiB, "
+            f"{fmt_num(r.get('j_per_token'), '.3g')} J/token")
 
 
 def results_table(records: list[dict[str, Any]]) -> str:
