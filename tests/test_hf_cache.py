@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -133,13 +134,19 @@ def test_calibration_roundtrip_and_validation(model, tmp_path, seed):
         loaded.check_compatible(3, 2, 16, 0.01, True)
 
 
-def test_perplexity_fp16_row_equals_plain(model, seed):
+def test_perplexity_fp16_row_equals_plain(model, seed, tmp_path, capsys):
     windows = torch.randint(0, model.config.vocab_size, (2, 48))
+    out = tmp_path / "ppl.json"
     res = {r.datatype: r for r in evaluate_perplexity(model, windows, ["plain", "fp16", "nuq3"], chunk=5,
-                                                      progress=False)}
+                                                      out_path=out, progress=False)}
     assert res["fp16"].tokens == res["plain"].tokens == 2 * 23
     assert res["fp16"].ppl == pytest.approx(res["plain"].ppl, rel=1e-5)
     assert res["nuq3"].delta_ppl is not None and res["nuq3"].bits_per_element is not None
+    # one log line per datatype as it ends; the JSON holds every row (rewritten after each)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("ppl ")]
+    assert [ln.split(":")[0] for ln in lines] == ["ppl fp16", "ppl plain", "ppl nuq3"]
+    assert f"{res['nuq3'].ppl:.4f} ({res['nuq3'].delta_ppl_pct:+.2f} %)" in lines[2]
+    assert [r["datatype"] for r in json.loads(out.read_text())["results"]] == ["fp16", "plain", "nuq3"]
 
 
 def test_real_model_stories260k(shared_dir, seed):
@@ -403,4 +410,5 @@ def test_calibrate_and_eval_ppl_cli_no_progress_hides_the_bars(shared_dir, tmp_p
         err = capsys.readouterr().err
         assert cal.exists()
         for bar in ("calibration forward", "fitting codebooks", "ppl fp16"):
-            assert (bar in err) == (not flag), (bar, flag, err)
+            assert (f"{bar}:   0%" in err) == (not flag), (bar, flag, err)
+        assert re.search(r"ppl fp16: \d+\.\d{4}, ", err), err  # the per-datatype log line stays

@@ -17,8 +17,8 @@ on the same scored tokens (reported as ``plain``), which checks the plumbing.
 
 from __future__ import annotations
 
-import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from kvquant.bench.common import write_json_atomic
 from kvquant.cache.hf_cache import KVQuantCache
 from kvquant.calibration.format import Calibration
 from kvquant.config import QuantConfig
@@ -128,12 +129,14 @@ def evaluate_perplexity(
             r.delta_ppl = r.ppl - ref
             r.delta_ppl_pct = 100 * (r.ppl - ref) / ref
         results.append(r)
-        if out_path is not None:
+        delta = "" if r.delta_ppl_pct is None else f" ({r.delta_ppl_pct:+.2f} %)"
+        bits_txt = "" if r.bits_per_element is None else f", {r.bits_per_element:.2f} bits/elem"
+        tqdm.write(f"ppl {name}: {r.ppl:.4f}{delta}{bits_txt}, {tokens} tokens, {r.seconds:.1f} s", file=sys.stderr)
+        if out_path is not None:  # rewritten (atomically) after every datatype: a crash loses only the current one
             out = {"meta": {**(meta or {}), "ctx": ctx, "prefill": prefill, "chunk": chunk, "windows": n,
                             "config": base_config.to_dict()},
                    "results": [asdict(x) for x in results]}
-            Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-            Path(out_path).write_text(json.dumps(out, indent=2))
+            write_json_atomic(out_path, out)
     return results
 
 
