@@ -145,12 +145,15 @@ def test_residual_window_and_odd_lengths(seed: int) -> None:
     run_both(seed, cfg, B=3, H=2, D=32, S=41, lengths=[41, 9, 27], n_decode=4, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("path", ["small", "general"])
-def test_small_and_general_append_paths(seed: int, path: str, monkeypatch) -> None:
+@pytest.mark.parametrize("path,thresholds", [("small", "auto"), ("general", "auto"), ("general", "sort"),
+                                             ("small", "topk")])
+def test_small_and_general_append_paths(seed: int, path: str, thresholds: str, monkeypatch) -> None:
     """Both launch plans write what torch writes: "small" appends (value thresholds by the sort kernel, dense
     staging, the fused one-launch finish, counts kept on the device) and the general one (topk thresholds, the
-    compacting counter, a synced finish), here forced for every append by lowering the size limit."""
+    compacting counter, a synced finish), here forced for every append by lowering the size limit; and either
+    way of finding the value thresholds with either plan."""
     qa = importlib.import_module("kvquant.kernels.quantize_append")
+    monkeypatch.setitem(qa.TUNING, "thresholds", thresholds)
     if path == "general":
         monkeypatch.setattr(qa, "ASYNC_MAX_ELEMENTS", 0)
     cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.03, n_sink=1, residual_length=0, page_size=32)
@@ -216,6 +219,15 @@ def test_staging_overflow_reruns(seed: int) -> None:
     quantize_append(fused, counts, x.transpose(1, 2).reshape(80, 2, 32), staging_capacity=3)
     fused.q_len += counts
     assert_same(ref, fused, "values after a staging overflow")
+
+
+def test_unknown_threshold_method_is_an_error() -> None:
+    cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.05, n_sink=0, page_size=32, backend="triton")
+    c = QuantizedKVCache("value", cfg, 1, 2, 32, torch.float32, DEVICE, create_heuristic_codebook("nuq3"))
+    counts = torch.tensor([3], device=DEVICE)
+    c.pages.reserve(counts)
+    with pytest.raises(ValueError, match="thresholds must be one of"):
+        quantize_append(c, counts, torch.randn(3, 2, 32).to(DEVICE), thresholds="median")
 
 
 def test_dispatch_and_bad_input() -> None:

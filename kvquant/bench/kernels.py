@@ -349,6 +349,14 @@ def bench_prefill(args, bw: float, rows: list, out_path: Path | None) -> None:
                 nnz = cache.outliers.nnz
                 nbytes = _prefill_bytes(S, H, D, cache.bits, kind, nnz)
                 row.update(nnz=nnz, bytes=nbytes, write_ms=_bench(write, warmup=10, rep=100))
+                if kind == "values":  # the two ways to find the per-token thresholds (same result, bit for bit)
+                    for method in ("sort", "topk"):
+                        def write_with(cache=cache, counts=counts, tokens=tokens, method=method):
+                            cache.outliers.nnz = cache.outliers.n_slots = 0
+                            quantize_append(cache, counts, tokens, thresholds=method)
+
+                        write_with()
+                        row[f"write_thresholds_{method}_ms"] = _bench(write_with, warmup=10, rep=100)
                 plan = QuantizeAppend(cache, counts, tokens)
                 row["kernel_ms"] = _bench(plan.run_kernel, warmup=10, rep=100)
                 sweep_rows = []
@@ -410,7 +418,9 @@ def _fmt(r: dict) -> str:
                 f"{r['append_triton_ms']:7.3f} ms {r['append_triton_GBps']:6.0f} GB/s "
                 f"({100 * r['append_triton_frac_bw']:3.0f}%) | torch {r['append_torch_ms']:8.3f} ms "
                 f"{r['append_torch_GBps']:5.0f} GB/s | x{r['append_torch_ms'] / r['append_triton_ms']:.0f} "
-                f"identical={r['identical']}")
+                f"identical={r['identical']}"
+                + "".join(f" | write, thresholds by {m} {r[k]:.3f} ms" for m in ("sort", "topk")
+                          if (k := f"write_thresholds_{m}_ms") in r))
     if r["kind"] == "decode_append":
         return (f"decode append {r['shape']} B={r['batch']} {r['what']:6s} | triton {r['triton_ms']:.3f} ms | "
                 f"torch {r['torch_ms']:.3f} ms")

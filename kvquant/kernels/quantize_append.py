@@ -43,7 +43,11 @@ from kvquant.quant.validate import same_device
 # instructions per element at 3 bits). block_n=32 with 4 warps: chosen from the compiler's resource report
 # (sm_90, no register spills; block_n=64 spills 28-102 registers to local memory), not from timings: see
 # notes/kernels.md, "Prefill quantization".
-TUNING = {"block_n": 32, "num_warps": 4, "code_tree": True}
+# thresholds: how the per-token value outlier thresholds are found: "sort" (_thresholds_kernel, one launch),
+# "topk" (torch.topk of the extreme order statistics, ~10 launches) or "auto" (sort for small appends, topk for
+# the others: the sort kernel's prefill speed is not measured yet; `bench kernels --prefill-sweep` times both).
+TUNING = {"block_n": 32, "num_warps": 4, "code_tree": True, "thresholds": "auto"}
+THRESHOLD_METHODS = ("auto", "sort", "topk")
 _MAX_GRID_Y = 65535
 # appends of at most this many elements (N * H * D), "small" ones (a decode step), take the launch-light path: value
 # thresholds by a sort kernel, every element staged in place (no counter), and one fused kernel that allocates and
@@ -387,6 +391,7 @@ def quantize_append(
     num_warps: int | None = None,
     staging_capacity: int | None = None,
     nonfinite: torch.Tensor | None = None,
+    thresholds: str | None = None,
 ) -> None:
     """Quantize ``tokens`` and store them as the next quantized tokens of each sequence of ``cache``.
 
@@ -402,9 +407,11 @@ def quantize_append(
         staging_capacity: outlier staging entries (default: an estimate; re-run when exceeded). Testing knob.
         nonfinite: ``[1]`` float32 on the device, or None: the kernel sets it to NaN if ``tokens`` hold NaN/Inf
             (without a sync; the caller reads it when it wants). None: the caller has checked the tokens.
+        thresholds: how value outlier thresholds are found (:data:`THRESHOLD_METHODS`); ``None`` takes
+            :data:`TUNING`. Every method gives the same thresholds, bit for bit.
     """
     plan = QuantizeAppend(cache, counts, tokens, block_n=block_n, num_warps=num_warps,
-                          staging_capacity=staging_capacity, nonfinite=nonfinite)
+                          staging_capacity=staging_capacity, nonfinite=nonfinite, thresholds=thresholds)
     plan.run_kernel()
     plan.finish()
 
@@ -420,7 +427,8 @@ class QuantizeAppend:
 
     def __init__(self, cache, counts: torch.Tensor, tokens: torch.Tensor, *, block_n: int | None = None,
                  num_warps: int | None = None, staging_capacity: int | None = None,
-                 code_tree: bool | None = None, nonfinite: torch.Tensor | None = None) -> None:
+                 code_tree: bool | None = None, nonfinite: torch.Tensor | None = None,
+                 thresholds: str | None = None) -> None:
         reason = unsupported_reason(cache, tokens)
         if reason is not None:
             raise ValueError(f"the triton quantize-append path cannot write this cache: {reason}")
@@ -486,8 +494,16 @@ class QuantizeAppend:
             self.lo = self.hi = dummy_f
             if self.out:  # per-token thresholds over all H*D entries, before the kernel
                 f = cache.config.outlier_fraction
-                if small_bufs is not None and triton.next_power_of_2(H * D) <= SORT_MAX_ELEMENTS:
-                    self.lo, self.hi = small_bufs["lo"], small_bufs["hi"]
+                method = thresholds or TUNING["thresholds"]
+                if method not in THRESHOLD_METHODS:
+                    raise ValueError(f"thresholds must be one of {THRESHOLD_METHODS}, got {method!r}")
+                sort = (method == "sort" or (method == "auto" and self.small)) and \
+                    triton.next_power_of_2(H * D) <= SORT_MAX_ELEMENTS
+                if sort:
+                    if small_bufs is not None:
+                        self.lo, self.hi = small_bufs["lo"], small_bufs["hi"]
+                    else:
+                        self.lo, self.hi = (torch.empty(N, dtype=torch.float32, device=dev) for _ in range(2))
                     self._thresholds(f / 2, 1 - f / 2)
                 else:  # a torch reduction (topk of the extreme order statistics)
                     self.lo, self.hi = masked_quantile_pair(tokens.reshape(N, H * D), None, f / 2, 1 - f / 2)
