@@ -1,3 +1,4 @@
+import hashlib
 import json
 import re
 
@@ -405,10 +406,14 @@ def test_calibrate_and_eval_ppl_cli_no_progress_hides_the_bars(shared_dir, tmp_p
         cal = tmp_path / f"cal{len(flag)}.safetensors"
         main(["calibrate", *common, "--n-seqs", "2", "--seq-len", "32", "--batch-size", "2", "--out", str(cal),
               *flag])
-        main(["eval", "ppl", *common, "--ctx", "32", "--chunk", "8", "--max-windows", "1", "--datatypes", "fp16",
-              "--out", str(tmp_path / f"ppl{len(flag)}.json"), *flag])
+        out = tmp_path / f"ppl{len(flag)}.json"
+        main(["eval", "ppl", *common, "--ctx", "32", "--chunk", "8", "--max-windows", "1", "--datatypes", "fp16,nuq3",
+              "--calibration", str(cal), "--out", str(out), *flag])
         err = capsys.readouterr().err
         assert cal.exists()
+        # the results record which calibration (its content, not only its path): reports merge runs by it
+        meta = json.loads(out.read_text())["meta"]
+        assert meta["calibration_sha256"] == hashlib.sha256(cal.read_bytes()).hexdigest()[:16]
         for bar in ("calibration forward", "fitting codebooks", "ppl fp16"):
             assert (f"{bar}:   0%" in err) == (not flag), (bar, flag, err)
         assert re.search(r"ppl fp16: \d+\.\d{4}, ", err), err  # the per-datatype log line stays

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,16 @@ class LayerCalibration:
     key_hi: torch.Tensor
     key_codebooks: dict[int, Codebook] = field(default_factory=dict)
     value_codebooks: dict[int, Codebook] = field(default_factory=dict)
+
+
+def calibration_digest(path: str | Path) -> str:
+    """SHA-256 (first 16 hex digits) of a calibration file's tensors: what a results file records, so that runs
+    with different calibrations saved under the same path are never taken for the same protocol."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 @dataclass

@@ -50,6 +50,7 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
 
 def cmd_eval_ppl(a: argparse.Namespace) -> None:
     from kvquant.calibration import Calibration
+    from kvquant.calibration.format import calibration_digest
     from kvquant.config import QuantConfig
     from kvquant.data import make_windows
     from kvquant.eval.baselines import baseline_available, parse_baseline
@@ -73,7 +74,8 @@ def cmd_eval_ppl(a: argparse.Namespace) -> None:
     windows = torch.stack(make_windows(_corpus(tok, spec, a.data, "test"), a.ctx, max_windows=a.max_windows))
     cfg = QuantConfig(outlier_fraction=a.outlier_fraction, n_sink=a.n_sink, pre_rope=not a.post_rope,
                       residual_length=a.residual_length)
-    meta = {"model": spec.name, "data": a.data, "calibration": a.calibration, "skipped": skipped}
+    meta = {"model": spec.name, "data": a.data, "calibration": a.calibration,
+            "calibration_sha256": calibration_digest(a.calibration) if a.calibration else None, "skipped": skipped}
     res = evaluate_perplexity(model, windows, datatypes, cal, cfg, a.prefill, a.chunk, a.batch_size, a.out, meta=meta,
                               progress=a.progress)
     print(format_table(res))
