@@ -336,12 +336,13 @@ def _constants(cache) -> dict[str, torch.Tensor]:
 
 
 def _small_buffers(cache, consts: dict, n: int) -> dict[str, torch.Tensor]:
-    """Work buffers of a small append of ``n`` tokens, kept per cache and reused (launches are stream-ordered)."""
-    key = ("small", n)
-    bufs = consts.get(key)
-    if bufs is None:
+    """Work buffers of a small append of ``n`` tokens, kept per cache for the next append of the same size (a
+    decode step's; launches are stream-ordered). One set at a time: other sizes replace it."""
+    bufs = consts.get("small")
+    if bufs is None or bufs["n"] != n:
         dev, H, D = cache.device, cache.num_heads, cache.head_dim
         bufs = {
+            "n": n,
             "lo": torch.empty(n, dtype=torch.float32, device=dev),
             "hi": torch.empty(n, dtype=torch.float32, device=dev),
             "cnt": torch.empty(n, H, dtype=torch.int32, device=dev),
@@ -350,7 +351,7 @@ def _small_buffers(cache, consts: dict, n: int) -> dict[str, torch.Tensor]:
             "stv": torch.empty(max(n * H * D, 1), dtype=cache.outliers.dtype, device=dev),
             "sti": torch.empty(max(n * H * D, 1), dtype=torch.int32, device=dev),
         }
-        consts[key] = bufs
+        consts["small"] = bufs
     return bufs
 
 
@@ -473,7 +474,7 @@ class QuantizeAppend:
         self.is_key = cache.kind == "key"
         self.out = bool(cache.keep_outliers)
         self.nonfinite = nonfinite
-        n_elem = N * H * D
+        self.n_elem = n_elem = N * H * D
         # a small append (a decode step) takes the launch-light path; see ASYNC_MAX_ELEMENTS
         self.small = (n_elem <= ASYNC_MAX_ELEMENTS and staging_capacity is None
                       and cache.outliers.n_groups == H)  # the fused finish writes per-head counts
@@ -582,8 +583,7 @@ class QuantizeAppend:
         per_head = outl.n_groups == self.cache.num_heads
         H = self.cache.num_heads
         if self.small:  # one launch, no sync (small implies per-head groups)
-            n_elem = self.N * H * self.cache.head_dim
-            dev_counts = outl.begin_async_append(n_elem, self.cache.pages.n_pages * self.cache.config.page_size)
+            dev_counts = outl.begin_async_append(self.n_elem, self.cache.pages.n_pages * self.cache.config.page_size)
             _finish_small_kernel[(1,)](
                 self.cnt, self.sst, self.slot, self.stv, self.sti, dev_counts, outl.slot_start, outl.slot_count,
                 outl.head_counts, outl.values, outl.indices, self.N, H,

@@ -236,7 +236,6 @@ class QuantizedKVCache:
         B, H, n, D = x.shape
         x = x.to(self.dtype)
         R = self.config.residual_length
-        tokens_in = x.transpose(1, 2).reshape(B * n, H, D) if R == 0 else None
         kernel = self.uses_triton(x)
         if self._nonfinite is None:
             self._nonfinite = torch.zeros(1, dtype=torch.float32, device=self.device)
@@ -250,12 +249,11 @@ class QuantizedKVCache:
             self._host_stale = True
             self._fast_path_ready(n)
         self._headroom -= n
+        out = x  # the n oldest pending tokens of each sequence are quantized
         if R:
             pending = torch.cat([self.residual, x], dim=2)
             out, self.residual = pending[:, :, :n], pending[:, :, n:].contiguous()
-            tokens = out.transpose(1, 2).reshape(B * n, H, D)  # [N, H, D] grouped by sequence, oldest first
-        else:
-            tokens = tokens_in
+        tokens = out.transpose(1, 2).reshape(B * n, H, D)  # [N, H, D] grouped by sequence, oldest first
         if kernel:
             from kvquant.kernels.quantize_append import quantize_append, unit_counts
 

@@ -77,13 +77,12 @@ class _BlockedSlotMatrix:
         # time it needs them. Meanwhile _nnz_upper bounds nnz on the host.
         self._dev_counts: torch.Tensor | None = None
         self._dev_ahead = False  # the device counts hold appends the host has not read yet
-        self._dev_current = False  # the device counts equal the host's (no write needed to reuse them)
         self._nnz_upper = 0
 
     # -- properties -----------------------------------------------------------------------------------
     @property
     def nnz(self) -> int:
-        """Entries stored (a device sync if appends were made with :meth:`allocate_slots_async`)."""
+        """Entries stored (a device sync after appends through :meth:`begin_async_append`)."""
         self._resolve()
         return self._nnz
 
@@ -91,11 +90,10 @@ class _BlockedSlotMatrix:
     def nnz(self, value: int) -> None:
         self._resolve()
         self._nnz = self._nnz_upper = int(value)
-        self._dev_current = False
 
     @property
     def n_slots(self) -> int:
-        """One past the highest slot written (a device sync after :meth:`allocate_slots_async`)."""
+        """One past the highest slot written (a device sync after :meth:`begin_async_append`)."""
         self._resolve()
         return self._n_slots
 
@@ -103,7 +101,6 @@ class _BlockedSlotMatrix:
     def n_slots(self, value: int) -> None:
         self._resolve()
         self._n_slots = int(value)
-        self._dev_current = False
 
     @property
     def nnz_upper(self) -> int:
@@ -117,7 +114,6 @@ class _BlockedSlotMatrix:
         self._dev_ahead = False
         self._nnz = self._nnz_upper = int(nnz)
         self._n_slots = max(self._n_slots, int(top))
-        self._dev_current = self._n_slots == int(top)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -251,11 +247,10 @@ class _BlockedSlotMatrix:
             upper = self._nnz + max_total
         if self._dev_counts is None:
             self._dev_counts = torch.zeros(2, dtype=torch.int64, device=self.device)
-            self._dev_current = False
-        if not self._dev_ahead and not self._dev_current:  # two fills, no sync
+        if not self._dev_ahead:  # start from the host's counts: two fills, no sync
             self._dev_counts[0].fill_(self._nnz)
             self._dev_counts[1].fill_(self._n_slots)
-        self._dev_ahead, self._dev_current = True, False
+        self._dev_ahead = True
         self._nnz_upper = upper
         return self._dev_counts
 
