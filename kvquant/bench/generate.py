@@ -432,7 +432,8 @@ def run_generate_benchmark(bm: BenchModel, settings: GenerateSettings, out_dir: 
         carbon = CarbonTracker(out_dir / "codecarbon", country_iso_code=settings.country or "USA",
                                region=settings.grid_region).start()
     run_id = uuid.uuid4().hex[:12]
-    configs = [(dt, b, s) for dt in settings.datatypes for b in settings.batches for s in settings.prompt_lens]
+    # shape-major, datatypes innermost: a run stopped early still compares every datatype on the shapes it reached
+    configs = [(dt, b, s) for b in settings.batches for s in settings.prompt_lens for dt in settings.datatypes]
     records: list[dict[str, Any]] = []
     ooms: dict[str, list[tuple[int, int]]] = {}
     bar = tqdm(configs, desc="bench generate", disable=not settings.progress, file=sys.stderr)
