@@ -121,6 +121,28 @@ def test_quantized_cache_is_smaller(bench_run: tuple[Path, list[dict]]) -> None:
     assert by[("nuq3", 128)]["bits_per_element"] < min(16, by[("nuq3", 64)]["bits_per_element"])
 
 
+def test_warmup_rehearses_the_exact_configuration_and_order_is_shape_major(
+        tiny: gen.BenchModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[int, int, int, bool]] = []
+    real = gen.run_generation
+
+    def spy(model, prompt, cache, n_new, device, region=None):
+        calls.append((prompt.shape[0], prompt.shape[1], n_new, region is not None))
+        return real(model, prompt, cache, n_new, device, region)
+
+    monkeypatch.setattr(gen, "run_generation", spy)
+    recs = gen.run_generate_benchmark(tiny, _settings(batches=[1, 2], prompt_lens=[48, 96], gen=4, warmup=1),
+                                      tmp_path)
+    # shape-major: every datatype of one (batch, prompt) before the next shape
+    assert [(r["batch"], r["prompt_len"], r["datatype"]) for r in recs] == [
+        (b, s, dt) for b in (1, 2) for s in (48, 96) for dt in ("fp16", "nuq3")]
+    # each timed run (the one with energy regions) follows one untimed rehearsal of the same shape and length
+    untimed = [c for c in calls if not c[3]]
+    timed = [c for c in calls if c[3]]
+    assert len(untimed) == len(timed) == len(recs)
+    assert [c[:3] for c in untimed] == [c[:3] for c in timed] == [(r["batch"], r["prompt_len"], 4) for r in recs]
+
+
 def test_oom_is_recorded_and_the_sweep_goes_on(tiny: gen.BenchModel, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     real = gen._forward
