@@ -19,6 +19,7 @@ from transformers import DynamicCache  # noqa: E402
 from kvquant import QuantConfig  # noqa: E402
 from kvquant.cache import kernel_attention  # noqa: E402
 from kvquant.cache.hf_cache import KVQuantCache  # noqa: E402
+from kvquant.cache.hf_compat import cache_kwargs  # noqa: E402
 from kvquant.models import tiny_llama  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -59,16 +60,20 @@ class _Counter:
 
 
 def _teacher_forced_logits(model, cache, ids, mask, steps: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Prefill, then one forward per decode token in ``steps`` (``[B, 1]`` each); logits of every step."""
+    """Prefill, then one forward per decode token in ``steps`` (``[B, 1]`` each); logits of every step.
+
+    The cache goes in under the name this transformers uses (``cache`` on 5.2x); the ``generate`` tests below pass
+    ``past_key_values``, the name older code uses, so both reach the kernel path."""
     out = []
     with torch.no_grad():
         pos = (mask.cumsum(1) - 1).clamp_min(0)  # as generate does
-        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, **cache_kwargs(model, cache), use_cache=True)
         out.append(res.logits[:, -1].float())
         for tok in steps:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             pos = (mask.cumsum(1) - 1)[:, -1:]
-            res = model(input_ids=tok, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+            res = model(input_ids=tok, attention_mask=mask, position_ids=pos, **cache_kwargs(model, cache),
+                        use_cache=True)
             out.append(res.logits[:, -1].float())
     return out
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from kvquant.bench.kernels import SHAPES, _bench, _quant_bytes, _rotating, copy_bandwidth, synthetic_caches
+from kvquant.cache.hf_compat import cache_kwargs
 from kvquant.config import QuantConfig
 
 VARIANTS = [  # (label, version, num_warps, block_t, programs_per_sm)
@@ -114,9 +115,9 @@ def e2e(rows: list, prompt: int, new_tokens: int, batch: int, dtype: torch.dtype
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 with torch.no_grad():
-                    out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=n,
-                                         min_new_tokens=n, do_sample=False, pad_token_id=0, output_scores=True,
-                                         return_dict_in_generate=True)
+                    out = model.generate(input_ids=ids, attention_mask=mask, **cache_kwargs(model, cache),
+                                         max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                                         output_scores=True, return_dict_in_generate=True)
                 torch.cuda.synchronize()
                 best = min(best, time.perf_counter() - t0)
             times[n] = best
@@ -149,8 +150,8 @@ def e2e(rows: list, prompt: int, new_tokens: int, batch: int, dtype: torch.dtype
     da = importlib.import_module("kvquant.kernels.decode_attention")
     cache = KVQuantCache(model, cfg, backend="triton")
     with torch.no_grad():
-        model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=2, do_sample=False,
-                       pad_token_id=0)
+        model.generate(input_ids=ids, attention_mask=mask, **cache_kwargs(model, cache), max_new_tokens=2,
+                       do_sample=False, pad_token_id=0)
     layer = cache.layers[0]
     q = torch.randn(batch, 32, 128, device="cuda", dtype=dtype)
     kv1 = torch.randn(batch, 8, 1, 128, device="cuda", dtype=dtype)

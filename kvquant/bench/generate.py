@@ -73,6 +73,7 @@ from kvquant.bench.common import (
     parse_size_list,
     synchronize,
 )
+from kvquant.cache.hf_compat import cache_kwargs
 from kvquant.config import BACKENDS, QuantConfig
 
 SCHEMA = "kvquant.bench.generate/v1"
@@ -230,7 +231,7 @@ def cache_memory(cache: Any) -> dict[str, Any]:
 
 def _forward(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any) -> torch.Tensor:
     """One forward with the cache; returns the last position's logits ``[B, vocab]``."""
-    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=input_ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
     return out.logits[:, -1]
 
 

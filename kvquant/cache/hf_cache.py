@@ -3,7 +3,7 @@
 Usage::
 
     cache = KVQuantCache(model, QuantConfig(datatype="nuq3"), calibration=Calibration.load(path))
-    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)  # `cache=cache` on transformers 5.2x
     print(cache.memory_report())
 
 The cache needs the model: a forward pre-hook on the decoder tells it the 2-D padding mask and the
@@ -33,6 +33,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvquant.cache import kernel_attention
+from kvquant.cache.hf_compat import cache_in
 from kvquant.cache.rope import RotaryTables, apply_rope, find_rotary_embedding, invert_rope
 from kvquant.calibration.format import Calibration
 from kvquant.config import QuantConfig
@@ -404,7 +405,7 @@ class KVQuantCache(Cache):
 
 def install_step_hook(model: torch.nn.Module) -> None:
     """Install (once) hooks on the decoder: a forward pre-hook that passes each step's 2-D attention mask and
-    position ids to the :class:`KVQuantCache` given as ``past_key_values`` and makes it the
+    position ids to the :class:`KVQuantCache` given as ``cache`` / ``past_key_values`` and makes it the
     :data:`~kvquant.cache.kernel_attention.ACTIVE_CACHE` for the forward (``None`` for any other cache), and
     a forward hook (``always_call``) that restores the previous value."""
     base = getattr(model, "model", model)
@@ -412,7 +413,7 @@ def install_step_hook(model: torch.nn.Module) -> None:
         return
 
     def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        cache = kwargs.get("past_key_values")
+        cache = cache_in(kwargs)
         if isinstance(cache, KVQuantCache):
             cache._set_step(kwargs.get("attention_mask"), kwargs.get("position_ids"))
         else:

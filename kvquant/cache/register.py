@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from kvquant.cache.hf_cache import KVQuantCache
+from kvquant.cache.hf_compat import cache_in, cache_kwargs
 from kvquant.config import QuantConfig
 
 CACHE_IMPLEMENTATION = "kvquant"
@@ -60,11 +61,11 @@ def register_cache_implementation(model: torch.nn.Module) -> torch.nn.Module:
             if cache_config is not None:
                 kwargs["cache_config"] = cache_config
             return original(*args, **kwargs)
-        if kwargs.get("past_key_values") is not None:
-            raise ValueError("pass either cache_implementation='kvquant' or past_key_values, not both")
+        if cache_in(kwargs) is not None:
+            raise ValueError("pass either cache_implementation='kvquant' or a cache (cache=...), not both")
         cache = _cache_from_config(model, cache_config)
         model.kvquant_last_cache = cache
-        return original(*args, past_key_values=cache, **kwargs)
+        return original(*args, **cache_kwargs(model, cache), **kwargs)
 
     setattr(model, _ORIGINAL, original)
     model.generate = generate

@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvquant.cache.hf_cache import KVQuantCache, KVQuantLayer
+from kvquant.cache.hf_compat import cache_kwargs
 from kvquant.cache.rope import invert_rope
 from kvquant.calibration.format import SENSITIVITIES, Calibration, LayerCalibration
 from kvquant.config import QuantConfig
@@ -147,7 +148,7 @@ def calibrate(
         if want_grads:
             model.zero_grad(set_to_none=True)
             emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-            out = model(inputs_embeds=emb, labels=ids, past_key_values=rec, use_cache=True)
+            out = model(inputs_embeds=emb, labels=ids, **cache_kwargs(model, rec), use_cache=True)
             # the loss is a mean over the batch's tokens: times the batch size, every sequence weighs the same
             # whatever the batch it ran in (a smaller last batch, or one halved after running out of memory)
             (out.loss * ids.shape[0]).backward()
@@ -157,7 +158,7 @@ def calibrate(
                 vgrads[i] += vg
         else:
             with torch.no_grad():
-                model(input_ids=ids, past_key_values=rec, use_cache=True)
+                model(input_ids=ids, **cache_kwargs(model, rec), use_cache=True)
 
     # the gradients wanted are those of the keys/values: no parameter gradients (a model's worth of memory)
     frozen = [p for p in model.parameters() if p.requires_grad] if want_grads else []

@@ -86,6 +86,7 @@ def cmd_demo(a: argparse.Namespace) -> None:
     import torch
 
     from kvquant.cache.hf_cache import KVQuantCache
+    from kvquant.cache.hf_compat import cache_kwargs
     from kvquant.calibration.calibrate import calibrate
     from kvquant.config import QuantConfig
     from kvquant.data import make_windows, sample_calibration_sequences
@@ -102,7 +103,7 @@ def cmd_demo(a: argparse.Namespace) -> None:
     enc = tok(prompts, return_tensors="pt", padding=True).to(a.device)
     cache = KVQuantCache(model, QuantConfig(datatype="nuq3"), calibration=cal)
     with torch.no_grad():
-        out = model.generate(**enc, past_key_values=cache, max_new_tokens=a.new_tokens, do_sample=False)
+        out = model.generate(**enc, **cache_kwargs(model, cache), max_new_tokens=a.new_tokens, do_sample=False)
     for p, o in zip(prompts, tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)):
         print(f"  {p!r} -> {o!r}")
     rep = cache.memory_report()

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from kvquant.bench.common import write_json_atomic
 from kvquant.cache.hf_cache import KVQuantCache
+from kvquant.cache.hf_compat import cache_kwargs
 from kvquant.calibration.format import Calibration
 from kvquant.config import QuantConfig
 from kvquant.eval.baselines import baseline_memory, make_baseline_cache, parse_baseline
@@ -71,11 +72,11 @@ def window_nll(model: torch.nn.Module, ids: torch.Tensor, cache: object | None, 
     if cache is None:
         logits = model(input_ids=ids).logits[:, prefill:-1]
         return float(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")), targets.numel()
-    model(input_ids=ids[:, :prefill], past_key_values=cache, use_cache=True)
+    model(input_ids=ids[:, :prefill], **cache_kwargs(model, cache), use_cache=True)
     nll = 0.0
     for start in range(prefill, ctx - 1, chunk):
         stop = min(start + chunk, ctx - 1)
-        logits = model(input_ids=ids[:, start:stop], past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=ids[:, start:stop], **cache_kwargs(model, cache), use_cache=True).logits
         nll += float(F.cross_entropy(logits.flatten(0, 1).float(), ids[:, start + 1:stop + 1].flatten(),
                                      reduction="sum"))
     return nll, targets.numel()
