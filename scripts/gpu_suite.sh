@@ -15,6 +15,7 @@
 #   verify   the kernel tests on the GPU, then decode_versions' end-to-end greedy generate (torch vs triton backend)
 #   decode   bench kernels: decode attention table (--quick)
 #   prefill  bench kernels: prefill quantization sweep (thresholds by sort vs topk, launch variants)
+#   pprof    bench profile: where the whole prefill append spends its time (MHA and GQA, keys and values, 32K)
 #   gen7b    bench generate on the random-weight Llama-2-7B shape
 #   cap      bench capacity on the random-weight 7B shape (run it on an otherwise idle GPU)
 #   qpiece   append .carry-q$PIECE/piece to /tmp/qwen.gguf.part (PIECE=00..17)
@@ -59,6 +60,10 @@ run() {
       timeout "${TO:-540}" python3 -m kvquant.bench.kernels --quick --skip-prefill --out "$RES/kernels_decode.json" ;;
     prefill)
       timeout "${TO:-540}" python3 -m kvquant.bench.kernels --skip-decode --prefill-sweep --out "$RES/kernels_prefill.json" ;;
+    pprof)
+      for h in 32 8; do for k in keys values; do
+        timeout "${TO:-120}" $KV bench profile --kind $k --heads $h --tokens "${PL:-32K}" --out "$RES/profile_${k}_h$h.json"
+      done; done ;;
     gen7b)
       timeout "${TO:-540}" $KV bench generate --model random:7b --datatypes "${DT:-fp16,nuq4,nuq3,nuq2}" \
         --batch "${BATCH:-1,8}" --prompt-len "${PL:-1K,4K,16K,32K}" --gen 64 --warmup 1 --no-progress --out "$RES" ;;

@@ -359,3 +359,30 @@ def test_empirical_frontier_updates_rows(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert got == {"fp16": (2, True), "nuq2": (4, True)}
     assert all(p["fits"] == (p["batch"] <= 4) for p in doc["rows"][1]["probes"])
     assert json.loads((tmp_path / "c.json").read_text())["rows"][1]["empirical_max_batch"] == 4
+
+
+# ----------------------------------------------------------------------------------------------------
+# profile
+
+
+def test_prefill_profile_names_ops_and_syncs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from kvquant.bench import profile as prof
+
+    cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.02, n_sink=1, residual_length=0, page_size=32,
+                      backend="torch")
+    res = prof.profile_prefill("values", 2, 2, 96, 16, cfg, "cpu", dtype=torch.float32, warmup=1)
+    ops = {r["op"] for r in res["rows"]}
+    assert res["wall_ms"] > 0 and all(r["count"] >= 1 and r["host_ms"] >= 0 for r in res["rows"])
+    assert any(op.startswith("aten::") for op in ops)
+    assert res["syncs"] and set(res["syncs"]) <= set(prof.SYNC_OPS)  # the host reads the append makes are named
+    with pytest.raises(ValueError, match="kind must be"):
+        prof.profile_prefill("queries", 1, 1, 8, 16, cfg, "cpu")
+    out = tmp_path / "p.json"
+    assert prof.main(["--kind", "keys", "--heads", "2", "--tokens", "64", "--head-dim", "16", "--backend", "torch",
+                      "--device", "cpu", "--top", "3", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "prefill keys [1, 2, 64, 16]" in printed and "by host time" in printed and "by device time" not in printed
+    doc = json.loads(out.read_text())
+    assert doc["config"]["tokens"] == 64 and doc["rows"] and "syncs" in doc
+    with pytest.raises(SystemExit):
+        prof.main(["--tokens", "0", "--device", "cpu"])

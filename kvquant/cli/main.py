@@ -116,7 +116,7 @@ def cmd_demo(a: argparse.Namespace) -> None:
     print(format_table(res))
 
 
-BENCHMARKS = ("roundtrip", "kernels", "generate", "capacity")  # each is the module kvquant.bench.<name>
+BENCHMARKS = ("roundtrip", "kernels", "generate", "capacity", "profile")  # each is the module kvquant.bench.<name>
 
 
 def cmd_bench(a: argparse.Namespace, rest: list[str]) -> None:
