@@ -28,6 +28,16 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 CFG = QuantConfig(datatype="nuq3", outlier_fraction=0.03, n_sink=1, residual_length=3, page_size=32)
 
 
+@pytest.fixture(autouse=True)
+def _topk_thresholds_under_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPU, find value thresholds with ``topk`` instead of the sort kernel: Triton's interpreter takes ~0.4 s per
+    sort program (90 s of a 2-token-step test). Both give the same thresholds bit for bit, which
+    test_quantize_append checks for every method; these tests are about the attention path."""
+    if DEVICE == "cpu":
+        qa = importlib.import_module("kvquant.kernels.quantize_append")
+        monkeypatch.setitem(qa.TUNING, "thresholds", "topk")
+
+
 def _model(attn: str = "sdpa", dtype: torch.dtype = torch.float32, **kw):
     kw = {"num_layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "head_dim": 32, "vocab": 96, **kw}
     model = tiny_llama(seed=1, dtype=dtype, **kw).to(DEVICE)
