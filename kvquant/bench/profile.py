@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +51,11 @@ def profile_prefill(kind: str, batch: int, heads: int, tokens: int, head_dim: in
     if cuda:
         torch.cuda.synchronize()
     with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
         fn(x)
         if cuda:
             torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3  # the whole call, profiler overhead included
     rows = []
     for e in prof.key_averages():
         dev_us = getattr(e, "device_time_total", None)
@@ -62,7 +65,6 @@ def profile_prefill(kind: str, batch: int, heads: int, tokens: int, head_dim: in
                      "device_ms": (dev_us or 0.0) / 1e3})
     rows.sort(key=lambda r: (r["device_ms"], r["host_ms"]), reverse=True)
     syncs = {r["op"]: r["count"] for r in rows if r["op"] in SYNC_OPS}
-    wall_ms = max((e.time_range.end - e.time_range.start) / 1e3 for e in prof.events()) if prof.events() else 0.0
     return {"rows": rows, "syncs": syncs, "wall_ms": wall_ms}
 
 
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             f"({a.backend} backend): {res['wall_ms']:.2f} ms profiled, syncs {res['syncs'] or 'none'}")
     print(head + format_rows(res["rows"], a.top, device_times=device.startswith("cuda")))
     if a.out is not None:
-        write_json_atomic(a.out, {"config": vars(a) | {"tokens": a.tokens, "out": str(a.out), "device": device},
+        write_json_atomic(a.out, {"config": vars(a) | {"out": str(a.out), "device": device},
                                   **res})
         print(f"written to {a.out}", file=sys.stderr)
     return 0

@@ -62,7 +62,8 @@ def register_cache_implementation(model: torch.nn.Module) -> torch.nn.Module:
                 kwargs["cache_config"] = cache_config
             return original(*args, **kwargs)
         if cache_in(kwargs) is not None:
-            raise ValueError("pass either cache_implementation='kvquant' or a cache (cache=...), not both")
+            raise ValueError("pass either cache_implementation='kvquant' or a cache (cache= / past_key_values=), "
+                             "not both")
         cache = _cache_from_config(model, cache_config)
         model.kvquant_last_cache = cache
         return original(*args, **cache_kwargs(model, cache), **kwargs)
