@@ -9,13 +9,15 @@
 #   .whl/               wheels the GPU machine lacks (gguf, optimum-quanto, hqq, termcolor), installed into /tmp/site
 #   .carry-data/data/   a copy of ../shared/data (Wikitext-2) when ../shared is not beside the checkout
 #   .carry-qNN/piece    pieces of the Qwen2.5-Coder-1.5B GGUF (`qpiece` appends one; `qprep` checks and places it)
-# Environment: TO (seconds, a step's own time limit), DT (datatypes), BATCH, PL (prompt lengths), TESTS.
+# Environment: TO (seconds, a step's own time limit), DT (datatypes), BATCH, PL (prompt lengths), TESTS,
+# BP (dprof: batch:prompt pairs).
 # Steps:
 #   env      GPU, driver and package versions
 #   verify   the kernel tests on the GPU, then decode_versions' end-to-end greedy generate (torch vs triton backend)
 #   decode   bench kernels: decode attention table (--quick)
 #   prefill  bench kernels: prefill quantization sweep (thresholds by sort vs topk, launch variants)
 #   pprof    bench profile: where the whole prefill append spends its time (MHA and GQA, keys and values, 32K)
+#   dprof    bench profile --kind decode: host vs device time of decode steps, random 7B, fp16 vs nuq3
 #   gen7b    bench generate on the random-weight Llama-2-7B shape
 #   cap      bench capacity on the random-weight 7B shape (run it on an otherwise idle GPU)
 #   qpiece   append .carry-q$PIECE/piece to /tmp/qwen.gguf.part (PIECE=00..17)
@@ -64,6 +66,11 @@ run() {
       for h in 32 8; do for k in keys values; do
         timeout "${TO:-120}" $KV bench profile --kind $k --heads $h --tokens "${PL:-32K}" --out "$RES/profile_${k}_h$h.json"
       done; done ;;
+    dprof)
+      for bp in ${BP:-1:4K 8:16K}; do
+        timeout "${TO:-240}" $KV bench profile --kind decode --model random:7b --datatype "${DT:-fp16,nuq3}" \
+          --batch "${bp%%:*}" --tokens "${bp##*:}" --steps 8 --top 25 --out "$RES/decode_b${bp%%:*}_s${bp##*:}.json"
+      done ;;
     gen7b)
       timeout "${TO:-540}" $KV bench generate --model random:7b --datatypes "${DT:-fp16,nuq4,nuq3,nuq2}" \
         --batch "${BATCH:-1,8}" --prompt-len "${PL:-1K,4K,16K,32K}" --gen 64 --warmup 1 --no-progress --out "$RES" ;;

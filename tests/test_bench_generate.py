@@ -386,3 +386,35 @@ def test_prefill_profile_names_ops_and_syncs(tmp_path: Path, capsys: pytest.Capt
     assert doc["config"]["tokens"] == 64 and doc["rows"] and "syncs" in doc
     with pytest.raises(SystemExit):
         prof.main(["--tokens", "0", "--device", "cpu"])
+
+
+def test_decode_profile_labels_kvquant_parts(tiny: gen.BenchModel, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    from kvquant.bench import profile as prof
+    from kvquant.cache.hf_cache import KVQuantLayer
+    from kvquant.quant.store import QuantizedKVCache
+
+    update, append = KVQuantLayer.update, QuantizedKVCache.append
+    quant = QuantConfig(datatype="nuq3", outlier_fraction=0.02, n_sink=1, residual_length=0, backend="torch")
+    q = prof.profile_decode(tiny, "nuq3", 2, 24, quant, steps=3, warmup_steps=1)
+    assert KVQuantLayer.update is update and QuantizedKVCache.append is append  # the labels are taken off again
+    layers = tiny.text_config.num_hidden_layers
+    assert q["wall_ms_per_step"] > 0 and q["profiled_ms_per_step"] > 0 and q["device_busy_ms_per_step"] is None
+    # torch path: every layer's update dequantizes the past and appends keys and values (nested in update)
+    assert q["regions"]["kvquant.update"]["calls_per_step"] == pytest.approx(layers)
+    assert q["regions"]["kvquant.append"]["calls_per_step"] == pytest.approx(2 * layers)
+    assert q["regions"]["kvquant.append"]["host_ms_per_step"] <= q["regions"]["kvquant.update"]["host_ms_per_step"]
+    assert "kvquant.kernel_decode" not in q["regions"] and q["syncs_per_step"] > 0
+    f = prof.profile_decode(tiny, "fp16", 2, 24, quant, steps=2, warmup_steps=0)
+    assert f["regions"] == {} and f["syncs_per_step"] == 0 and any(r["op"] == "aten::mm" for r in f["rows"])
+    with pytest.raises(ValueError, match="steps"):
+        prof.profile_decode(tiny, "nuq3", 1, 8, quant, steps=0)
+
+    out = tmp_path / "d.json"
+    assert prof.main(["--kind", "decode", "--model", "random:tiny", "--device", "cpu", "--datatype", "fp16,nuq2",
+                      "--backend", "torch", "--tokens", "16", "--steps", "2", "--warmup-steps", "0", "--top", "3",
+                      "--out", str(out)]) == 0
+    table = capsys.readouterr().out.split("| datatype | wall ms/step")[1]
+    assert "\n| fp16 |" in table and "\n| nuq2 |" in table
+    doc = json.loads(out.read_text())
+    assert [r["datatype"] for r in doc["results"]] == ["fp16", "nuq2"] and doc["random_weights"] is True

@@ -5,15 +5,27 @@
 append took 5-10x the write (MHA keys at 32K: 12.3 ms against 1.9 ms). This names the rest: a table of the ops
 by device time and by host time, the host-device syncs counted, and a JSON file of the same rows.
 
+``--kind decode`` profiles whole decode steps of a model instead (``model(next_token, cache)``, one token per
+sequence), once per ``--datatype`` (``fp16`` is transformers' ``DynamicCache``). It answers whether a decode
+step is host-bound: wall time per step (timed without the profiler), device-busy time per step (the kernels'
+summed device time), kernel launches and host-device syncs per step, and the share of kvquant's own parts,
+each a labelled region: ``kvquant.update`` (the cache's ``update``: un-rotate keys, hold the token),
+``kvquant.kernel_decode`` (attention over the packed cache, then both appends), ``kvquant.decode_attention``
+and ``kvquant.append`` (inside it). The model's own work is the rest.
+
 Run: ``kvquant bench profile --kind keys --heads 32 --tokens 32768 [--backend triton] [--out prof.json]``
+or ``kvquant bench profile --kind decode --model random:7b --datatype fp16,nuq3 --batch 1 --tokens 4K``
 (on CPU too, with the torch backend or the Triton interpreter; the device time column is then empty).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,16 +68,131 @@ def profile_prefill(kind: str, batch: int, heads: int, tokens: int, head_dim: in
         if cuda:
             torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - t0) * 1e3  # the whole call, profiler overhead included
-    rows = []
-    for e in prof.key_averages():
-        dev_us = getattr(e, "device_time_total", None)
-        if dev_us is None:
-            dev_us = getattr(e, "cuda_time_total", 0.0)
-        rows.append({"op": e.key, "count": int(e.count), "host_ms": e.self_cpu_time_total / 1e3,
-                     "device_ms": (dev_us or 0.0) / 1e3})
-    rows.sort(key=lambda r: (r["device_ms"], r["host_ms"]), reverse=True)
+    rows = op_rows(prof)
     syncs = {r["op"]: r["count"] for r in rows if r["op"] in SYNC_OPS}
     return {"rows": rows, "syncs": syncs, "wall_ms": wall_ms}
+
+
+def _device_us(e: Any, self_only: bool) -> float:
+    names = ("self_device_time_total", "self_cuda_time_total") if self_only else \
+        ("device_time_total", "cuda_time_total")
+    for name in names:
+        v = getattr(e, name, None)
+        if v is not None:
+            return float(v)
+    return 0.0
+
+
+def op_rows(prof: Any) -> list[dict[str, Any]]:
+    """One row per op name of a finished ``torch.profiler.profile``: ``op``, ``count``, ``host_ms`` (self host
+    time), ``device_ms`` (device time of the op and its children) and ``device_self_ms`` (device time of the
+    kernels themselves; summed over all rows it is the time the device was busy), sorted by device time."""
+    rows = [{"op": e.key, "count": int(e.count), "host_ms": e.self_cpu_time_total / 1e3,
+             "device_ms": _device_us(e, False) / 1e3, "device_self_ms": _device_us(e, True) / 1e3}
+            for e in prof.key_averages()]
+    rows.sort(key=lambda r: (r["device_ms"], r["host_ms"]), reverse=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# decode steps of a model
+
+REGIONS = ("kvquant.update", "kvquant.kernel_decode", "kvquant.decode_attention", "kvquant.append")
+LAUNCH_OPS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
+
+
+def _labelled(fn: Any, label: str) -> Any:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch.profiler.record_function(label):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@contextlib.contextmanager
+def labelled_regions() -> Iterator[None]:
+    """Wrap kvquant's decode-step parts in ``record_function`` labels (:data:`REGIONS`) while profiling only:
+    the classes are patched on entry and restored on exit."""
+    import importlib
+
+    from kvquant.cache.hf_cache import KVQuantLayer
+    from kvquant.quant.store import QuantizedKVCache
+
+    da = importlib.import_module("kvquant.kernels.decode_attention")  # the module (the package exports the function)
+
+    targets = [(KVQuantLayer, "update", REGIONS[0]), (KVQuantLayer, "kernel_decode", REGIONS[1]),
+               (da, "decode_attention", REGIONS[2]), (QuantizedKVCache, "append", REGIONS[3])]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in targets]
+    try:
+        for owner, name, label in targets:
+            setattr(owner, name, _labelled(getattr(owner, name), label))
+        yield
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+
+
+def profile_decode(bm: Any, datatype: str, batch: int, prompt_len: int, quant: QuantConfig, steps: int = 8,
+                   warmup_steps: int = 4, seed: int = 0) -> dict[str, Any]:
+    """Profile ``steps`` greedy decode steps of ``bm.model`` after a ``[batch, prompt_len]`` prefill.
+
+    First a full untimed rehearsal (prefill and every step, another cache) so that compilation and the
+    allocator's first blocks are not measured; then a prefill, ``warmup_steps`` steps, ``steps`` steps timed
+    without the profiler (``wall_ms_per_step``) and ``steps`` more under it. ``bm`` is a
+    :class:`~kvquant.bench.common.BenchModel`; ``datatype`` ``fp16`` profiles transformers' ``DynamicCache``.
+
+    Returns ``{"wall_ms_per_step", "profiled_ms_per_step", "device_busy_ms_per_step" (None on CPU),
+    "launches_per_step", "syncs_per_step", "regions": {label: {"calls_per_step", "host_ms_per_step",
+    "device_ms_per_step"}}, "rows": [...]}``.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    from kvquant.bench.common import synchronize
+    from kvquant.bench.generate import _forward, make_cache, make_prompts, run_generation
+
+    if steps < 1 or warmup_steps < 0:
+        raise ValueError(f"need steps >= 1 and warmup_steps >= 0, got {steps} and {warmup_steps}")
+    dev = bm.device
+    prompt, _ = make_prompts(bm, batch, prompt_len, None, seed)
+    total = warmup_steps + 2 * steps
+    with torch.no_grad():
+        run_generation(bm.model, prompt, make_cache(bm, datatype, quant, None, reserve_tokens=total + 1),
+                       total + 1, dev)
+        cache = make_cache(bm, datatype, quant, None, reserve_tokens=total + 1)
+        nxt = _forward(bm.model, prompt, cache).argmax(-1, keepdim=True)
+        for _ in range(warmup_steps):
+            nxt = _forward(bm.model, nxt, cache).argmax(-1, keepdim=True)
+        synchronize(dev)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            nxt = _forward(bm.model, nxt, cache).argmax(-1, keepdim=True)
+        synchronize(dev)
+        wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+        cuda = dev.type == "cuda"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with labelled_regions(), profile(activities=activities) as prof:
+            t1 = time.perf_counter()
+            for _ in range(steps):
+                nxt = _forward(bm.model, nxt, cache).argmax(-1, keepdim=True)
+            synchronize(dev)
+            profiled_ms = (time.perf_counter() - t1) * 1e3 / steps
+    rows = op_rows(prof)
+    by_op = {r["op"]: r for r in rows}
+    regions: dict[str, dict[str, float | None]] = {}
+    for ev in prof.events():  # host-side region events only (CUDA builds also keep a device-side annotation)
+        if ev.name in REGIONS and str(getattr(ev, "device_type", "CPU")).endswith("CPU"):
+            reg = regions.setdefault(ev.name, {"calls_per_step": 0.0, "host_ms_per_step": 0.0,
+                                               "device_ms_per_step": 0.0 if cuda else None})
+            reg["calls_per_step"] += 1 / steps
+            reg["host_ms_per_step"] += ev.cpu_time_total / 1e3 / steps  # the region's children included
+            if cuda:
+                reg["device_ms_per_step"] += _device_us(ev, False) / 1e3 / steps
+    busy = sum(r["device_self_ms"] for r in rows if r["op"] not in REGIONS) / steps if cuda else None
+    return {"datatype": datatype, "batch": batch, "prompt_len": prompt_len, "steps": steps,
+            "wall_ms_per_step": wall_ms, "profiled_ms_per_step": profiled_ms, "device_busy_ms_per_step": busy,
+            "launches_per_step": sum(by_op[o]["count"] for o in LAUNCH_OPS if o in by_op) / steps,
+            "syncs_per_step": sum(by_op[o]["count"] for o in SYNC_OPS if o in by_op) / steps,
+            "regions": regions, "rows": rows}
 
 
 def format_rows(rows: list[dict[str, Any]], top: int, device_times: bool = True) -> str:
@@ -79,34 +206,79 @@ def format_rows(rows: list[dict[str, Any]], top: int, device_times: bool = True)
     return "\n".join(out)
 
 
+def decode_summary(results: list[dict[str, Any]]) -> str:
+    """One Markdown row per profiled datatype: the step's wall time (without the profiler), its time under the
+    profiler (the regions' host times are shares of this one), device-busy time, launches and syncs, and the
+    host time of kvquant's regions per step (nested: ``kernel_decode`` holds ``decode_attention`` and
+    ``append``; on the torch path ``update`` holds ``append``)."""
+    out = ["| datatype | wall ms/step | profiled ms/step | device busy ms/step | launches/step | syncs/step | "
+           + " | ".join(f"{r} host ms" for r in REGIONS) + " |", "|---" * (6 + len(REGIONS)) + "|"]
+    for r in results:
+        busy = r["device_busy_ms_per_step"]
+        cells = [r["datatype"], f"{r['wall_ms_per_step']:.2f}", f"{r['profiled_ms_per_step']:.2f}",
+                 "-" if busy is None else f"{busy:.2f}",
+                 f"{r['launches_per_step']:.0f}", f"{r['syncs_per_step']:.1f}"]
+        cells += [f"{r['regions'][g]['host_ms_per_step']:.2f}" if g in r["regions"] else "-" for g in REGIONS]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def _main_decode(a: argparse.Namespace, device: str) -> dict[str, Any]:
+    from dataclasses import replace
+
+    from kvquant.bench.common import load_bench_model, parse_datatypes
+
+    datatypes = parse_datatypes(a.datatype)
+    bm = load_bench_model(a.model, a.dtype, device)
+    quant = QuantConfig(datatype="nuq3", outlier_fraction=a.outlier_fraction, n_sink=1, residual_length=0,
+                        backend=a.backend)
+    results = []
+    for dt in datatypes:
+        res = profile_decode(bm, dt, a.batch, a.tokens, replace(quant, datatype=dt if dt != "fp16" else "nuq3"),
+                             steps=a.steps, warmup_steps=a.warmup_steps)
+        results.append(res)
+        print(f"\ndecode {dt}, {bm.name} ({'random weights' if bm.random_weights else bm.source}), B={a.batch}, "
+              f"prompt {a.tokens}, on {device}: {res['wall_ms_per_step']:.2f} ms/step"
+              + format_rows(res["rows"], a.top, device_times=device.startswith("cuda")))
+    print("\n" + decode_summary(results))
+    return {"model": bm.name, "random_weights": bm.random_weights, "results": results}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kvquant bench profile", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--kind", choices=["keys", "values"], default="keys")
+    p.add_argument("--kind", choices=["keys", "values", "decode"], default="keys",
+                   help="keys / values: one prefill quantization; decode: decode steps of --model")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=32, help="KV heads (32: Llama-2-7B, 8: GQA)")
+    p.add_argument("--heads", type=int, default=32, help="KV heads (32: Llama-2-7B, 8: GQA); keys/values only")
     p.add_argument("--tokens", type=parse_size, default=32768, help="prompt length S (32K or 32768)")
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--datatype", default="nuq3")
+    p.add_argument("--head-dim", type=int, default=128, help="keys/values only")
+    p.add_argument("--datatype", default="nuq3", help="decode: a comma list, fp16 = transformers' DynamicCache")
     p.add_argument("--outlier-fraction", type=float, default=0.01)
     p.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--model", default="random:7b", help="decode: model name, path or random:<preset>")
+    p.add_argument("--dtype", default=None, help="decode: model dtype (default float16 on CUDA, float32 on CPU)")
+    p.add_argument("--steps", type=int, default=8, help="decode: steps timed, then as many profiled")
+    p.add_argument("--warmup-steps", type=int, default=4, help="decode: untimed steps after the prefill")
     p.add_argument("--top", type=int, default=15, help="rows printed per table")
     p.add_argument("--out", type=Path, default=None, help="JSON file for every row")
     a = p.parse_args(argv)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    for name in ("batch", "heads", "tokens", "head_dim", "top"):
+    for name in ("batch", "heads", "tokens", "head_dim", "top", "steps"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    cfg = QuantConfig(datatype=a.datatype, outlier_fraction=a.outlier_fraction, n_sink=1, residual_length=0,
-                      page_size=64, backend=a.backend)
-    res = profile_prefill(a.kind, a.batch, a.heads, a.tokens, a.head_dim, cfg, device)
-    head = (f"prefill {a.kind} [{a.batch}, {a.heads}, {a.tokens}, {a.head_dim}] {a.datatype} on {device} "
-            f"({a.backend} backend): {res['wall_ms']:.2f} ms profiled, syncs {res['syncs'] or 'none'}")
-    print(head + format_rows(res["rows"], a.top, device_times=device.startswith("cuda")))
+    if a.kind == "decode":
+        doc = _main_decode(a, device)
+    else:
+        cfg = QuantConfig(datatype=a.datatype, outlier_fraction=a.outlier_fraction, n_sink=1, residual_length=0,
+                          page_size=64, backend=a.backend)
+        doc = profile_prefill(a.kind, a.batch, a.heads, a.tokens, a.head_dim, cfg, device)
+        head = (f"prefill {a.kind} [{a.batch}, {a.heads}, {a.tokens}, {a.head_dim}] {a.datatype} on {device} "
+                f"({a.backend} backend): {doc['wall_ms']:.2f} ms profiled, syncs {doc['syncs'] or 'none'}")
+        print(head + format_rows(doc["rows"], a.top, device_times=device.startswith("cuda")))
     if a.out is not None:
-        write_json_atomic(a.out, {"config": vars(a) | {"out": str(a.out), "device": device},
-                                  **res})
+        write_json_atomic(a.out, {"config": vars(a) | {"out": str(a.out), "device": device}, **doc})
         print(f"written to {a.out}", file=sys.stderr)
     return 0
 
