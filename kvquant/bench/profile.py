@@ -85,10 +85,12 @@ def _device_us(e: Any, self_only: bool) -> float:
 
 def op_rows(prof: Any) -> list[dict[str, Any]]:
     """One row per op name of a finished ``torch.profiler.profile``: ``op``, ``count``, ``host_ms`` (self host
-    time), ``device_ms`` (device time of the op and its children) and ``device_self_ms`` (device time of the
-    kernels themselves; summed over all rows it is the time the device was busy), sorted by device time."""
+    time), ``device_ms`` (device time of the op and its children), ``device_self_ms`` and ``on_device`` (True
+    for the device's own events: kernels, copies, annotations; their ``device_self_ms`` summed over the kernels
+    and copies is the time the device was busy), sorted by device time."""
     rows = [{"op": e.key, "count": int(e.count), "host_ms": e.self_cpu_time_total / 1e3,
-             "device_ms": _device_us(e, False) / 1e3, "device_self_ms": _device_us(e, True) / 1e3}
+             "device_ms": _device_us(e, False) / 1e3, "device_self_ms": _device_us(e, True) / 1e3,
+             "on_device": not str(getattr(e, "device_type", "CPU")).endswith("CPU")}
             for e in prof.key_averages()]
     rows.sort(key=lambda r: (r["device_ms"], r["host_ms"]), reverse=True)
     return rows
@@ -187,7 +189,8 @@ def profile_decode(bm: Any, datatype: str, batch: int, prompt_len: int, quant: Q
             reg["host_ms_per_step"] += ev.cpu_time_total / 1e3 / steps  # the region's children included
             if cuda:
                 reg["device_ms_per_step"] += _device_us(ev, False) / 1e3 / steps
-    busy = sum(r["device_self_ms"] for r in rows if r["op"] not in REGIONS) / steps if cuda else None
+    busy = sum(r["device_self_ms"] for r in rows if r["on_device"] and r["op"] not in REGIONS) / steps \
+        if cuda else None  # kernels and copies (the regions' device-side annotations span them: not counted)
     return {"datatype": datatype, "batch": batch, "prompt_len": prompt_len, "steps": steps,
             "wall_ms_per_step": wall_ms, "profiled_ms_per_step": profiled_ms, "device_busy_ms_per_step": busy,
             "launches_per_step": sum(by_op[o]["count"] for o in LAUNCH_OPS if o in by_op) / steps,
