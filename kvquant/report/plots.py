@@ -109,7 +109,7 @@ def plot_energy(records: list[dict[str, Any]], path: Path, title: str) -> Path |
     ax.set_xticks(range(len(dts)), dts)
     ax.set_ylabel("J per generated token")
     ax.set_yscale("log")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the axes: bars stay visible
     ax.grid(True, axis="y", alpha=0.3)
     ax.set_title(title)
     return _save(plt, fig, path)
