@@ -7,8 +7,8 @@ by device time and by host time, the host-device syncs counted, and a JSON file 
 
 ``--kind decode`` profiles whole decode steps of a model instead (``model(next_token, cache)``, one token per
 sequence), once per ``--datatype`` (``fp16`` is transformers' ``DynamicCache``). It answers whether a decode
-step is host-bound: wall time per step (timed without the profiler), device-busy time per step (the kernels'
-summed device time), kernel launches and host-device syncs per step, and the share of kvquant's own parts,
+step is host-bound: wall time per step (timed without the profiler), device-busy time per step (the device's
+kernels and copies summed), kernel launches and host-device syncs per step, and the share of kvquant's own parts,
 each a labelled region: ``kvquant.update`` (the cache's ``update``: un-rotate keys, hold the token),
 ``kvquant.kernel_decode`` (attention over the packed cache, then both appends), ``kvquant.decode_attention``
 and ``kvquant.append`` (inside it). The model's own work is the rest.
@@ -180,7 +180,7 @@ def profile_decode(bm: Any, datatype: str, batch: int, prompt_len: int, quant: Q
             profiled_ms = (time.perf_counter() - t1) * 1e3 / steps
     rows = op_rows(prof)
     by_op = {r["op"]: r for r in rows}
-    regions: dict[str, dict[str, float | None]] = {}
+    regions: dict[str, dict[str, float]] = {}
     for ev in prof.events():  # host-side region events only (CUDA builds also keep a device-side annotation)
         if ev.name in REGIONS and str(getattr(ev, "device_type", "CPU")).endswith("CPU"):
             # host time only: Triton's launches are not tied to the region in the trace, so its device time is
@@ -233,10 +233,10 @@ def _main_decode(a: argparse.Namespace, device: str) -> dict[str, Any]:
     datatypes = parse_datatypes(a.datatype)
     bm = load_bench_model(a.model, a.dtype, device)
     quant = QuantConfig(datatype="nuq3", outlier_fraction=a.outlier_fraction, n_sink=1, residual_length=0,
-                        backend=a.backend)
+                        backend=a.backend)  # fp16 ignores it (transformers' DynamicCache)
     results = []
     for dt in datatypes:
-        res = profile_decode(bm, dt, a.batch, a.tokens, replace(quant, datatype=dt if dt != "fp16" else "nuq3"),
+        res = profile_decode(bm, dt, a.batch, a.tokens, quant if dt == "fp16" else replace(quant, datatype=dt),
                              steps=a.steps, warmup_steps=a.warmup_steps)
         results.append(res)
         print(f"\ndecode {dt}, {bm.name} ({'random weights' if bm.random_weights else bm.source}), B={a.batch}, "
