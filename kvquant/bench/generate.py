@@ -235,6 +235,17 @@ def _forward(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any) -> tor
     return out.logits[:, -1]
 
 
+def greedy_steps(model: torch.nn.Module, nxt: torch.Tensor, cache: Any, steps: int
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``steps`` greedy decode forwards of ``nxt [B, 1]`` with the cache (argmax on the device, no host round
+    trip); returns the next tokens ``[B, 1]`` and the last logits ``[B, vocab]`` (``None`` when ``steps`` is 0)."""
+    logits = None
+    for _ in range(steps):
+        logits = _forward(model, nxt, cache)
+        nxt = logits.argmax(-1, keepdim=True)
+    return nxt, logits
+
+
 @torch.no_grad()
 def run_generation(model: torch.nn.Module, prompt: torch.Tensor, cache: Any, gen: int, device: torch.device,
                    region: Any = None) -> dict[str, Any]:
@@ -256,12 +267,11 @@ def run_generation(model: torch.nn.Module, prompt: torch.Tensor, cache: Any, gen
     with region("decode", B * steps):
         synchronize(device)
         t2 = time.perf_counter()
-        for _ in range(steps):
-            logits = _forward(model, nxt, cache)
-            nxt = logits.argmax(-1, keepdim=True)
+        _, last = greedy_steps(model, nxt, cache, steps)
         synchronize(device)
         t3 = time.perf_counter()
-    return {"prefill_s": t1 - t0, "decode_s": t3 - t2, "decode_steps": steps, "logits": logits}
+    return {"prefill_s": t1 - t0, "decode_s": t3 - t2, "decode_steps": steps,
+            "logits": last if last is not None else logits}
 
 
 class _Energy:

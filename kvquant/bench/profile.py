@@ -144,13 +144,14 @@ def profile_decode(bm: Any, datatype: str, batch: int, prompt_len: int, quant: Q
     :class:`~kvquant.bench.common.BenchModel`; ``datatype`` ``fp16`` profiles transformers' ``DynamicCache``.
 
     Returns ``{"wall_ms_per_step", "profiled_ms_per_step", "device_busy_ms_per_step" (None on CPU),
-    "launches_per_step", "syncs_per_step", "regions": {label: {"calls_per_step", "host_ms_per_step"}},
+    "launches_per_step", "syncs_per_step" (every host wait in the profiled window, the closing synchronize
+    included: ``1 / steps`` of it), "regions": {label: {"calls_per_step", "host_ms_per_step"}},
     "rows": [...]}``.
     """
     from torch.profiler import ProfilerActivity, profile
 
     from kvquant.bench.common import synchronize
-    from kvquant.bench.generate import _forward, make_cache, make_prompts, run_generation
+    from kvquant.bench.generate import _forward, greedy_steps, make_cache, make_prompts, run_generation
 
     if steps < 1 or warmup_steps < 0:
         raise ValueError(f"need steps >= 1 and warmup_steps >= 0, got {steps} and {warmup_steps}")
@@ -161,22 +162,19 @@ def profile_decode(bm: Any, datatype: str, batch: int, prompt_len: int, quant: Q
         run_generation(bm.model, prompt, make_cache(bm, datatype, quant, None, reserve_tokens=total + 1),
                        total + 1, dev)
         cache = make_cache(bm, datatype, quant, None, reserve_tokens=total + 1)
-        nxt = _forward(bm.model, prompt, cache).argmax(-1, keepdim=True)
-        for _ in range(warmup_steps):
-            nxt = _forward(bm.model, nxt, cache).argmax(-1, keepdim=True)
+        nxt, _ = greedy_steps(bm.model, _forward(bm.model, prompt, cache).argmax(-1, keepdim=True), cache,
+                              warmup_steps)
         synchronize(dev)
         t0 = time.perf_counter()
-        for _ in range(steps):
-            nxt = _forward(bm.model, nxt, cache).argmax(-1, keepdim=True)
+        nxt, _ = greedy_steps(bm.model, nxt, cache, steps)
         synchronize(dev)
         wall_ms = (time.perf_counter() - t0) * 1e3 / steps
         cuda = dev.type == "cuda"
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with labelled_regions(), profile(activities=activities) as prof:
             t1 = time.perf_counter()
-            for _ in range(steps):
-                nxt = _forward(bm.model, nxt, cache).argmax(-1, keepdim=True)
-            synchronize(dev)
+            greedy_steps(bm.model, nxt, cache, steps)
+            synchronize(dev)  # counted in syncs_per_step: 1 / steps of it is this closing wait
             profiled_ms = (time.perf_counter() - t1) * 1e3 / steps
     rows = op_rows(prof)
     by_op = {r["op"]: r for r in rows}
