@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from kvquant.quant.datatypes import parse_datatype
+from kvquant.datatypes import parse_datatype
 
 BACKENDS = ("auto", "torch", "triton")
-"""Values of :attr:`QuantConfig.backend` (see :func:`kvquant.kernels._triton.resolve_backend`)."""
+"""Values of :attr:`QuantConfig.backend` (see :func:`kvquant.kernels.ops.resolve_ops`)."""
 
 
 @dataclass(frozen=True)
@@ -28,10 +28,11 @@ class QuantConfig:
         page_size: tokens per storage page (multiple of 32). Padding costs at most one partial page
             per sequence.
         block_nnz: allocation granularity (entries) of the sparse outlier stores.
-        backend: how appends are quantized and written. ``"triton"``: the fused Triton kernel
-            (:mod:`kvquant.kernels.quantize_append`); ``"torch"``: the PyTorch reference; ``"auto"``: triton
-            when it imports, the tensors are on CUDA and the datatype is quantized, else torch. Both write
-            byte-identical storage.
+        backend: the kernels the cache runs, chosen once when it is built. ``"triton"``: the fused
+            quantize-append kernel for appends, decode attention straight over the packed cache and the RoPE
+            inversion in one launch (:mod:`kvquant.kernels.ops`); ``"torch"``: the PyTorch reference everywhere;
+            ``"auto"``: triton when it imports, the tensors are on CUDA and nothing else stops it, else torch.
+            Both write byte-identical storage.
     """
 
     datatype: str = "nuq3"

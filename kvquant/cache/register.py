@@ -12,7 +12,7 @@ goes to transformers untouched::
                          cache_config={"datatype": "nuq3", "calibration": "cal.safetensors"})
 
 ``cache_config`` takes :class:`~kvquant.config.QuantConfig` fields plus ``calibration`` (a path or a
-:class:`~kvquant.calibration.format.Calibration`) and any other keyword :class:`KVQuantCache` accepts.
+:class:`~kvquant.calibration.Calibration`) and any other keyword :class:`KVQuantCache` accepts.
 The cache built for the last call is kept as ``model.kvquant_last_cache`` (for ``memory_report()``).
 """
 

@@ -1,5 +1,5 @@
 """Offline calibration: per-channel key ranges and per-layer NUQ codebooks."""
 
-from kvquant.calibration.format import Calibration, LayerCalibration
+from kvquant.quant.calibration_file import Calibration, CalibrationError, LayerCalibration
 
-__all__ = ["Calibration", "LayerCalibration"]
+__all__ = ["Calibration", "CalibrationError", "LayerCalibration"]

@@ -11,12 +11,13 @@ from tqdm.auto import tqdm
 
 from kvquant.cache.hf_cache import KVQuantCache, KVQuantLayer
 from kvquant.cache.hf_compat import cache_kwargs
-from kvquant.cache.rope import invert_rope
-from kvquant.calibration.format import SENSITIVITIES, Calibration, LayerCalibration
 from kvquant.config import QuantConfig
+from kvquant.quant.calibration_file import SENSITIVITIES, Calibration, LayerCalibration
 from kvquant.quant.codebook import compute_nuq_codebook
 from kvquant.quant.encode import normalize_values, range_to_scale_zero
+from kvquant.quant.rope import invert_rope
 from kvquant.quant.stats import masked_quantile_pair
+from kvquant.version import __version__
 
 
 class _RecordingLayer(KVQuantLayer):
@@ -117,7 +118,7 @@ def calibrate(
             the language-model loss w.r.t. each K/V activation, as in KVQuant) or ``"magnitude"`` (keys
             weighted by their normalised magnitude ``|k|``, values plain). Plain k-means pulls the outer key
             levels inwards and clips the large key entries that dominate ``q·k``; on SmolLM2-135M the
-            magnitude weighting is what made NUQ keys match or beat the uniform grid (``notes/accuracy.md``).
+            magnitude weighting brings NUQ keys close to the uniform grid (docs/design.md, "Accuracy findings").
         batch_size: sequences per forward. A forward that raises ``torch.OutOfMemoryError`` is undone and
             retried with half as many sequences (one line on stderr), and the rest of the run keeps the smaller
             size; the result is the one of a run at that batch size from the start. Running out of memory on a
@@ -127,8 +128,6 @@ def calibrate(
     Returns:
         A :class:`Calibration`; ``.save(path)`` writes it.
     """
-    import kvquant
-
     config = config or QuantConfig()
     if sensitivity not in SENSITIVITIES:
         raise ValueError(f"sensitivity must be one of {SENSITIVITIES}, got {sensitivity!r}")
@@ -209,7 +208,7 @@ def calibrate(
                                  key_magnitude=sensitivity == "magnitude", query_energy=qe))
         layer.keys = layer.values = []
     return Calibration(layers, model_id, config.outlier_fraction, config.n_sink, config.pre_rope, rec.num_kv_heads,
-                       rec.head_dim, sensitivity, int(sequences.numel()), dataset, kvquant.__version__)
+                       rec.head_dim, sensitivity, int(sequences.numel()), dataset, __version__)
 
 
 class _QueryEnergy:

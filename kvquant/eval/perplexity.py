@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from kvquant.bench.common import write_json_atomic
 from kvquant.cache.hf_cache import KVQuantCache
 from kvquant.cache.hf_compat import cache_kwargs
-from kvquant.calibration.format import Calibration
 from kvquant.config import QuantConfig
 from kvquant.eval.baselines import baseline_memory, make_baseline_cache, parse_baseline
+from kvquant.files import write_json_atomic
+from kvquant.quant.calibration_file import Calibration
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kvquant.quant.datatypes import parse_datatype
+from kvquant.datatypes import parse_datatype
 
 # Normalised data spans the [f/2, 1-f/2] quantiles; for f = 1 % a Gaussian reaches +-2.576 sigma there.
 _HEURISTIC_SIGMA = 1.0 / 2.576

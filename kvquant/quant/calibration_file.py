@@ -1,0 +1,164 @@
+"""Calibration files: safetensors tensors + JSON metadata, validated on load (never pickle).
+
+The file format lives here, below the cache that reads it; :mod:`kvquant.calibration` makes the files
+(:func:`kvquant.calibration.calibrate.calibrate`) and re-exports these names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from kvquant.quant.codebook import Codebook
+
+SENSITIVITIES = ("none", "fisher", "magnitude", "query")
+"""How ``kvquant calibrate`` weights the k-means points (see :func:`kvquant.calibration.calibrate.calibrate`)."""
+
+FORMAT_VERSION = 1
+
+
+class CalibrationError(ValueError):
+    """A calibration file is missing, corrupt, or does not match the model or config."""
+
+
+@dataclass
+class LayerCalibration:
+    """One layer's calibration.
+
+    Attributes:
+        key_lo, key_hi: ``[H_kv, D]`` per-channel key range (pre-RoPE if ``pre_rope``), the outlier
+            thresholds at the ``f/2`` and ``1-f/2`` quantiles of the calibration keys.
+        key_codebooks, value_codebooks: ``{bits: Codebook}`` k-means NUQ codebooks of normalised data.
+    """
+
+    key_lo: torch.Tensor
+    key_hi: torch.Tensor
+    key_codebooks: dict[int, Codebook] = field(default_factory=dict)
+    value_codebooks: dict[int, Codebook] = field(default_factory=dict)
+
+
+def calibration_digest(path: str | Path) -> str:
+    """SHA-256 (first 16 hex digits) of a calibration file's tensors: what a results file records, so that runs
+    with different calibrations saved under the same path are never taken for the same protocol."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Calibration:
+    """Everything ``kvquant calibrate`` produces for one model."""
+
+    layers: list[LayerCalibration]
+    model_id: str
+    outlier_fraction: float
+    n_sink: int
+    pre_rope: bool
+    num_kv_heads: int
+    head_dim: int
+    sensitivity: str = "none"
+    n_tokens: int = 0
+    dataset: str = ""
+    kvquant_version: str = ""
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def metadata(self) -> dict:
+        return {
+            "format": "kvquant-calibration", "format_version": FORMAT_VERSION, "model_id": self.model_id,
+            "outlier_fraction": self.outlier_fraction, "n_sink": self.n_sink, "pre_rope": self.pre_rope,
+            "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
+            "bits": sorted(self.layers[0].key_codebooks) if self.layers else [], "sensitivity": self.sensitivity,
+            "n_tokens": self.n_tokens, "dataset": self.dataset, "kvquant_version": self.kvquant_version,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``path`` (``.safetensors``) and ``path.json`` (the same metadata, human readable)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, torch.Tensor] = {}
+        for i, layer in enumerate(self.layers):
+            tensors[f"layer{i}.key_lo"] = layer.key_lo.float().contiguous().cpu()
+            tensors[f"layer{i}.key_hi"] = layer.key_hi.float().contiguous().cpu()
+            for bits, cb in layer.key_codebooks.items():
+                tensors[f"layer{i}.key_codebook.{bits}"] = cb.levels.contiguous().cpu()
+            for bits, cb in layer.value_codebooks.items():
+                tensors[f"layer{i}.value_codebook.{bits}"] = cb.levels.contiguous().cpu()
+        meta = self.metadata()
+        save_file(tensors, str(path), metadata={"kvquant": json.dumps(meta)})
+        path.with_suffix(path.suffix + ".json").write_text(json.dumps(meta, indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Calibration:
+        """Read and validate a calibration file; every problem is a :class:`CalibrationError`."""
+        path = Path(path)
+        if not path.is_file():
+            raise CalibrationError(f"calibration file not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw_meta = (f.metadata() or {}).get("kvquant")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        except Exception as e:  # safetensors raises its own error type on garbage
+            raise CalibrationError(f"{path} is not a readable safetensors file: {e}") from e
+        if raw_meta is None:
+            raise CalibrationError(f"{path} has no kvquant metadata: not a kvquant calibration file")
+        try:
+            meta = json.loads(raw_meta)
+        except json.JSONDecodeError as e:
+            raise CalibrationError(f"{path}: metadata is not valid JSON: {e}") from e
+        if meta.get("format") != "kvquant-calibration":
+            raise CalibrationError(f"{path} is not a kvquant calibration file")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise CalibrationError(f"{path} has format version {meta.get('format_version')}, "
+                                   f"this kvquant reads {FORMAT_VERSION}")
+        required = ("model_id", "outlier_fraction", "n_sink", "pre_rope", "num_layers", "num_kv_heads",
+                    "head_dim", "bits")
+        missing = [k for k in required if k not in meta]
+        if missing:
+            raise CalibrationError(f"{path}: metadata lacks {missing}")
+        H, D = int(meta["num_kv_heads"]), int(meta["head_dim"])
+        layers = []
+        for i in range(int(meta["num_layers"])):
+            try:
+                lo, hi = tensors[f"layer{i}.key_lo"], tensors[f"layer{i}.key_hi"]
+                kcb = {b: Codebook(tensors[f"layer{i}.key_codebook.{b}"], f"nuq{b}-kmeans") for b in meta["bits"]}
+                vcb = {b: Codebook(tensors[f"layer{i}.value_codebook.{b}"], f"nuq{b}-kmeans") for b in meta["bits"]}
+            except KeyError as e:
+                raise CalibrationError(f"{path}: tensor {e} is missing") from e
+            except ValueError as e:
+                raise CalibrationError(f"{path}: layer {i} has an invalid codebook: {e}") from e
+            if lo.shape != (H, D) or hi.shape != (H, D):
+                raise CalibrationError(f"{path}: layer {i} key ranges have shape {tuple(lo.shape)}, expected {(H, D)}")
+            if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()) or (hi < lo).any():
+                raise CalibrationError(f"{path}: layer {i} key ranges are not finite with hi >= lo")
+            layers.append(LayerCalibration(lo, hi, kcb, vcb))
+        return cls(layers, meta["model_id"], float(meta["outlier_fraction"]), int(meta["n_sink"]),
+                   bool(meta["pre_rope"]), H, D, meta.get("sensitivity", "none"), int(meta.get("n_tokens", 0)),
+                   meta.get("dataset", ""), meta.get("kvquant_version", ""))
+
+    def check_compatible(self, num_layers: int, num_kv_heads: int, head_dim: int, outlier_fraction: float,
+                         pre_rope: bool, model_id: str | None = None) -> None:
+        """Refuse, with the reason, a calibration made for another model or configuration."""
+        problems = []
+        if model_id is not None and self.model_id != model_id:
+            problems.append(f"model {self.model_id!r} != {model_id!r}")
+        if (self.num_layers, self.num_kv_heads, self.head_dim) != (num_layers, num_kv_heads, head_dim):
+            problems.append(f"shape (layers, kv heads, head_dim) {(self.num_layers, self.num_kv_heads, self.head_dim)}"
+                            f" != {(num_layers, num_kv_heads, head_dim)}")
+        if abs(self.outlier_fraction - outlier_fraction) > 1e-9:
+            problems.append(f"outlier_fraction {self.outlier_fraction} != {outlier_fraction}")
+        if self.pre_rope != pre_rope:
+            problems.append(f"pre_rope {self.pre_rope} != {pre_rope}")
+        if problems:
+            raise CalibrationError("calibration does not match: " + "; ".join(problems))
