@@ -1,25 +1,29 @@
-"""kvquant: non-uniform, calibrated, dense-and-sparse KV-cache quantization for batched LLM inference."""
+"""kvquant: non-uniform, calibrated, dense-and-sparse KV-cache quantization for batched LLM inference.
+
+The names here are the library. Tools built on it live in their own packages: the ``kvquant`` command
+(:mod:`kvquant.cli`), benchmarks (:mod:`kvquant.bench`), GPU energy measurement (:mod:`kvquant.energy`), reports
+(:mod:`kvquant.report`), model and text resolution (:mod:`kvquant.models`, :mod:`kvquant.data`).
+"""
 
 from kvquant.attention import PrefillQuantizedAttention
 from kvquant.config import QuantConfig
-from kvquant.energy import DetailedEnergyProfiler, EnergyMeasurement, EnergyMonitor
+from kvquant.datatypes import DATATYPES, parse_datatype
+from kvquant.kernels import ops as _ops  # noqa: F401  (provides the stores' write backends)
+from kvquant.quant.calibration_file import Calibration
 from kvquant.quant.codebook import (
     Codebook,
     compute_nuq_codebook,
     create_heuristic_codebook,
     create_uniform_codebook,
 )
-from kvquant.quant.datatypes import DATATYPES, parse_datatype
 from kvquant.quant.packing import pack_bitplanes, pack_bits, unpack_bitplanes, unpack_bits
 from kvquant.quant.quantizer import BatchedKVQuantizer
 from kvquant.quant.store import QuantizedKVCache
 from kvquant.sparse.blocked import BlockedCSCMatrix, BlockedCSRMatrix
-
-__version__ = "0.1.0"
+from kvquant.version import __version__  # noqa: F401
 
 _LAZY = {  # need the optional `transformers` dependency (pip install kvquant[hf])
     "KVQuantCache": "kvquant.cache.hf_cache",
-    "Calibration": "kvquant.calibration.format",
     "calibrate": "kvquant.calibration.calibrate",
     "register_cache_implementation": "kvquant.cache.register",
 }
@@ -32,6 +36,7 @@ def __getattr__(name: str):
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'kvquant' has no attribute {name!r}")
 
+
 __all__ = [
     "DATATYPES",
     "BatchedKVQuantizer",
@@ -39,9 +44,6 @@ __all__ = [
     "BlockedCSRMatrix",
     "Calibration",
     "Codebook",
-    "DetailedEnergyProfiler",
-    "EnergyMeasurement",
-    "EnergyMonitor",
     "KVQuantCache",
     "PrefillQuantizedAttention",
     "QuantConfig",
@@ -52,8 +54,8 @@ __all__ = [
     "create_uniform_codebook",
     "pack_bitplanes",
     "pack_bits",
-    "register_cache_implementation",
     "parse_datatype",
+    "register_cache_implementation",
     "unpack_bitplanes",
     "unpack_bits",
 ]

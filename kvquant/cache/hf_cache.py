@@ -16,208 +16,36 @@ What ``update`` returns: during a prefill the exact K/V (the prompt attends to i
 real serving); afterwards the dequantized cached K/V followed by the exact new tokens, laid out to
 match the model's padded attention mask.
 
-Backends (``backend=``): ``"torch"`` does the above on every step. ``"triton"`` (the default ``"auto"`` picks
-it on CUDA with triton and a quantized datatype) runs single-token decode steps without dequantizing: the
-model's attention is wrapped (``kvquant_sdpa``/``kvquant_eager``) and the wrapper calls the Triton decode
-kernel over the packed cache (see :mod:`kvquant.cache.kernel_attention` for the mechanism); prefills and
-multi-token chunks take the torch path.
+Backends (``backend=``), resolved once when the cache is built into an ops object
+(:func:`kvquant.kernels.ops.resolve_ops`) that the layers and every store use: ``"torch"`` does the above on every
+step. ``"triton"`` (the default ``"auto"`` picks it on CUDA with triton and a quantized datatype) quantizes appends
+with the fused kernel, un-rotates incoming keys in one launch and runs single-token decode steps without
+dequantizing: the model's attention is wrapped (``kvquant_sdpa``/``kvquant_eager``) and the wrapper calls the
+Triton decode kernel over the packed cache (see :mod:`kvquant.cache.kernel_attention` for the mechanism);
+prefills and multi-token chunks take the torch attention path.
 """
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
 from kvquant.cache import kernel_attention
 from kvquant.cache.hf_compat import cache_in
-from kvquant.cache.rope import RotaryTables, apply_rope, find_rotary_embedding, invert_rope
-from kvquant.calibration.format import Calibration
+from kvquant.cache.layer import KVQuantLayer
+from kvquant.cache.rope import RotaryTables, find_rotary_embedding
 from kvquant.config import QuantConfig
-from kvquant.kernels.unrope import invert_rope_triton
+from kvquant.kernels.ops import TorchOps, TritonOps, resolve_ops
+from kvquant.quant.calibration_file import Calibration
 from kvquant.quant.quantizer import BatchedKVQuantizer
-from kvquant.quant.store import QuantizedKVCache
 from kvquant.quant.validate import same_device
 
+__all__ = ["KVQuantCache", "KVQuantLayer", "install_step_hook"]
+
 _HOOK_ATTR = "_kvquant_step_hook"
-
-
-@dataclass
-class _PendingDecode:
-    """A decode token held back by ``update`` until the kernel attention has read the past."""
-
-    key: torch.Tensor  # [B, Hkv, 1, D] as the model made it (post-RoPE): attended exactly
-    value: torch.Tensor  # [B, Hkv, 1, D]
-    key_store: torch.Tensor  # [B, Hkv, 1, D] what is stored (pre-RoPE when the cache un-rotates)
-
-
-class KVQuantLayer(CacheLayerMixin):
-    """One decoder layer's quantized keys and values."""
-
-    is_sliding = False
-    is_compileable = False
-    is_croppable = False
-
-    def __init__(self, owner: KVQuantCache, layer_idx: int) -> None:
-        super().__init__()
-        self.owner = owner
-        self.layer_idx = layer_idx
-        self.qkeys: QuantizedKVCache | None = None
-        self.qvalues: QuantizedKVCache | None = None
-        self.cumulative_length = 0
-        self.seen_mask: torch.Tensor | None = None  # [B, cumulative_length] bool, padding = False
-        self.pos_offset: torch.Tensor | None = None  # [B] position of each sequence's first real token
-        self._pos_offset_i32: torch.Tensor | None = None
-        self._pending: _PendingDecode | None = None
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.is_initialized = True
-
-    # -- the cache API ----------------------------------------------------------------------------------
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``key_states``/``value_states [B, H_kv, s, D]`` (post-RoPE, as the model made them) and
-        return the K/V attention must use, ``[B, H_kv, past + s, D]``."""
-        if self._pending is not None:
-            raise RuntimeError(f"layer {self.layer_idx}: the previous decode token was never attended (the model's "
-                               "attention implementation is no longer the kvquant wrapper?)")
-        B, _, s, _ = key_states.shape
-        step_mask, positions = self.owner._step_inputs(B, s, self.cumulative_length, key_states.device)
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        pre_rope = self.owner.pre_rope
-        k_store = key_states
-        if pre_rope:
-            cos, sin = self.owner._step_rotary(B, s, self.cumulative_length, positions)
-            if self.owner.backend == "triton":  # one launch instead of ~8, bit-identical
-                k_store = invert_rope_triton(key_states, cos, sin)
-            else:
-                k_store = invert_rope(key_states, cos, sin).to(key_states.dtype)
-
-        if self.qkeys is not None and self.owner._kernel_step(self, s):
-            # triton backend, one real token per sequence: keep it pending, the attention wrapper runs the
-            # kernel over the stored past plus this exact token, then appends it (kernel_decode)
-            self._pending = _PendingDecode(key_states, value_states, k_store)
-            self.seen_mask = torch.cat([self.seen_mask, step_mask], 1)
-            self.cumulative_length += s
-            return key_states, value_states
-
-        if self.qkeys is None:  # prefill: quantize the whole padded batch at once
-            if not bool(step_mask.any(1).all()):
-                raise ValueError("a prompt in the batch is all padding: every row needs a real token")
-            quantizer = self.owner.quantizer_for(self.layer_idx)
-            self.qkeys = quantizer.quantize_keys(k_store, step_mask)
-            self.qvalues = quantizer.quantize_values(value_states, step_mask)
-            if self.owner.reserve_tokens:  # the decode budget, allocated once and exactly
-                self.qkeys.reserve(self.owner.reserve_tokens)
-                self.qvalues.reserve(self.owner.reserve_tokens)
-            first = step_mask.long().argmax(1)
-            self.pos_offset = positions.gather(1, first[:, None]).squeeze(1)
-            self._pos_offset_i32 = self.pos_offset.to(torch.int32)  # what the kernel reads, converted once
-            out_k, out_v = key_states, value_states
-        else:
-            past_mask = self.seen_mask
-            past_k = self.qkeys.dequantize_aligned(past_mask)
-            past_v = self.qvalues.dequantize_aligned(past_mask)
-            if pre_rope:
-                rank = (past_mask.long().cumsum(1) - 1).clamp_min(0)
-                cos, sin = self.owner.rotary(self.pos_offset[:, None] + rank)
-                past_k = apply_rope(past_k, cos, sin)
-            # check that new real tokens continue each sequence's positions (re-rotation relies on it)
-            rank_new = self.qkeys.lengths[:, None] + step_mask.long().cumsum(1) - 1
-            expect = self.pos_offset[:, None] + rank_new
-            if not bool(((positions == expect) | ~step_mask).all()):
-                raise ValueError("position ids of the new tokens do not continue the cached sequences")
-            self.qkeys.append(k_store, step_mask)
-            self.qvalues.append(value_states, step_mask)
-            out_k = torch.cat([past_k.to(key_states.dtype), key_states], dim=2)
-            out_v = torch.cat([past_v.to(value_states.dtype), value_states], dim=2)
-        self.seen_mask = step_mask if self.seen_mask is None else torch.cat([self.seen_mask, step_mask], 1)
-        self.cumulative_length += s
-        return out_k, out_v
-
-    def has_pending_decode(self, key: torch.Tensor) -> bool:
-        """Whether ``key`` is the token ``update`` just held back for :meth:`kernel_decode`."""
-        return self._pending is not None and self._pending.key is key
-
-    def kernel_decode(self, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
-        """Attention of the pending decode step with the Triton kernel, then append the pending token.
-
-        Args:
-            query: ``[B, Hq, 1, D]`` (already rotated); scaling: the softmax scale (``None``: ``1/sqrt(D)``).
-
-        Returns:
-            ``[B, 1, Hq, D]`` (transformers' attention-output layout), softmax over ``[past, new token]``.
-        """
-        pend = self._pending
-        if pend is None:
-            raise RuntimeError(f"layer {self.layer_idx}: no pending decode token")
-        self._pending = None
-        if query.shape[2] != 1:
-            raise ValueError(f"kernel decode needs one query token per sequence, got {query.shape[2]}")
-        da = importlib.import_module("kvquant.kernels.decode_attention")
-        rope = None
-        if self.owner.pre_rope:
-            cos, sin = self.owner.kernel_rope_tables(query.device)
-            rope = (cos, sin, self._pos_offset_i32)
-        out = da.decode_attention(query[:, :, 0], self.qkeys, self.qvalues, softmax_scale=scaling, rope=rope,
-                                  backend="triton", extra_kv=(pend.key[:, :, 0], pend.value[:, :, 0]))
-        # the step's tokens are all real (_kernel_step checked the mask once per step): no mask, no device sync
-        self.qkeys.append(pend.key_store)
-        self.qvalues.append(pend.value)
-        return out[:, None]
-
-    def get_seq_length(self, *args: Any) -> int:
-        return self.cumulative_length
-
-    def get_mask_sizes(self, query_length: int | torch.Tensor, *args: Any) -> tuple[int, int]:
-        q = query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length)
-        return self.cumulative_length + q, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def get_max_cache_shape(self) -> int:  # transformers 4.5x name
-        return -1
-
-    def reset(self) -> None:
-        self._pending = None
-        self.qkeys = self.qvalues = None
-        self.seen_mask = self.pos_offset = None
-        self.cumulative_length = 0
-        self.is_initialized = False
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Reorder the batch for beam search (pages are copied, never shared)."""
-        if self.qkeys is None:
-            return
-        idx = beam_idx.to(self.qkeys.device)
-        self.qkeys, self.qvalues = self.qkeys.select(idx), self.qvalues.select(idx)
-        self.seen_mask, self.pos_offset = self.seen_mask[idx], self.pos_offset[idx]
-        self._pos_offset_i32 = self.pos_offset.to(torch.int32)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.reorder_cache(indices)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.qkeys is not None:
-            self.reorder_cache(torch.arange(self.qkeys.batch, device=self.qkeys.device).repeat_interleave(repeats))
-
-    def offload(self) -> None:  # quantized storage stays where it is
-        return None
-
-    def prefetch(self) -> None:
-        return None
-
-    def memory_report(self) -> dict[str, float]:
-        if self.qkeys is None:
-            return {}
-        rk, rv = self.qkeys.memory_report(), self.qvalues.memory_report()
-        return {f"key_{k}": v for k, v in rk.items()} | {f"value_{k}": v for k, v in rv.items()}
 
 
 class KVQuantCache(Cache):
@@ -235,7 +63,8 @@ class KVQuantCache(Cache):
             wrapper of its ``sdpa``/``eager`` attention, see :mod:`kvquant.cache.kernel_attention`; undo with
             :func:`~kvquant.cache.kernel_attention.uninstall_kernel_attention`) or ``"auto"`` (triton when
             the model is on CUDA, triton imports, the datatype is quantized, the head size is a power of two
-            >= 32 and the attention is sdpa/eager; else torch).
+            >= 32 and the attention is sdpa/eager; else torch). Decided once, here, into :attr:`ops`
+            (:mod:`kvquant.kernels.ops`), which the layers and every store of the cache use.
         reserve_tokens: after the prefill, allocate the pages for this many more tokens per sequence at once
             and exactly (e.g. ``max_new_tokens``); otherwise the page pools grow by doubling, which can hold
             up to twice the bytes in use.
@@ -270,15 +99,18 @@ class KVQuantCache(Cache):
         self._quantizers: dict[int, BatchedKVQuantizer] = {}
         self._step: dict[str, Any] = {}
         self._rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.backend = self._resolve_backend(self.config.backend, model)
+        self.ops: TorchOps | TritonOps = self._resolve_ops(self.config.backend, model)
         install_step_hook(model)
-        if self.backend == "triton":
+        if self.ops.name == "triton":
             kernel_attention.install_kernel_attention(model)
         super().__init__(layers=[KVQuantLayer(self, i) for i in range(self.num_layers)])
 
-    def _resolve_backend(self, backend: str, model: torch.nn.Module) -> str:
-        from kvquant.kernels._triton import resolve_backend
+    @property
+    def backend(self) -> str:
+        """``"torch"`` or ``"triton"``: the backend this cache resolved (``self.ops.name``)."""
+        return self.ops.name
 
+    def _resolve_ops(self, backend: str, model: torch.nn.Module) -> TorchOps | TritonOps:
         D = self.head_dim
         problems = []
         if not self.config.is_quantized:
@@ -288,7 +120,7 @@ class KVQuantCache(Cache):
         if backend != "torch" and not kernel_attention.can_install(model):
             problems.append(f"attention {kernel_attention.current_implementation(model)!r} is not sdpa/eager")
         param = next(model.parameters(), None)
-        return resolve_backend(backend, problems, param is not None and param.device.type == "cuda")
+        return resolve_ops(backend, param.device if param is not None else "cpu", problems)
 
     def _kernel_step(self, layer: KVQuantLayer, s: int) -> bool:
         """Whether this layer's step runs the kernel path (same answer for all layers of a step)."""
@@ -343,7 +175,7 @@ class KVQuantCache(Cache):
                     kcb, vcb = lc.key_codebooks[bits], lc.value_codebooks[bits]
                 ranges = (lc.key_lo, lc.key_hi)
             self._quantizers[layer_idx] = BatchedKVQuantizer(self.config, key_codebook=kcb, value_codebook=vcb,
-                                                             key_ranges=ranges)
+                                                             key_ranges=ranges, ops=self.ops)
         return self._quantizers[layer_idx]
 
     def _set_step(self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None) -> None:

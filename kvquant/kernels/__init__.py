@@ -1,18 +1,12 @@
-"""GPU kernels (Triton) over the packed KV format, each with a pure-PyTorch reference.
+"""Kernels over the packed KV format: Triton kernels and their PyTorch references, behind one ops object.
 
-* :func:`decode_attention` — one query token per sequence attending over a quantized
-  :class:`~kvquant.quant.store.QuantizedKVCache` (keys + values) without materialising fp16 K/V.
-* :func:`decode_attention_reference` — the same function the slow way (dequantize everything, then attend).
-* :func:`quantize_append` — fused quantization of appended tokens straight into the packed pages and the
-  sparse outlier store (what ``QuantizedKVCache`` uses when ``QuantConfig.backend`` resolves to triton).
-* :func:`invert_rope_triton` — pre-RoPE keys from the model's post-RoPE ones in one launch, bit-identical to
-  :func:`kvquant.cache.rope.invert_rope`.
+* :mod:`kvquant.kernels.ops` — ``TorchOps`` / ``TritonOps`` and :func:`~kvquant.kernels.ops.resolve_ops`, the one
+  rule that picks the backend (what a cache resolves once and hands to its stores and layers).
+* :mod:`kvquant.kernels.decode_attention` — one query token per sequence attending over a quantized
+  :class:`~kvquant.quant.store.QuantizedKVCache` pair without materialising fp16 K/V.
+* :mod:`kvquant.kernels.quantize_append` — fused quantization of appended tokens straight into the packed pages and
+  the sparse outlier store.
+* :mod:`kvquant.kernels.unrope` — pre-RoPE keys from the model's post-RoPE ones in one launch.
+* :mod:`kvquant.kernels.reference` — the same functions the slow way (dequantize everything, then attend).
+* :mod:`kvquant.kernels.jit` — the ``@triton.jit`` bodies the modules above launch.
 """
-
-from kvquant.kernels.decode_attention import decode_attention, triton_available
-from kvquant.kernels.quantize_append import quantize_append
-from kvquant.kernels.reference import apply_rope, decode_attention_reference
-from kvquant.kernels.unrope import invert_rope_triton
-
-__all__ = ["apply_rope", "decode_attention", "decode_attention_reference", "invert_rope_triton", "quantize_append",
-           "triton_available"]

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kvquant.cache.rope import apply_rope as rotate_with
+from kvquant.quant.rope import apply_rope as rotate_with
 from kvquant.quant.store import QuantizedKVCache
 
 Rope = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -37,6 +37,27 @@ def apply_rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos_offset
     pos = pos_offset.to(k.device, torch.long)[:, None] + torch.arange(L, device=k.device)[None, :]
     pos = pos.clamp(0, cos.shape[0] - 1)
     return rotate_with(k.float(), cos.to(k.device)[pos], sin.to(k.device)[pos])  # tables gathered to [B, L, D]
+
+
+def check_decode_inputs(q: torch.Tensor, key_cache: QuantizedKVCache, value_cache: QuantizedKVCache,
+                        extra_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """Refuse, with the reason, a query and cache pair (and extra token) that decode attention cannot take."""
+    if key_cache.kind != "key" or value_cache.kind != "value":
+        raise ValueError("pass the key cache then the value cache")
+    if q.ndim != 3:
+        raise ValueError(f"q must be [B, Hq, D], got {tuple(q.shape)}")
+    B, Hq, D = q.shape
+    H = key_cache.num_heads
+    if (key_cache.batch, key_cache.head_dim) != (B, D) or (value_cache.batch, value_cache.head_dim) != (B, D):
+        raise ValueError(f"q {tuple(q.shape)} does not match the caches (B={key_cache.batch}, "
+                         f"D={key_cache.head_dim})")
+    if value_cache.num_heads != H or Hq % H:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of kv heads ({H}, values {value_cache.num_heads})")
+    if extra_kv is not None:
+        ek, ev = extra_kv
+        if ek.shape != (B, H, D) or ev.shape != (B, H, D):
+            raise ValueError(f"extra_kv must be two [B, Hkv, D] = {(B, H, D)} tensors, got "
+                             f"{tuple(ek.shape)}, {tuple(ev.shape)}")
 
 
 def decode_attention_reference(

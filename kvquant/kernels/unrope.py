@@ -1,6 +1,6 @@
-"""Inverse rotary embedding of incoming keys in one launch (Triton).
+"""Inverse rotary embedding of incoming keys in one launch (Triton; the body is :mod:`kvquant.kernels.jit.unrope`).
 
-What :func:`kvquant.cache.rope.invert_rope` does in PyTorch — ``(x * cos - rotate_half(x) * sin) / (cos^2 + sin^2)``
+What :func:`kvquant.quant.rope.invert_rope` does in PyTorch — ``(x * cos - rotate_half(x) * sin) / (cos^2 + sin^2)``
 in float32, then cast to the keys' dtype — in one kernel instead of about eight launches per layer and step.
 Every operation is rounded as torch rounds it (no FMA contraction, IEEE division), so the result is bit-identical
 to the reference; the cache's pre-RoPE keys are the same on both backends.
@@ -10,31 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from kvquant.kernels._triton import tl, triton
-
-if triton is not None:
-    from kvquant.kernels.quantize_append import _to_storage
-
-    @triton.jit
-    def _unrope_kernel(X, sxb, sxh, sxs, C, scb, scs, S, ssb, sss, OUT, H, NS,
-                       D: tl.constexpr, HP: tl.constexpr, BF16: tl.constexpr):
-        pid = tl.program_id(0).to(tl.int64)  # one (sequence, position) per program, all heads
-        b = pid // NS
-        si = pid % NS
-        hh = tl.arange(0, HP)[:, None]
-        d = tl.arange(0, D)[None, :]
-        half: tl.constexpr = D // 2
-        m = hh < H
-        base = X + b * sxb + hh * sxh + si * sxs
-        x = tl.load(base + d, mask=m, other=0.0).to(tl.float32)
-        xr = tl.load(base + (d + half) % D, mask=m, other=0.0).to(tl.float32)
-        rot = tl.where(d < half, -xr, xr)  # rotate_half: [x1, x2] -> [-x2, x1]
-        c = tl.load(C + b * scb + si * scs + d).to(tl.float32)
-        s = tl.load(S + b * ssb + si * sss + d).to(tl.float32)
-        y = tl.math.div_rn(x * c - rot * s, c * c + s * s)
-        if BF16:  # round to nearest even by hand (the interpreter's cast truncates)
-            y = _to_storage(y, True)
-        tl.store(OUT + ((b * H + hh) * NS + si) * D + d, y.to(OUT.dtype.element_ty), mask=m)
+from kvquant.kernels._triton import triton
+from kvquant.kernels.jit import unrope as _jit
 
 
 def invert_rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -62,7 +39,7 @@ def invert_rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
     out = torch.empty(B, H, S, D, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    _unrope_kernel[(B * S,)](
+    _jit._unrope_kernel[(B * S,)](
         x, x.stride(0), x.stride(1), x.stride(2), cos, cos.stride(0), cos.stride(1), sin, sin.stride(0),
         sin.stride(1), out, H, S, D=D, HP=triton.next_power_of_2(H), BF16=x.dtype == torch.bfloat16, num_warps=4,
         enable_fp_fusion=False,

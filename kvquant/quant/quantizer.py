@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import torch
 
@@ -23,6 +24,9 @@ class BatchedKVQuantizer:
         key_codebook, value_codebook: calibrated NUQ codebooks (default: the heuristic one).
         key_ranges: calibrated per-channel key ranges ``(lo, hi)``, each ``[H, D]``; default: computed
             from each prompt (padding and sink tokens excluded).
+        ops: the kernels the stores write with (:mod:`kvquant.kernels.ops`; what
+            :class:`~kvquant.cache.hf_cache.KVQuantCache` passes); default: resolved by each store from
+            ``config.backend`` and its device.
     """
 
     def __init__(
@@ -32,6 +36,7 @@ class BatchedKVQuantizer:
         key_codebook: Codebook | None = None,
         value_codebook: Codebook | None = None,
         key_ranges: tuple[torch.Tensor, torch.Tensor] | None = None,
+        ops: Any = None,
         **overrides,
     ) -> None:
         config = config or QuantConfig()
@@ -39,6 +44,7 @@ class BatchedKVQuantizer:
         self.key_codebook = codebook_for(self.config.datatype, key_codebook)
         self.value_codebook = codebook_for(self.config.datatype, value_codebook)
         self.key_ranges = key_ranges
+        self.ops = ops
 
     def _key_scale_zero(
         self, keys: torch.Tensor, mask: torch.Tensor, ranges: tuple[torch.Tensor, torch.Tensor] | None
@@ -81,7 +87,7 @@ class BatchedKVQuantizer:
         if self.config.is_quantized:
             scale, zero = self._key_scale_zero(keys, mask, key_ranges or self.key_ranges)
         cache = QuantizedKVCache("key", self.config, B, H, D, keys.dtype, keys.device, self.key_codebook,
-                                 scale, zero)
+                                 scale, zero, ops=self.ops)
         cache.append(keys, mask)
         return cache
 
@@ -90,6 +96,7 @@ class BatchedKVQuantizer:
         check_kv(values, "values")
         mask = check_mask(attention_mask, values.shape[0], values.shape[2], values.device)
         B, H, _, D = values.shape
-        cache = QuantizedKVCache("value", self.config, B, H, D, values.dtype, values.device, self.value_codebook)
+        cache = QuantizedKVCache("value", self.config, B, H, D, values.dtype, values.device, self.value_codebook,
+                                 ops=self.ops)
         cache.append(values, mask)
         return cache

@@ -10,18 +10,21 @@ A sequence's tokens, in order, are ``[sinks | quantized | residual]``:
 * up to ``residual_length`` most recent tokens, kept exactly (``residual [B, H, R, D]``).
 
 With datatype ``fp16`` the pool holds the raw tokens (``raw [P, H, T, D]``) and nothing is quantized.
-Every append — a whole prefill or one decode token per sequence — goes through the same path.
+Every append — a whole prefill or one decode token per sequence — goes through the same path, and the tokens
+that leave the exact parts are written by the store's ops object (:mod:`kvquant.quant.backend`).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from kvquant.config import QuantConfig
+from kvquant.quant.backend import store_ops
 from kvquant.quant.codebook import Codebook
-from kvquant.quant.encode import encode_keys, encode_values
-from kvquant.quant.packing import pack_bitplanes, unpack_bitplanes
 from kvquant.quant.paged import PageTable
+from kvquant.quant.read import dequantize_pages, page_codes
 from kvquant.quant.validate import check_kv, check_mask, compact_order
 from kvquant.sparse.blocked import BlockedCSCMatrix, BlockedCSRMatrix, largest_group
 
@@ -39,6 +42,12 @@ class QuantizedKVCache:
 
     Build it with :class:`~kvquant.quant.quantizer.BatchedKVQuantizer`; grow it with :meth:`append`;
     read it with :meth:`dequantize`.
+
+    ``ops`` (:mod:`kvquant.kernels.ops`) writes the quantized tokens: the one a
+    :class:`~kvquant.cache.hf_cache.KVQuantCache` resolved, or (``None``) one resolved here from
+    ``config.backend`` and ``device``. A Triton ops object whose kernel cannot write this store's shape or dtype
+    falls back to the torch writes for ``backend="auto"`` and is an error for ``backend="triton"``; an ``fp16``
+    store is always written by torch (a copy).
     """
 
     def __init__(
@@ -53,6 +62,7 @@ class QuantizedKVCache:
         codebook: Codebook | None = None,
         channel_scale: torch.Tensor | None = None,
         channel_zero: torch.Tensor | None = None,
+        ops: Any = None,
     ) -> None:
         if kind not in ("key", "value"):
             raise ValueError(f"kind must be 'key' or 'value', got {kind!r}")
@@ -112,6 +122,8 @@ class QuantizedKVCache:
         self._nonfinite: torch.Tensor | None = None
         self._unchecked_appends = 0
         self._failed: str | None = None
+        self.fresh_from = 0  # pages with an id >= this hold nothing yet (set before each write)
+        self.ops = store_ops(self, ops)
 
     # -- sizes ----------------------------------------------------------------------------------------
     @property
@@ -191,7 +203,7 @@ class QuantizedKVCache:
             seq = torch.repeat_interleave(arange_b, evict)
             j = torch.arange(n_ev, device=self.device) - (torch.cumsum(evict, 0) - evict)[seq]
             tokens = pending[seq, :, pending_index(seq, j), :]  # [N, H, D]
-            self._write(seq, self.q_len[seq] + j, tokens, run_counts=evict)
+            self._write(seq, tokens, evict)
             self.q_len += evict
         if R:
             i = evict[:, None] + torch.arange(R, device=self.device)[None, :]
@@ -236,10 +248,10 @@ class QuantizedKVCache:
         B, H, n, D = x.shape
         x = x.to(self.dtype)
         R = self.config.residual_length
-        kernel = self.uses_triton(x)
+        fused = self.ops.fused_quantize  # the quantize kernel raises the NaN flag itself as it reads the tokens
         if self._nonfinite is None:
             self._nonfinite = torch.zeros(1, dtype=torch.float32, device=self.device)
-        if not (kernel and R == 0):  # else the quantize kernel raises the flag itself, as it reads the tokens
+        if not (fused and R == 0):
             self._nonfinite += (x - x).sum()  # x - x is 0, or NaN where x is NaN/Inf: the flag turns NaN for good
         self._unchecked_appends += 1
         if self._unchecked_appends >= DEFERRED_CHECK_EVERY:
@@ -254,78 +266,21 @@ class QuantizedKVCache:
             pending = torch.cat([self.residual, x], dim=2)
             out, self.residual = pending[:, :, :n], pending[:, :, n:].contiguous()
         tokens = out.transpose(1, 2).reshape(B * n, H, D)  # [N, H, D] grouped by sequence, oldest first
-        if kernel:
-            from kvquant.kernels.quantize_append import quantize_append, unit_counts
-
-            # a decode step reuses the launch tables of the cache
-            run_counts = unit_counts(self) if n == 1 else torch.full((B,), n, device=self.device)
-            self._reserve_outlier_slots()
-            quantize_append(self, run_counts, tokens, nonfinite=self._nonfinite if R == 0 else None)
-        else:
-            seq = torch.arange(B, device=self.device).repeat_interleave(n)
-            pos = self.q_len[seq] + torch.arange(n, device=self.device).repeat(B)
-            self._write(seq, pos, tokens, reserved=True)
+        self._reserve_outlier_slots()
+        self.fresh_from = self.pages.n_pages
+        # a decode step (n = 1) reuses the launch tables of the cache
+        self.ops.quantize_append(self, self.ops.run_counts(self, n), tokens,
+                                 nonfinite=self._nonfinite if fused and R == 0 else None)
         self.q_len += n
 
-    def uses_triton(self, tokens: torch.Tensor) -> bool:
-        """Whether appending ``tokens`` goes through the fused Triton kernel (``config.backend``).
-
-        ``"torch"``: never; ``"auto"``: on CUDA tensors when triton imports and the cache is quantized (and
-        its shape is supported); ``"triton"``: always for a quantized cache (CPU tensors run under
-        ``TRITON_INTERPRET=1``), an error if that is impossible. An ``fp16`` cache has nothing to quantize and
-        is always written by torch.
-        """
-        if self.config.backend == "torch" or not self.quantized:
-            return False
-        from kvquant.kernels._triton import resolve_backend
-        from kvquant.kernels.quantize_append import unsupported_reason
-
-        reason = unsupported_reason(self, tokens)
-        return resolve_backend(self.config.backend, [reason] if reason else [], tokens.is_cuda) == "triton"
-
-    def _write(self, seq: torch.Tensor, pos: torch.Tensor, tokens: torch.Tensor,
-               run_counts: torch.Tensor | None = None, reserved: bool = False) -> None:
-        """Store ``tokens [N, H, D]`` as quantized token ``pos[i]`` of sequence ``seq[i]``.
-
-        ``run_counts [B]``, when given, says the entries are runs: ``run_counts[b]`` tokens of sequence ``b``
-        at positions ``q_len[b], q_len[b] + 1, ...``, sequences in order (what :meth:`append` passes); the
-        Triton path needs it, the torch path takes any ``(seq, pos)``. ``reserved``: the pages are known to be
-        allocated already (skips the check, a device sync).
-        """
-        fresh_from = self.pages.n_pages
-        if not reserved:
-            self.pages.reserve(self.q_len.scatter_add(0, seq, torch.ones_like(seq)))
+    def _write(self, seq: torch.Tensor, tokens: torch.Tensor, run_counts: torch.Tensor) -> None:
+        """Store ``tokens [N, H, D]`` as the next quantized tokens of their sequences: ``run_counts[b]`` tokens of
+        sequence ``b`` at positions ``q_len[b], q_len[b] + 1, ...``, sequences in order (``seq [N]``: each token's
+        sequence). Reserves the pages, then hands the tokens to :attr:`ops`."""
+        self.fresh_from = self.pages.n_pages
+        self.pages.reserve(self.q_len.scatter_add(0, seq, torch.ones_like(seq)))
         self._reserve_outlier_slots()
-        if run_counts is not None and self.uses_triton(tokens):
-            from kvquant.kernels.quantize_append import quantize_append
-
-            quantize_append(self, run_counts, tokens)
-            return
-        page, off = self.pages.locate(seq, pos)
-        pools = self.pages.pools
-        if not self.quantized:
-            pools["raw"][page, :, off] = tokens
-            return
-        if self.kind == "key":
-            enc = encode_keys(tokens, self.channel_scale[seq], self.channel_zero[seq], self.codebook,
-                              self.keep_outliers)
-        else:
-            enc = encode_values(tokens, self.codebook, self.config.outlier_fraction, pools["scale"].dtype)
-            pools["scale"][page, :, off] = enc.scale
-            pools["zero"][page, :, off] = enc.zero
-        # Read-modify-write of the pages touched: fresh pages start from zero codes.
-        touched, inv = torch.unique(page, return_inverse=True)
-        T = self.config.page_size
-        buf = torch.zeros(touched.numel(), self.num_heads, self.head_dim, T, dtype=torch.uint8,
-                          device=self.device)
-        old = touched < fresh_from
-        if bool(old.any()):
-            buf[old] = unpack_bitplanes(pools["planes"][touched[old]], self.bits)
-        buf[inv, :, :, off] = enc.codes
-        pools["planes"][touched] = pack_bitplanes(buf, self.bits)
-        if self.keep_outliers:
-            n = tokens.shape[0]
-            self.outliers.append_dense(page * T + off, tokens.reshape(n, -1), enc.outliers.reshape(n, -1))
+        self.ops.quantize_append(self, run_counts, tokens)
 
     def _reserve_outlier_slots(self) -> None:
         """A slot per page position: the sparse matrix's slot capacity follows the page pool's."""
@@ -335,43 +290,7 @@ class QuantizedKVCache:
     # -- reading --------------------------------------------------------------------------------------
     def codes(self) -> torch.Tensor:
         """Dense codes of the quantized part: ``[B, H, Q, D]`` uint8 (Q = longest quantized run)."""
-        if not self.quantized:
-            raise ValueError("an fp16 cache has no codes")
-        planes, _ = self._gather_pages("planes")
-        codes = unpack_bitplanes(planes, self.bits)  # [B, npg, H, D, T]
-        B, npg, H, D, T = codes.shape
-        return codes.permute(0, 2, 1, 4, 3).reshape(B, H, npg * T, D)[:, :, : int(self.q_len.max())]
-
-    def _gather_pages(self, name: str) -> tuple[torch.Tensor, int]:
-        qmax = int(self.q_len.max()) if self.batch else 0
-        npg = -(-qmax // self.config.page_size)
-        tbl = self.pages.table[:, :npg].long().clamp_min(0)
-        return self.pages.pools[name][tbl], qmax
-
-    def _dequantize_pages(self) -> torch.Tensor:
-        """The quantized part as ``[B, H, Q, D]`` in ``self.dtype``."""
-        T = self.config.page_size
-        B, H, D = self.batch, self.num_heads, self.head_dim
-        if not self.quantized:
-            raw, qmax = self._gather_pages("raw")  # [B, npg, H, T, D]
-            return raw.permute(0, 2, 1, 3, 4).reshape(B, H, -1, D)[:, :, :qmax]
-        planes, qmax = self._gather_pages("planes")
-        npg = planes.shape[1]
-        levels = self.codebook.decode(unpack_bitplanes(planes, self.bits))  # [B, npg, H, D, T]
-        if self.kind == "key":
-            vals = levels * self.channel_scale[:, None, :, :, None] + self.channel_zero[:, None, :, :, None]
-        else:
-            sc, _ = self._gather_pages("scale")
-            zr, _ = self._gather_pages("zero")
-            vals = levels * sc.float()[:, :, :, None, :] + zr.float()[:, :, :, None, :]
-        out = vals.permute(0, 2, 1, 4, 3).reshape(B, H, npg * T, D)[:, :, :qmax].to(self.dtype)
-        if self.keep_outliers and qmax:
-            i = torch.arange(qmax, device=self.device)
-            b_idx, i_idx = (i[None, :] < self.q_len[:, None]).nonzero(as_tuple=True)
-            page, off = self.pages.locate(b_idx, i_idx)
-            owner, ch, v = self.outliers.entries_of(page * T + off)
-            out[b_idx[owner], ch // D, i_idx[owner], ch % D] = v.to(self.dtype)
-        return out
+        return page_codes(self)
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All stored tokens, compact and right-padded.
@@ -380,7 +299,7 @@ class QuantizedKVCache:
             ``x [B, H, L, D]`` in the input dtype (zeros past each sequence's end) and
             ``mask [B, L]`` bool, with ``L`` the longest sequence.
         """
-        quant = self._dequantize_pages()
+        quant = dequantize_pages(self)
         qmax = quant.shape[2]
         full = torch.cat([self.sink, quant, self.residual], dim=2)
         lengths = self.lengths

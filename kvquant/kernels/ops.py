@@ -1,0 +1,160 @@
+"""The kernels a cache runs, as one object: :class:`TorchOps` (the PyTorch reference) or :class:`TritonOps`.
+
+:func:`resolve_ops` holds the one rule that picks them (``torch`` always works; ``triton`` says why it cannot;
+``auto`` picks Triton on CUDA when nothing stops it). :class:`~kvquant.cache.hf_cache.KVQuantCache` calls it once
+when it is built and hands the result to its layers (decode attention, un-rotation of incoming keys) and to every
+:class:`~kvquant.quant.store.QuantizedKVCache` it makes (quantized writes). A store built on its own resolves its
+ops once, in its constructor, through :func:`store_ops` (installed in :mod:`kvquant.quant.backend` when this module
+is imported). Both objects write byte-identical storage.
+
+Methods (the same on both):
+
+* ``quantize_append(store, counts, tokens, nonfinite=None)``: quantize ``tokens [N, H, D]`` into ``store`` as the
+  next ``counts[b]`` tokens of each sequence ``b`` (pages reserved by the caller, ``q_len`` not advanced);
+* ``run_counts(store, n)``: the ``counts`` of an append of ``n`` tokens to every sequence;
+* ``decode_attention(q, kstore, vstore, softmax_scale=None, rope=None, extra_kv=None)``: one query token per
+  sequence over a key/value store pair;
+* ``invert_rope(keys, cos, sin)``: pre-RoPE keys (in the keys' dtype) from post-RoPE ones;
+* ``write_problem(store)``: why these ops cannot write ``store`` (``None`` if they can).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+
+from kvquant.config import BACKENDS
+from kvquant.kernels.reference import Rope, check_decode_inputs, decode_attention_reference
+from kvquant.quant import backend as _backend
+from kvquant.quant.rope import invert_rope
+from kvquant.quant.write import run_positions, write_tokens
+
+
+class TorchOps:
+    """The PyTorch reference of every kernel (dequantize the past, then attend)."""
+
+    name = "torch"
+    fused_quantize = False  # appends are encoded and packed by torch ops (the NaN/Inf flag is raised by the store)
+
+    def quantize_append(self, store: Any, counts: torch.Tensor, tokens: torch.Tensor,
+                        nonfinite: torch.Tensor | None = None) -> None:
+        seq, pos = run_positions(store, counts, tokens.shape[0])
+        write_tokens(store, seq, pos, tokens)
+        if nonfinite is not None:
+            nonfinite += (tokens - tokens).sum()
+
+    def run_counts(self, store: Any, n: int) -> torch.Tensor:
+        return torch.full((store.batch,), n, device=store.device)
+
+    def decode_attention(self, q: torch.Tensor, kstore: Any, vstore: Any, softmax_scale: float | None = None,
+                         rope: Rope | None = None, extra_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+                         ) -> torch.Tensor:
+        check_decode_inputs(q, kstore, vstore, extra_kv)
+        return decode_attention_reference(q, kstore, vstore, softmax_scale, rope, extra_kv=extra_kv)
+
+    def invert_rope(self, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return invert_rope(keys, cos, sin).to(keys.dtype)
+
+    def write_problem(self, store: Any) -> str | None:
+        return None
+
+    def __repr__(self) -> str:
+        return "TorchOps()"
+
+
+class TritonOps:
+    """The Triton kernels: fused quantize-append, decode attention over the packed cache, RoPE inversion."""
+
+    name = "triton"
+    fused_quantize = True  # the quantize kernel reads every token: it raises the NaN/Inf flag itself
+
+    def __init__(self) -> None:
+        # the modules, not their functions: a function patched on its module (profiling, tests) is the one called
+        self._qa = importlib.import_module("kvquant.kernels.quantize_append")
+        self._da = importlib.import_module("kvquant.kernels.decode_attention")
+        self._unrope = importlib.import_module("kvquant.kernels.unrope")
+
+    def quantize_append(self, store: Any, counts: torch.Tensor, tokens: torch.Tensor,
+                        nonfinite: torch.Tensor | None = None) -> None:
+        self._qa.quantize_append(store, counts, tokens, nonfinite=nonfinite)
+
+    def run_counts(self, store: Any, n: int) -> torch.Tensor:
+        # one token per sequence (a decode step) reuses the launch tables kept on the store
+        return self._qa.unit_counts(store) if n == 1 else torch.full((store.batch,), n, device=store.device)
+
+    def decode_attention(self, q: torch.Tensor, kstore: Any, vstore: Any, softmax_scale: float | None = None,
+                         rope: Rope | None = None, extra_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+                         ) -> torch.Tensor:
+        return self._da.decode_attention(q, kstore, vstore, softmax_scale=softmax_scale, rope=rope,
+                                         extra_kv=extra_kv)
+
+    def invert_rope(self, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return self._unrope.invert_rope_triton(keys, cos, sin)
+
+    def write_problem(self, store: Any) -> str | None:
+        return self._qa.unsupported_reason(store)
+
+    def __repr__(self) -> str:
+        return "TritonOps()"
+
+
+TORCH = TorchOps()
+_TRITON: TritonOps | None = None
+
+
+def resolve_ops(requested: str, device: torch.device | str, problems: list[str]) -> TorchOps | TritonOps:
+    """The one rule every kvquant component's backend comes from.
+
+    Args:
+        requested: ``"torch"`` (the reference, always possible), ``"triton"`` (an error naming the problems if it
+            cannot run) or ``"auto"`` (triton on CUDA when nothing stops it, else torch).
+        device: where the data lives (``auto`` runs the kernels only on CUDA; elsewhere they would run under the
+            interpreter).
+        problems: reasons the caller's Triton path cannot run here (empty if it can); triton failing to import is
+            added here.
+
+    Returns:
+        :data:`TORCH` or the (shared) :class:`TritonOps`.
+    """
+    global _TRITON
+    if requested not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
+    if requested == "torch":
+        return TORCH
+    from kvquant.kernels._triton import TRITON_IMPORT_ERROR, triton_available
+
+    if not triton_available():
+        problems = [f"triton does not import ({TRITON_IMPORT_ERROR})", *problems]
+    if requested == "triton" and problems:
+        raise ValueError("backend='triton' is not possible: " + "; ".join(problems))
+    if requested == "auto" and (torch.device(device).type != "cuda" or problems):
+        return TORCH
+    if _TRITON is None:
+        _TRITON = TritonOps()
+    return _TRITON
+
+
+def store_ops(store: Any, ops: TorchOps | TritonOps | None = None) -> TorchOps | TritonOps:
+    """The ops ``store`` writes with (called once, by its constructor).
+
+    An ``fp16`` store is a copy: torch. Otherwise ``ops`` (the cache's), or when ``None`` the ops
+    :func:`resolve_ops` gives for ``store.config.backend`` on the store's device. When those are Triton ops whose
+    quantize kernel cannot write this store (head size, dtype, page size), ``backend="auto"`` falls back to torch
+    and ``backend="triton"`` is an error naming the reason.
+    """
+    if not store.quantized:
+        return TORCH
+    requested = store.config.backend
+    if ops is None:
+        ops = resolve_ops(requested, store.device, [])
+    reason = ops.write_problem(store)
+    if reason is None:
+        return ops
+    if requested == "triton":
+        raise ValueError(f"backend='triton' is not possible: {reason}")
+    return TORCH
+
+
+_backend.provide_store_ops(store_ops)
