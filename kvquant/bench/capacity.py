@@ -29,12 +29,12 @@ Output: ``capacity.json`` in ``--out`` (rewritten after every context, so an int
 found) and a printed table. Random-weight models (``random:7b``) are fine here: only shapes matter.
 """
 
+
 from __future__ import annotations
 
 import argparse
 import copy
 import datetime as _dt
-import math
 import sys
 import time
 import traceback
@@ -46,23 +46,27 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from kvquant.bench.common import (
-    RANDOM_WEIGHTS_NOTE,
-    BenchModel,
-    build_random_model,
-    fmt_num,
-    format_table,
-    free_memory,
-    gpu_name,
-    is_cuda,
-    is_oom,
-    is_random_model,
-    load_bench_model,
+from kvquant.bench.capacity_model import (
+    HeavyTailedKV,
+    KVFit,
+    ModelShape,
+    analytic_capacity,
+    measure_fit,
+)
+from kvquant.bench.cuda import free_memory, gpu_name, is_cuda, is_oom
+from kvquant.bench.model import BenchModel, load_bench_model
+from kvquant.config import QuantConfig
+from kvquant.files import write_json_atomic
+from kvquant.flags import (
+    add_model_args,
+    add_quant_config_args,
     parse_datatypes,
     parse_size_list,
-    write_json_atomic,
+    quant_config_from_args,
+    resolve_device,
 )
-from kvquant.config import QuantConfig
+from kvquant.models.random import RANDOM_WEIGHTS_NOTE, build_random_model, is_random_model
+from kvquant.report.tables import capacity_table
 
 SCHEMA = "kvquant.bench.capacity/v1"
 GIB = 2**30
@@ -95,150 +99,6 @@ class CapacitySettings:
         s1, s2 = self.fit_lengths
         if not 0 < s1 < s2:
             raise ValueError(f"fit lengths must satisfy 0 < S1 < S2, got {self.fit_lengths}")
-
-
-@dataclass
-class ModelShape:
-    """What the KV cache and the budget depend on."""
-
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    hidden_size: int
-    intermediate_size: int | None
-    vocab_size: int
-    params: int
-    weights_bytes: int
-    dtype: str
-
-    @classmethod
-    def of(cls, model: torch.nn.Module) -> ModelShape:
-        cfg = model.config
-        cfg = getattr(cfg, "text_config", None) or cfg
-        heads = int(cfg.num_attention_heads)
-        params = list(model.parameters())
-        return cls(
-            num_layers=int(cfg.num_hidden_layers), num_heads=heads,
-            num_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
-            head_dim=int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads),
-            hidden_size=int(cfg.hidden_size), intermediate_size=getattr(cfg, "intermediate_size", None),
-            vocab_size=int(cfg.vocab_size), params=sum(p.numel() for p in params),
-            weights_bytes=sum(t.numel() * t.element_size() for t in (*params, *model.buffers())),
-            dtype=str(params[0].dtype).removeprefix("torch."),
-        )
-
-
-# ----------------------------------------------------------------------------------------------------
-# synthetic K/V
-
-
-class HeavyTailedKV:
-    """Random K/V ``[B, H, n, D]`` with fixed per-channel scales: Student-t (df 4) times a per-(head,
-    channel) scale in [0.2, 2.2], two outlier channels per head with 15x scale (cf. real pre-RoPE keys).
-    Sampled directly on ``device``."""
-
-    def __init__(self, num_heads: int, head_dim: int, device: torch.device | str, dtype: torch.dtype,
-                 seed: int = 0, df: float = 4.0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        scale = 0.2 + 2.0 * torch.rand(num_heads, head_dim, generator=g)
-        for h in range(num_heads):
-            scale[h, torch.randperm(head_dim, generator=g)[: min(2, head_dim)]] *= 15.0
-        self.scale = scale.to(device)[None, :, None, :]
-        self.device, self.dtype = torch.device(device), dtype
-        self.dist = torch.distributions.StudentT(torch.tensor(float(df), device=self.device))
-        self.num_heads, self.head_dim = num_heads, head_dim
-
-    def sample(self, batch: int, n: int) -> torch.Tensor:
-        x = self.dist.sample((batch, self.num_heads, n, self.head_dim))
-        return (x * self.scale).to(self.dtype)
-
-
-# ----------------------------------------------------------------------------------------------------
-# measured bytes model
-
-
-@dataclass
-class KVFit:
-    """Per-layer KV bytes (keys + values) = ``fixed + B * (per_seq + per_token * S)``."""
-
-    datatype: str
-    per_token: float
-    per_seq: float
-    fixed: float
-    method: str
-    bits_per_element: float
-    """At ``S2`` tokens, ``B = 1`` (held bytes / elements)."""
-    key_outlier_fraction: float | None = None
-    value_outlier_fraction: float | None = None
-    samples: list[dict[str, Any]] = field(default_factory=list)
-
-    def layer_bytes(self, batch: int, length: int) -> float:
-        return self.fixed + batch * (self.per_seq + self.per_token * length)
-
-
-def fp16_fit(shape: ModelShape, dtype_bytes: int = 2) -> KVFit:
-    """``DynamicCache``: ``2 * H_kv * D * dtype_bytes`` bytes per token per layer, nothing else."""
-    per_token = 2 * shape.num_kv_heads * shape.head_dim * dtype_bytes
-    return KVFit("fp16", float(per_token), 0.0, 0.0,
-                 f"formula: DynamicCache holds 2 x H_kv x D x {dtype_bytes} bytes per token per layer",
-                 8.0 * dtype_bytes)
-
-
-def _quantize_layer(quantizer: Any, sampler: HeavyTailedKV, batch: int, length: int) -> tuple[Any, Any]:
-    k = sampler.sample(batch, length)
-    kq = quantizer.quantize_keys(k)
-    del k
-    v = sampler.sample(batch, length)
-    vq = quantizer.quantize_values(v)
-    return kq, vq
-
-
-def measure_fit(shape: ModelShape, datatype: str, quant: QuantConfig, device: torch.device | str,
-                dtype: torch.dtype, lengths: tuple[int, int] = (512, 1024), seed: int = 0) -> KVFit:
-    """Measure the per-layer bytes model of ``datatype`` by quantizing random K/V of the model's shape."""
-    if datatype == "fp16":
-        return fp16_fit(shape, torch.empty(0, dtype=dtype).element_size())
-    from kvquant.quant.quantizer import BatchedKVQuantizer
-
-    quantizer = BatchedKVQuantizer(replace(quant, datatype=datatype))
-    sampler = HeavyTailedKV(shape.num_kv_heads, shape.head_dim, device, dtype, seed)
-    s1, s2 = lengths
-    samples = []
-    reports = {}
-    for b, s in ((1, s1), (1, s2), (2, s2)):
-        kq, vq = _quantize_layer(quantizer, sampler, b, s)
-        rk, rv = kq.memory_report(), vq.memory_report()
-        reports[(b, s)] = (rk, rv)
-        samples.append({"batch": b, "tokens": s, "key_bytes": rk["total"], "value_bytes": rv["total"],
-                        "bytes": rk["total"] + rv["total"], "elements": rk["elements"] + rv["elements"],
-                        "bits_per_element": 8 * (rk["total"] + rv["total"]) / (rk["elements"] + rv["elements"])})
-        del kq, vq
-    m11, m12, m22 = (x["bytes"] for x in samples)
-    per_token = (m12 - m11) / (s2 - s1)
-    per_seq = m22 - m12 - per_token * s2
-    fixed = m12 - per_seq - per_token * s2
-    rk, rv = reports[(1, s2)]
-    return KVFit(datatype, per_token, per_seq, fixed,
-                 f"measured: memory_report() of BatchedKVQuantizer caches of random heavy-tailed K/V at "
-                 f"(B, S) = (1, {s1}), (1, {s2}), (2, {s2}), fitted exactly", samples[1]["bits_per_element"],
-                 rk["outlier_fraction"], rv["outlier_fraction"], samples)
-
-
-def analytic_capacity(shape: ModelShape, fit: KVFit, budget_bytes: float, reserve_bytes: float,
-                      contexts: list[int]) -> dict[str, Any]:
-    """Largest batch per context and the longest single-sequence context that fit the budget."""
-    L = shape.num_layers
-    avail = budget_bytes - shape.weights_bytes - reserve_bytes
-    rows = {}
-    for s in contexts:
-        per_seq = L * (fit.per_seq + fit.per_token * s)
-        b = math.floor((avail - L * fit.fixed) / per_seq) if per_seq > 0 else 0
-        b = max(b, 0)
-        rows[s] = {"max_batch": b, "max_tokens": b * s, "kv_bytes_per_seq": per_seq,
-                   "kv_bytes_at_max": L * fit.layer_bytes(b, s) if b else 0.0}
-    s1 = math.floor((avail / L - fit.fixed - fit.per_seq) / fit.per_token) if fit.per_token > 0 else 0
-    return {"rows": rows, "max_context_batch1": max(s1, 0), "kv_budget_bytes": avail}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -390,30 +250,6 @@ def _shape_model(name: str | None, dtype: str | torch.dtype | None, device: str,
     return None, ModelShape.of(bm.model), {"model": bm.name, "model_source": bm.source, "random_weights": False}
 
 
-def capacity_table(doc: dict[str, Any]) -> str:
-    """Markdown table: max batch (analytic / empirical) per context and datatype."""
-    dts = list(doc["datatypes"])
-    by = {(r["datatype"], r["context"]): r for r in doc["rows"]}
-    contexts = sorted({r["context"] for r in doc["rows"]})
-    rows = []
-    for s in contexts:
-        row: list[Any] = [s]
-        for dt in dts:
-            r = by.get((dt, s))
-            if r is None:
-                row.append(None)
-                continue
-            emp = r.get("empirical_max_batch")
-            cell = f"{r['analytic_max_batch']}"
-            if emp is not None:
-                cell += f" / {emp}" + ("" if r.get("empirical_exact") else "?")
-            row.append(cell)
-        rows.append(row)
-    rows.append(["max ctx @B=1"] + [doc["datatypes"][dt]["analytic"]["max_context_batch1"] for dt in dts])
-    rows.append(["bits/elem"] + [fmt_num(doc["datatypes"][dt]["fit"]["bits_per_element"], ".2f") for dt in dts])
-    return format_table(rows, ["context"] + [f"{dt} B max (analytic / empirical)" for dt in dts])
-
-
 def empirical_frontier(doc: dict[str, Any], shape: ModelShape, settings: CapacitySettings, dev: torch.device,
                        dtype: torch.dtype, fits: dict[str, KVFit], budget: float, total: float, out_path: Path
                        ) -> None:
@@ -541,12 +377,11 @@ def add_capacity_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``kvquant bench capacity``."""
-    from kvquant.bench.generate import _resolve_device, add_model_args, add_quant_args
-
     p = argparse.ArgumentParser(prog="kvquant bench capacity", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p)
-    add_quant_args(p)
+    p.add_argument("--datatypes", default="fp16,nuq4,nuq3,nuq2", help="comma list of fp16, nuq2-4, int2-4")
+    add_quant_config_args(p)
     p.add_argument("--contexts", default="1K..128K", help="contexts: list (4096,32768) or doubling range")
     p.add_argument("--out", type=Path, default=Path("results/bench"), help="results folder")
     p.add_argument("--no-progress", action="store_true")
@@ -555,14 +390,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = CapacitySettings(
             datatypes=parse_datatypes(a.datatypes), contexts=parse_size_list(a.contexts),
-            quant=QuantConfig(outlier_fraction=a.outlier_fraction, n_sink=a.n_sink, residual_length=a.residual_length,
-                              backend=a.backend),
+            quant=quant_config_from_args(a),
             budget_gb=a.memory_budget_gb, reserve_gb=a.reserve_gb, empirical=not a.no_empirical,
             max_probes=a.max_probes, chunk_mib=a.chunk_mib, quantize_all_layers=a.quantize_all_layers, seed=a.seed,
             progress=not a.no_progress)
     except ValueError as exc:
         p.error(str(exc))
-    return run_capacity(a.model, a.dtype, _resolve_device(a.device), settings, a.out)
+    return run_capacity(a.model, a.dtype, resolve_device(a.device), settings, a.out)
 
 
 if __name__ == "__main__":

@@ -6,18 +6,11 @@ For every (datatype, batch, prompt length) configuration, in that order:
    of new tokens, another random prompt) so that one-off costs are not timed: CUDA context, cuBLAS heuristics,
    Triton compilation for every shape the run meets, and the caching allocator's first ``cudaMalloc`` of each
    block the growing caches need (the rehearsal's blocks stay cached for the timed run, as they would in a
-   serving process). Measured on an H200 (2026-11-30): plain ``generate`` on the random 7B shape took 74-81 ms
-   per decode step the first time a prompt length ran and 25-27 ms the second time; a short warm-up (128-token
-   prompt, 3 tokens, then ``empty_cache``) left most of that first-run cost in the timed run;
-2. a **prefill**: one forward of the ``[B, S]`` prompt through the model with a fresh cache
-   (``logits_to_keep=1``: only the last position's logits are computed, as ``generate`` does), greedy pick
-   of the first new token;
-3. a **decode loop** of ``gen - 1`` forwards of one token per sequence with the cache, greedy (argmax on
-   the device, no host round trip per step). As in ``model.generate(max_new_tokens=gen)``, the first of
-   the ``gen`` new tokens comes from the prefill logits.
-
-Timing: ``time.perf_counter`` between ``torch.cuda.synchronize()`` calls at the start of the prefill, the
-end of the prefill and the end of the decode loop. Reported rates count every sequence of the batch:
+   serving process). On an H200, plain ``generate`` on the random 7B shape takes 74-81 ms per decode step the
+   first time a prompt length runs in a process and 25-27 ms afterwards; a short warm-up (128-token prompt,
+   3 tokens, then ``empty_cache``) leaves most of that one-off cost in the timed run;
+2. a **prefill** and 3. a **decode loop** of ``gen - 1`` greedy steps (:func:`kvquant.bench.runs.run_generation`,
+   which also says how they are timed). Reported rates count every sequence of the batch:
 
 * ``prefill_tokens_per_s = B * S / prefill_s``;
 * ``decode_tokens_per_s = B * (gen - 1) / decode_s`` (tokens produced by the decode forwards);
@@ -42,39 +35,37 @@ Files in ``--out``: ``generate.jsonl`` (one JSON object per configuration, writt
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
 import gc
 import sys
 import time
 import traceback
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from kvquant.bench.capacity import add_capacity_args
-from kvquant.bench.common import (
-    RANDOM_WEIGHTS_NOTE,
-    BenchModel,
-    ResultWriter,
-    fmt_num,
-    format_table,
-    free_memory,
-    gpu_name,
-    is_cuda,
-    is_oom,
-    load_bench_model,
+from kvquant.bench.capacity import CapacitySettings, add_capacity_args, run_capacity
+from kvquant.bench.cuda import free_memory, gpu_name, is_cuda, is_oom
+from kvquant.bench.energy_regions import ENERGY_FIELDS, EnergyRegions
+from kvquant.bench.model import BenchModel, load_bench_model
+from kvquant.bench.results import ResultWriter
+from kvquant.bench.runs import cache_memory, make_cache, make_prompts, run_generation
+from kvquant.config import QuantConfig
+from kvquant.files import write_json_atomic
+from kvquant.flags import (
+    add_model_args,
+    add_quant_config_args,
     parse_datatypes,
     parse_size_list,
-    synchronize,
+    quant_config_from_args,
+    resolve_device,
 )
-from kvquant.cache.hf_compat import cache_kwargs
-from kvquant.config import BACKENDS, QuantConfig
+from kvquant.models.random import RANDOM_WEIGHTS_NOTE
+from kvquant.report.markdown import fmt_num, format_table
 
 SCHEMA = "kvquant.bench.generate/v1"
 
@@ -90,9 +81,7 @@ FIELDS: list[str] = [
     "weights_bytes", "peak_memory_bytes", "peak_memory_note",
     "kv_tokens", "kv_elements", "kv_bytes", "kv_bytes_allocated", "kv_fp16_bytes", "bits_per_element",
     "compression_vs_fp16", "logits_finite",
-    "energy_available", "energy_note", "energy_method", "prefill_energy_j", "decode_energy_j", "energy_j",
-    "j_per_token", "prefill_j_per_token", "decode_j_per_token", "mean_power_w", "peak_power_w",
-    "grid_intensity_g_per_kwh", "country", "co2_g", "co2_g_per_1k_tokens",
+    *ENERGY_FIELDS,
 ]
 
 
@@ -128,236 +117,8 @@ class GenerateSettings:
             raise ValueError("batches and prompt lengths must be non-empty lists of positive integers")
 
 
-# ----------------------------------------------------------------------------------------------------
-# prompts
-
-_CORPUS: dict[tuple[str, str], torch.Tensor] = {}
-
-
-def make_prompts(bm: BenchModel, batch: int, length: int, data: str | None, seed: int = 0
-                 ) -> tuple[torch.Tensor, str]:
-    """``[batch, length]`` prompt ids on the model's device and where they come from.
-
-    Real text (consecutive windows of the tokenized ``data`` test split, wrapped around when the corpus is
-    shorter than ``batch * length``) when the model has a tokenizer and the text loads; uniform random ids
-    otherwise (the reason is in the returned source string).
-    """
-    reason = "random-weight model has no tokenizer" if bm.tokenizer is None else None
-    if bm.tokenizer is not None and data:
-        key = (bm.name, data)
-        try:
-            if key not in _CORPUS:
-                from kvquant.data import load_text, tokenize_corpus
-
-                _CORPUS[key] = torch.as_tensor(tokenize_corpus(load_text(data, "test"), bm.tokenizer, bm.bos_id))
-            ids = _CORPUS[key]
-            need = batch * length
-            wrapped = need > ids.numel()
-            if wrapped:
-                ids = ids.repeat(-(-need // ids.numel()))
-            return ids[:need].view(batch, length).to(bm.device), f"text:{data}:test" + (" (wrapped)" if wrapped else "")
-        except Exception as exc:  # no data available: fall back, and say so
-            reason = f"text {data!r} unavailable ({type(exc).__name__}: {str(exc)[:120]})"
-    elif bm.tokenizer is not None:
-        reason = "no --data given"
-    vocab = int(bm.text_config.vocab_size)
-    g = torch.Generator().manual_seed(seed + 7919 * batch + length)
-    low = 3 if vocab > 3 else 0  # skip pad/bos/eos of the random presets
-    ids = torch.randint(low, vocab, (batch, length), generator=g)
-    return ids.to(bm.device), f"random-ids ({reason})"
-
-
-# ----------------------------------------------------------------------------------------------------
-# caches
-
-
-def make_cache(bm: BenchModel, datatype: str, quant: QuantConfig, calibration: Any | None,
-               reserve_tokens: int = 0) -> Any:
-    """``DynamicCache`` for ``fp16``, else a :class:`KVQuantCache` of ``datatype`` that allocates the pages of
-    ``reserve_tokens`` generated tokens right after the prefill (exactly, as a server with a known budget)."""
-    if datatype == "fp16":
-        from transformers import DynamicCache
-
-        return DynamicCache()
-    from kvquant.cache.hf_cache import KVQuantCache
-
-    return KVQuantCache(bm.model, replace(quant, datatype=datatype), calibration=calibration,
-                        reserve_tokens=reserve_tokens)
-
-
-def _dynamic_kv_tensors(cache: Any) -> list[torch.Tensor]:
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        out = []
-        for layer in layers:
-            for name in ("keys", "values"):
-                t = getattr(layer, name, None)
-                if isinstance(t, torch.Tensor):
-                    out.append(t)
-        return out
-    return [t for t in (*getattr(cache, "key_cache", []), *getattr(cache, "value_cache", []))
-            if isinstance(t, torch.Tensor)]  # transformers 4.5x
-
-
-def cache_memory(cache: Any) -> dict[str, Any]:
-    """KV bytes held / allocated, fp16-equivalent bytes, elements and bits per element of a cache."""
-    if hasattr(cache, "memory_report") and hasattr(cache, "quantizer_for"):  # KVQuantCache
-        rep = cache.memory_report()
-        if not rep:
-            return {}
-        allocated = 0
-        for layer in cache.layers:
-            for store in (getattr(layer, "qkeys", None), getattr(layer, "qvalues", None)):
-                if store is not None and hasattr(store, "nbytes_allocated"):
-                    allocated += int(store.nbytes_allocated())
-        elements = int(rep["key_elements"] + rep["value_elements"])
-        return {"kv_bytes": int(rep["total_bytes"]), "kv_bytes_allocated": allocated or None,
-                "kv_fp16_bytes": int(rep["fp16_bytes"]), "kv_elements": elements,
-                "bits_per_element": float(rep["bits_per_element"]),
-                "compression_vs_fp16": float(rep["compression_vs_fp16"])}
-    tensors = _dynamic_kv_tensors(cache)
-    if not tensors:
-        return {}
-    nbytes = sum(t.numel() * t.element_size() for t in tensors)
-    elements = sum(t.numel() for t in tensors)
-    return {"kv_bytes": int(nbytes), "kv_bytes_allocated": int(nbytes), "kv_fp16_bytes": 2 * elements,
-            "kv_elements": int(elements), "bits_per_element": 8 * nbytes / elements,
-            "compression_vs_fp16": 2 * elements / nbytes}
-
-
-# ----------------------------------------------------------------------------------------------------
-# one configuration
-
-
-def _forward(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any) -> torch.Tensor:
-    """One forward with the cache; returns the last position's logits ``[B, vocab]``."""
-    out = model(input_ids=input_ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1]
-
-
-def greedy_steps(model: torch.nn.Module, nxt: torch.Tensor, cache: Any, steps: int
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``steps`` greedy decode forwards of ``nxt [B, 1]`` with the cache (argmax on the device, no host round
-    trip); returns the next tokens ``[B, 1]`` and the last logits ``[B, vocab]`` (``None`` when ``steps`` is 0)."""
-    logits = None
-    for _ in range(steps):
-        logits = _forward(model, nxt, cache)
-        nxt = logits.argmax(-1, keepdim=True)
-    return nxt, logits
-
-
-@torch.no_grad()
-def run_generation(model: torch.nn.Module, prompt: torch.Tensor, cache: Any, gen: int, device: torch.device,
-                   region: Any = None) -> dict[str, Any]:
-    """Prefill ``prompt`` then ``gen - 1`` greedy decode steps; timings (s) and the last logits.
-
-    ``region(name, tokens)`` is an optional context-manager factory (energy regions) wrapped around the
-    prefill and the decode loop; the timed windows are inside it.
-    """
-    region = region or (lambda name, tokens: contextlib.nullcontext())
-    B, S = prompt.shape
-    with region("prefill", B * S):
-        synchronize(device)
-        t0 = time.perf_counter()
-        logits = _forward(model, prompt, cache)
-        nxt = logits.argmax(-1, keepdim=True)
-        synchronize(device)
-        t1 = time.perf_counter()
-    steps = gen - 1
-    with region("decode", B * steps):
-        synchronize(device)
-        t2 = time.perf_counter()
-        _, last = greedy_steps(model, nxt, cache, steps)
-        synchronize(device)
-        t3 = time.perf_counter()
-    return {"prefill_s": t1 - t0, "decode_s": t3 - t2, "decode_steps": steps,
-            "logits": last if last is not None else logits}
-
-
-class _Energy:
-    """Energy regions of one benchmark run (a :class:`DetailedEnergyProfiler`, or nothing)."""
-
-    def __init__(self, settings: GenerateSettings, device: torch.device, out_dir: Path) -> None:
-        self.profiler = None
-        self.note: str | None = None
-        self.country = settings.country
-        use = settings.energy == "on" or (settings.energy == "auto" and is_cuda(device))
-        if not use:
-            self.note = ("unavailable: energy measurement off (--energy off)" if settings.energy == "off" else
-                         "unavailable: CPU run (energy is measured on the GPU through NVML; --energy on forces it)")
-            return
-        from kvquant.energy import DetailedEnergyProfiler
-
-        gpu = settings.gpu_id
-        if gpu is None:
-            gpu = device.index if device.index is not None else (torch.cuda.current_device() if is_cuda(device) else 0)
-        self.profiler = DetailedEnergyProfiler(out_dir / "energy", gpu_id=gpu,
-                                               grid_intensity_g_per_kwh=settings.grid_intensity,
-                                               country_iso_code=settings.country)
-        if settings.grid_intensity is not None:
-            self.country = None
-        if not self.profiler.available:
-            self.note = f"unavailable: {self.profiler._reason or 'NVML unavailable'}"
-
-    @contextlib.contextmanager
-    def regions(self, tag: str, store: dict[str, Any]) -> Iterator[Any]:
-        """A ``region(name, tokens)`` factory recording each region's record into ``store[name]``."""
-
-        @contextlib.contextmanager
-        def region(name: str, tokens: int) -> Iterator[None]:
-            if self.profiler is None:
-                yield
-                return
-            with self.profiler.profile(f"{tag}_{name}", tokens=tokens) as ctx:
-                yield
-            store[name] = ctx.record
-
-        yield region
-
-    def fields(self, store: dict[str, Any], generated: int) -> dict[str, Any]:
-        out: dict[str, Any] = {k: None for k in FIELDS if k.startswith(("energy", "prefill_energy", "decode_energy"))}
-        out.update({"j_per_token": None, "prefill_j_per_token": None, "decode_j_per_token": None,
-                    "mean_power_w": None, "peak_power_w": None, "co2_g": None, "co2_g_per_1k_tokens": None,
-                    "grid_intensity_g_per_kwh": None, "country": self.country})
-        out["energy_available"] = False
-        out["energy_note"] = self.note
-        pre, dec = store.get("prefill"), store.get("decode")
-        if self.profiler is None or pre is None:
-            return out
-        out["grid_intensity_g_per_kwh"] = self.profiler.grid_intensity_g_per_kwh
-        out["energy_method"] = pre.get("method")
-        recs = [r for r in (pre, dec) if r is not None]
-        if not all(r.get("energy_j") is not None for r in recs):
-            reasons = {r.get("reason") for r in recs if r.get("reason")}
-            out["energy_note"] = "unavailable: " + ("; ".join(sorted(reasons)) or "no energy reading")
-            return out
-        e_pre = float(pre["energy_j"])
-        e_dec = float(dec["energy_j"]) if dec is not None else 0.0
-        energy = e_pre + e_dec
-        duration = sum(float(r.get("duration_s") or 0.0) for r in recs)
-        out.update(energy_available=True, energy_note=None, prefill_energy_j=e_pre,
-                   decode_energy_j=e_dec if dec is not None else None, energy_j=energy,
-                   j_per_token=energy / generated if generated else None,
-                   prefill_j_per_token=pre.get("j_per_token"),
-                   decode_j_per_token=dec.get("j_per_token") if dec is not None else None,
-                   mean_power_w=energy / duration if duration else None,
-                   peak_power_w=max((r.get("peak_power_w") or 0.0) for r in recs) or None)
-        intensity = self.profiler.grid_intensity_g_per_kwh
-        if intensity is not None:
-            from kvquant.energy import co2_from_energy
-
-            co2 = co2_from_energy(energy, intensity)
-            out["co2_g"] = co2
-            out["co2_g_per_1k_tokens"] = co2 / generated * 1000.0 if generated else None
-        return out
-
-    def close(self) -> None:
-        if self.profiler is not None:
-            self.profiler.close()
-
-
 def measure_config(bm: BenchModel, settings: GenerateSettings, datatype: str, batch: int, prompt_len: int,
-                   calibration: Any | None, energy: _Energy) -> dict[str, Any]:
+                   calibration: Any | None, energy: EnergyRegions) -> dict[str, Any]:
     """Warm up, then run and measure one configuration; returns the measured record fields.
 
     Raises whatever the run raises (``torch.cuda.OutOfMemoryError`` included): the caller records it.
@@ -441,7 +202,7 @@ def run_generate_benchmark(bm: BenchModel, settings: GenerateSettings, out_dir: 
     for dt in settings.datatypes:  # fail fast on an incompatible calibration, before any measurement
         if dt != "fp16":
             make_cache(bm, dt, settings.quant, calibration)
-    energy = _Energy(settings, bm.device, out_dir)
+    energy = EnergyRegions(settings, bm.device, out_dir)
     carbon = None
     if settings.grid_region and energy.profiler is not None:
         from kvquant.energy import CarbonTracker
@@ -488,8 +249,6 @@ def run_generate_benchmark(bm: BenchModel, settings: GenerateSettings, out_dir: 
         energy.close()
         if carbon is not None:
             m = carbon.stop()
-            from kvquant.bench.common import write_json_atomic
-
             write_json_atomic(out_dir / "codecarbon_run.json", {"run_id": run_id, **m.to_dict(),
                                                                "region": settings.grid_region})
     return records
@@ -527,31 +286,12 @@ def results_table(records: list[dict[str, Any]]) -> str:
 # command line
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="path, alias (smollm2-135m, stories260k), hub id, or random:<preset> with random weights "
-                        "(random:7b = Llama-2-7B shape, random:8b = Llama-3-8B GQA, random:1b, random:small, "
-                        "random:tiny)")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", default=None, help="float16 | bfloat16 | float32 (default: float16 on CUDA, "
-                                                 "float32 on CPU)")
-    p.add_argument("--seed", type=int, default=0)
-
-
-def add_quant_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--datatypes", default="fp16,nuq4,nuq3,nuq2", help="comma list of fp16, nuq2-4, int2-4")
-    p.add_argument("--outlier-fraction", type=float, default=0.01)
-    p.add_argument("--n-sink", type=int, default=1)
-    p.add_argument("--residual-length", type=int, default=0)
-    p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="cache kernels: auto = Triton on CUDA when installed, else the torch reference")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvquant bench generate", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p)
-    add_quant_args(p)
+    p.add_argument("--datatypes", default="fp16,nuq4,nuq3,nuq2", help="comma list of fp16, nuq2-4, int2-4")
+    add_quant_config_args(p)
     p.add_argument("--batch", default="1,8,32", help="batch sizes: list (1,8,32) or doubling range (1..32)")
     p.add_argument("--prompt-len", default="1K..32K", help="prompt lengths: list (1024,4096) or doubling range")
     p.add_argument("--gen", type=int, default=128, help="new tokens per sequence")
@@ -577,14 +317,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _resolve_device(device: str | None) -> str:
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {device}: CUDA is not available on this machine")
-    return device
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``kvquant bench generate``. Returns a process exit code."""
     p = build_parser()
@@ -593,15 +325,11 @@ def main(argv: list[str] | None = None) -> int:
         datatypes = parse_datatypes(a.datatypes)
         batches = parse_size_list(a.batch)
         lens = parse_size_list(a.prompt_len)
-        quant = QuantConfig(outlier_fraction=a.outlier_fraction, n_sink=a.n_sink, residual_length=a.residual_length,
-                            backend=a.backend)
+        quant = quant_config_from_args(a)
     except ValueError as exc:
         p.error(str(exc))
-    device = _resolve_device(a.device)
+    device = resolve_device(a.device)
     if a.find_capacity:
-        from kvquant.bench.capacity import CapacitySettings, run_capacity
-
-
         try:
             cs = CapacitySettings(datatypes=datatypes, contexts=lens, quant=quant, budget_gb=a.memory_budget_gb,
                                   reserve_gb=a.reserve_gb, empirical=not a.no_empirical, max_probes=a.max_probes,

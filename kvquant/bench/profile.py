@@ -1,9 +1,9 @@
 """Where a prefill quantization spends its time: ``torch.profiler`` over ``BatchedKVQuantizer.quantize_keys`` /
 ``quantize_values`` of one ``[B, H, S, D]`` input.
 
-``kvquant bench kernels`` times the whole prefill append and the fused write inside it; on the H200 the whole
-append took 5-10x the write (MHA keys at 32K: 12.3 ms against 1.9 ms). This names the rest: a table of the ops
-by device time and by host time, the host-device syncs counted, and a JSON file of the same rows.
+``kvquant bench kernels`` times the whole prefill append and the fused write inside it; on an H200 the whole
+append takes 5-10x the write (MHA keys at 32K: 12.3 ms against 1.9 ms). This names the rest: a table of the ops
+by GPU time and by host time, the host-device syncs counted, and a JSON file of the same rows.
 
 ``--kind decode`` profiles whole decode steps of a model instead (``model(next_token, cache)``, one token per
 sequence), once per ``--datatype`` (``fp16`` is transformers' ``DynamicCache``). It answers whether a decode
@@ -15,7 +15,7 @@ and ``kvquant.append`` (inside it). The model's own work is the rest.
 
 Run: ``kvquant bench profile --kind keys --heads 32 --tokens 32768 [--backend triton] [--out prof.json]``
 or ``kvquant bench profile --kind decode --model random:7b --datatype fp16,nuq3 --batch 1 --tokens 4K``
-(on CPU too, with the torch backend or the Triton interpreter; the device time column is then empty).
+(on CPU too, with the torch backend or the Triton interpreter; the GPU time column is then empty).
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from typing import Any
 
 import torch
 
-from kvquant.bench.common import parse_size, write_json_atomic
 from kvquant.config import QuantConfig
+from kvquant.files import write_json_atomic
+from kvquant.flags import add_device_arg, add_quant_config_args, parse_size, quant_config_from_args, resolve_device
 
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::repeat_interleave",
             "aten::masked_select", "aten::_unique2", "cudaStreamSynchronize", "cudaDeviceSynchronize")
@@ -43,7 +44,7 @@ def profile_prefill(kind: str, batch: int, heads: int, tokens: int, head_dim: in
     """Profile one ``quantize_keys`` / ``quantize_values`` call after ``warmup`` untimed ones.
 
     Returns ``{"rows": [...], "syncs": {...}, "wall_ms": float}``; each row is one op name with its count and its
-    total host and device (CUDA) time in ms (device time 0 on CPU).
+    total host and GPU (CUDA) time in ms (GPU time 0 on CPU).
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -85,9 +86,9 @@ def _device_us(e: Any, self_only: bool) -> float:
 
 def op_rows(prof: Any) -> list[dict[str, Any]]:
     """One row per op name of a finished ``torch.profiler.profile``: ``op``, ``count``, ``host_ms`` (self host
-    time), ``device_ms`` (device time of the op and its children), ``device_self_ms`` and ``on_device`` (True
+    time), ``device_ms`` (GPU time of the op and its children), ``device_self_ms`` and ``on_device`` (True
     for the device's own events: kernels, copies, annotations; their ``device_self_ms`` summed over the kernels
-    and copies is the time the device was busy), sorted by device time."""
+    and copies is the time the device was busy), sorted by GPU time."""
     rows = [{"op": e.key, "count": int(e.count), "host_ms": e.self_cpu_time_total / 1e3,
              "device_ms": _device_us(e, False) / 1e3, "device_self_ms": _device_us(e, True) / 1e3,
              "on_device": not str(getattr(e, "device_type", "CPU")).endswith("CPU")}
@@ -141,7 +142,7 @@ def profile_decode(bm: Any, datatype: str, batch: int, prompt_len: int, quant: Q
     First a full untimed rehearsal (prefill and every step, another cache) so that compilation and the
     allocator's first blocks are not measured; then a prefill, ``warmup_steps`` steps, ``steps`` steps timed
     without the profiler (``wall_ms_per_step``) and ``steps`` more under it. ``bm`` is a
-    :class:`~kvquant.bench.common.BenchModel`; ``datatype`` ``fp16`` profiles transformers' ``DynamicCache``.
+    :class:`~kvquant.bench.model.BenchModel`; ``datatype`` ``fp16`` profiles transformers' ``DynamicCache``.
 
     Returns ``{"wall_ms_per_step", "profiled_ms_per_step", "device_busy_ms_per_step" (None on CPU),
     "launches_per_step", "syncs_per_step" (every host wait in the profiled window, the closing synchronize
@@ -150,8 +151,8 @@ def profile_decode(bm: Any, datatype: str, batch: int, prompt_len: int, quant: Q
     """
     from torch.profiler import ProfilerActivity, profile
 
-    from kvquant.bench.common import synchronize
-    from kvquant.bench.generate import _forward, greedy_steps, make_cache, make_prompts, run_generation
+    from kvquant.bench.cuda import synchronize
+    from kvquant.bench.runs import forward_logits, greedy_steps, make_cache, make_prompts, run_generation
 
     if steps < 1 or warmup_steps < 0:
         raise ValueError(f"need steps >= 1 and warmup_steps >= 0, got {steps} and {warmup_steps}")
@@ -162,7 +163,7 @@ def profile_decode(bm: Any, datatype: str, batch: int, prompt_len: int, quant: Q
         run_generation(bm.model, prompt, make_cache(bm, datatype, quant, None, reserve_tokens=total + 1),
                        total + 1, dev)
         cache = make_cache(bm, datatype, quant, None, reserve_tokens=total + 1)
-        nxt, _ = greedy_steps(bm.model, _forward(bm.model, prompt, cache).argmax(-1, keepdim=True), cache,
+        nxt, _ = greedy_steps(bm.model, forward_logits(bm.model, prompt, cache).argmax(-1, keepdim=True), cache,
                               warmup_steps)
         synchronize(dev)
         t0 = time.perf_counter()
@@ -181,8 +182,8 @@ def profile_decode(bm: Any, datatype: str, batch: int, prompt_len: int, quant: Q
     regions: dict[str, dict[str, float]] = {}
     for ev in prof.events():  # host-side region events only (CUDA builds also keep a device-side annotation)
         if ev.name in REGIONS and str(getattr(ev, "device_type", "CPU")).endswith("CPU"):
-            # host time only: Triton's launches are not tied to the region in the trace, so its device time is
-            # not the region's kernels' (the kernel rows name those: _pages_kernel_v3 = attention, ...)
+            # host time only: Triton's launches are not tied to the region in the trace, so its GPU time is
+            # not the region's kernels' (the kernel rows name those: _pages_kernel = attention, ...)
             reg = regions.setdefault(ev.name, {"calls_per_step": 0.0, "host_ms_per_step": 0.0})
             reg["calls_per_step"] += 1 / steps
             reg["host_ms_per_step"] += ev.cpu_time_total / 1e3 / steps  # the region's children included
@@ -196,9 +197,9 @@ def profile_decode(bm: Any, datatype: str, batch: int, prompt_len: int, quant: Q
 
 
 def format_rows(rows: list[dict[str, Any]], top: int, device_times: bool = True) -> str:
-    """The ``top`` rows by device time (when ``device_times``), then the ``top`` by host time (Markdown)."""
+    """The ``top`` rows by GPU time (when ``device_times``), then the ``top`` by host time (Markdown)."""
     out = []
-    tables = (("by device time", "device_ms"), ("by host time", "host_ms"))
+    tables = (("by GPU time", "device_ms"), ("by host time", "host_ms"))
     for title, key in tables if device_times else tables[1:]:
         out.append(f"\n{title}\n| op | count | device ms | host ms |\n|---|---|---|---|")
         for r in sorted(rows, key=lambda r: r[key], reverse=True)[:top]:
@@ -226,12 +227,12 @@ def decode_summary(results: list[dict[str, Any]]) -> str:
 def _main_decode(a: argparse.Namespace, device: str) -> dict[str, Any]:
     from dataclasses import replace
 
-    from kvquant.bench.common import load_bench_model, parse_datatypes
+    from kvquant.bench.model import load_bench_model
+    from kvquant.flags import parse_datatypes
 
     datatypes = parse_datatypes(a.datatype)
     bm = load_bench_model(a.model, a.dtype, device)
-    quant = QuantConfig(datatype="nuq3", outlier_fraction=a.outlier_fraction, n_sink=1, residual_length=0,
-                        backend=a.backend)  # fp16 ignores it (transformers' DynamicCache)
+    quant = quant_config_from_args(a, datatype="nuq3")  # fp16 ignores it (transformers' DynamicCache)
     results = []
     for dt in datatypes:
         res = profile_decode(bm, dt, a.batch, a.tokens, quant if dt == "fp16" else replace(quant, datatype=dt),
@@ -254,9 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=parse_size, default=32768, help="prompt length S (32K or 32768)")
     p.add_argument("--head-dim", type=int, default=128, help="keys/values only")
     p.add_argument("--datatype", default="nuq3", help="decode: a comma list, fp16 = transformers' DynamicCache")
-    p.add_argument("--outlier-fraction", type=float, default=0.01)
-    p.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    add_quant_config_args(p)
+    add_device_arg(p)
     p.add_argument("--model", default="random:7b", help="decode: model name, path or random:<preset>")
     p.add_argument("--dtype", default=None, help="decode: model dtype (default float16 on CUDA, float32 on CPU)")
     p.add_argument("--steps", type=int, default=8, help="decode: steps timed, then as many profiled")
@@ -264,15 +264,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=15, help="rows printed per table")
     p.add_argument("--out", type=Path, default=None, help="JSON file for every row")
     a = p.parse_args(argv)
-    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(a.device)
     for name in ("batch", "heads", "tokens", "head_dim", "top", "steps"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if a.kind == "decode":
         doc = _main_decode(a, device)
     else:
-        cfg = QuantConfig(datatype=a.datatype, outlier_fraction=a.outlier_fraction, n_sink=1, residual_length=0,
-                          page_size=64, backend=a.backend)
+        try:
+            cfg = quant_config_from_args(a, datatype=a.datatype)
+        except ValueError as exc:
+            p.error(str(exc))
         doc = profile_prefill(a.kind, a.batch, a.heads, a.tokens, a.head_dim, cfg, device)
         head = (f"prefill {a.kind} [{a.batch}, {a.heads}, {a.tokens}, {a.head_dim}] {a.datatype} on {device} "
                 f"({a.backend} backend): {doc['wall_ms']:.2f} ms profiled, syncs {doc['syncs'] or 'none'}")

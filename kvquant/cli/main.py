@@ -11,12 +11,16 @@ import sys
 import time
 from pathlib import Path
 
+from kvquant.flags import add_device_arg, add_quant_config_args, quant_config_from_args, resolve_device
+from kvquant.quant.calibration_file import SENSITIVITIES
+
 DEFAULT_DATATYPES = "fp16,nuq4,nuq3,nuq2,int4,int3,int2"
 
 
 def _load(model: str | None, dtype: str | None, device: str):
     from kvquant.models import load_model
 
+    device = resolve_device(device)
     print(f"loading model {model or '(default)'} ...", file=sys.stderr)
     m, tok, spec = load_model(model, dtype=dtype, device=device)
     print(f"model: {spec.name} from {spec.source}", file=sys.stderr)
@@ -34,13 +38,12 @@ def _corpus(tok, spec, data: str, split: str):
 
 def cmd_calibrate(a: argparse.Namespace) -> None:
     from kvquant.calibration.calibrate import calibrate
-    from kvquant.config import QuantConfig
     from kvquant.data import sample_calibration_sequences
 
+    cfg = quant_config_from_args(a)
     model, tok, spec = _load(a.model, a.dtype, a.device)
     ids = _corpus(tok, spec, a.data, a.split)
     seqs = sample_calibration_sequences(ids, a.n_seqs, a.seq_len, a.seed)
-    cfg = QuantConfig(outlier_fraction=a.outlier_fraction, n_sink=a.n_sink, pre_rope=not a.post_rope)
     t0 = time.perf_counter()
     cal = calibrate(model, seqs, cfg, sensitivity=a.sensitivity, batch_size=a.batch_size, model_id=spec.name,
                     dataset=f"{a.data}:{a.split}", progress=a.progress)
@@ -51,16 +54,16 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
 def cmd_eval_ppl(a: argparse.Namespace) -> None:
     from kvquant.calibration import Calibration
     from kvquant.calibration.format import calibration_digest
-    from kvquant.config import QuantConfig
     from kvquant.data import make_windows
     from kvquant.eval.baselines import baseline_available, parse_baseline
     from kvquant.eval.perplexity import evaluate_perplexity, format_table
 
+    cfg = quant_config_from_args(a)
     model, tok, spec = _load(a.model, a.dtype, a.device)
     cal = Calibration.load(a.calibration) if a.calibration else None
     if cal is not None:
-        cal.check_compatible(cal.num_layers, cal.num_kv_heads, cal.head_dim, a.outlier_fraction,
-                             not a.post_rope, spec.name)
+        cal.check_compatible(cal.num_layers, cal.num_kv_heads, cal.head_dim, cfg.outlier_fraction, cfg.pre_rope,
+                             spec.name)
     import torch
 
     datatypes, skipped = [], {}
@@ -72,8 +75,6 @@ def cmd_eval_ppl(a: argparse.Namespace) -> None:
             skipped[name] = why
             print(f"skipping {name}: {why}", file=sys.stderr)
     windows = torch.stack(make_windows(_corpus(tok, spec, a.data, "test"), a.ctx, max_windows=a.max_windows))
-    cfg = QuantConfig(outlier_fraction=a.outlier_fraction, n_sink=a.n_sink, pre_rope=not a.post_rope,
-                      residual_length=a.residual_length)
     meta = {"model": spec.name, "data": a.data, "calibration": a.calibration,
             "calibration_sha256": calibration_digest(a.calibration) if a.calibration else None, "skipped": skipped}
     res = evaluate_perplexity(model, windows, datatypes, cal, cfg, a.prefill, a.chunk, a.batch_size, a.out, meta=meta,
@@ -83,25 +84,27 @@ def cmd_eval_ppl(a: argparse.Namespace) -> None:
 
 
 def cmd_demo(a: argparse.Namespace) -> None:
+    from dataclasses import replace
+
     import torch
 
     from kvquant.cache.hf_cache import KVQuantCache
     from kvquant.cache.hf_compat import cache_kwargs
     from kvquant.calibration.calibrate import calibrate
-    from kvquant.config import QuantConfig
     from kvquant.data import make_windows, sample_calibration_sequences
     from kvquant.eval.perplexity import evaluate_perplexity, format_table
 
+    base = quant_config_from_args(a)
     model, tok, spec = _load(a.model, None, a.device)
     print("1/3 calibrating on validation text ...")
     ids = _corpus(tok, spec, a.data, "validation")
-    cal = calibrate(model, sample_calibration_sequences(ids, 8, a.ctx, 0), QuantConfig(), model_id=spec.name,
+    cal = calibrate(model, sample_calibration_sequences(ids, 8, a.ctx, 0), base, model_id=spec.name,
                     progress=a.progress)
     print("2/3 generating with a nuq3 cache (batch of 2 left-padded prompts) ...")
     prompts = ["The capital of France is", "Once upon a time, a little robot"]
     tok.padding_side = "left"
     enc = tok(prompts, return_tensors="pt", padding=True).to(a.device)
-    cache = KVQuantCache(model, QuantConfig(datatype="nuq3"), calibration=cal)
+    cache = KVQuantCache(model, replace(base, datatype="nuq3"), calibration=cal)
     with torch.no_grad():
         out = model.generate(**enc, **cache_kwargs(model, cache), max_new_tokens=a.new_tokens, do_sample=False)
     for p, o in zip(prompts, tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)):
@@ -112,7 +115,7 @@ def cmd_demo(a: argparse.Namespace) -> None:
     print(f"3/3 perplexity through the cache ({a.windows} windows of {a.ctx} tokens, test split) ...")
     test = _corpus(tok, spec, a.data, "test")
     windows = torch.stack(make_windows(test, a.ctx, max_windows=a.windows))
-    res = evaluate_perplexity(model, windows, ["fp16", "nuq4", "nuq3"], cal, chunk=a.chunk, progress=a.progress)
+    res = evaluate_perplexity(model, windows, ["fp16", "nuq4", "nuq3"], cal, base, chunk=a.chunk, progress=a.progress)
     print(format_table(res))
 
 
@@ -137,7 +140,7 @@ def cmd_report(a: argparse.Namespace) -> None:
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="path, .gguf, alias (smollm2-135m, stories260k) or hub id")
     p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: model's / float32 on CPU)")
-    p.add_argument("--device", default="cpu")
+    add_device_arg(p, "cpu")
 
 
 def _progress_arg(p: argparse.ArgumentParser) -> None:
@@ -147,12 +150,6 @@ def _progress_arg(p: argparse.ArgumentParser) -> None:
                    help="no progress bars (for logs and scripted runs)")
 
 
-def _quant_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--outlier-fraction", type=float, default=0.01)
-    p.add_argument("--n-sink", type=int, default=1)
-    p.add_argument("--post-rope", action="store_true", help="quantize keys after RoPE (default: before)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvquant", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -160,25 +157,24 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="calibrate, generate with a quantized cache, print perplexity")
     d.add_argument("--model", default=None)
     d.add_argument("--data", default="wikitext2-raw")
-    d.add_argument("--device", default="cpu")
+    add_device_arg(d, "cpu")
     d.add_argument("--ctx", type=int, default=512)
     d.add_argument("--windows", type=int, default=2)
     d.add_argument("--chunk", type=int, default=64)
     d.add_argument("--new-tokens", type=int, default=20)
+    add_quant_config_args(d)
     _progress_arg(d)
     d.set_defaults(func=cmd_demo)
 
     c = sub.add_parser("calibrate", help="fit per-channel key ranges and NUQ codebooks")
     _model_args(c)
-    _quant_args(c)
+    add_quant_config_args(c)
     c.add_argument("--data", default="wikitext2", help="dataset name or text file (default: wikitext2)")
     c.add_argument("--split", default="validation")
     c.add_argument("--n-seqs", type=int, default=16)
     c.add_argument("--seq-len", type=int, default=512)
     c.add_argument("--batch-size", type=int, default=4,
                    help="sequences per forward; halved automatically when a forward runs out of GPU memory")
-    from kvquant.calibration.format import SENSITIVITIES
-
     c.add_argument("--sensitivity", choices=list(SENSITIVITIES), default="none",
                    help="k-means weights: none, fisher (squared loss gradients, KVQuant), magnitude (keys by |k|), "
                         "query (keys by the logit error they cause: query energy x channel scale^2)")
@@ -191,13 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     esub = e.add_subparsers(dest="what", required=True)
     ppl = esub.add_parser("ppl", help="Wikitext-2 perplexity through the quantized cache")
     _model_args(ppl)
-    _quant_args(ppl)
+    add_quant_config_args(ppl)
     ppl.add_argument("--calibration", default=None)
     ppl.add_argument("--data", default="wikitext2-raw")
     ppl.add_argument("--datatypes", default=DEFAULT_DATATYPES,
                      help="comma list: fp16, nuq2-4, int2-4, plain, quanto2/4, quanto2k/4k, hqq2/4")
-    ppl.add_argument("--residual-length", type=int, default=0,
-                     help="exact fp16 window of the most recent tokens (KIVI-style baselines keep 128)")
     ppl.add_argument("--ctx", type=int, default=2048)
     ppl.add_argument("--prefill", type=int, default=None, help="default ctx // 2")
     ppl.add_argument("--chunk", type=int, default=32)
@@ -224,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    if args.command != "bench":
+        try:  # an invalid QuantConfig value is a usage error, before any model is loaded
+            quant_config_from_args(args)
+        except ValueError as exc:
+            parser.error(str(exc))
     if args.command == "bench":
         if args.what is None:
             print(f"usage: kvquant bench {{{','.join(BENCHMARKS)}}} [options]\n"

@@ -1,4 +1,4 @@
-"""One-warning-per-process helper shared by the energy modules."""
+"""One warning per process, shared by the energy modules."""
 
 from __future__ import annotations
 

@@ -47,7 +47,7 @@ def normalize_gpu_ids(gpu_id: int | list[int] | tuple[int, ...]) -> list[int]:
 
 
 class NvmlBackend:
-    """An initialised NVML session: device names, power (W) and the total-energy counter (J).
+    """An initialised NVML connection: device names, power (W) and the total-energy counter (J).
 
     Opening calls ``nvmlInit()`` (reference counted by NVML, so several backends may coexist); call
     :meth:`close` (or use as a context manager) to call ``nvmlShutdown()``.

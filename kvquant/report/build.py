@@ -10,9 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kvquant.bench.common import RANDOM_WEIGHTS_NOTE, format_table
+from kvquant.models.random import RANDOM_WEIGHTS_NOTE
 from kvquant.report import plots, tables
 from kvquant.report.load import Results, group_generate, group_ppl, load_results
+from kvquant.report.markdown import format_table
 from kvquant.report.pareto import energy_per_datatype, tradeoff_points
 
 FIGURES = "figures"
@@ -67,6 +68,15 @@ def _generation_sections(res: Results, figs: _Figures) -> list[str]:
         for r in recs:
             counts[str(r.get("status"))] = counts.get(str(r.get("status")), 0) + 1
         out += ["Configurations: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ".", ""]
+        out += ["#### Side by side", "",
+                "One row per batch and prompt length, one column per datatype.", "",
+                "Decode ms per step:", "", tables.side_by_side_table(recs, "decode_ms_per_step", ".1f"), "",
+                "Prefill seconds:", "", tables.side_by_side_table(recs, "prefill_s", ".2f"), "",
+                "KV cache MiB held:", "", tables.side_by_side_table(recs, "kv_bytes", ".0f", 2**-20), "",
+                "Peak GPU memory GiB (weights included):", "",
+                tables.side_by_side_table(recs, "peak_memory_bytes", ".1f", 2**-30), ""]
+        if any(r.get("j_per_token") is not None for r in recs):
+            out += ["J per generated token:", "", tables.side_by_side_table(recs, "j_per_token", ".3g"), ""]
         errors = [r for r in recs if r.get("status") not in ("ok",) and r.get("error")]
         out += ["#### Throughput", "", tables.generation_table(recs), "",
                 figs.add(plots.plot_throughput, f"throughput_{slug}.png", recs, f"{model}: tokens/s vs context"), "",
@@ -90,8 +100,6 @@ def _generation_sections(res: Results, figs: _Figures) -> list[str]:
 
 
 def _capacity_sections(res: Results, figs: _Figures) -> list[str]:
-    from kvquant.bench.capacity import capacity_table
-
     out = ["## Capacity (`kvquant bench capacity`)", ""]
     if not res.capacity:
         out += [f"_Missing: no `capacity.json` in `{res.root}`. Run e.g. `kvquant bench capacity --model random:7b "
@@ -112,7 +120,7 @@ def _capacity_sections(res: Results, figs: _Figures) -> list[str]:
             out += [f"> **Other processes held {elsewhere / gib:.1f} GiB of the GPU during this run**: the empirical "
                     "column undercounts what fits; trust the analytic one.", ""]
         try:
-            out += [capacity_table(doc), ""]
+            out += [tables.capacity_table(doc), ""]
         except (KeyError, TypeError) as exc:
             out += [f"_Capacity table unreadable ({type(exc).__name__}: {exc})._", ""]
         out += ["Cells: largest batch from the analytic model / found on the GPU (`?`: search not bracketed)."
@@ -227,6 +235,28 @@ def _kernel_sections(res: Results) -> list[str]:
     return out
 
 
+def _profile_sections(res: Results) -> list[str]:
+    """Decode-step profiles (only when the folder has one: an optional input)."""
+    if not res.decode_profiles:
+        return []
+    models = sorted({str(d.get("model")) for d in res.decode_profiles})
+    return ["## Decode-step profile (`kvquant bench profile --kind decode`)", "",
+            f"Model {', '.join(models)}. Wall ms/step: steps timed without the profiler; profiled ms/step: the same "
+            "steps under `torch.profiler` (the host times of kvquant's parts are shares of this one); device busy: the "
+            "device's kernels and copies summed; `fp16` is transformers' `DynamicCache`.", "",
+            tables.decode_profile_table(res.decode_profiles), ""]
+
+
+def _backends_sections(res: Results) -> list[str]:
+    """Greedy ``generate`` on the torch vs triton cache backends (only when the folder has it)."""
+    if not res.backends:
+        return []
+    return ["## Cache backends in `model.generate` (`python -m kvquant.bench.backends`)", "",
+            "The same quantized cache (nuq3, 1 % outliers) on the torch and triton backends of a random-weight "
+            "4-layer Llama (32/8 heads × 128), greedy decoding of left-padded prompts.", "",
+            tables.backends_table(res.backends), ""]
+
+
 def resolve_out(results_dir: str | Path, out: str | Path | None = None) -> Path:
     """Where the report goes: ``results_dir/report.md`` by default; ``DIR/report.md`` when ``out`` is an existing
     directory or a string ending in a path separator (``"rep/"``); otherwise ``out`` itself (a file, overwritten
@@ -261,7 +291,7 @@ def build_report(results_dir: str | Path, out: str | Path | None = None) -> Path
     if res.skipped:
         lines += ["Unreadable files (ignored): " + "; ".join(res.skipped), ""]
     for section in (_generation_sections(res, figs), _capacity_sections(res, figs), _accuracy_sections(res, figs),
-                    _kernel_sections(res)):
+                    _kernel_sections(res), _profile_sections(res), _backends_sections(res)):
         lines += section
     out_path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     return out_path

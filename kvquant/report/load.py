@@ -6,7 +6,9 @@
 * ``kvquant eval ppl``: JSON ``{"meta": {...}, "results": [{"datatype", "ppl", ...}, ...]}`` (files of the same
   protocol are merged by :func:`group_ppl`);
 * ``kvquant bench kernels``: a JSON list of rows with ``"kind"`` in decode / prefill / decode_append / device /
-  sweep / tuning.
+  sweep / tuning;
+* ``kvquant bench profile --kind decode``: JSON ``{"config": {"kind": "decode", ...}, "results": [...]}``;
+* ``python -m kvquant.bench.backends``: a JSON list of rows with ``"part"`` in e2e / e2e_breakdown / device.
 
 Unreadable or unrecognised files are listed in :attr:`Results.skipped`, never raised.
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 _KERNEL_KINDS = {"decode", "prefill", "decode_append", "device", "sweep", "tuning"}
+_BACKEND_PARTS = {"e2e", "e2e_breakdown", "device"}
 _DT_ORDER = ("fp16", "nuq4", "nuq3", "nuq2", "int4", "int3", "int2")
 
 
@@ -39,6 +42,8 @@ class Results:
     capacity: list[dict[str, Any]] = field(default_factory=list)
     ppl: list[dict[str, Any]] = field(default_factory=list)
     kernels: list[dict[str, Any]] = field(default_factory=list)
+    decode_profiles: list[dict[str, Any]] = field(default_factory=list)
+    backends: list[dict[str, Any]] = field(default_factory=list)
     files: dict[str, list[str]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     superseded: int = 0
@@ -75,6 +80,12 @@ def _read_generate_csv(path: Path) -> list[dict[str, Any]]:
 def _is_ppl(doc: Any) -> bool:
     return (isinstance(doc, dict) and isinstance(doc.get("results"), list) and bool(doc["results"])
             and all(isinstance(r, dict) and "ppl" in r and "datatype" in r for r in doc["results"]))
+
+
+def _is_decode_profile(doc: Any) -> bool:
+    return (isinstance(doc, dict) and isinstance(doc.get("config"), dict) and doc["config"].get("kind") == "decode"
+            and isinstance(doc.get("results"), list)
+            and all(isinstance(r, dict) and "wall_ms_per_step" in r for r in doc["results"]))
 
 
 def _dedupe(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
@@ -133,6 +144,14 @@ def load_results(root: str | Path) -> Results:
                         any(r.get("kind") in _KERNEL_KINDS for r in doc):
                     res.kernels += [r for r in doc if r.get("kind") in _KERNEL_KINDS]
                     res._add_file("kernels", path)
+                elif _is_decode_profile(doc):
+                    doc["_file"] = str(path.relative_to(root))
+                    res.decode_profiles.append(doc)
+                    res._add_file("decode profile", path)
+                elif isinstance(doc, list) and doc and all(isinstance(r, dict) for r in doc) and \
+                        any(r.get("part") in ("e2e", "e2e_breakdown") for r in doc):
+                    res.backends += [r for r in doc if r.get("part") in _BACKEND_PARTS]
+                    res._add_file("backends", path)
         except (OSError, ValueError, UnicodeDecodeError) as exc:
             res.skipped.append(f"{path.relative_to(root)} ({type(exc).__name__}: {str(exc)[:100]})")
     res.generate, res.superseded = _dedupe(generate)

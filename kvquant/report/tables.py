@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvquant.bench.common import fmt_num, format_table
+from kvquant.report.markdown import fmt_num, format_table
 from kvquant.report.pareto import TradeoffPoint
 
 
@@ -161,3 +161,104 @@ def ppl_table(doc: dict[str, Any]) -> str:
             for r in doc.get("results", [])]
     return format_table(rows, ["datatype", "PPL", "ΔPPL", "ΔPPL %", "bits/elem", "tokens"]
                         + (["file"] if merged else []))
+
+
+def capacity_table(doc: dict[str, Any]) -> str:
+    """Markdown table: max batch (analytic / empirical) per context and datatype."""
+    dts = list(doc["datatypes"])
+    by = {(r["datatype"], r["context"]): r for r in doc["rows"]}
+    contexts = sorted({r["context"] for r in doc["rows"]})
+    rows = []
+    for s in contexts:
+        row: list[Any] = [s]
+        for dt in dts:
+            r = by.get((dt, s))
+            if r is None:
+                row.append(None)
+                continue
+            emp = r.get("empirical_max_batch")
+            cell = f"{r['analytic_max_batch']}"
+            if emp is not None:
+                cell += f" / {emp}" + ("" if r.get("empirical_exact") else "?")
+            row.append(cell)
+        rows.append(row)
+    rows.append(["max ctx @B=1"] + [doc["datatypes"][dt]["analytic"]["max_context_batch1"] for dt in dts])
+    rows.append(["bits/elem"] + [fmt_num(doc["datatypes"][dt]["fit"]["bits_per_element"], ".2f") for dt in dts])
+    return format_table(rows, ["context"] + [f"{dt} B max (analytic / empirical)" for dt in dts])
+
+
+def side_by_side_table(records: list[dict[str, Any]], field: str, spec: str = ".3g", scale: float = 1.0) -> str:
+    """One row per (batch, prompt), one column per datatype: ``field`` of each ``ok`` record (times ``scale``);
+    ``OOM`` / ``skipped`` where the configuration did not run. The compact form of the per-record tables."""
+    dts: list[Any] = []
+    cells: dict[tuple[Any, Any], dict[Any, Any]] = {}
+    for r in records:
+        if r.get("datatype") not in dts:
+            dts.append(r.get("datatype"))
+        v = r.get(field)
+        if r.get("status") == "ok" and isinstance(v, (int, float)) and not isinstance(v, bool):
+            cell = fmt_num(v * scale, spec)
+        else:
+            cell = r.get("status") if r.get("status") != "ok" else None
+        cells.setdefault((r.get("batch"), r.get("prompt_len")), {})[r.get("datatype")] = cell
+    dts.sort(key=lambda d: _dt_rank(d))
+    rows = [[b, s, *[by.get(dt) for dt in dts]] for (b, s), by in sorted(cells.items(), key=lambda kv: kv[0])]
+    return format_table(rows, ["batch", "prompt", *dts])
+
+
+def _dt_rank(name: Any) -> tuple[int, str]:
+    from kvquant.report.load import datatype_key
+
+    return datatype_key(name)
+
+
+PROFILE_REGIONS = ("kvquant.update", "kvquant.kernel_decode", "kvquant.decode_attention", "kvquant.append")
+
+
+def decode_profile_table(docs: list[dict[str, Any]]) -> str:
+    """``kvquant bench profile --kind decode`` results: per (batch, prompt, cache) the wall time of a decode step,
+    its time under the profiler, the device-busy time, kernel launches and host-device syncs per step, and the host
+    time of kvquant's labelled parts of a profiled step (nested: ``kernel_decode`` holds ``decode_attention`` and
+    ``append``)."""
+    rows = []
+    for doc in docs:
+        for r in doc.get("results", []):
+            regions = r.get("regions") or {}
+            rows.append([r.get("batch"), r.get("prompt_len"), r.get("datatype"),
+                         fmt_num(r.get("wall_ms_per_step"), ".1f"), fmt_num(r.get("profiled_ms_per_step"), ".1f"),
+                         fmt_num(r.get("device_busy_ms_per_step"), ".1f"), fmt_num(r.get("launches_per_step"), ".0f"),
+                         fmt_num(r.get("syncs_per_step"), ".2f"),
+                         *[fmt_num((regions.get(g) or {}).get("host_ms_per_step"), ".1f") for g in PROFILE_REGIONS]])
+    rows.sort(key=lambda x: (x[0], x[1], _dt_rank(x[2])))
+    return format_table(rows, ["batch", "prompt", "cache", "wall ms/step", "profiled ms/step", "device busy ms/step",
+                               "launches/step", "syncs/step",
+                               *[f"{g.removeprefix('kvquant.')} host ms" for g in PROFILE_REGIONS]])
+
+
+def backends_table(rows: list[dict[str, Any]]) -> str:
+    """``python -m kvquant.bench.backends`` rows: per model dtype, whether greedy ``generate`` gave the same tokens
+    on the torch and triton backends, the largest logit gap, decode tokens/s of each backend and, on triton, one
+    layer-step's decode-attention call and append (keys + values)."""
+    by: dict[Any, dict[str, Any]] = {}
+    for r in rows:
+        d = by.setdefault(r.get("dtype"), {})
+        if r.get("part") == "e2e" and r.get("backend"):
+            d[f"{r['backend']}_tok_s"] = r.get("decode_tok_per_s")
+            d.setdefault("shape", (r.get("batch"), r.get("prompt"), r.get("new_tokens")))
+        elif r.get("part") == "e2e" and "identical_tokens" in r:
+            d.update(identical=r.get("identical_tokens"), compared=r.get("tokens_compared"),
+                     gap=r.get("max_logit_gap_until_divergence"))
+        elif r.get("part") == "e2e_breakdown":
+            d.update(kernel=r.get("kernel_ms_per_layer"), append=r.get("append_ms_per_layer"))
+    out = []
+    for dtype, d in by.items():
+        if dtype is None:
+            continue
+        b, s, n = d.get("shape", (None, None, None))
+        same = None if d.get("identical") is None else f"{'yes' if d['identical'] else 'no'}, {d.get('compared')}"
+        out.append([dtype, b, s, n, same, fmt_num(d.get("gap"), ".2g"), fmt_num(d.get("torch_tok_s"), ".1f"),
+                    fmt_num(d.get("triton_tok_s"), ".1f"), fmt_num(d.get("kernel"), ".2f"),
+                    fmt_num(d.get("append"), ".2f")])
+    return format_table(out, ["model dtype", "batch", "prompt", "new tokens", "same greedy tokens", "max logit gap",
+                              "decode tok/s torch", "decode tok/s triton", "attention ms/layer",
+                              "append ms/layer (K+V)"])
