@@ -13,7 +13,6 @@ import pytest
 import torch
 
 pytest.importorskip("triton", reason="triton is not installed: the kernel backend cannot be tested")
-
 from transformers import DynamicCache  # noqa: E402
 
 from kvquant import QuantConfig  # noqa: E402
@@ -23,7 +22,6 @@ from kvquant.cache.hf_compat import cache_kwargs  # noqa: E402
 from kvquant.models import tiny_llama  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CFG = QuantConfig(datatype="nuq3", outlier_fraction=0.03, n_sink=1, residual_length=3, page_size=32)
 
@@ -35,7 +33,7 @@ def _topk_thresholds_under_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> N
     test_quantize_append checks for every method; these tests are about the attention path."""
     if DEVICE == "cpu":
         qa = importlib.import_module("kvquant.kernels.quantize_append")
-        monkeypatch.setitem(qa.TUNING, "thresholds", "topk")
+        monkeypatch.setattr(qa, "THRESHOLDS", "topk")
 
 
 def _model(attn: str = "sdpa", dtype: torch.dtype = torch.float32, **kw):
@@ -106,6 +104,9 @@ def test_triton_backend_matches_torch_step_by_step(seed: int, attn: str, monkeyp
         assert err < 1e-4, f"step {i}: relative logit gap {err:.2e}"
     layer = cache.layers[1]
     assert torch.equal(layer.qkeys.lengths, mask.sum(1) + len(steps))
+    # resolved once, when the cache was built, and handed to every store
+    assert cache.ops.name == "triton" and all(s.ops is cache.ops for lay in cache.layers
+                                              for s in (lay.qkeys, lay.qvalues))
     kernel_attention.uninstall_kernel_attention(model)
     assert kernel_attention.current_implementation(model) == attn
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from kvquant.bench import generate as gen
-from kvquant.bench.common import load_bench_model
+from kvquant.bench.model import load_bench_model
 from kvquant.report import build_report, load_results, pareto_mask, tradeoff_points
 from kvquant.report import plots as plots_mod
 from kvquant.report import tables as tables_mod
@@ -16,12 +16,7 @@ from kvquant.report.load import group_ppl, ppl_protocol
 from kvquant.report.pareto import dominators, energy_per_datatype
 
 PNG = b"\x89PNG\r\n\x1a\n"
-
 pytest.importorskip("matplotlib")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Pareto
 
 
 def test_pareto_hand_checked() -> None:
@@ -68,10 +63,6 @@ def test_energy_per_datatype_uses_common_configs() -> None:
     e, how = energy_per_datatype(recs)
     assert e == {"fp16": pytest.approx(1.25), "nuq3": pytest.approx(0.7)} and "B=1 S=1024, B=8 S=1024" in how
     assert energy_per_datatype([])[0] == {}
-
-
-# ----------------------------------------------------------------------------------------------------
-# synthetic results folder
 
 
 def _gen_record(dt: str, b: int, s: int, bits: float, status: str = "ok", energy: bool = True) -> dict:
@@ -158,7 +149,7 @@ def test_report_with_missing_inputs(tmp_path: Path) -> None:
 
 def test_report_from_csv_only_and_without_matplotlib(synthetic_dir: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from kvquant.bench.common import ResultWriter
+    from kvquant.bench.results import ResultWriter
 
     out = tmp_path / "csvonly"
     w = ResultWriter(out, "generate", gen.FIELDS)
@@ -177,10 +168,6 @@ def test_report_from_csv_only_and_without_matplotlib(synthetic_dir: Path, tmp_pa
     text = build_report(out).read_text()
     assert "matplotlib is not installed" in text and "| nuq3 | 8 | 4096 | 32 | ok |" in text
     assert _pngs(out) == []
-
-
-# ----------------------------------------------------------------------------------------------------
-# real small bench output
 
 
 def test_report_from_real_bench_output(tmp_path: Path) -> None:
@@ -206,10 +193,6 @@ def test_capacity_report_flags_memory_held_elsewhere(synthetic_dir: Path) -> Non
     doc.update(held_by_other_processes_bytes=48 * 2**30, device_total_bytes=80 * 2**30)
     path.write_text(json.dumps(doc))
     assert "**Other processes held 48.0 GiB of the GPU during this run**" in build_report(synthetic_dir).read_text()
-
-
-# ----------------------------------------------------------------------------------------------------
-# perplexity files of the same protocol are merged
 
 
 def _ppl_file(rows: list[tuple[str, float]], ctx: int = 2048, base_dt: str = "nuq3", **cfg_extra) -> dict:
@@ -304,10 +287,6 @@ def test_ppl_merge_duplicate_datatypes() -> None:
                                          "int4"}
 
 
-# ----------------------------------------------------------------------------------------------------
-# kernels table
-
-
 def _kernel_rows() -> list[dict]:
     dec = {"kind": "decode", "shape": "mha", "Hq": 32, "Hkv": 32, "D": 128, "datatype": "nuq3", "outliers": 0.01}
     return [
@@ -351,10 +330,6 @@ def test_kernels_table_columns(tmp_path: Path) -> None:
     assert tables_mod.short_note("x" * 60).endswith("…") and len(tables_mod.short_note("x" * 60)) == 40
 
 
-# ----------------------------------------------------------------------------------------------------
-# --out
-
-
 def test_report_out_directory(synthetic_dir: Path, tmp_path: Path) -> None:
     from kvquant.cli.main import main
 
@@ -371,3 +346,43 @@ def test_report_out_directory(synthetic_dir: Path, tmp_path: Path) -> None:
     f.write_text("stale")
     main(["report", str(synthetic_dir), "--out", str(f)])
     assert f.read_text().startswith("# kvquant benchmark report") and _pngs(tmp_path)
+
+
+def test_side_by_side_table_has_a_column_per_datatype() -> None:
+    recs = [{"datatype": dt, "batch": b, "prompt_len": s, "status": st, "decode_ms_per_step": ms, "kv_bytes": kb}
+            for dt, b, s, st, ms, kb in [("nuq3", 1, 1024, "ok", 49.5, 2**20), ("fp16", 1, 1024, "ok", 20.4, 4 * 2**20),
+                                         ("fp16", 8, 32768, "OOM", None, None), ("nuq3", 8, 32768, "ok", 239.0, 2**30)]]
+    text = tables_mod.side_by_side_table(recs, "decode_ms_per_step", ".1f")
+    assert text.splitlines()[0] == "| batch | prompt | fp16 | nuq3 |"  # datatypes in the report's order
+    assert "| 1 | 1024 | 20.4 | 49.5 |" in text and "| 8 | 32768 | OOM | 239.0 |" in text
+    kv = tables_mod.side_by_side_table(recs, "kv_bytes", ".0f", 2**-20)
+    assert "| 1 | 1024 | 4 | 1 |" in kv and "| 8 | 32768 | OOM | 1024 |" in kv
+
+
+def test_report_reads_decode_profiles_and_backend_comparisons(tmp_path: Path) -> None:
+    profile = {"config": {"kind": "decode", "batch": 1, "tokens": 4096}, "model": "random:7b", "random_weights": True,
+               "results": [{"datatype": "fp16", "batch": 1, "prompt_len": 4096, "steps": 8, "wall_ms_per_step": 20.7,
+                            "profiled_ms_per_step": 35.4, "device_busy_ms_per_step": 7.6, "launches_per_step": 1494.0,
+                            "syncs_per_step": 0.25, "regions": {}, "rows": []},
+                           {"datatype": "nuq3", "batch": 1, "prompt_len": 4096, "steps": 8, "wall_ms_per_step": 58.3,
+                            "profiled_ms_per_step": 112.2, "device_busy_ms_per_step": 13.8,
+                            "launches_per_step": 1831.0, "syncs_per_step": 1.25, "rows": [],
+                            "regions": {"kvquant.kernel_decode": {"calls_per_step": 32.0, "host_ms_per_step": 48.04},
+                                        "kvquant.append": {"calls_per_step": 64.0, "host_ms_per_step": 25.27}}}]}
+    (tmp_path / "profile.json").write_text(json.dumps(profile))
+    backends = [{"part": "device", "name": "GPU"},
+                {"part": "e2e", "backend": "torch", "dtype": "float16", "batch": 4, "prompt": 2048, "new_tokens": 64,
+                 "decode_tok_per_s": 60.1},
+                {"part": "e2e", "backend": "triton", "dtype": "float16", "batch": 4, "prompt": 2048, "new_tokens": 64,
+                 "decode_tok_per_s": 218.6},
+                {"part": "e2e", "dtype": "float16", "identical_tokens": True, "tokens_compared": 256,
+                 "max_logit_gap_until_divergence": 0.0073},
+                {"part": "e2e_breakdown", "dtype": "float16", "kernel_ms_per_layer": 0.257, "append_ms_per_layer": 1.0}]
+    (tmp_path / "backends.json").write_text(json.dumps(backends))
+    res = load_results(tmp_path)
+    assert len(res.decode_profiles) == 1 and len(res.backends) == 5 and not res.ppl and not res.skipped
+    text = build_report(tmp_path).read_text()
+    assert "## Decode-step profile" in text
+    assert "| 1 | 4096 | nuq3 | 58.3 | 112.2 | 13.8 | 1831 | 1.25 | - | 48.0 | - | 25.3 |" in text
+    assert "## Cache backends in `model.generate`" in text
+    assert "| float16 | 4 | 2048 | 64 | yes, 256 | 0.0073 | 60.1 | 218.6 | 0.26 | 1.00 |" in text

@@ -19,7 +19,6 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton", reason="triton is not installed: the kernels cannot be tested")
-
 from kvquant.config import QuantConfig  # noqa: E402
 from kvquant.kernels.quantize_append import quantize_append  # noqa: E402
 from kvquant.quant.codebook import create_heuristic_codebook  # noqa: E402
@@ -97,7 +96,7 @@ def run_both(seed: int, cfg: QuantConfig, B: int, H: int, D: int, S: int, length
             quantize = qz.quantize_keys if kind == "key" else qz.quantize_values
             caches.append(quantize(x[kind], mask))
         ref, fused = caches
-        assert not ref.uses_triton(x[kind][:, :, 0]) and fused.uses_triton(x[kind][:, :, 0])
+        assert ref.ops.name == "torch" and fused.ops.name == "triton"
         assert_same(ref, fused, f"{kind} prefill")
         if select is not None:
             index = torch.tensor(select, device=DEVICE)
@@ -111,7 +110,7 @@ def run_both(seed: int, cfg: QuantConfig, B: int, H: int, D: int, S: int, length
 @pytest.fixture(params=[True, False], ids=["tree", "count"])
 def code_tree(request, monkeypatch) -> bool:
     """Both ways of finding the code in the kernel (select tree / counting midpoints)."""
-    monkeypatch.setitem(sys.modules["kvquant.kernels.quantize_append"].TUNING, "code_tree", request.param)
+    monkeypatch.setattr(sys.modules["kvquant.kernels.quantize_append"], "CODE_TREE", request.param)
     return request.param
 
 
@@ -127,7 +126,7 @@ def test_bits_and_datatypes(seed: int, datatype: str, code_tree: bool) -> None:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_dtypes_and_head_dims(seed: int, dtype: torch.dtype, monkeypatch) -> None:
     """Also the 64-token tiles (two words per tile) of 64-token pages."""
-    monkeypatch.setitem(sys.modules["kvquant.kernels.quantize_append"].TUNING, "block_n", 64)
+    monkeypatch.setattr(sys.modules["kvquant.kernels.quantize_append"], "BLOCK_N", 64)
     D = {torch.float16: 64, torch.bfloat16: 32, torch.float32: 128}[dtype]
     cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.02, n_sink=2, residual_length=0, page_size=64)
     run_both(seed, cfg, B=2, H=2, D=D, S=70, lengths=[70, 37], n_decode=2, dtype=dtype)
@@ -153,7 +152,7 @@ def test_small_and_general_append_paths(seed: int, path: str, thresholds: str, m
     compacting counter, a synced finish), here forced for every append by lowering the size limit; and either
     way of finding the value thresholds with either plan."""
     qa = importlib.import_module("kvquant.kernels.quantize_append")
-    monkeypatch.setitem(qa.TUNING, "thresholds", thresholds)
+    monkeypatch.setattr(qa, "THRESHOLDS", thresholds)
     if path == "general":
         monkeypatch.setattr(qa, "ASYNC_MAX_ELEMENTS", 0)
     cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.03, n_sink=1, residual_length=0, page_size=32)
@@ -235,15 +234,13 @@ def test_dispatch_and_bad_input() -> None:
         QuantConfig(backend="cuda")
     cb = create_heuristic_codebook("nuq3")
     auto = QuantizedKVCache("value", QuantConfig(), 1, 2, 32, torch.float32, DEVICE, cb)
-    x = torch.randn(1, 2, 32, device=DEVICE)
-    assert auto.uses_triton(x) == (DEVICE == "cuda")
-    assert not QuantizedKVCache("value", QuantConfig(backend="torch"), 1, 2, 32, torch.float32, DEVICE,
-                                cb).uses_triton(x)
-    odd = QuantizedKVCache("value", QuantConfig(backend="triton"), 1, 2, 24, torch.float32, DEVICE, cb)
-    with pytest.raises(ValueError, match="power of two"):
-        odd.append(torch.randn(1, 2, 3, 24, device=DEVICE))
-    assert not QuantizedKVCache("value", QuantConfig(backend="auto"), 1, 2, 24, torch.float32, DEVICE,
-                                cb).uses_triton(x)  # auto falls back to torch
+    assert auto.ops.name == ("triton" if DEVICE == "cuda" else "torch")
+    assert QuantizedKVCache("value", QuantConfig(backend="torch"), 1, 2, 32, torch.float32, DEVICE,
+                            cb).ops.name == "torch"
+    with pytest.raises(ValueError, match="power of two"):  # the store's shape: decided once, when it is built
+        QuantizedKVCache("value", QuantConfig(backend="triton"), 1, 2, 24, torch.float32, DEVICE, cb)
+    assert QuantizedKVCache("value", QuantConfig(backend="auto"), 1, 2, 24, torch.float32, DEVICE,
+                            cb).ops.name == "torch"  # auto falls back to torch
     c = QuantizedKVCache("value", QuantConfig(backend="triton"), 1, 2, 32, torch.float32, DEVICE, cb)
     one = torch.ones(1, dtype=torch.int64, device=DEVICE)
     with pytest.raises(ValueError, match="tokens must be"):
@@ -298,9 +295,6 @@ def test_allocate_slots_matches_append_slots(seed: int) -> None:
     assert (a.nnz, a.n_slots, a.capacity_nnz) == (b.nnz, b.n_slots, b.capacity_nnz)
 
 
-# -- GPU, realistic shapes ------------------------------------------------------------------------------------
-
-
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -337,7 +331,7 @@ def test_gpu_single_long_prompt_then_decode_attention(seed: int) -> None:
     vr, vf = ref.quantize_values(v), fused.quantize_values(v)
     assert_same(vr, vf, "32K values")
     q = torch.randn(1, 32, 128, device=DEVICE, generator=gen).half()
-    assert torch.equal(decode_attention(q, kf, vf, backend="triton"), decode_attention(q, kf, vr, backend="triton"))
+    assert torch.equal(decode_attention(q, kf, vf), decode_attention(q, kf, vr))
 
 
 class _HostReads(torch.overrides.TorchFunctionMode):

@@ -1,0 +1,172 @@
+"""``kvquant bench generate`` on CPU with tiny random models (no timing asserts)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvquant.bench import generate as gen
+from kvquant.bench import runs
+from kvquant.bench.model import BenchModel, load_bench_model
+from kvquant.models.random import RANDOM_WEIGHTS_NOTE
+
+
+@pytest.fixture(scope="module")
+def tiny() -> BenchModel:
+    return load_bench_model("random:tiny", None, "cpu")
+
+
+def _settings(**kw) -> gen.GenerateSettings:
+    base = dict(datatypes=["fp16", "nuq3"], batches=[2], prompt_lens=[64, 128], gen=3, warmup=0, progress=False)
+    base.update(kw)
+    return gen.GenerateSettings(**base)
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+@pytest.fixture(scope="module")
+def bench_run(tiny: BenchModel, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    out = tmp_path_factory.mktemp("gen")
+    return out, gen.run_generate_benchmark(tiny, _settings(), out)
+
+
+def test_bad_cli_input_is_a_clear_error(capsys: pytest.CaptureFixture) -> None:
+    for argv in (["--datatypes", "fp8"], ["--prompt-len", "4K..1K"], ["--gen", "0"]):
+        with pytest.raises(SystemExit) as e:
+            gen.main(["--model", "random:tiny", "--device", "cpu", *argv])
+        assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown datatype 'fp8'" in err and "smaller than start" in err and "--gen must be >= 1" in err
+    with pytest.raises(ValueError, match="unknown random model preset"):
+        load_bench_model("random:13x", None, "cpu")
+
+
+def test_records_have_every_field(bench_run: tuple[Path, list[dict]]) -> None:
+    out, records = bench_run
+    assert len(records) == 4
+    for r in records:
+        assert set(r) == set(gen.FIELDS)
+        assert r["status"] == "ok", r["error"]
+        assert r["random_weights"] is True and r["note"] == RANDOM_WEIGHTS_NOTE
+        assert r["prompt_source"].startswith("random-ids")
+        for k in ("prefill_s", "decode_s", "prefill_tokens_per_s", "decode_tokens_per_s", "e2e_tokens_per_s",
+                  "kv_bytes", "bits_per_element", "weights_bytes"):
+            assert isinstance(r[k], (int, float)) and r[k] > 0, k
+        assert r["generated_tokens"] == 2 * 3 and r["decode_steps"] == 2 and r["kv_tokens"] == r["prompt_len"] + 2
+        assert r["decode_tokens_per_s"] == pytest.approx(2 * 2 / r["decode_s"])
+        assert r["e2e_tokens_per_s"] == pytest.approx(6 / (r["prefill_s"] + r["decode_s"]))
+        # CPU: no peak GPU memory and no energy, never a made-up number
+        assert r["peak_memory_bytes"] is None and r["peak_memory_note"].startswith("unavailable")
+        assert r["energy_available"] is False and r["energy_note"].startswith("unavailable")
+        for k in ("energy_j", "j_per_token", "co2_g_per_1k_tokens", "mean_power_w"):
+            assert r[k] is None
+        assert r["logits_finite"] is True
+    # both files hold every record; the CSV has the fixed header
+    assert _jsonl(out / "generate.jsonl") == json.loads(json.dumps(records))
+    with open(out / "generate.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and list(rows[0]) == gen.FIELDS and rows[0]["peak_memory_bytes"] == ""
+
+
+def test_quantized_cache_is_smaller(bench_run: tuple[Path, list[dict]]) -> None:
+    _, records = bench_run
+    by = {(r["datatype"], r["prompt_len"]): r for r in records}
+    for s in (64, 128):
+        fp, q = by[("fp16", s)], by[("nuq3", s)]
+        assert fp["cache_class"] == "DynamicCache" and q["cache_class"] == "KVQuantCache"
+        assert q["kv_elements"] == fp["kv_elements"]  # same tokens stored
+        assert q["kv_bytes"] < fp["kv_bytes"]
+        assert fp["bits_per_element"] == pytest.approx(32.0)  # float32 model on CPU: DynamicCache is fp32
+        assert q["bits_per_element"] < fp["bits_per_element"]
+    # tiny heads (2 x 16 channels): sinks, scales and the last partial page weigh a lot, less as S grows
+    assert by[("nuq3", 128)]["bits_per_element"] < min(16, by[("nuq3", 64)]["bits_per_element"])
+
+
+def test_warmup_rehearses_the_exact_configuration_and_order_is_shape_major(
+        tiny: BenchModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[int, int, int, bool]] = []
+    real = gen.run_generation
+
+    def spy(model, prompt, cache, n_new, device, region=None):
+        calls.append((prompt.shape[0], prompt.shape[1], n_new, region is not None))
+        return real(model, prompt, cache, n_new, device, region)
+
+    monkeypatch.setattr(gen, "run_generation", spy)
+    recs = gen.run_generate_benchmark(tiny, _settings(batches=[1, 2], prompt_lens=[48, 96], gen=4, warmup=1),
+                                      tmp_path)
+    # shape-major: every datatype of one (batch, prompt) before the next shape
+    assert [(r["batch"], r["prompt_len"], r["datatype"]) for r in recs] == [
+        (b, s, dt) for b in (1, 2) for s in (48, 96) for dt in ("fp16", "nuq3")]
+    # each timed run (the one with energy regions) follows one untimed rehearsal of the same shape and length
+    untimed = [c for c in calls if not c[3]]
+    timed = [c for c in calls if c[3]]
+    assert len(untimed) == len(timed) == len(recs)
+    assert [c[:3] for c in untimed] == [c[:3] for c in timed] == [(r["batch"], r["prompt_len"], 4) for r in recs]
+
+
+def test_oom_is_recorded_and_the_sweep_goes_on(tiny: BenchModel, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    real = runs.forward_logits
+
+    def forward(model, input_ids, cache):
+        if type(cache).__name__ == "KVQuantCache" and input_ids.shape == (2, 64):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (simulated)")
+        return real(model, input_ids, cache)
+
+    monkeypatch.setattr(runs, "forward_logits", forward)
+    records = gen.run_generate_benchmark(tiny, _settings(batches=[1, 2], prompt_lens=[64, 128]), tmp_path)
+    status = {(r["datatype"], r["batch"], r["prompt_len"]): r["status"] for r in records}
+    assert status == {("fp16", 1, 64): "ok", ("fp16", 1, 128): "ok", ("fp16", 2, 64): "ok", ("fp16", 2, 128): "ok",
+                      ("nuq3", 1, 64): "ok", ("nuq3", 1, 128): "ok", ("nuq3", 2, 64): "OOM",
+                      ("nuq3", 2, 128): "skipped"}
+    oom = next(r for r in records if r["status"] == "OOM")
+    assert "out of memory" in oom["error"] and oom["decode_tokens_per_s"] is None and oom["kv_bytes"] is None
+    assert set(oom) == set(gen.FIELDS)
+    assert "already ran out of memory" in next(r for r in records if r["status"] == "skipped")["error"]
+    assert [r["status"] for r in _jsonl(tmp_path / "generate.jsonl")] == [r["status"] for r in records]
+    # without skipping, the larger configuration is tried (and here succeeds)
+    records = gen.run_generate_benchmark(tiny, _settings(datatypes=["nuq3"], skip_after_oom=False), tmp_path / "b")
+    assert [r["status"] for r in records] == ["OOM", "ok"]
+
+
+def test_results_are_on_disk_after_each_config(tiny: BenchModel, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+    real = gen.measure_config
+
+    def spy(*args, **kw):
+        path = tmp_path / "generate.jsonl"
+        seen.append(len(_jsonl(path)) if path.exists() else 0)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(gen, "measure_config", spy)
+    gen.run_generate_benchmark(tiny, _settings(prompt_lens=[32, 64]), tmp_path)
+    assert seen == [0, 1, 2, 3]
+    with open(tmp_path / "generate.csv") as f:
+        assert len(f.read().splitlines()) == 1 + 4
+
+
+def test_energy_numbers_with_mocked_nvml(tiny: BenchModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                         ) -> None:
+    from tests.energy.fake_nvml import FakeGpu, make_fake_pynvml
+
+    gpu = FakeGpu("NVIDIA H100 80GB HBM3", lambda t: 300.0, lambda t: 300.0 * t)
+    monkeypatch.setitem(sys.modules, "pynvml", make_fake_pynvml([gpu]))
+    records = gen.run_generate_benchmark(
+        tiny, _settings(datatypes=["nuq3"], prompt_lens=[64], energy="on", grid_intensity=400.0), tmp_path)
+    (r,) = records
+    assert r["status"] == "ok" and r["energy_available"] is True and r["energy_note"] is None
+    assert r["energy_j"] == pytest.approx(r["prefill_energy_j"] + r["decode_energy_j"])
+    assert r["energy_j"] > 0 and r["mean_power_w"] == pytest.approx(300.0, rel=0.1)
+    assert r["j_per_token"] == pytest.approx(r["energy_j"] / r["generated_tokens"])
+    assert r["co2_g"] == pytest.approx(r["energy_j"] / 3.6e6 * 400.0)
+    assert r["co2_g_per_1k_tokens"] == pytest.approx(r["co2_g"] / r["generated_tokens"] * 1000)
+    summary = json.loads((tmp_path / "energy" / "energy_summary.json").read_text())
+    assert [x["region"] for x in summary["regions"]] == ["nuq3_b2_s64_prefill", "nuq3_b2_s64_decode"]
