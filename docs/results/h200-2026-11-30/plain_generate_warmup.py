@@ -1,7 +1,7 @@
-"""Plain HF ``generate`` on the random-weight 7B shape (fp16, B=1, DynamicCache): first vs second run per length.
+"""Plain HF ``generate`` on the random-weight 7B shape (fp16, B=1, DynamicCache): first vs second call per length.
 
-Shows how much of a first run's decode time is one-off cost (the caching allocator's first cudaMalloc of each
-block the growing cache needs, cuBLAS choices): the reason ``kvquant bench generate`` now warms up with a full
+Shows how much of a first call's decode time is one-off cost (the caching allocator's first cudaMalloc of each
+block the growing cache needs, cuBLAS choices): why ``kvquant bench generate`` warms up with a full
 rehearsal of each configuration. Run from the checkout: ``PYTHONPATH=$PWD python3 <this file>`` (needs a GPU).
 """
 
@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from kvquant.bench.common import build_random_model
+from kvquant.models.random import build_random_model
 
 m = build_random_model("random:7b", torch.float16, "cuda")
 for S in (1024, 32768):

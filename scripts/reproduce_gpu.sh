@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Reproduce the GPU results of docs/benchmarks.md, one named step per call.
+#
+#   bash scripts/reproduce_gpu.sh STEP
+#
+# Runs from a source checkout with kvquant installed (pip install -e ".[dev]"; the kernel tests and benchmarks need a
+# CUDA GPU and triton). Results go to $RES/STEP (default results/gpu/STEP) with the step's log; with $OUT set, the
+# log goes there and the results folder is also packed into $OUT/STEP.tgz.
+#
+# Environment: MODEL (default random:7b; gen7b, cap, dprof), QWEN (a local path or alias, default qwen2.5-coder-1.5b;
+# qcal, qppl, qgen), TO (seconds, a step's own time limit), DT (datatypes), BATCH, PL (prompt lengths), TESTS
+# (verify), BP (dprof: batch:prompt pairs).
+#
+# Steps:
+#   env       GPU, driver and package versions
+#   verify    the kernel and cache tests on the GPU (tests/kernels tests/sparse tests/cache/test_kernel_attention.py)
+#   backends  greedy generate with the torch vs triton cache backends (same tokens? decode tokens/s)
+#   decode    bench kernels: the decode-attention table
+#   prefill   bench kernels: prefill quantization and decode append, with the launch sweep
+#   pprof     bench profile: where a whole prefill append spends its time (MHA and GQA, keys and values, 32K)
+#   dprof     bench profile --kind decode: host vs GPU time of decode steps, fp16 vs nuq3
+#   gen7b     bench generate on the random-weight Llama-2-7B shape (memory, throughput, energy)
+#   qgen      bench generate on a real model (Qwen2.5-Coder-1.5B by default, Wikitext-2 prompts)
+#   cap       bench capacity on the random-weight 7B shape (run it on an otherwise idle GPU)
+#   qcal      kvquant calibrate on the real model (fisher, 8 x 2048 tokens), into $RES_ROOT/qcal
+#   qppl      eval ppl on the real model with the qcal calibration (8 windows of 2048 tokens)
+set -uo pipefail
+STEP=${1:?usage: reproduce_gpu.sh STEP}
+cd "$(dirname "$0")/.."
+RES_ROOT=${RES:-$PWD/results/gpu}
+RES=$RES_ROOT/$STEP
+LOGDIR=${OUT:-$RES}
+mkdir -p "$RES" "$LOGDIR"
+LOG=$LOGDIR/$STEP.log
+export PYTHONUNBUFFERED=1
+KV="python3 -m kvquant"
+MODEL=${MODEL:-random:7b}
+QWEN=${QWEN:-qwen2.5-coder-1.5b}
+
+run() {
+  case $STEP in
+    env)
+      nvidia-smi
+      python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
+'transformers', transformers.__version__, torch.cuda.get_device_name())" ;;
+    verify)
+      timeout "${TO:-540}" python3 -m pytest -q -x -p no:cacheprovider \
+        ${TESTS:-tests/kernels tests/sparse tests/cache/test_kernel_attention.py} ;;
+    backends)
+      timeout "${TO:-540}" python3 -m kvquant.bench.backends --dtypes float32,float16 --new-tokens 64 \
+        --out "$RES/backends.json" ;;
+    decode)
+      timeout "${TO:-540}" python3 -m kvquant.bench.kernels --skip-prefill --contexts 4096 32768 --batches 1 8 \
+        --hf-baselines '' --out "$RES/kernels_decode.json" ;;
+    prefill)
+      timeout "${TO:-540}" python3 -m kvquant.bench.kernels --skip-decode --prefill-sweep --out "$RES/kernels_prefill.json" ;;
+    pprof)
+      for h in 32 8; do for k in keys values; do
+        timeout "${TO:-120}" $KV bench profile --kind $k --heads $h --tokens "${PL:-32K}" --out "$RES/profile_${k}_h$h.json"
+      done; done ;;
+    dprof)
+      for bp in ${BP:-1:4K 8:16K}; do
+        timeout "${TO:-240}" $KV bench profile --kind decode --model "$MODEL" --datatype "${DT:-fp16,nuq3}" \
+          --batch "${bp%%:*}" --tokens "${bp##*:}" --steps 8 --top 25 --out "$RES/profile_decode_b${bp%%:*}_s${bp##*:}.json"
+      done ;;
+    gen7b)
+      timeout "${TO:-540}" $KV bench generate --model "$MODEL" --datatypes "${DT:-fp16,nuq4,nuq3,nuq2}" \
+        --batch "${BATCH:-1,8}" --prompt-len "${PL:-1K,4K,16K,32K}" --gen 64 --warmup 1 --no-progress --out "$RES" ;;
+    qgen)
+      timeout "${TO:-540}" $KV bench generate --model "$QWEN" --datatypes "${DT:-fp16,nuq4,nuq3,nuq2}" \
+        --batch "${BATCH:-1,8}" --prompt-len "${PL:-1K,8K}" --gen 64 --warmup 1 --no-progress --out "$RES" ;;
+    cap)
+      timeout "${TO:-540}" $KV bench capacity --model "$MODEL" --datatypes fp16,nuq4,nuq3,nuq2 \
+        --contexts 4K,32K,128K --max-probes 5 --out "$RES" ;;
+    qcal)
+      timeout "${TO:-900}" $KV calibrate --model "$QWEN" --device cuda --dtype float32 --n-seqs 8 --seq-len 2048 \
+        --sensitivity fisher --no-progress --out "$RES_ROOT/qcal/cal" ;;
+    qppl)
+      timeout "${TO:-1800}" $KV eval ppl --model "$QWEN" --device cuda --dtype float32 --calibration "$RES_ROOT/qcal/cal" \
+        --ctx 2048 --chunk 64 --max-windows 8 --datatypes "${DT:-fp16,nuq4,nuq3,int4,int3,nuq2,int2}" \
+        --no-progress --out "$RES/ppl_qwen.json" ;;
+    *) echo "unknown step $STEP (see the list at the top of $0)"; return 2 ;;
+  esac
+}
+
+run 2>&1 | tee "$LOG"
+rc=${PIPESTATUS[0]}
+[ -n "${OUT:-}" ] && [ -n "$(ls -A "$RES")" ] && tar czf "$OUT/$STEP.tgz" -C "$RES" .
+echo "step $STEP: exit $rc"
+exit "$rc"
