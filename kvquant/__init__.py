@@ -16,7 +16,7 @@ from kvquant.quant.codebook import (
     create_heuristic_codebook,
     create_uniform_codebook,
 )
-from kvquant.quant.packing import pack_bitplanes, pack_bits, unpack_bitplanes, unpack_bits
+from kvquant.quant.packing import pack_bits, pack_units, unpack_bits, unpack_units
 from kvquant.quant.quantizer import BatchedKVQuantizer
 from kvquant.quant.store import QuantizedKVCache
 from kvquant.sparse.blocked import BlockedCSCMatrix, BlockedCSRMatrix
@@ -52,10 +52,10 @@ __all__ = [
     "compute_nuq_codebook",
     "create_heuristic_codebook",
     "create_uniform_codebook",
-    "pack_bitplanes",
+    "pack_units",
     "pack_bits",
     "parse_datatype",
     "register_cache_implementation",
-    "unpack_bitplanes",
+    "unpack_units",
     "unpack_bits",
 ]

@@ -14,7 +14,7 @@ from kvquant.cache.hf_compat import cache_kwargs
 from kvquant.config import QuantConfig
 from kvquant.quant.calibration_file import SENSITIVITIES, Calibration, LayerCalibration
 from kvquant.quant.codebook import compute_nuq_codebook
-from kvquant.quant.encode import normalize_values, range_to_scale_zero
+from kvquant.quant.encode import normalize_value_tokens, range_to_scale_zero
 from kvquant.quant.rope import invert_rope
 from kvquant.quant.stats import masked_quantile_pair
 from kvquant.version import __version__
@@ -82,7 +82,7 @@ def _fit_layer(keys: torch.Tensor, values: torch.Tensor, kw: torch.Tensor | None
     scale, zero = range_to_scale_zero(lo, hi)
     kn = (keys - zero) / scale
     k_in = (kn >= -1) & (kn <= 1)
-    vn, v_out, _, _ = normalize_values(values, f, torch.float16)
+    vn, v_out, _, _ = normalize_value_tokens(values, f, torch.float16)
     v_in = ~v_out
     if key_magnitude:
         kw = kn.abs()

@@ -2,16 +2,22 @@
 
 A sequence's tokens, in order, are ``[sinks | quantized | residual]``:
 
-* the first ``n_sink`` tokens, kept exactly (``sink  [B, H, n_sink, D]``);
-* quantized tokens in a :class:`~kvquant.quant.paged.PageTable` pool of pages of ``T`` tokens:
-  codes bit-packed along tokens (``planes [P, H, D, bits, T/32]`` int32), per-token scales for values
-  (``scale/zero [P, H, T]``), per-channel ranges for keys (``[B, H, D]`` float32), and the exact
-  outliers in a blocked CSC (keys) / CSR (values) matrix indexed by slot ``page * T + offset``;
+* the first ``n_sink`` tokens, kept exactly (``sink [B, H, n_sink, D]``);
+* quantized tokens in pages of ``T`` tokens drawn from one :class:`~kvquant.quant.paged.PageTable` pool shared by
+  the batch: codes in units of 32 (:mod:`kvquant.quant.packing`), token-major (``codes [P, H, bits, T*D/32]``
+  int32: a token's ``D`` codes are ``D/32`` consecutive units); per-token scales for values (``scale/zero
+  [P, H, T]``), per-channel ranges for keys (``[B, H, D]`` float32); the exact outliers in a
+  :class:`~kvquant.sparse.blocked.BlockedCSCMatrix` (keys, a column per token slot ``page * T + offset``) or a
+  :class:`~kvquant.sparse.blocked.BlockedCSRMatrix` (values, a block per page);
 * up to ``residual_length`` most recent tokens, kept exactly (``residual [B, H, R, D]``).
 
-With datatype ``fp16`` the pool holds the raw tokens (``raw [P, H, T, D]``) and nothing is quantized.
-Every append — a whole prefill or one decode token per sequence — goes through the same path, and the tokens
-that leave the exact parts are written by the store's ops object (:mod:`kvquant.quant.backend`).
+Keys are quantized token by token as they arrive. Values are quantized a page at a time: a sequence's last,
+incomplete page of values (its *open page*, fewer than ``T`` tokens) is kept exactly in ``open [B, H, T, D]`` and
+quantized when it fills, so the outliers of a page can be stored sorted by channel for the decode kernel. Every
+byte of it is counted in :meth:`memory_report`.
+
+With datatype ``fp16`` the pool holds the raw tokens (``raw [P, H, T, D]``) and nothing is quantized. Every
+append, a whole prefill or one decode token per sequence, goes through the same path.
 """
 
 from __future__ import annotations
@@ -21,12 +27,17 @@ from typing import Any
 import torch
 
 from kvquant.config import QuantConfig
+from kvquant.quant.accounting import memory_report, nbytes_allocated
 from kvquant.quant.backend import store_ops
 from kvquant.quant.codebook import Codebook
+from kvquant.quant.encode import values_per_side
+from kvquant.quant.open_pages import append_open_steady, write_open
+from kvquant.quant.packing import lut_words
 from kvquant.quant.paged import PageTable
 from kvquant.quant.read import dequantize_pages, page_codes
+from kvquant.quant.static import append_static, begin_static, end_static
 from kvquant.quant.validate import check_kv, check_mask, compact_order
-from kvquant.sparse.blocked import BlockedCSCMatrix, BlockedCSRMatrix, largest_group
+from kvquant.sparse.blocked import BlockedCSCMatrix, BlockedCSRMatrix
 
 # sync-free decode appends check their tokens for NaN/Inf together, once per this many appends
 DEFERRED_CHECK_EVERY = 32
@@ -40,14 +51,21 @@ def storage_dtype(dtype: torch.dtype) -> torch.dtype:
 class QuantizedKVCache:
     """Quantized keys or values of ``B`` sequences of ``H`` heads and head size ``D``.
 
-    Build it with :class:`~kvquant.quant.quantizer.BatchedKVQuantizer`; grow it with :meth:`append`;
-    read it with :meth:`dequantize`.
+    Build it with :class:`~kvquant.quant.quantizer.BatchedKVQuantizer`; grow it with :meth:`append`; read it
+    with :meth:`dequantize`.
 
-    ``ops`` (:mod:`kvquant.kernels.ops`) writes the quantized tokens: the one a
-    :class:`~kvquant.cache.hf_cache.KVQuantCache` resolved, or (``None``) one resolved here from
-    ``config.backend`` and ``device``. A Triton ops object whose kernel cannot write this store's shape or dtype
-    falls back to the torch writes for ``backend="auto"`` and is an error for ``backend="triton"``; an ``fp16``
-    store is always written by torch (a copy).
+    Args:
+        kind: ``"key"`` or ``"value"``.
+        config: the quantization settings.
+        batch, num_heads, head_dim: ``B``, ``H``, ``D``.
+        dtype, device: of the tokens.
+        codebook: levels of the quantized datatype (``None`` for ``fp16``).
+        channel_scale, channel_zero: keys' per-channel affine map ``[B, H, D]`` (or broadcastable).
+        ops: the kernels that write appended tokens (:mod:`kvquant.kernels.ops`): the ones a
+            :class:`~kvquant.cache.hf_cache.KVQuantCache` resolved, or (``None``) ones resolved here from
+            ``config.backend`` and ``device``. Triton ops that cannot write this store's shape or dtype fall back to
+            the torch writes for ``backend="auto"`` and are an error for ``backend="triton"``; an ``fp16`` store is
+            always written by torch (a copy).
     """
 
     def __init__(
@@ -62,7 +80,7 @@ class QuantizedKVCache:
         codebook: Codebook | None = None,
         channel_scale: torch.Tensor | None = None,
         channel_zero: torch.Tensor | None = None,
-        ops: Any = None,
+        ops: Any | None = None,
     ) -> None:
         if kind not in ("key", "value"):
             raise ValueError(f"kind must be 'key' or 'value', got {kind!r}")
@@ -79,34 +97,44 @@ class QuantizedKVCache:
                 raise ValueError(f"datatype {config.datatype} needs a codebook")
             if codebook.bits != self.bits:
                 raise ValueError(f"codebook has {codebook.bits} bits but datatype {config.datatype} has {self.bits}")
+            if (T * head_dim) % 32:
+                raise ValueError(f"page_size * head_dim must be a multiple of 32, got {T} * {head_dim}")
             self.codebook = codebook.to(self.device)
+            self.zero_code = self.codebook.zero_code
+            # the levels as a decode kernel's 16-bit byte tables (prmt lookups)
+            self.lut = lut_words(self.codebook.levels, storage_dtype(dtype))
         else:
             self.codebook = None
         self.pages = PageTable(batch, T, self.device)
         if self.quantized:
-            self.pages.add_pool("planes", (num_heads, head_dim, self.bits, T // 32), torch.int32)
+            self.pages.add_pool("codes", (num_heads, self.bits, T * head_dim // 32), torch.int32)
             if kind == "value":
                 self.pages.add_pool("scale", (num_heads, T), storage_dtype(dtype))
                 self.pages.add_pool("zero", (num_heads, T), storage_dtype(dtype))
         else:
             self.pages.add_pool("raw", (num_heads, T, head_dim), dtype)
+        self.channel_scale = self.channel_zero = None
         if kind == "key" and self.quantized:
             if channel_scale is None or channel_zero is None:
                 raise ValueError("quantized keys need per-channel scale and zero [B, H, D]")
-            # [B, H, D] contiguous: the kernels read them every step (an expanded view would be copied each time)
+            # [B, H, D] contiguous: the kernels read them every step
             self.channel_scale = channel_scale.to(self.device, torch.float32).expand(batch, num_heads, head_dim
                                                                                      ).contiguous()
             self.channel_zero = channel_zero.to(self.device, torch.float32).expand(batch, num_heads, head_dim
                                                                                    ).contiguous()
-        else:
-            self.channel_scale = self.channel_zero = None
-        sparse_cls = BlockedCSCMatrix if kind == "key" else BlockedCSRMatrix
         self.keep_outliers = self.quantized and config.outlier_fraction > 0
-        # per-(slot, head) outlier counts for the decode kernel: one group per head (split in equal parts when
-        # head_dim > 255, the uint8 limit of a group's count)
-        group = largest_group(head_dim)
-        self.outliers = sparse_cls(num_heads * head_dim, storage_dtype(dtype), self.device, config.block_nnz,
-                                   group_size=group)
+        sdt = storage_dtype(dtype)
+        # values: at most `per_side` outliers on each side of every token (see kvquant.quant.encode)
+        self.per_side = values_per_side(config.outlier_fraction, num_heads * head_dim) if self.quantized else 0
+        self.outliers: BlockedCSCMatrix | BlockedCSRMatrix | None = None
+        self.open: torch.Tensor | None = None
+        if kind == "key":
+            self.outliers = BlockedCSCMatrix(num_heads * head_dim, sdt, self.device, config.block_nnz,
+                                             group_size=head_dim)
+        elif self.quantized:
+            self.outliers = BlockedCSRMatrix(num_heads, head_dim, T, 2 * self.per_side, sdt, self.device)
+            self.open = torch.zeros(batch, num_heads, T, head_dim, dtype=dtype, device=self.device)
+        self.keep_outliers = self.keep_outliers and (kind == "key" or self.per_side > 0)
         self.sink = torch.zeros(batch, num_heads, config.n_sink, head_dim, dtype=dtype, device=self.device)
         self.residual = torch.zeros(batch, num_heads, config.residual_length, head_dim, dtype=dtype,
                                     device=self.device)
@@ -114,18 +142,25 @@ class QuantizedKVCache:
         self.q_len = torch.zeros(batch, dtype=torch.int64, device=self.device)
         self.res_len = torch.zeros(batch, dtype=torch.int64, device=self.device)
         # what the host knows, for appends without a device sync (see _append_steady)
-        self._host_stale = True  # _steady / _headroom must be re-read from the device
+        self._host_stale = True  # the fields below must be re-read from the device
         self._steady = False  # every sequence has all its sinks and a full residual window
-        self._headroom = 0  # tokens every sequence can still quantize into its reserved pages
-        # [1] float32 flag, NaN once a sync-free append met NaN/Inf (set by torch or by the quantize kernel), read
-        # every DEFERRED_CHECK_EVERY appends
+        self._headroom = 0  # tokens every sequence can still quantize into its reserved pages (keys)
+        self._q_host: list[int] = []  # q_len per sequence (values: which appends complete a page)
+        # [1] float32 flag, NaN once a sync-free append met NaN/Inf, read every DEFERRED_CHECK_EVERY appends
         self._nonfinite: torch.Tensor | None = None
         self._unchecked_appends = 0
         self._failed: str | None = None
-        self.fresh_from = 0  # pages with an id >= this hold nothing yet (set before each write)
+        # static decode (begin_static): one token per sequence and step, every index on the device, no host work:
+        # the same launches each step, which a CUDA graph can capture
+        self.static = False
         self.ops = store_ops(self, ops)
 
     # -- sizes ----------------------------------------------------------------------------------------
+    @property
+    def deferred(self) -> bool:
+        """Whether tokens are quantized a page at a time (quantized values), with an exact open page."""
+        return self.open is not None
+
     @property
     def lengths(self) -> torch.Tensor:
         """``[B]`` tokens stored per sequence."""
@@ -136,11 +171,26 @@ class QuantizedKVCache:
         return int(self.lengths.max()) if self.batch else 0
 
     def reserve(self, extra_tokens: int) -> None:
-        """Pre-allocate pages (and outlier slots) for ``extra_tokens`` more tokens per sequence, sized
-        exactly (no doubling slack). Reserved pages count as held in :meth:`memory_report`."""
+        """Pre-allocate pages (and outlier slots) for ``extra_tokens`` more tokens per sequence, sized exactly (no
+        doubling slack). Reserved pages count as allocated in :meth:`memory_report`."""
         self.pages.reserve(self.q_len + self.res_len + extra_tokens, exact=True)
-        self.outliers.reserve(slots=self.pages.capacity * self.config.page_size, exact=True)
+        self.grow_outliers()
         self._host_stale = True
+
+    def begin_static(self, extra_tokens: int, outlier_headroom: float = 4.0) -> None:
+        """Prepare ``extra_tokens`` decode steps with no host work (see :func:`kvquant.quant.static.begin_static`)."""
+        begin_static(self, extra_tokens, outlier_headroom)
+
+    def end_static(self) -> None:
+        """Back to normal appends (see :func:`kvquant.quant.static.end_static`)."""
+        end_static(self)
+
+    def grow_outliers(self) -> None:
+        """The outlier stores follow the page pool: a slot per page position (keys), a block per page (values)."""
+        if isinstance(self.outliers, BlockedCSCMatrix):
+            self.outliers.reserve(slots=self.pages.capacity * self.config.page_size, exact=True)
+        elif isinstance(self.outliers, BlockedCSRMatrix):
+            self.outliers.reserve(self.pages.capacity, exact=True)
 
     # -- writing --------------------------------------------------------------------------------------
     def append(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
@@ -148,15 +198,20 @@ class QuantizedKVCache:
 
         Args:
             x: ``[B, H, n, D]`` new tokens (a prefill or ``n = 1`` decode tokens).
-            attention_mask: ``[B, n]`` 1 for real tokens, 0 for padding (left, right or anywhere);
-                ``None`` means all real. A row may be all padding here (that sequence gets nothing).
+            attention_mask: ``[B, n]`` 1 for real tokens, 0 for padding (left, right or anywhere); ``None`` means
+                all real. A row may be all padding here (that sequence gets nothing).
 
-        Decode steps (``attention_mask=None``, every sequence past its sinks and residual window) make no
-        device sync on the Triton backend: what the host needs is known there, and NaN/Inf in ``x`` is
-        detected up to :data:`DEFERRED_CHECK_EVERY` appends later (an error then; the cache is unusable after it).
+        Decode steps (``attention_mask=None``, every sequence past its sinks and residual window) make no device
+        sync on the Triton backend: what the host needs is known there, and NaN/Inf in ``x`` is detected up to
+        :data:`DEFERRED_CHECK_EVERY` appends later (an error then; the cache is unusable after it).
         """
         if self._failed is not None:
             raise ValueError(self._failed)
+        if self.static:
+            if attention_mask is not None or x.ndim != 4 or x.shape[0] != self.batch or x.shape[2] != 1:
+                raise ValueError("a static cache takes one real token per sequence per append (end_static first)")
+            append_static(self, x)
+            return
         if attention_mask is None and isinstance(x, torch.Tensor) and x.ndim == 4 and self._fast_path_ready(x.shape[2]):
             self._append_steady(x)
             return
@@ -191,7 +246,7 @@ class QuantizedKVCache:
         rest = n_new - take
         pend_len = self.res_len + rest
         evict = (pend_len - R).clamp_min(0)
-        pending = torch.cat([self.residual, x], dim=2)  # [B, H, R + n, D]
+        pending = torch.cat([self.residual, x], dim=2) if R else x  # [B, H, R + n, D]
 
         def pending_index(seq: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
             """Index in ``pending`` of position ``i`` of sequence ``seq``'s stream [residual, rest]."""
@@ -202,8 +257,13 @@ class QuantizedKVCache:
         if n_ev:
             seq = torch.repeat_interleave(arange_b, evict)
             j = torch.arange(n_ev, device=self.device) - (torch.cumsum(evict, 0) - evict)[seq]
-            tokens = pending[seq, :, pending_index(seq, j), :]  # [N, H, D]
-            self._write(seq, tokens, evict)
+            if R == 0:  # each sequence's new tokens after its sinks, in order: views of x, no gather
+                t0, cnt = take.tolist(), evict.tolist()
+                parts = [x[b, :, t0[b]: t0[b] + cnt[b]].transpose(0, 1) for b in range(self.batch) if cnt[b]]
+                tokens = parts[0] if len(parts) == 1 else torch.cat(parts)  # [N, H, D]
+            else:
+                tokens = pending[seq, :, pending_index(seq, j), :]  # [N, H, D]
+            self._write(seq, self.q_len[seq] + j, tokens, evict)
             self.q_len += evict
         if R:
             i = evict[:, None] + torch.arange(R, device=self.device)[None, :]
@@ -216,19 +276,21 @@ class QuantizedKVCache:
     def _fast_path_ready(self, n: int) -> bool:
         """Whether an all-real append of ``n`` tokens per sequence can take :meth:`_append_steady` (reads the
         device once after a slow-path append, reserve or select; then tracks it on the host)."""
-        if n == 0:
+        if n == 0 or (self.deferred and n != 1):
             return False
         if self._host_stale:
             T = self.config.page_size
             full = (self.sink_len == self.config.n_sink) & (self.res_len == self.config.residual_length)
             room = self.pages.pages_per_seq * T - self.q_len
-            checks = [full.all().long(), room.min()]
+            checks = [full.all().long()[None], room.min()[None], self.q_len]
             if self._nonfinite is not None:
-                checks.append(self._nonfinite.isnan().reshape(()).long())
-            got = torch.stack(checks).tolist()  # the one sync
-            if len(got) == 3:
-                self._raise_if_nonfinite(bool(got[2]))
+                checks.append(self._nonfinite.isnan().reshape(1).long())
+            got = torch.cat(checks).tolist()  # the one sync
+            if self._nonfinite is not None:
+                self._raise_if_nonfinite(bool(got[-1]))
+                got = got[:-1]
             self._steady, self._headroom = bool(got[0]), int(got[1])
+            self._q_host = [int(v) for v in got[2:]]
             self._host_stale = False
         return self._steady
 
@@ -240,64 +302,68 @@ class QuantizedKVCache:
             raise ValueError(self._failed)
 
     def _append_steady(self, x: torch.Tensor) -> None:
-        """:meth:`append` of ``n`` real tokens to every sequence whose sinks and residual window are full:
-        each sequence quantizes its ``n`` oldest pending tokens. No device sync on the Triton backend."""
+        """:meth:`append` of ``n`` real tokens to every sequence whose sinks and residual window are full: each
+        sequence quantizes its ``n`` oldest pending tokens. No device sync on the Triton backend."""
         check_kv(x, f"{self.kind}s", self.num_heads, self.head_dim, self.device, finite=False)
         if x.shape[0] != self.batch:
             raise ValueError(f"{self.kind}s have batch {x.shape[0]} but the cache holds {self.batch}")
         B, H, n, D = x.shape
         x = x.to(self.dtype)
         R = self.config.residual_length
-        fused = self.ops.fused_quantize  # the quantize kernel raises the NaN flag itself as it reads the tokens
         if self._nonfinite is None:
             self._nonfinite = torch.zeros(1, dtype=torch.float32, device=self.device)
-        if not (fused and R == 0):
-            self._nonfinite += (x - x).sum()  # x - x is 0, or NaN where x is NaN/Inf: the flag turns NaN for good
+        self._nonfinite += (x - x).sum()  # x - x is 0, or NaN where x is NaN/Inf: the flag turns NaN for good
         self._unchecked_appends += 1
         if self._unchecked_appends >= DEFERRED_CHECK_EVERY:
             self._raise_if_nonfinite(bool(self._nonfinite.isnan()))
-        if self._headroom < n:  # a new page for some sequence: allocate (one sync), re-read the room
-            self.pages.reserve(self.q_len + n)
-            self._host_stale = True
-            self._fast_path_ready(n)
-        self._headroom -= n
         out = x  # the n oldest pending tokens of each sequence are quantized
         if R:
             pending = torch.cat([self.residual, x], dim=2)
             out, self.residual = pending[:, :, :n], pending[:, :, n:].contiguous()
-        tokens = out.transpose(1, 2).reshape(B * n, H, D)  # [N, H, D] grouped by sequence, oldest first
-        self._reserve_outlier_slots()
-        self.fresh_from = self.pages.n_pages
-        # a decode step (n = 1) reuses the launch tables of the cache
-        self.ops.quantize_append(self, self.ops.run_counts(self, n), tokens,
-                                 nonfinite=self._nonfinite if fused and R == 0 else None)
+        if self.deferred:
+            append_open_steady(self, out[:, :, 0])
+        else:
+            if self._headroom < n:  # a new page for some sequence: allocate (one sync), re-read the room
+                self.pages.reserve(self.q_len + n)
+                self.grow_outliers()
+                self._host_stale = True
+                self._fast_path_ready(n)
+            self._headroom -= n
+            tokens = out.transpose(1, 2).reshape(B * n, H, D)  # [N, H, D] grouped by sequence, oldest first
+            seq = torch.arange(B, device=self.device).repeat_interleave(n)
+            pos = self.q_len[seq] + torch.arange(n, device=self.device).repeat(B)
+            self._write(seq, pos, tokens, None, steady=True)
         self.q_len += n
+        self._q_host = [q + n for q in self._q_host]
 
-    def _write(self, seq: torch.Tensor, tokens: torch.Tensor, run_counts: torch.Tensor) -> None:
-        """Store ``tokens [N, H, D]`` as the next quantized tokens of their sequences: ``run_counts[b]`` tokens of
-        sequence ``b`` at positions ``q_len[b], q_len[b] + 1, ...``, sequences in order (``seq [N]``: each token's
-        sequence). Reserves the pages, then hands the tokens to :attr:`ops`."""
-        self.fresh_from = self.pages.n_pages
-        self.pages.reserve(self.q_len.scatter_add(0, seq, torch.ones_like(seq)))
-        self._reserve_outlier_slots()
-        self.ops.quantize_append(self, run_counts, tokens)
-
-    def _reserve_outlier_slots(self) -> None:
-        """A slot per page position: the sparse matrix's slot capacity follows the page pool's."""
-        if self.keep_outliers:
-            self.outliers.reserve(slots=self.pages.capacity * self.config.page_size, exact=True)
+    def _write(self, seq: torch.Tensor, pos: torch.Tensor, tokens: torch.Tensor, run_counts: torch.Tensor | None,
+               steady: bool = False) -> None:
+        """Store ``tokens [N, H, D]`` as quantized token ``pos[i]`` of sequence ``seq[i]`` (runs: ``run_counts[b]``
+        tokens of sequence ``b`` at positions ``q_len[b] ...``, sequences in order)."""
+        if self.deferred:
+            write_open(self, seq, pos, tokens, run_counts)
+            return
+        if not steady:
+            self.pages.reserve(self.q_len.scatter_add(0, seq, torch.ones_like(seq)))
+            self.grow_outliers()
+        self.ops.write_keys(self, seq, pos, tokens, nonfinite=self._nonfinite if steady else None)
 
     # -- reading --------------------------------------------------------------------------------------
+    @property
+    def sealed_len(self) -> torch.Tensor:
+        """``[B]`` quantized tokens whose pages are complete (values; keys: all of ``q_len``)."""
+        return (self.q_len // self.config.page_size) * self.config.page_size if self.deferred else self.q_len
+
     def codes(self) -> torch.Tensor:
-        """Dense codes of the quantized part: ``[B, H, Q, D]`` uint8 (Q = longest quantized run)."""
+        """Codes of the quantized pages: ``[B, H, Q, D]`` uint8 (values: the sealed pages only)."""
         return page_codes(self)
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All stored tokens, compact and right-padded.
 
         Returns:
-            ``x [B, H, L, D]`` in the input dtype (zeros past each sequence's end) and
-            ``mask [B, L]`` bool, with ``L`` the longest sequence.
+            ``x [B, H, L, D]`` in the input dtype (zeros past each sequence's end) and ``mask [B, L]`` bool, with
+            ``L`` the longest sequence.
         """
         quant = dequantize_pages(self)
         qmax = quant.shape[2]
@@ -343,68 +409,45 @@ class QuantizedKVCache:
         new._host_stale = True
         new._nonfinite = None if self._nonfinite is None else self._nonfinite.clone()
         new.pages, old_ids = self.pages.select(index)
-        T = self.config.page_size
-        old_slots = (old_ids[:, None] * T + torch.arange(T, device=self.device)).reshape(-1)
-        new.outliers = self.outliers.select_slots(old_slots)
+        if isinstance(self.outliers, BlockedCSCMatrix):
+            T = self.config.page_size
+            old_slots = (old_ids[:, None] * T + torch.arange(T, device=self.device)).reshape(-1)
+            new.outliers = self.outliers.select_slots(old_slots)
+        elif isinstance(self.outliers, BlockedCSRMatrix):
+            new.outliers = BlockedCSRMatrix(self.num_heads, self.head_dim, self.config.page_size,
+                                            self.outliers.per_token, self.outliers.dtype, self.device,
+                                            new.pages.capacity)
+            new.outliers.copy_blocks(old_ids, torch.arange(old_ids.numel(), device=self.device))
+            new.outliers.values[: old_ids.numel()] = self.outliers.values[old_ids]
+            new.outliers.tokens[: old_ids.numel()] = self.outliers.tokens[old_ids]
+            new.outliers.counts[: old_ids.numel()] = self.outliers.counts[old_ids]
+            new.outliers.head_start[: old_ids.numel()] = self.outliers.head_start[old_ids]
         for name in ("sink", "residual", "sink_len", "q_len", "res_len"):
             setattr(new, name, getattr(self, name)[index])
+        if self.open is not None:
+            new.open = self.open[index]
         if self.channel_scale is not None:
             new.channel_scale = self.channel_scale[index]
             new.channel_zero = self.channel_zero[index]
         return new
 
-    # -- accounting -----------------------------------------------------------------------------------
+    # -- accounting (kvquant.quant.accounting) ---------------------------------------------------------------
     def memory_report(self) -> dict[str, float]:
-        """Bytes held by component, with ``bits_per_element`` over the real tokens stored.
-
-        Counts everything kept: packed codes of every page in use (including the unused tail of each
-        sequence's last page), scales, outlier values, indices and per-slot offsets (to block
-        granularity), sink and residual tokens, the page table and the per-channel ranges.
-        """
-        P = self.pages.n_pages
-        pools = self.pages.pools
-
-        def pool_bytes(name: str) -> int:
-            t = pools[name]
-            return P * t[0].numel() * t.element_size() if t.shape[0] else 0
-
-        rep: dict[str, float] = {}
-        if self.quantized:
-            rep["codes"] = pool_bytes("planes")
-            scales = pool_bytes("scale") + pool_bytes("zero") if self.kind == "value" else 0
-            if self.channel_scale is not None:
-                scales += 2 * self.channel_scale.numel() * 4
-            rep["scales"] = scales
-            rep["outliers"] = self.outliers.nbytes() if self.keep_outliers else 0
-        else:
-            rep["dense"] = pool_bytes("raw")
-        rep["sink"] = self.sink.numel() * self.sink.element_size()
-        rep["residual"] = self.residual.numel() * self.residual.element_size()
-        rep["page_table"] = self.pages.nbytes()
-        total = sum(rep.values())
-        elements = int(self.lengths.sum()) * self.num_heads * self.head_dim
-        rep["total"] = total
-        rep["elements"] = elements
-        rep["fp16_bytes"] = 2 * elements
-        rep["bits_per_element"] = 8 * total / elements if elements else float("nan")
-        rep["outlier_fraction"] = self.outliers.nnz / max(int(self.q_len.sum()) * self.num_heads * self.head_dim, 1)
-        return rep
+        """Bytes held by component, with ``bits_per_element`` over the real tokens stored (see
+        :func:`kvquant.quant.accounting.memory_report`)."""
+        return memory_report(self)
 
     def nbytes(self) -> int:
         """Bytes held (see :meth:`memory_report`)."""
-        return int(self.memory_report()["total"])
+        return int(memory_report(self)["total"])
 
     def nbytes_allocated(self) -> int:
         """Bytes reserved, including pre-allocated capacity not yet used."""
-        pools = sum(t.numel() * t.element_size() for t in self.pages.pools.values())
-        extra = self.sink.numel() * self.sink.element_size() + self.residual.numel() * self.residual.element_size()
-        if self.channel_scale is not None:
-            extra += 2 * self.channel_scale.numel() * 4
-        return pools + self.outliers.nbytes_allocated() + extra + self.pages.table.numel() * 4
+        return nbytes_allocated(self)
 
     @property
     def bits_per_element(self) -> float:
-        return float(self.memory_report()["bits_per_element"])
+        return float(memory_report(self)["bits_per_element"])
 
     def __repr__(self) -> str:
         return (f"QuantizedKVCache(kind={self.kind}, datatype={self.config.datatype}, B={self.batch}, "
