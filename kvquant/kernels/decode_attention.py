@@ -1,38 +1,88 @@
-"""Decode attention directly over the packed KV format (flash-decoding, split-K over pages): the launch code.
+"""Decode attention directly over the packed KV format (flash-decoding, split over pages).
 
-One query token per sequence attends over ``[sinks | quantized pages | residual]`` of a
-:class:`~kvquant.quant.store.QuantizedKVCache` pair (keys, values) without writing dequantized K/V anywhere. Three
-kernels (bodies in :mod:`kvquant.kernels.jit.decode_attention`): one program per (sequence, KV head, range of pages)
-over the quantized pages, one per (sequence, KV head) over the exact sink and residual tokens, and a log-sum-exp
-reduction of the splits, which also folds in an optional extra exact token (``extra_kv``: the decode step's own
-token).
+One query token per sequence attends over ``[sinks | quantized pages | open page | residual]`` of a key and a
+value :class:`~kvquant.quant.store.QuantizedKVCache` without writing dequantized K/V anywhere (the kernels are in
+:mod:`kvquant.kernels.decode_jit`): a page kernel per (sequence, KV head, range of pages), an exact kernel for
+sinks and residual tokens, and a reduction that also takes the step's own token (``extra_kv``).
 
-Requirements: quantized datatype (``fp16`` caches take the torch reference), ``D`` a power of two >= 32, both
-caches with the same page size and lengths, outlier entries of a slot sorted by channel and exact per-group counts
-``head_counts`` with groups dividing ``D`` (every writer of :mod:`kvquant.sparse.blocked` keeps both).
+The kernels need a quantized datatype, head size 64/128/256, a power-of-two page size, and RoPE tables with equal
+halves (Llama's ``rotate_half`` layout) when keys are stored pre-RoPE; :func:`unsupported_reason` says why not, and
+the torch reference (``TorchOps``, :func:`~kvquant.kernels.reference.decode_attention_reference`) covers the rest.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
-from kvquant.kernels._triton import TRITON_IMPORT_ERROR, tl, triton
-from kvquant.kernels.jit import decode_attention as _jit
+from kvquant.kernels._triton import tl, triton
+from kvquant.kernels.encode import unsupported_reason as store_problem
+from kvquant.kernels.jit.decode_attention import (
+    exact_kernel,
+    key_corr_kernel,
+    pages_kernel,
+    reduce_kernel,
+    value_outliers_kernel,
+)
 from kvquant.kernels.reference import Rope, check_decode_inputs
 from kvquant.quant.store import QuantizedKVCache
 
 LOG2E = 1.4426950408889634
-# Launch defaults of the page kernel (the best of a sweep of warps x tile x programs per SM at 32K context on an
-# H100, `kvquant bench kernels --sweep`): 4 warps, 64-token tiles when the page size allows, 16 programs per SM.
-NUM_WARPS = 4
-BLOCK_T = None
-PROGRAMS_PER_SM = 16
+PROGRAMS_PER_SM = 8  # split-K target: about this many page programs per multiprocessor
+MAX_TILE = 64  # tokens per tile of the page kernel (smaller pages: the page size)
+CORR_BLOCK = 128  # tokens per program of the key-outlier correction kernel
+
+
+def unsupported_reason(q: torch.Tensor, key_cache: QuantizedKVCache, value_cache: QuantizedKVCache,
+                       rope: Rope | None = None) -> str | None:
+    """Why the Triton path cannot compute this decode attention (``None`` if it can)."""
+    for c in (key_cache, value_cache):
+        why = store_problem(c)
+        if why:
+            return why
+    if key_cache.config.page_size != value_cache.config.page_size:
+        return "key and value caches have different page sizes"
+    if rope is not None and rope[0].shape[-1] != q.shape[-1] // 2:
+        return "RoPE tables without equal halves (the kernel takes [max_pos, D/2] tables)"
+    return None
 
 
 def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    """Multiprocessors to fill (off CUDA, under the interpreter: 1, where every program costs time)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _use_asm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Byte-permute lookups on a CUDA device for 16-bit caches; gathers under the interpreter and for float32."""
+    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and not os.environ.get("TRITON_INTERPRET")
+
+
+def _levels(cache: QuantizedKVCache, dtype: torch.dtype) -> torch.Tensor:
+    """The levels as the kernel's dot operands hold them (rounded to ``dtype``), in float32 (the gather path)."""
+    lev = getattr(cache, "_kernel_levels", None)
+    if lev is None or lev[0] != dtype:
+        lev = cache._kernel_levels = (dtype, cache.codebook.levels.to(cache.device, dtype).float().contiguous())
+    return lev[1]
+
+
+def _zero_level(cache: QuantizedKVCache, lev: torch.Tensor) -> float:
+    """The level of the zero code (an outlier's dense code) as the kernel holds it (read once per cache)."""
+    z = getattr(cache, "_kernel_zero_level", None)
+    if z is None or z[0] is not lev:
+        z = cache._kernel_zero_level = (lev, float(lev[cache.zero_code]))
+    return z[1]
+
+
+def _key_dense_at_zero(cache: QuantizedKVCache, lev: torch.Tensor) -> torch.Tensor:
+    """``[B, H, D]`` float32: the dense key an outlier's zero code stands for, ``scale * level + zero`` per channel
+    (kept with the cache while its channel map is the same)."""
+    got = getattr(cache, "_kernel_dense_zero", None)
+    if got is None or got[0] is not cache.channel_scale or got[1] is not lev:
+        dz = (cache.channel_scale * _zero_level(cache, lev) + cache.channel_zero).contiguous()
+        got = cache._kernel_dense_zero = (cache.channel_scale, lev, dz)
+    return got[2]
 
 
 def decode_attention(
@@ -43,124 +93,128 @@ def decode_attention(
     rope: Rope | None = None,
     extra_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     pages_per_split: int | None = None,
-    num_warps: int = NUM_WARPS,
-    block_t: int | None = BLOCK_T,
-    programs_per_sm: int = PROGRAMS_PER_SM,
+    num_warps: int = 4,
+    block_t: int | None = None,
+    num_stages: int = 2,
 ) -> torch.Tensor:
-    """Attention of one query token per sequence over a quantized KV cache, with the Triton kernels.
-
-    :func:`~kvquant.kernels.reference.decode_attention_reference` computes the same in PyTorch; the two are the
-    ``decode_attention`` of :class:`~kvquant.kernels.ops.TritonOps` and :class:`~kvquant.kernels.ops.TorchOps`.
+    """Attention of one query token per sequence over a quantized KV cache.
 
     Args:
-        q: ``[B, Hq, D]`` queries (already rotated if the model uses RoPE); ``Hq`` a multiple of the caches'
-            KV heads (grouped-query attention).
-        key_cache, value_cache: :class:`QuantizedKVCache` of kind ``"key"`` and ``"value"`` of the same
-            sequences (sinks, quantized tokens and residual of equal lengths).
+        q: ``[B, Hq, D]`` queries (already rotated if the model uses RoPE); ``Hq`` a multiple of the caches' KV
+            heads (grouped-query attention).
+        key_cache, value_cache: :class:`QuantizedKVCache` of kind ``"key"`` and ``"value"`` of the same sequences.
         softmax_scale: default ``1/sqrt(D)``.
-        rope: optional ``(cos, sin, pos_offset [B])`` float32 tables ``[max_pos, D]``, or ``[max_pos, D/2]`` for
-            tables whose two halves are equal (Llama's ``cat(freqs, freqs)``: read once per token for half the
-            dims); key token ``k`` of sequence ``b`` is rotated to position ``pos_offset[b] + k`` (``rotate_half``).
-        extra_kv: optional ``(k [B, Hkv, D], v [B, Hkv, D])``: one more exact token per sequence (already
-            rotated), attended after the cached ones: the result is the softmax over ``[cache, extra]``.
-        pages_per_split: pages per program of the split-K pass (default: about ``programs_per_sm`` programs
-            per multiprocessor).
-        num_warps, block_t, programs_per_sm: launch of the page kernel: warps per program, tokens per tile (32 or
-            64; ``None``: 64 when it divides the page size, else 32), programs per multiprocessor.
+        rope: optional ``(cos, sin, pos_offset [B])`` float32 tables ``[max_pos, D/2]`` (Llama's tables have equal
+            halves; ``[max_pos, D]`` tables go to the torch path): key token ``k`` of sequence ``b`` is rotated to
+            position ``pos_offset[b] + k``.
+        extra_kv: optional ``(k [B, Hkv, D], v [B, Hkv, D])``: one more exact token per sequence (already rotated),
+            attended after the cached ones.
+        pages_per_split: pages per program of the split pass (default: about :data:`PROGRAMS_PER_SM` programs per
+            multiprocessor).
+        num_warps, num_stages: warps and software-pipelining depth of the page program. block_t: tokens per tile
+            (default ``min(page_size, 64)``).
 
     Returns:
-        ``[B, Hq, D]`` in ``q.dtype`` (zeros for a sequence with no token and no extra token).
+        ``[B, Hq, D]`` in ``q.dtype`` (zeros for a sequence with no token and no extra token on the triton path).
     """
     check_decode_inputs(q, key_cache, value_cache, extra_kv)
-    if triton is None:
-        raise RuntimeError(f"decode_attention needs triton ({TRITON_IMPORT_ERROR})")
     B, Hq, D = q.shape
     Hkv = key_cache.num_heads
-    if not key_cache.quantized or not value_cache.quantized:
-        raise ValueError("the triton path needs quantized caches (datatype fp16: use the torch reference)")
-    G = Hq // Hkv
-    T = key_cache.config.page_size
-    if value_cache.config.page_size != T:
-        raise ValueError("key and value caches must have the same page size")
-    if D < 32 or D & (D - 1):
-        raise ValueError(f"the triton path needs a power-of-two head size >= 32, got {D}")
+    if rope is not None:
+        cos, sin, _ = rope
+        if cos.ndim != 2 or sin.shape != cos.shape or cos.shape[-1] not in (D, D // 2):
+            raise ValueError(f"rope tables must be [max_pos, {D}] or [max_pos, {D // 2}], got {tuple(cos.shape)}, "
+                             f"{tuple(sin.shape)}")
+    why = unsupported_reason(q, key_cache, value_cache, rope)
+    if why:
+        raise ValueError(f"the Triton decode attention cannot run here: {why} (use the torch ops)")
+    kc, vc = key_cache, value_cache
     dev = q.device
+    T = kc.config.page_size
+    BT = block_t or min(T, MAX_TILE)
+    G = Hq // Hkv
+    GQ = GP = triton.next_power_of_2(G)
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
     qs = (q.float() * (scale * LOG2E)).contiguous()
-    dot_dtype = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(key_cache.dtype, tl.float32)
-    prec = "ieee" if dot_dtype == tl.float32 else "tf32"
-    GP = max(16, triton.next_power_of_2(G))
-    BT = block_t or (64 if T % 64 == 0 else 32)
-    if T % BT or BT % 32:
-        raise ValueError(f"block_t must divide the page size {T} and be a multiple of 32")
+    use_asm = _use_asm(dev, kc.dtype)
+    dt = kc.dtype if kc.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    if dt == torch.bfloat16 and os.environ.get("TRITON_INTERPRET"):
+        dt = torch.float32  # Triton's interpreter multiplies bfloat16 dot operands wrongly (triton 3.9)
+    DT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(dt, tl.float32)
+    prec = "ieee" if dt == torch.float32 else "tf32"
 
-    ktab = key_cache.pages.table
-    vtab = value_cache.pages.table
+    ktab, vtab = kc.pages.table, vc.pages.table
     max_pages = ktab.shape[1]
     if pages_per_split is None:
-        target = programs_per_sm * _num_sms(dev)
-        pages_per_split = max(1, min(max_pages, -(-max_pages * B * Hkv // target)))
-        pages_per_split = max(pages_per_split, min(4, max_pages))
+        target = PROGRAMS_PER_SM * _num_sms(dev)
+        pages_per_split = max(1, -(-max_pages * B * Hkv // target))
     n_splits = max(1, -(-max_pages // pages_per_split))
     NS1 = n_splits + 1
     opart = torch.empty(B, Hq, NS1, D, dtype=torch.float32, device=dev)
     mpart = torch.empty(B, Hq, NS1, dtype=torch.float32, device=dev)
     lpart = torch.empty(B, Hq, NS1, dtype=torch.float32, device=dev)
 
-    half = False
     if rope is not None:
         cos, sin, pos_offset = rope
-        if cos.ndim != 2 or sin.shape != cos.shape or cos.shape[-1] not in (D, D // 2):
-            raise ValueError(f"rope tables must be [max_pos, {D}] or [max_pos, {D // 2}], got {tuple(cos.shape)}, "
-                             f"{tuple(sin.shape)}")
         cos = cos.to(dev, torch.float32).contiguous()
         sin = sin.to(dev, torch.float32).contiguous()
-        half = cos.shape[-1] == D // 2
+        if cos.shape[0] < BT:
+            raise ValueError(f"rope tables cover {cos.shape[0]} positions, fewer than a tile ({BT})")
+        # rotation by the in-tile offset tau, without the tables' scale: R(p0 + tau) = R(p0) R(tau)
+        mscale = cos[:1]
+        rc, rs = (cos[:BT] / mscale).contiguous(), (sin[:BT] / mscale).contiguous()
         pos = pos_offset.to(dev, torch.int32).contiguous()
     else:
-        cos = sin = torch.zeros(1, device=dev)
+        cos = sin = rc = rs = torch.zeros(1, device=dev)
         pos = torch.zeros(B, dtype=torch.int32, device=dev)
 
-    kc, vc = key_cache, value_cache
     kout, vout = kc.outliers, vc.outliers
-    kp = kc.pages.pools
-    vp = vc.pages.pools
-    # a head's outlier run in a slot: where it starts and its length, from the per-(slot, group) counts
-    for o in (kout, vout):
-        if D % o.group_size:
-            raise ValueError(f"outlier channel groups ({o.group_size}) must divide the head size {D}")
-    kargs = (kout.slot_start, kout.head_counts, kout.indices, kout.values, kout.slot_start.shape[0],
-             ktab.stride(0), kout.n_groups, D // kout.group_size)
-    vargs = (vout.slot_start, vout.head_counts, vout.indices, vout.values, vout.slot_start.shape[0],
-             vtab.stride(0), vout.n_groups, D // vout.group_size)
-    _jit._pages_kernel[(B * Hkv, n_splits)](
-        qs, opart, mpart, lpart,
-        kp["planes"], kc.codebook.levels, kc.channel_scale.contiguous(), kc.channel_zero.contiguous(), ktab,
-        *kargs,
-        vp["planes"], vc.codebook.levels, vp["scale"], vp["zero"], vtab,
-        *vargs,
-        kc.q_len, kc.sink_len, pos, cos, sin,
+    KOUT = bool(kc.keep_outliers and kout.nnz_upper > 0)
+    VOUT = bool(vc.keep_outliers)
+    klev, vlev = _levels(kc, dt), _levels(vc, dt)
+    Lmax = max_pages * T
+    hkp = max(2, triton.next_power_of_2(Hkv))
+    if KOUT:
+        corr = torch.empty(B, Hq, Lmax, dtype=torch.float32, device=dev)
+        key_corr_kernel[(B * Hkv, triton.cdiv(Lmax, CORR_BLOCK))](
+            qs, corr, ktab, ktab.stride(0), kout.slot_start, kout.head_counts, kout.values, kout.indices,
+            _key_dense_at_zero(kc, klev), kc.q_len, kc.sink_len, pos, cos, sin,
+            Hkv, Hq, Lmax, G=G, GQ=GQ, HKP=hkp, D=D, T=T, BLK=CORR_BLOCK, ROPE=rope is not None, num_warps=4,
+        )
+    else:
+        corr = mpart
+    scores = torch.empty(B, Hq, Lmax, dtype=torch.float32, device=dev) if VOUT else mpart
+    pages_kernel[(B * Hkv, n_splits)](
+        qs, opart, mpart, lpart, scores, corr, Lmax,
+        kc.pages.pools["codes"], kc.lut, klev, kc.channel_scale, kc.channel_zero, ktab, ktab.stride(0),
+        vc.pages.pools["codes"], vc.lut, vlev, vc.pages.pools["scale"], vc.pages.pools["zero"], vtab, vtab.stride(0),
+        vc.open, kc.q_len, kc.sink_len, pos, cos, sin, rc, rs,
         Hkv, Hq, pages_per_split, NS1,
-        G=G, GP=GP, D=D, T=T, BT=BT, KBITS=kc.bits, VBITS=vc.bits,
-        KOUT=bool(kc.keep_outliers and kout.nnz_upper > 0), VOUT=bool(vc.keep_outliers and vout.nnz_upper > 0),
-        ROPE=rope is not None, HALF=half, DOT_DTYPE=dot_dtype, PREC=prec,
-        KNGP=triton.next_power_of_2(kout.n_groups), VNGP=triton.next_power_of_2(vout.n_groups),
-        num_warps=num_warps, num_stages=2,
+        G=G, GP=GP, D=D, T=T, BT=BT, KBITS=kc.bits, VBITS=vc.bits, KOUT=KOUT, VOUT=VOUT, ROPE=rope is not None,
+        USE_ASM=use_asm, DT=DT, PREC=prec, num_warps=num_warps, num_stages=num_stages,
     )
     ksink, vsink = kc.sink.contiguous(), vc.sink.contiguous()
     kres, vres = kc.residual.contiguous(), vc.residual.contiguous()
-    _jit._exact_kernel[(B * Hkv,)](
+    exact_kernel[(B * Hkv,)](
         qs, opart, mpart, lpart,
         ksink, vsink, kres, vres, kc.sink_len, kc.q_len, kc.res_len, pos, cos, sin,
         Hkv, Hq, NS1, ksink.shape[2], kres.shape[2],
-        G=G, GP=GP, D=D, BE=32, ROPE=rope is not None, HALF=half, DOT_DTYPE=dot_dtype, PREC=prec,
-        num_warps=4,
+        G=G, GP=GP, D=D, BE=32, ROPE=rope is not None, DT=DT, PREC=prec, num_warps=4,
     )
-    out = torch.empty(B, Hq, D, dtype=q.dtype, device=dev)
+    out = torch.empty(B, Hq, D, dtype=torch.float32 if VOUT else q.dtype, device=dev)
     if extra_kv is not None:
         ek, ev = (x.to(dev).contiguous() for x in extra_kv)
     else:
         ek = ev = qs
-    _jit._reduce_kernel[(B * Hq,)](opart, mpart, lpart, out, NS1, qs, ek, ev, Hq, G, D=D,
-                              NSP=triton.next_power_of_2(NS1), EXTRA=extra_kv is not None, num_warps=4)
-    return out
+    mfin = torch.empty(B, Hq, dtype=torch.float32, device=dev)
+    lfin = torch.empty(B, Hq, dtype=torch.float32, device=dev)
+    reduce_kernel[(B * Hq,)](opart, mpart, lpart, out, mfin, lfin, NS1, qs, ek, ev, Hq, G, D=D,
+                             NSP=triton.next_power_of_2(NS1), EXTRA=extra_kv is not None, num_warps=4)
+    if not VOUT:
+        return out
+    value_outliers_kernel[(B * Hkv, n_splits)](
+        out, mfin, lfin, scores, Lmax, vc.pages.pools["scale"], vc.pages.pools["zero"], vtab, vtab.stride(0),
+        vout.values, vout.tokens, vout.counts, vout.head_start, vout.block_cap, _zero_level(vc, vlev),
+        kc.q_len, Hkv, Hq, pages_per_split, G=G, GQ=GQ, D=D, T=T, num_warps=4,
+    )
+    return out.to(q.dtype)

@@ -9,13 +9,18 @@ is imported). Both objects write byte-identical storage.
 
 Methods (the same on both):
 
-* ``quantize_append(store, counts, tokens, nonfinite=None)``: quantize ``tokens [N, H, D]`` into ``store`` as the
-  next ``counts[b]`` tokens of each sequence ``b`` (pages reserved by the caller, ``q_len`` not advanced);
-* ``run_counts(store, n)``: the ``counts`` of an append of ``n`` tokens to every sequence;
+* ``write_keys(store, seq, pos, tokens, nonfinite=None, static=False)``: quantize keys ``tokens [N, H, D]`` into
+  ``store`` as quantized token ``pos[i]`` of sequence ``seq[i]`` (pages reserved by the caller; an ``fp16`` store
+  copies them). ``nonfinite``: a ``[1]`` float32 flag turned NaN when the tokens hold NaN/Inf (no sync).
+  ``static``: a captured decode step (capacity reserved ahead, counts on the device);
+* ``write_value_pages(store, page, page_tokens)``: quantize whole pages of values ``[n, H, T, D]`` into pages
+  ``page [n]``;
+* ``seal_open_pages(store)``: a static decode step's seal of the open value pages it fills;
 * ``decode_attention(q, kstore, vstore, softmax_scale=None, rope=None, extra_kv=None)``: one query token per
   sequence over a key/value store pair;
 * ``invert_rope(keys, cos, sin)``: pre-RoPE keys (in the keys' dtype) from post-RoPE ones;
-* ``write_problem(store)``: why these ops cannot write ``store`` (``None`` if they can).
+* ``write_problem(store)`` / ``decode_problem(q, kstore, vstore, rope)``: why these ops cannot serve a store or a
+  decode step (``None`` if they can).
 """
 
 from __future__ import annotations
@@ -28,25 +33,26 @@ import torch
 from kvquant.config import BACKENDS
 from kvquant.kernels.reference import Rope, check_decode_inputs, decode_attention_reference
 from kvquant.quant import backend as _backend
+from kvquant.quant import write as _write
 from kvquant.quant.rope import invert_rope
-from kvquant.quant.write import run_positions, write_tokens
 
 
 class TorchOps:
     """The PyTorch reference of every kernel (dequantize the past, then attend)."""
 
     name = "torch"
-    fused_quantize = False  # appends are encoded and packed by torch ops (the NaN/Inf flag is raised by the store)
 
-    def quantize_append(self, store: Any, counts: torch.Tensor, tokens: torch.Tensor,
-                        nonfinite: torch.Tensor | None = None) -> None:
-        seq, pos = run_positions(store, counts, tokens.shape[0])
-        write_tokens(store, seq, pos, tokens)
+    def write_keys(self, store: Any, seq: torch.Tensor, pos: torch.Tensor, tokens: torch.Tensor,
+                   nonfinite: torch.Tensor | None = None, static: bool = False) -> None:
+        _write.write_key_tokens(store, seq, pos.clone() if static else pos, tokens)
         if nonfinite is not None:
             nonfinite += (tokens - tokens).sum()
 
-    def run_counts(self, store: Any, n: int) -> torch.Tensor:
-        return torch.full((store.batch,), n, device=store.device)
+    def write_value_pages(self, store: Any, page: torch.Tensor, page_tokens: torch.Tensor) -> None:
+        _write.write_value_pages(store, page, page_tokens)
+
+    def seal_open_pages(self, store: Any) -> None:
+        _write.seal_open_pages(store)
 
     def decode_attention(self, q: torch.Tensor, kstore: Any, vstore: Any, softmax_scale: float | None = None,
                          rope: Rope | None = None, extra_kv: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -60,29 +66,33 @@ class TorchOps:
     def write_problem(self, store: Any) -> str | None:
         return None
 
+    def decode_problem(self, q: torch.Tensor, kstore: Any, vstore: Any, rope: Rope | None = None) -> str | None:
+        return None
+
     def __repr__(self) -> str:
         return "TorchOps()"
 
 
 class TritonOps:
-    """The Triton kernels: fused quantize-append, decode attention over the packed cache, RoPE inversion."""
+    """The Triton kernels: quantizing writers, decode attention over the packed cache, RoPE inversion."""
 
     name = "triton"
-    fused_quantize = True  # the quantize kernel reads every token: it raises the NaN/Inf flag itself
 
     def __init__(self) -> None:
         # the modules, not their functions: a function patched on its module (profiling, tests) is the one called
-        self._qa = importlib.import_module("kvquant.kernels.quantize_append")
+        self._enc = importlib.import_module("kvquant.kernels.encode")
         self._da = importlib.import_module("kvquant.kernels.decode_attention")
         self._unrope = importlib.import_module("kvquant.kernels.unrope")
 
-    def quantize_append(self, store: Any, counts: torch.Tensor, tokens: torch.Tensor,
-                        nonfinite: torch.Tensor | None = None) -> None:
-        self._qa.quantize_append(store, counts, tokens, nonfinite=nonfinite)
+    def write_keys(self, store: Any, seq: torch.Tensor, pos: torch.Tensor, tokens: torch.Tensor,
+                   nonfinite: torch.Tensor | None = None, static: bool = False) -> None:
+        self._enc.write_keys(store, seq, pos, tokens, nonfinite=nonfinite, static=static)
 
-    def run_counts(self, store: Any, n: int) -> torch.Tensor:
-        # one token per sequence (a decode step) reuses the launch tables kept on the store
-        return self._qa.unit_counts(store) if n == 1 else torch.full((store.batch,), n, device=store.device)
+    def write_value_pages(self, store: Any, page: torch.Tensor, page_tokens: torch.Tensor) -> None:
+        self._enc.write_value_pages(store, page, page_tokens)
+
+    def seal_open_pages(self, store: Any) -> None:
+        self._enc.seal_open_pages(store)
 
     def decode_attention(self, q: torch.Tensor, kstore: Any, vstore: Any, softmax_scale: float | None = None,
                          rope: Rope | None = None, extra_kv: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -94,7 +104,10 @@ class TritonOps:
         return self._unrope.invert_rope_triton(keys, cos, sin)
 
     def write_problem(self, store: Any) -> str | None:
-        return self._qa.unsupported_reason(store)
+        return self._enc.unsupported_reason(store)
+
+    def decode_problem(self, q: torch.Tensor, kstore: Any, vstore: Any, rope: Rope | None = None) -> str | None:
+        return self._da.unsupported_reason(q, kstore, vstore, rope)
 
     def __repr__(self) -> str:
         return "TritonOps()"

@@ -13,6 +13,8 @@ import torch
 from kvquant.kernels._triton import triton
 from kvquant.kernels.jit import unrope as _jit
 
+_ELEMENTS_PER_PROGRAM = 4096  # at least this many key elements per program (several positions of small heads)
+
 
 def invert_rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Pre-RoPE keys from post-RoPE ones, bit-identical to ``invert_rope(x, cos, sin).to(x.dtype)``.
@@ -39,9 +41,11 @@ def invert_rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
     out = torch.empty(B, H, S, D, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    _jit._unrope_kernel[(B * S,)](
+    hp = triton.next_power_of_2(H)
+    bs = max(1, min(64, _ELEMENTS_PER_PROGRAM // (hp * D)))  # positions per program
+    _jit._unrope_kernel[(B * triton.cdiv(S, bs),)](
         x, x.stride(0), x.stride(1), x.stride(2), cos, cos.stride(0), cos.stride(1), sin, sin.stride(0),
-        sin.stride(1), out, H, S, D=D, HP=triton.next_power_of_2(H), BF16=x.dtype == torch.bfloat16, num_warps=4,
+        sin.stride(1), out, H, S, D=D, HP=hp, BS=bs, BF16=x.dtype == torch.bfloat16, num_warps=4,
         enable_fp_fusion=False,
     )
     return out

@@ -10,7 +10,6 @@ from kvquant.config import QuantConfig  # noqa: E402
 from kvquant.kernels.ops import TORCH, TorchOps, TritonOps, resolve_ops, store_ops  # noqa: E402
 from kvquant.kernels.reference import decode_attention_reference  # noqa: E402
 from kvquant.quant.codebook import create_heuristic_codebook  # noqa: E402
-from kvquant.quant.quantizer import BatchedKVQuantizer  # noqa: E402
 from kvquant.quant.store import QuantizedKVCache  # noqa: E402
 from tests.kernels.caches import DEVICE, build_caches, rope_tables  # noqa: E402
 
@@ -18,8 +17,8 @@ from tests.kernels.caches import DEVICE, build_caches, rope_tables  # noqa: E402
 def test_torch_ops_decode_attention_is_the_reference(seed: int) -> None:
     cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.01, n_sink=1, residual_length=0, page_size=32)
     gen = torch.Generator().manual_seed(seed)
-    kc, vc = build_caches(gen, 2, 2, 32, 50, cfg, torch.float32)
-    q = torch.randn(2, 4, 32, generator=gen).to(DEVICE)
+    kc, vc = build_caches(gen, 2, 2, 64, 50, cfg, torch.float32)
+    q = torch.randn(2, 4, 64, generator=gen).to(DEVICE)
     ref = decode_attention_reference(q, kc, vc)
     assert torch.equal(resolve_ops("torch", DEVICE, []).decode_attention(q, kc, vc), ref)
     if DEVICE == "cpu":  # auto = torch off CUDA
@@ -35,11 +34,11 @@ def test_torch_ops_decode_attention_is_the_reference(seed: int) -> None:
 def test_triton_ops_decode_attention_matches_torch_ops(seed: int) -> None:
     cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.02, n_sink=1, residual_length=2, page_size=32)
     gen = torch.Generator().manual_seed(seed)
-    kc, vc = build_caches(gen, 2, 2, 32, 45, cfg, torch.float32, n_decode=1)
-    q = torch.randn(2, 4, 32, generator=gen).to(DEVICE)
-    cos, sin = rope_tables(128, 32, half=True)
+    kc, vc = build_caches(gen, 2, 2, 64, 45, cfg, torch.float32, n_decode=1)
+    q = torch.randn(2, 4, 64, generator=gen).to(DEVICE)
+    cos, sin = rope_tables(128, 64, half=True)
     rope = (cos, sin, torch.zeros(2, dtype=torch.int64, device=DEVICE))
-    extra = tuple(torch.randn(2, 2, 32, generator=gen).to(DEVICE) for _ in range(2))
+    extra = tuple(torch.randn(2, 2, 64, generator=gen).to(DEVICE) for _ in range(2))
     got = resolve_ops("triton", DEVICE, []).decode_attention(q, kc, vc, rope=rope, extra_kv=extra)
     ref = TORCH.decode_attention(q, kc, vc, rope=rope, extra_kv=extra)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
@@ -56,14 +55,13 @@ def test_resolve_ops_is_one_rule() -> None:
         resolve_ops("triton", "cuda", ["head size 24", "fp16"])
     with pytest.raises(ValueError, match="backend must be one of"):
         resolve_ops("cuda", "cuda", [])
-    for ops in (TorchOps(), resolve_ops("triton", "cpu", [])):
-        assert ops.name in ("torch", "triton") and ops.fused_quantize == (ops.name == "triton")
+    assert [o.name for o in (TorchOps(), resolve_ops("triton", "cpu", []))] == ["torch", "triton"]
 
 
 def test_stores_resolve_their_ops_once_when_built() -> None:
     cb = create_heuristic_codebook("nuq3")
 
-    def store(backend: str, D: int = 32, datatype: str = "nuq3", ops=None) -> QuantizedKVCache:
+    def store(backend: str, D: int = 64, datatype: str = "nuq3", ops=None) -> QuantizedKVCache:
         cfg = QuantConfig(datatype=datatype, backend=backend)
         return QuantizedKVCache("value", cfg, 1, 2, D, torch.float32, DEVICE, cb if datatype != "fp16" else None,
                                 ops=ops)
@@ -81,33 +79,8 @@ def test_stores_resolve_their_ops_once_when_built() -> None:
     assert store_ops(store("torch"), TORCH) is TORCH
 
 
-def test_both_ops_write_the_same_bytes_through_the_quantizer(seed: int) -> None:
-    """The quantizer hands its ops to the stores it builds; both ops write the same bytes (keys: no threshold
-    kernel, quick under the interpreter; test_quantize_append compares every path in depth)."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 2, 40, 32, generator=gen).to(DEVICE)
-    step = torch.randn(2, 2, 1, 32, generator=gen).to(DEVICE)
-    cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.05, page_size=32)
-    stores = []
-    for ops in (TORCH, resolve_ops("triton", DEVICE, [])):
-        s = BatchedKVQuantizer(cfg, ops=ops).quantize_keys(x)
-        s.append(step)
-        assert s.ops is ops
-        stores.append(s)
-    a, b = stores
-    n = a.pages.n_pages
-    assert torch.equal(a.pages.pools["planes"][:n], b.pages.pools["planes"][:n])
-    assert a.outliers.nnz == b.outliers.nnz > 0
-    assert torch.equal(a.outliers.values[: a.outliers.nnz], b.outliers.values[: b.outliers.nnz])
-
-
-def test_run_counts_and_invert_rope_agree(seed: int) -> None:
+def test_invert_rope_agrees(seed: int) -> None:
     triton_ops = resolve_ops("triton", DEVICE, [])
-    s = BatchedKVQuantizer(QuantConfig(datatype="nuq3", page_size=32), ops=triton_ops).quantize_keys(
-        torch.randn(3, 2, 40, 32).to(DEVICE))
-    for n in (1, 4):
-        assert torch.equal(triton_ops.run_counts(s, n).cpu(), TORCH.run_counts(s, n).cpu())
-        assert TORCH.run_counts(s, n).tolist() == [n] * 3
     gen = torch.Generator().manual_seed(seed)
     for dtype in (torch.float32, torch.float16):
         x = torch.randn(2, 3, 5, 32, generator=gen).to(DEVICE, dtype)

@@ -1,271 +1,314 @@
-"""The Triton bodies of the decode attention kernels (launched by :mod:`kvquant.kernels.decode_attention`).
+"""The ``@triton.jit`` bodies of the decode attention (launched from :mod:`kvquant.kernels.decode_attention`).
 
-* ``_pages_kernel``, grid ``(B * Hkv, n_splits)``: one program per (sequence, KV head, range of pages) serves all
-  ``G = Hq / Hkv`` query heads of that KV head, so the packed KV is read once. Per page (``T`` tokens, in sub-tiles
-  of ``BT``) it picks the levels of the bit-planes' codes by a select tree, applies the per-channel (keys) /
-  per-token (values) affine map, replaces the outlier positions by their exact sparse values (the head's entries of
-  a slot are a contiguous run; where it starts and its length come from the per-(slot, channel group) counts
-  ``head_counts`` of the outlier storage), optionally rotates the keys (RoPE, ``rotate_half`` convention, positions
-  from ``pos_offset``), and updates an online softmax;
-* ``_exact_kernel``, grid ``(B * Hkv,)``: the exact sink and residual tokens, as one more split;
-* ``_reduce_kernel``, grid ``(B * Hq,)``: log-sum-exp combination of the splits (and of the extra exact token).
+* :func:`pages_kernel`, grid ``(B * Hkv, splits)``: one program per (sequence, KV head, range of pages) serves
+  the ``G`` query heads of that KV head (each K/V byte is read once). Per tile of ``BT`` tokens:
 
-The head dimension is handled as two halves ``[0, D/2)`` and ``[D/2, D)`` so that RoPE needs no register
-permutation. Dots run in the cache dtype (fp16/bf16; tensor cores) with float32 accumulation, or in IEEE float32
-for float32 caches.
+  - keys: codes -> levels (:func:`~kvquant.kernels.lut.unit_levels`), per-channel affine map, rotation by the
+    tile's in-page offsets ``R(tau)`` (constant tables; the query is rotated by the tile's base position instead,
+    ``R(p0 + tau) = R(p0) R(tau)``), then ``S^T = K . Q^T`` on the tensor cores;
+  - key outliers as score corrections, a lane per token: ``q . R(p)(x - dense)`` for each stored entry;
+  - online softmax over the tile;
+  - values: codes -> levels, the per-token scale folded into the probabilities (``p * scale``, plus
+    ``sum(p * zero)``), ``O^T += V^T . P^T``; the open (last, incomplete) page is read exactly;
+  - value outliers, a lane per channel: the page's block lists each channel's entries, whose ``p[token] *
+    (x - dense)`` go to a per-channel accumulator (probabilities read back from a small per-program scratch).
+* :func:`exact_kernel`, grid ``(B * Hkv,)``: the exact sink and residual tokens, as one more split.
+* :func:`reduce_kernel`, grid ``(B * Hq,)``: log-sum-exp combination of the splits and of the step's own token.
+
+Scores are in the log2 domain (queries pre-scaled by ``softmax_scale * log2(e)``).
 """
 
 from __future__ import annotations
 
 from kvquant.kernels._triton import tl, triton
+from kvquant.kernels.jit.lut import unit_levels
 
 if triton is not None:
 
     @triton.jit
-    def _select_levels(PL, LEV, base, d0, W: tl.constexpr, w0, BITS: tl.constexpr, BT: tl.constexpr,
-                       DH: tl.constexpr):
-        """Levels ``[BT, DH]`` float32 of tokens ``32*w0 .. 32*w0+BT`` and dims ``d0 .. d0+DH`` of one page/head,
-        picked by a select tree over the code bits (levels are kernel scalars: no gathered lookup).
-
-        ``PL + base`` points at ``planes[page, head]`` (``[D, BITS, W]`` int32).
-        """
-        dims = d0 + tl.arange(0, DH)
-        wl = tl.arange(0, BT // 32)
-        bit = (1 << tl.arange(0, 32))[None, :, None]
-        ptr = PL + base + dims[None, :] * (BITS * W) + w0 + wl[:, None]
-        b0 = (tl.load(ptr)[:, None, :] & bit) != 0
-        b1 = (tl.load(ptr + W)[:, None, :] & bit) != 0
-        x = tl.where(b1, tl.where(b0, tl.load(LEV + 3), tl.load(LEV + 2)),
-                     tl.where(b0, tl.load(LEV + 1), tl.load(LEV)))
+    def _tile_levels(CODES, wbase, U, LUT, LEV, BITS: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
+                     USE_ASM: tl.constexpr, DT: tl.constexpr):
+        """Levels ``[R, C * 32]`` of the units whose word 0 is at ``CODES + wbase [R, C]``."""
+        w0 = tl.load(CODES + wbase)
+        w1 = tl.load(CODES + wbase + U)
+        w2 = w1
+        w3 = w1
         if BITS >= 3:
-            b2 = (tl.load(ptr + 2 * W)[:, None, :] & bit) != 0
-            hi = tl.where(b1, tl.where(b0, tl.load(LEV + 7), tl.load(LEV + 6)),
-                          tl.where(b0, tl.load(LEV + 5), tl.load(LEV + 4)))
-            if BITS == 4:
-                b3 = (tl.load(ptr + 3 * W)[:, None, :] & bit) != 0
-                lo2 = tl.where(b1, tl.where(b0, tl.load(LEV + 11), tl.load(LEV + 10)),
-                               tl.where(b0, tl.load(LEV + 9), tl.load(LEV + 8)))
-                hi2 = tl.where(b1, tl.where(b0, tl.load(LEV + 15), tl.load(LEV + 14)),
-                               tl.where(b0, tl.load(LEV + 13), tl.load(LEV + 12)))
-                x = tl.where(b3, tl.where(b2, hi2, lo2), tl.where(b2, hi, x))
-            else:
-                x = tl.where(b2, hi, x)
-        return tl.reshape(x, [BT, DH])
+            w2 = tl.load(CODES + wbase + 2 * U)
+        if BITS == 4:
+            w3 = tl.load(CODES + wbase + 3 * U)
+        return unit_levels(w0, w1, w2, w3, LUT, LEV, BITS, R, C, USE_ASM, DT)
 
     @triton.jit
-    def _head_run(SS, HC, slot, ok, hk, n_groups, gph, NGP: tl.constexpr, BT: tl.constexpr):
-        """First entry and number of entries of head ``hk`` in each slot ``[BT]``, from the per-group counts
-        ``HC [slots, n_groups]`` (uint8; head ``hk`` = groups ``hk*gph .. hk*gph+gph-1``, ``NGP`` >= n_groups a
-        power of two): ``slot_start + sum(counts[:hk*gph])`` and ``sum(counts[hk*gph : (hk+1)*gph])``. One row
-        load per slot, no search."""
-        gg = tl.arange(0, NGP)
-        row = tl.load(HC + slot.to(tl.int64)[:, None] * n_groups + gg[None, :],
-                      mask=ok[:, None] & (gg < n_groups)[None, :], other=0).to(tl.int32)  # [BT, NGP]
-        g0 = hk * gph
-        before = tl.sum(tl.where(gg[None, :] < g0, row, 0), axis=1)
-        mine = tl.sum(tl.where((gg[None, :] >= g0) & (gg[None, :] < g0 + gph), row, 0), axis=1)
-        start = tl.load(SS + slot, mask=ok, other=0)
-        return start + before, mine
+    def key_corr_kernel(
+        Q, CORR, KTAB, k_tab_stride, KSS, KHC, KOV, KOI, KDZ, QLEN, SLEN, POS, COS, SIN,
+        Hkv, Hq, Lmax,
+        G: tl.constexpr, GQ: tl.constexpr, HKP: tl.constexpr, D: tl.constexpr, T: tl.constexpr,
+        BLK: tl.constexpr, ROPE: tl.constexpr,
+    ):
+        """Score corrections of the key outliers, a lane per quantized token: ``CORR[b, hq, i] = q_hq . R(p_i)
+        (x - dense)`` summed over token ``i``'s stored entries (zero for a token without any); ``[B, Hq, Lmax]``."""
+        DH: tl.constexpr = D // 2
+        pid = tl.program_id(0)
+        b = pid // Hkv
+        hk = pid % Hkv
+        i = tl.program_id(1) * BLK + tl.arange(0, BLK)
+        qlen = tl.load(QLEN + b)
+        ok = i < qlen
+        page = tl.load(KTAB + b * k_tab_stride + i // T, mask=ok, other=0).to(tl.int64)
+        slot = page * T + i % T
+        hsel = tl.arange(0, HKP)[None, :]
+        hrow = tl.load(KHC + slot[:, None] * Hkv + hsel, mask=(hsel < Hkv) & ok[:, None], other=0).to(tl.int32)
+        first = tl.load(KSS + slot, mask=ok, other=0) + tl.sum(tl.where(hsel < hk, hrow, 0), axis=1)
+        cnt = tl.sum(tl.where(hsel == hk, hrow, 0), axis=1)
+        g = tl.arange(0, GQ)
+        gm = (g < G)[None, :]
+        qrow = (b * Hq + hk * G + g).to(tl.int64) * D
+        cb = (b * Hkv + hk) * D
+        ptok = (tl.load(POS + b) + tl.load(SLEN + b) + i).to(tl.int64)
+        corr = tl.zeros([BLK, GQ], tl.float32)
+        for j in range(0, tl.max(cnt, axis=0)):
+            has = j < cnt
+            e = first + j
+            c = tl.load(KOI + e, mask=has, other=0).to(tl.int32)
+            x = tl.load(KOV + e, mask=has, other=0.0).to(tl.float32)
+            delta = tl.where(has, x - tl.load(KDZ + cb + c, mask=has, other=0.0), 0.0)
+            qc = tl.load(Q + qrow[None, :] + c[:, None], mask=has[:, None] & gm, other=0.0)
+            if ROPE:
+                low = c < DH
+                partner = tl.where(low, c + DH, c - DH)
+                fi = tl.where(low, c, partner)
+                cs_ = tl.load(COS + ptok * DH + fi, mask=has, other=1.0)
+                sn_ = tl.load(SIN + ptok * DH + fi, mask=has, other=0.0)
+                sn_ = tl.where(low, sn_, -sn_)
+                qp = tl.load(Q + qrow[None, :] + partner[:, None], mask=has[:, None] & gm, other=0.0)
+                qc = qc * cs_[:, None] + qp * sn_[:, None]
+            corr += qc * delta[:, None]
+        crow = (b * Hq + hk * G + g).to(tl.int64) * Lmax
+        tl.store(CORR + crow[None, :] + i[:, None], corr, mask=gm & (i < Lmax)[:, None])
 
     @triton.jit
-    def _replace_outliers(xa, xb, OI, OV, first, n, ch0, DH: tl.constexpr):
-        """Put the exact sparse values into the halves ``[BT, DH]``: one compare and one select per element
-        and entry (a missing entry gets channel -1)."""
-        dims = tl.arange(0, DH)
-        n_max = tl.max(n, axis=0)
-        for e in range(0, n_max):
-            has = e < n
-            d = tl.load(OI + first + e, mask=has, other=0).to(tl.int32) - ch0
-            d = tl.where(has, d, -1)
-            val = tl.load(OV + first + e, mask=has, other=0.0).to(tl.float32)
-            xa = tl.where(d[:, None] == dims[None, :], val[:, None], xa)
-            xb = tl.where(d[:, None] == dims[None, :] + DH, val[:, None], xb)
-        return xa, xb
+    def _scores(KC, kbase, tofs, U, KLUT, KLEV, csa, csb, cza, czb, qaT, qbT, rc, rs, COS, SIN, p_tile,
+                CORR, crow, i, ok, GP: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, KBITS: tl.constexpr,
+                KOUT: tl.constexpr, ROPE: tl.constexpr, USE_ASM: tl.constexpr, DT: tl.constexpr,
+                PREC: tl.constexpr):
+        """Scores ``S^T [BT, GP]`` of a tile of quantized keys (log2 domain), key outliers included (their
+        corrections come from :func:`key_corr_kernel`). Keys are ``R(p0 + tau)(cs * level + cz)``: the levels take
+        the per-channel map and the in-tile rotation ``R(tau)`` (constant tables), the query the tile's base
+        rotation ``R(p0)^T``."""
+        DH: tl.constexpr = D // 2
+        NH: tl.constexpr = DH // 32
+        ka = _tile_levels(KC, kbase + tofs, U, KLUT, KLEV, KBITS, BT, NH, USE_ASM, DT) * csa + cza
+        kb = _tile_levels(KC, kbase + tofs + NH, U, KLUT, KLEV, KBITS, BT, NH, USE_ASM, DT) * csb + czb
+        dcol = tl.arange(0, DH)
+        if ROPE:
+            c0 = tl.load(COS + p_tile * DH + dcol)[:, None]
+            s0 = tl.load(SIN + p_tile * DH + dcol)[:, None]
+            qa = (qaT * c0 + qbT * s0).to(DT)  # R(p0)^T q
+            qb = (qbT * c0 - qaT * s0).to(DT)
+            s = tl.dot(ka * rc - kb * rs, qa, input_precision=PREC)
+            s += tl.dot(kb * rc + ka * rs, qb, input_precision=PREC)
+        else:
+            s = tl.dot(ka, qaT.to(DT), input_precision=PREC) + tl.dot(kb, qbT.to(DT), input_precision=PREC)
+        if KOUT:
+            s += tl.load(CORR + crow[None, :] + i[:, None], mask=ok[:, None], other=0.0)
+        return tl.where(ok[:, None], s, float("-inf"))
 
     @triton.jit
-    def _rope(xa, xb, COS, SIN, pos, ok, TD: tl.constexpr, HALF: tl.constexpr, DH: tl.constexpr):
-        """``x * cos + rotate_half(x) * sin`` at positions ``pos [BT]`` on halves ``[BT, DH]``.
-
-        Tables have rows of ``TD`` floats: the full ``D`` (``HALF`` False) or only the first half (``HALF``:
-        Llama-style tables whose two halves are equal, read once per token for half the dims)."""
-        dims = tl.arange(0, DH)
-        off = pos.to(tl.int64)[:, None] * TD + dims[None, :]
-        m = ok[:, None]
-        ca = tl.load(COS + off, mask=m, other=1.0)
-        sa = tl.load(SIN + off, mask=m, other=0.0)
-        if HALF:
-            return xa * ca - xb * sa, xb * ca + xa * sa
-        cb = tl.load(COS + off + DH, mask=m, other=1.0)
-        sb = tl.load(SIN + off + DH, mask=m, other=0.0)
-        return xa * ca - xb * sa, xb * cb + xa * sb
-
-    @triton.jit
-    def _attend(qa, qb, ka, kb, va, vb, ok, m, lsum, acc_a, acc_b, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
-        """Online-softmax update (log2 domain; ``q`` pre-scaled by ``scale * log2(e)``)."""
-        s = tl.dot(qa, tl.trans(ka.to(DOT_DTYPE)), input_precision=PREC)
-        s += tl.dot(qb, tl.trans(kb.to(DOT_DTYPE)), input_precision=PREC)
-        s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        lsum = lsum * alpha + tl.sum(p, axis=1)
-        pd = p.to(DOT_DTYPE)
-        acc_a = acc_a * alpha[:, None] + tl.dot(pd, va.to(DOT_DTYPE), input_precision=PREC)
-        acc_b = acc_b * alpha[:, None] + tl.dot(pd, vb.to(DOT_DTYPE), input_precision=PREC)
-        return m_new, lsum, acc_a, acc_b
-
-    @triton.jit
-    def _attend_scores(s, va, vb, ok, m, lsum, acc_a, acc_b, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
-        """Online-softmax update from scores ``s [GP, BT]`` (log2 domain)."""
-        s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        lsum = lsum * alpha + tl.sum(p, axis=1)
-        pd = p.to(DOT_DTYPE)
-        acc_a = acc_a * alpha[:, None] + tl.dot(pd, va.to(DOT_DTYPE), input_precision=PREC)
-        acc_b = acc_b * alpha[:, None] + tl.dot(pd, vb.to(DOT_DTYPE), input_precision=PREC)
-        return m_new, lsum, acc_a, acc_b
-
-    @triton.jit
-    def _load_q(Q, b, hk, Hq, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DH: tl.constexpr,
-                DOT_DTYPE: tl.constexpr):
-        g = tl.arange(0, GP)
-        dims = tl.arange(0, DH)
-        row = (b * Hq + hk * G + g).to(tl.int64) * D
-        gm = (g < G)[:, None]
-        qa = tl.load(Q + row[:, None] + dims[None, :], mask=gm, other=0.0).to(DOT_DTYPE)
-        qb = tl.load(Q + row[:, None] + DH + dims[None, :], mask=gm, other=0.0).to(DOT_DTYPE)
-        return qa, qb
-
-    @triton.jit
-    def _store_partial(OP, MP, LP, b, hk, split, NS1, Hq, m, lsum, acc_a, acc_b, G: tl.constexpr,
-                       GP: tl.constexpr, D: tl.constexpr, DH: tl.constexpr):
-        g = tl.arange(0, GP)
-        dims = tl.arange(0, DH)
-        row = (b * Hq + hk * G + g).to(tl.int64) * NS1 + split
-        gm = g < G
-        tl.store(MP + row, m, mask=gm)
-        tl.store(LP + row, lsum, mask=gm)
-        tl.store(OP + row[:, None] * D + dims[None, :], acc_a, mask=gm[:, None])
-        tl.store(OP + row[:, None] * D + DH + dims[None, :], acc_b, mask=gm[:, None])
-
-    @triton.jit
-    def _pages_kernel(
-        Q, OP, MP, LP,
-        KPL, KLEV, KCS, KCZ, KTAB, KSS, KHC, KOI, KOV, k_nslots, k_tab_stride, k_ngroups, k_gph,
-        VPL, VLEV, VSC, VZR, VTAB, VSS, VHC, VOI, VOV, v_nslots, v_tab_stride, v_ngroups, v_gph,
-        QLEN, SLEN, POS, COS, SIN,
+    def pages_kernel(
+        Q, OP, MP, LP, SC, CORR, Lmax,
+        KC, KLUT, KLEV, KCS, KCZ, KTAB, k_tab_stride,
+        VC, VLUT, VLEV, VSC, VZR, VTAB, v_tab_stride, VOPEN,
+        QLEN, SLEN, POS, COS, SIN, RC, RS,
         Hkv, Hq, pages_per_split, NS1,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, T: tl.constexpr, BT: tl.constexpr,
         KBITS: tl.constexpr, VBITS: tl.constexpr, KOUT: tl.constexpr, VOUT: tl.constexpr, ROPE: tl.constexpr,
-        HALF: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, KNGP: tl.constexpr, VNGP: tl.constexpr,
+        USE_ASM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
     ):
-        """Attention of one (sequence, KV head, range of pages) over the quantized pages: select-tree levels, the
-        head's outlier runs from the per-(slot, group) counts, outliers replaced in the key and value tiles with one
-        compare per element and entry, keys' affine map folded into the query when there are neither key outliers
-        nor RoPE (``s = (q*cs) . level + q . cz``), half RoPE tables, online softmax; writes one split's partial."""
+        """Dense part of one split (see the module docstring); with ``VOUT`` the scores go to ``SC [B, Hq, Lmax]``
+        for :func:`value_outliers_kernel`."""
         DH: tl.constexpr = D // 2
-        FOLD: tl.constexpr = not ROPE and not KOUT
-        TD: tl.constexpr = DH if HALF else D
-        W: tl.constexpr = T // 32
+        NU: tl.constexpr = D // 32  # units per token
+        NH: tl.constexpr = DH // 32  # units per half
+        U: tl.constexpr = T * D // 32  # units per (page, head)
         pid = tl.program_id(0)
         split = tl.program_id(1)
         b = pid // Hkv
         hk = pid % Hkv
-        qlen = tl.load(QLEN + b).to(tl.int32)
+        qlen = tl.load(QLEN + b)
         n_pages = (qlen + T - 1) // T
+        sealed = qlen // T  # values of page `sealed` (if any) are in the open page, exact
         p0 = split * pages_per_split
         p1 = tl.minimum(p0 + pages_per_split, n_pages)
         g = tl.arange(0, GP)
         gm = g < G
+        dcol = tl.arange(0, DH)
         qrow = (b * Hq + hk * G + g).to(tl.int64) * D
-        dims = tl.arange(0, DH)
-        cbase = (b * Hkv + hk) * D
-        csa = tl.load(KCS + cbase + dims)
-        csb = tl.load(KCS + cbase + DH + dims)
-        cza = tl.load(KCZ + cbase + dims)
-        czb = tl.load(KCZ + cbase + DH + dims)
-        qfa = tl.load(Q + qrow[:, None] + dims[None, :], mask=gm[:, None], other=0.0)
-        qfb = tl.load(Q + qrow[:, None] + DH + dims[None, :], mask=gm[:, None], other=0.0)
-        if not FOLD:
-            qa = qfa.to(DOT_DTYPE)
-            qb = qfb.to(DOT_DTYPE)
-            qcz = tl.zeros([GP], tl.float32)
-        else:  # keys' per-channel affine map folded into the query
-            qa = (qfa * csa[None, :]).to(DOT_DTYPE)
-            qb = (qfb * csb[None, :]).to(DOT_DTYPE)
-            qcz = tl.sum(qfa * cza[None, :], axis=1) + tl.sum(qfb * czb[None, :], axis=1)
-        pos0 = tl.load(POS + b).to(tl.int32) + tl.load(SLEN + b).to(tl.int32)
+        crow = (b * Hq + hk * G + g).to(tl.int64) * Lmax
+        # Q^T halves [DH, GP] (rotated to the query's own position and pre-scaled)
+        qaT = tl.load(Q + qrow[None, :] + dcol[:, None], mask=gm[None, :], other=0.0)
+        qbT = tl.load(Q + qrow[None, :] + DH + dcol[:, None], mask=gm[None, :], other=0.0)
+        cb = (b * Hkv + hk) * D
+        csa = tl.load(KCS + cb + dcol)[None, :].to(DT)
+        csb = tl.load(KCS + cb + DH + dcol)[None, :].to(DT)
+        cza = tl.load(KCZ + cb + dcol)[None, :].to(DT)
+        czb = tl.load(KCZ + cb + DH + dcol)[None, :].to(DT)
+        tt = tl.arange(0, BT)
+        tofs = tt[:, None] * NU + tl.arange(0, NH)[None, :]  # a token's first unit of each half, in a tile
+        if ROPE:
+            rc = tl.load(RC + tt[:, None] * DH + dcol[None, :]).to(DT)
+            rs = tl.load(RS + tt[:, None] * DH + dcol[None, :]).to(DT)
+        else:
+            rc = tl.zeros([BT, DH], DT)
+            rs = rc
+        pos_base = tl.load(POS + b) + tl.load(SLEN + b)  # position of quantized token 0
         m = tl.full([GP], float("-inf"), tl.float32)
         lsum = tl.zeros([GP], tl.float32)
-        acc_a = tl.zeros([GP, DH], tl.float32)
-        acc_b = tl.zeros([GP, DH], tl.float32)
-        tt = tl.arange(0, BT)
-        kpage_sz = Hkv * D * KBITS * W
-        vpage_sz = Hkv * D * VBITS * W
-        for pi in range(p0, p1):
+        acc_a = tl.zeros([DH, GP], tl.float32)
+        acc_b = tl.zeros([DH, GP], tl.float32)
+        zacc = tl.zeros([GP], tl.float32)
+        ph = b * Hkv + hk
+        for pi in range(p0, tl.minimum(p1, sealed)):  # pages of quantized keys and values
             kpage = tl.load(KTAB + b * k_tab_stride + pi).to(tl.int64)
             vpage = tl.load(VTAB + b * v_tab_stride + pi).to(tl.int64)
-            kbase = kpage * kpage_sz + hk * (D * KBITS * W)
-            vbase = vpage * vpage_sz + hk * (D * VBITS * W)
             for sub in tl.static_range(T // BT):
-                t = sub * BT + tt  # offset in page
-                i = pi * T + t  # quantized token index
-                ok = i < qlen
-                # the head's outlier runs (per-group counts: no search); loads issued before the unpacking
-                if KOUT:
-                    kslot = kpage * T + t
-                    kfirst, kn = _head_run(KSS, KHC, kslot, ok & (kslot < k_nslots), hk, k_ngroups, k_gph, KNGP, BT)
+                t = sub * BT + tt
+                i = pi * T + t
+                s = _scores(KC, (kpage * Hkv + hk) * KBITS * U + sub * BT * NU, tofs, U, KLUT, KLEV,
+                            csa, csb, cza, czb, qaT, qbT, rc, rs, COS, SIN, (pos_base + pi * T + sub * BT).to(tl.int64),
+                            CORR, crow, i, i < qlen, GP, D, BT, KBITS, KOUT, ROPE, USE_ASM, DT, PREC)
                 if VOUT:
-                    vslot = vpage * T + t
-                    vfirst, vn = _head_run(VSS, VHC, vslot, ok & (vslot < v_nslots), hk, v_ngroups, v_gph, VNGP, BT)
-                # keys -> scores
-                la = _select_levels(KPL, KLEV, kbase, 0, W, sub * (BT // 32), KBITS, BT, DH)
-                lb = _select_levels(KPL, KLEV, kbase, DH, W, sub * (BT // 32), KBITS, BT, DH)
-                if not FOLD:
-                    ka = la * csa[None, :] + cza[None, :]
-                    kb = lb * csb[None, :] + czb[None, :]
-                    if KOUT:
-                        ka, kb = _replace_outliers(ka, kb, KOI, KOV, kfirst, kn, hk * D, DH)
-                    if ROPE:
-                        ka, kb = _rope(ka, kb, COS, SIN, pos0 + i, ok, TD, HALF, DH)
-                    s = tl.dot(qa, tl.trans(ka.to(DOT_DTYPE)), input_precision=PREC)
-                    s += tl.dot(qb, tl.trans(kb.to(DOT_DTYPE)), input_precision=PREC)
-                else:
-                    s = tl.dot(qa, tl.trans(la.to(DOT_DTYPE)), input_precision=PREC)
-                    s += tl.dot(qb, tl.trans(lb.to(DOT_DTYPE)), input_precision=PREC)
-                    s += qcz[:, None]
-                # values
-                va = _select_levels(VPL, VLEV, vbase, 0, W, sub * (BT // 32), VBITS, BT, DH)
-                vb = _select_levels(VPL, VLEV, vbase, DH, W, sub * (BT // 32), VBITS, BT, DH)
+                    tl.store(SC + crow[None, :] + i[:, None], s, mask=gm[None, :])
+                m_new = tl.maximum(m, tl.max(s, axis=0))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m - m_safe)
+                p = tl.exp2(s - m_safe[None, :])
+                lsum = lsum * alpha + tl.sum(p, axis=0)
                 soff = (vpage * Hkv + hk) * T + t
-                vs = tl.load(VSC + soff).to(tl.float32)
-                vz = tl.load(VZR + soff).to(tl.float32)
-                va = va * vs[:, None] + vz[:, None]
-                vb = vb * vs[:, None] + vz[:, None]
-                if VOUT:
-                    va, vb = _replace_outliers(va, vb, VOI, VOV, vfirst, vn, hk * D, DH)
-                m, lsum, acc_a, acc_b = _attend_scores(s, va, vb, ok, m, lsum, acc_a, acc_b, DOT_DTYPE, PREC)
-        _store_partial(OP, MP, LP, b, hk, split, NS1, Hq, m, lsum, acc_a, acc_b, G, GP, D, DH)
+                sc = tl.load(VSC + soff).to(tl.float32)
+                zr = tl.load(VZR + soff).to(tl.float32)
+                zacc = zacc * alpha + tl.sum(p * zr[:, None], axis=0)
+                pt = (p * sc[:, None]).to(DT)
+                vbase = (vpage * Hkv + hk) * VBITS * U + sub * BT * NU
+                va = _tile_levels(VC, vbase + tofs, U, VLUT, VLEV, VBITS, BT, NH, USE_ASM, DT)
+                vb = _tile_levels(VC, vbase + tofs + NH, U, VLUT, VLEV, VBITS, BT, NH, USE_ASM, DT)
+                acc_a = acc_a * alpha[None, :] + tl.dot(tl.trans(va), pt, input_precision=PREC)
+                acc_b = acc_b * alpha[None, :] + tl.dot(tl.trans(vb), pt, input_precision=PREC)
+                m = m_new
+        if (sealed >= p0) & (sealed < p1):  # the open page: quantized keys, exact values
+            kpage = tl.load(KTAB + b * k_tab_stride + sealed).to(tl.int64)
+            for sub in tl.static_range(T // BT):
+                t = sub * BT + tt
+                i = sealed * T + t
+                ok = i < qlen
+                s = _scores(KC, (kpage * Hkv + hk) * KBITS * U + sub * BT * NU, tofs, U, KLUT, KLEV,
+                            csa, csb, cza, czb, qaT, qbT, rc, rs, COS, SIN,
+                            (pos_base + sealed * T + sub * BT).to(tl.int64),
+                            CORR, crow, i, ok, GP, D, BT, KBITS, KOUT, ROPE, USE_ASM, DT, PREC)
+                m_new = tl.maximum(m, tl.max(s, axis=0))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m - m_safe)
+                p = tl.exp2(s - m_safe[None, :])
+                lsum = lsum * alpha + tl.sum(p, axis=0)
+                zacc = zacc * alpha
+                vrow = (ph * T + t).to(tl.int64)[None, :] * D
+                va = tl.load(VOPEN + vrow + dcol[:, None], mask=ok[None, :], other=0.0).to(DT)
+                vb = tl.load(VOPEN + vrow + DH + dcol[:, None], mask=ok[None, :], other=0.0).to(DT)
+                pt = p.to(DT)
+                acc_a = acc_a * alpha[None, :] + tl.dot(va, pt, input_precision=PREC)
+                acc_b = acc_b * alpha[None, :] + tl.dot(vb, pt, input_precision=PREC)
+                m = m_new
+        orow = (b * Hq + hk * G + g).to(tl.int64) * NS1 + split
+        tl.store(MP + orow, m, mask=gm)
+        tl.store(LP + orow, lsum, mask=gm)
+        tl.store(OP + orow[None, :] * D + dcol[:, None], acc_a + zacc[None, :], mask=gm[None, :])
+        tl.store(OP + orow[None, :] * D + DH + dcol[:, None], acc_b + zacc[None, :], mask=gm[None, :])
 
     @triton.jit
-    def _exact_kernel(
+    def value_outliers_kernel(
+        OUT, MF, LF, SC, Lmax, VSC, VZR, VTAB, v_tab_stride, VOV, VOT, VOC, VOH, v_block_cap, v_zero_level,
+        QLEN, Hkv, Hq, pages_per_split,
+        G: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, T: tl.constexpr,
+    ):
+        """Value outliers of the sealed pages of one split, a lane per channel: ``OUT[b, hq] += sum p * (x -
+        dense)`` with the final probabilities ``exp2(s - MF) / LF`` (after :func:`reduce_kernel`); one atomic add
+        per (channel, query head) and program."""
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        b = pid // Hkv
+        hk = pid % Hkv
+        sealed = tl.load(QLEN + b) // T
+        p0 = split * pages_per_split
+        p1 = tl.minimum(p0 + pages_per_split, sealed)
+        dd = tl.arange(0, D)
+        g = tl.arange(0, GQ)
+        gm = (g < G)[None, :]
+        hq = (b * Hq + hk * G + g).to(tl.int64)
+        mf = tl.load(MF + hq, mask=g < G, other=0.0)
+        inv_l = 1.0 / tl.load(LF + hq, mask=g < G, other=1.0)
+        acc = tl.zeros([D, GQ], tl.float32)
+        for pi in range(p0, p1):
+            vpage = tl.load(VTAB + b * v_tab_stride + pi).to(tl.int64)
+            cnt = tl.load(VOC + (vpage * Hkv + hk) * D + dd).to(tl.int32)
+            first = vpage * v_block_cap + tl.load(VOH + vpage * Hkv + hk) + tl.cumsum(cnt, axis=0) - cnt
+            for j in range(0, tl.max(cnt, axis=0)):
+                has = j < cnt
+                e = first + j
+                tok = tl.load(VOT + e, mask=has, other=0).to(tl.int32)
+                x = tl.load(VOV + e, mask=has, other=0.0).to(tl.float32)
+                so = (vpage * Hkv + hk) * T + tok
+                dense = tl.load(VSC + so, mask=has, other=0.0).to(tl.float32) * v_zero_level + \
+                    tl.load(VZR + so, mask=has, other=0.0).to(tl.float32)
+                s = tl.load(SC + hq[None, :] * Lmax + (pi * T + tok)[:, None], mask=has[:, None] & gm,
+                            other=float("-inf"))
+                acc += tl.exp2(s - mf[None, :]) * inv_l[None, :] * tl.where(has, x - dense, 0.0)[:, None]
+        if p1 > p0:
+            tl.atomic_add(OUT + hq[None, :] * D + dd[:, None], acc, mask=(dd[:, None] < D) & gm)
+
+    @triton.jit
+    def _rope(xa, xb, COS, SIN, pos, ok, DH: tl.constexpr):
+        """``x * cos + rotate_half(x) * sin`` at positions ``pos [BE]`` on halves ``[BE, DH]`` (half tables)."""
+        dims = tl.arange(0, DH)
+        off = pos.to(tl.int64)[:, None] * DH + dims[None, :]
+        ca = tl.load(COS + off, mask=ok[:, None], other=1.0)
+        sa = tl.load(SIN + off, mask=ok[:, None], other=0.0)
+        return xa * ca - xb * sa, xb * ca + xa * sa
+
+    @triton.jit
+    def _attend(qa, qb, ka, kb, va, vb, ok, m, lsum, acc_a, acc_b, DT: tl.constexpr, PREC: tl.constexpr):
+        """Online-softmax update over ``[BE]`` exact tokens (log2 domain)."""
+        s = tl.dot(qa, tl.trans(ka.to(DT)), input_precision=PREC)
+        s += tl.dot(qb, tl.trans(kb.to(DT)), input_precision=PREC)
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        lsum = lsum * alpha + tl.sum(p, axis=1)
+        pd = p.to(DT)
+        acc_a = acc_a * alpha[:, None] + tl.dot(pd, va.to(DT), input_precision=PREC)
+        acc_b = acc_b * alpha[:, None] + tl.dot(pd, vb.to(DT), input_precision=PREC)
+        return m_new, lsum, acc_a, acc_b
+
+    @triton.jit
+    def exact_kernel(
         Q, OP, MP, LP,
         KSINK, VSINK, KRES, VRES, SLEN, QLEN, RLEN, POS, COS, SIN,
         Hkv, Hq, NS1, n_sink, n_res,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BE: tl.constexpr, ROPE: tl.constexpr,
-        HALF: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+        DT: tl.constexpr, PREC: tl.constexpr,
     ):
+        """The exact sinks and residual tokens of (sequence, KV head) ``pid``, as split ``NS1 - 1``."""
         DH: tl.constexpr = D // 2
-        TD: tl.constexpr = DH if HALF else D
         pid = tl.program_id(0)
         b = pid // Hkv
         hk = pid % Hkv
-        qa, qb = _load_q(Q, b, hk, Hq, G, GP, D, DH, DOT_DTYPE)
+        g = tl.arange(0, GP)
         dims = tl.arange(0, DH)
+        row = (b * Hq + hk * G + g).to(tl.int64) * D
+        gm = (g < G)[:, None]
+        qa = tl.load(Q + row[:, None] + dims[None, :], mask=gm, other=0.0).to(DT)
+        qb = tl.load(Q + row[:, None] + DH + dims[None, :], mask=gm, other=0.0).to(DT)
         tt = tl.arange(0, BE)
         slen = tl.load(SLEN + b).to(tl.int32)
         qlen = tl.load(QLEN + b).to(tl.int32)
@@ -275,9 +318,8 @@ if triton is not None:
         lsum = tl.zeros([GP], tl.float32)
         acc_a = tl.zeros([GP, DH], tl.float32)
         acc_b = tl.zeros([GP, DH], tl.float32)
-        # sinks: token j at position pos0 + j
         sbase = (b * Hkv + hk).to(tl.int64) * n_sink * D
-        for j0 in range(0, slen, BE):
+        for j0 in range(0, slen, BE):  # sinks: token j at position pos0 + j
             j = j0 + tt
             ok = j < slen
             off = sbase + j[:, None] * D + dims[None, :]
@@ -286,11 +328,10 @@ if triton is not None:
             va = tl.load(VSINK + off, mask=ok[:, None], other=0.0).to(tl.float32)
             vb = tl.load(VSINK + off + DH, mask=ok[:, None], other=0.0).to(tl.float32)
             if ROPE:
-                ka, kb = _rope(ka, kb, COS, SIN, pos0 + j, ok, TD, HALF, DH)
-            m, lsum, acc_a, acc_b = _attend(qa, qb, ka, kb, va, vb, ok, m, lsum, acc_a, acc_b, DOT_DTYPE, PREC)
-        # residual: token r at position pos0 + slen + qlen + r
+                ka, kb = _rope(ka, kb, COS, SIN, pos0 + j, ok, DH)
+            m, lsum, acc_a, acc_b = _attend(qa, qb, ka, kb, va, vb, ok, m, lsum, acc_a, acc_b, DT, PREC)
         rbase = (b * Hkv + hk).to(tl.int64) * n_res * D
-        for r0 in range(0, rlen, BE):
+        for r0 in range(0, rlen, BE):  # residual: token r at position pos0 + slen + qlen + r
             r = r0 + tt
             ok = r < rlen
             off = rbase + r[:, None] * D + dims[None, :]
@@ -299,14 +340,19 @@ if triton is not None:
             va = tl.load(VRES + off, mask=ok[:, None], other=0.0).to(tl.float32)
             vb = tl.load(VRES + off + DH, mask=ok[:, None], other=0.0).to(tl.float32)
             if ROPE:
-                ka, kb = _rope(ka, kb, COS, SIN, pos0 + slen + qlen + r, ok, TD, HALF, DH)
-            m, lsum, acc_a, acc_b = _attend(qa, qb, ka, kb, va, vb, ok, m, lsum, acc_a, acc_b, DOT_DTYPE, PREC)
-        _store_partial(OP, MP, LP, b, hk, NS1 - 1, NS1, Hq, m, lsum, acc_a, acc_b, G, GP, D, DH)
+                ka, kb = _rope(ka, kb, COS, SIN, pos0 + slen + qlen + r, ok, DH)
+            m, lsum, acc_a, acc_b = _attend(qa, qb, ka, kb, va, vb, ok, m, lsum, acc_a, acc_b, DT, PREC)
+        orow = (b * Hq + hk * G + g).to(tl.int64) * NS1 + NS1 - 1
+        tl.store(MP + orow, m, mask=g < G)
+        tl.store(LP + orow, lsum, mask=g < G)
+        tl.store(OP + orow[:, None] * D + dims[None, :], acc_a, mask=gm)
+        tl.store(OP + orow[:, None] * D + DH + dims[None, :], acc_b, mask=gm)
 
     @triton.jit
-    def _reduce_kernel(OP, MP, LP, OUT, NS1, QS, KN, VN, Hq, G, D: tl.constexpr, NSP: tl.constexpr,
-                       EXTRA: tl.constexpr):
-        """Log-sum-exp combination of the splits (and of the extra exact token ``KN/VN [B, Hkv, D]``)."""
+    def reduce_kernel(OP, MP, LP, OUT, MF, LF, NS1, QS, KN, VN, Hq, G, D: tl.constexpr, NSP: tl.constexpr,
+                      EXTRA: tl.constexpr):
+        """Log-sum-exp combination of the splits (and of the extra exact token ``KN/VN [B, Hkv, D]``); the final max
+        and sum go to ``MF``/``LF`` (the value outliers' probabilities)."""
         row = tl.program_id(0).to(tl.int64)
         s = tl.arange(0, NSP)
         dims = tl.arange(0, D)
@@ -331,3 +377,5 @@ if triton is not None:
             num += w_new * tl.load(VN + kvrow + dims).to(tl.float32)
         den = tl.where(den == 0.0, 1.0, den)
         tl.store(OUT + row * D + dims, (num / den).to(OUT.dtype.element_ty))
+        tl.store(MF + row, mx)
+        tl.store(LF + row, den)
