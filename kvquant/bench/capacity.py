@@ -167,10 +167,10 @@ class CacheProber:
         x = self.sampler.sample(batch, first)
         vq = quantizer.quantize_values(x)
         del x
-        for store, frac in ((kq, fit.key_outlier_fraction), (vq, fit.value_outlier_fraction)):
-            store.reserve(length - first)
-            if store.keep_outliers and frac:
-                store.outliers.reserve(nnz=int(1.1 * frac * batch * length * H * D) + store.config.block_nnz)
+        for store in (kq, vq):
+            store.reserve(length - first)  # pages, and the values' per-page outlier blocks
+        if kq.keep_outliers and fit.key_outlier_fraction:  # key outliers: as many as the fit measured
+            kq.outliers.reserve(nnz=int(1.1 * fit.key_outlier_fraction * batch * length * H * D) + kq.config.block_nnz)
         pos = first
         while pos < length:
             n = min(chunk, length - pos)

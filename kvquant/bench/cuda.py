@@ -49,6 +49,22 @@ def do_bench(fn, warmup: int = 25, rep: int = 100) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
+def graph_bench(fn, reps: int = 20, warmup: int = 25, rep: int = 100) -> float:
+    """Median milliseconds of one ``fn()`` replayed from a CUDA graph of ``reps`` calls: the device's time, without
+    the host's launch cost (what a captured decode step pays)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    return do_bench(g.replay, warmup=warmup, rep=rep) / reps
+
+
 def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
     """Measured device-to-device copy bandwidth in bytes/s (bytes read + bytes written)."""
     x = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()

@@ -10,20 +10,18 @@ Decode rows compare, per (context, batch, heads) config:
   own ``QuantizedCache`` (append the token, dequantize the whole layer, concatenate, then SDPA), the path users
   of ``cache_implementation="quantized"`` run today.
 
-Each row: median time (``triton.testing.do_bench``, warm-up, inputs rotated over several cache copies when
-the cache is small enough to sit in L2), ratio vs fp16, bytes moved, and the fraction of the bandwidth floor
-(bytes / measured device-to-device copy bandwidth) reached. Caches are synthetic (random codes, scales and
-sorted outlier channels at the configured density): timing does not depend on the values.
+Each row: device time of the call replayed from a CUDA graph (the launch overhead a captured decode step no
+longer pays; the eager time is reported beside it), ratio vs fp16, bytes moved, and the fraction of the
+bandwidth floor (bytes / measured device-to-device copy bandwidth) reached. Caches hold real quantized
+heavy-tailed data (their bits per element measured, not assumed).
 
-Prefill rows (``[1, H, S, 128]`` fp16, H = 32 or 8 KV heads), keys and values, per row: the fused Triton
-quantize kernel alone, the fused write (value thresholds by torch ``topk`` + kernel + outlier scatter), and
-the whole ``quantize_keys`` / ``quantize_values`` (checks, key channel ranges, page allocation, token
-gather included) on the triton and torch backends, each as GB/s of the bytes an append must move (tokens
-read, codes + scales + outliers written) and as a fraction of the copy bandwidth. Decode-append rows time
-one appended token per sequence.
+Prefill rows (``[1, H, S, 128]`` fp16, H = 32 or 8 KV heads), keys and values: the whole
+``quantize_keys`` / ``quantize_values`` on the triton and torch writers (same bytes checked), as time, GB/s of the
+bytes an append must move (tokens read, codes + scales + outliers written) and fraction of the copy bandwidth.
+Decode-append rows time one appended token per sequence, eager and static (graph-replayed).
 
-Run: ``python -m kvquant.bench.kernels [--quick] [--out results.json]``; prefill only:
-``--skip-decode [--prefill-sweep]``.
+Run: ``python -m kvquant.bench.kernels [--quick] [--sweep] [--out results.json]``; prefill only:
+``--skip-decode [--prefill-lengths ...]``.
 """
 
 from __future__ import annotations
@@ -60,7 +58,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="transformers QuantizedCache backends to time per decode row (comma list; '' for none)")
     p.add_argument("--prefill-lengths", type=int, nargs="*", default=None)
     p.add_argument("--prefill-shapes", nargs="*", default=["mha", "gqa"], choices=sorted(PREFILL_SHAPES))
-    p.add_argument("--prefill-sweep", action="store_true", help="time the quantize kernel's launch variants")
     p.add_argument("--sweep", action="store_true", help="tune the decode kernel's launch first (32K context)")
     p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--skip-prefill", action="store_true")

@@ -11,64 +11,41 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kvquant.bench.cuda import do_bench, rotating
+from kvquant.bench.cuda import do_bench, graph_bench, rotating
 from kvquant.bench.kernel_rows import flush, format_row
 from kvquant.config import QuantConfig
 from kvquant.flags import quant_config_from_args
-from kvquant.quant.codebook import codebook_for
 from kvquant.quant.store import QuantizedKVCache
 
 SHAPES = {"mha": (32, 32, 128), "gqa": (32, 8, 128)}  # name -> (q heads, kv heads, head dim)
 
 
+def heavy_tailed(shape: tuple[int, int, int, int], seed: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """Keys/values with the statistics that make KV quantization hard, generated on ``device``: Student-t(4) samples
+    with per-channel scales and 2 outlier channels per head (x15)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    B, H, S, D = shape
+    x = torch.randn(shape, generator=g, device=device)
+    x /= torch.randn((B, H, S, D, 4), generator=g, device=device).pow(2).mean(-1).sqrt()  # t(4)
+    x *= 0.2 + 2.0 * torch.rand(1, H, 1, D, generator=g, device=device)
+    gain = torch.ones(H, D, device=device)
+    gain.scatter_(1, torch.randint(0, D, (H, 2), generator=g, device=device), 15.0)
+    return (x * gain[None, :, None, :]).to(dtype)
+
+
 def synthetic_caches(
     B: int, Hkv: int, D: int, L: int, cfg: QuantConfig, dtype: torch.dtype, device: str, seed: int = 0
 ) -> tuple[QuantizedKVCache, QuantizedKVCache]:
-    """A (keys, values) cache pair of ``L`` tokens per sequence filled directly with random contents.
+    """A (keys, values) cache pair of ``L`` tokens per sequence: heavy-tailed K/V (:func:`heavy_tailed`) quantized
+    by the cache's own writers (keys per channel with ranges from the data, values per token, ``cfg``'s outliers,
+    sinks and residual window), plus one decode token, so every part of the format is present."""
+    from kvquant.quant.quantizer import BatchedKVQuantizer
 
-    ``cfg.n_sink`` sinks and ``cfg.residual_length`` residual tokens, the rest in pages with random codes,
-    random scales and ``cfg.outlier_fraction`` outliers per token (sorted, distinct channels).
-    """
-    g = torch.Generator(device=device).manual_seed(seed)
-    n_sink, R = cfg.n_sink, cfg.residual_length
-    q = L - n_sink - R
-    if q < 0:
-        raise ValueError("context shorter than sinks + residual")
-    T = cfg.page_size
-    cs = 0.1 + torch.rand(Hkv, D, device=device, generator=g)
-    cz = 0.1 * torch.randn(Hkv, D, device=device, generator=g)
-    cb = codebook_for(cfg.datatype)
-    kc = QuantizedKVCache("key", cfg, B, Hkv, D, dtype, device, cb, cs, cz)
-    vc = QuantizedKVCache("value", cfg, B, Hkv, D, dtype, device, cb)
-    n_id = Hkv * D
-    cnt = int(round(cfg.outlier_fraction * n_id))
-    for c in (kc, vc):
-        c.sink = torch.randn(B, Hkv, n_sink, D, device=device, generator=g).to(dtype)
-        c.residual = torch.randn(B, Hkv, R, D, device=device, generator=g).to(dtype)
-        c.sink_len.fill_(n_sink)
-        c.res_len.fill_(R)
-        c.q_len.fill_(q)
-        c.pages.reserve(c.q_len)
-        P = c.pages.n_pages
-        pl = c.pages.pools["planes"]
-        pl[:P] = torch.randint(-(2**31), 2**31 - 1, (P, *pl.shape[1:]), device=device, dtype=torch.int32,
-                               generator=g)
-        if c.kind == "value":
-            c.pages.pools["scale"][:P] = (0.05 + 0.1 * torch.rand(P, Hkv, T, device=device, generator=g)).to(
-                c.pages.pools["scale"].dtype)
-            c.pages.pools["zero"][:P] = (0.01 * torch.randn(P, Hkv, T, device=device, generator=g)).to(
-                c.pages.pools["zero"].dtype)
-        if cnt and q:
-            i = torch.arange(q, device=device)
-            b = torch.arange(B, device=device)
-            page, off = c.pages.locate(b.repeat_interleave(q), i.repeat(B))
-            slots = page * T + off
-            stride = n_id // cnt
-            ch = torch.arange(cnt, device=device) * stride
-            ch = ch[None, :] + torch.randint(0, stride, (slots.numel(), cnt), device=device, generator=g)
-            vals = 4.0 * torch.randn(slots.numel(), cnt, device=device, generator=g)
-            c.outliers.reserve(nnz=slots.numel() * cnt, slots=P * T)
-            c.outliers.append_slots(slots, torch.full_like(slots, cnt), vals.reshape(-1), ch.reshape(-1))
+    qz = BatchedKVQuantizer(cfg)
+    kc = qz.quantize_keys(heavy_tailed((B, Hkv, L - 1, D), seed, dtype, device))
+    vc = qz.quantize_values(heavy_tailed((B, Hkv, L - 1, D), seed + 1, dtype, device))
+    kc.append(heavy_tailed((B, Hkv, 1, D), seed + 2, dtype, device))
+    vc.append(heavy_tailed((B, Hkv, 1, D), seed + 3, dtype, device))
     return kc, vc
 
 
@@ -104,14 +81,16 @@ def hf_quantized_step(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return step, cache
 
 
-def quant_bytes(B: int, Hkv: int, D: int, L: int, cfg: QuantConfig, dtype_bytes: int = 2) -> int:
-    """Bytes the kernel must read: codes, value scales, outliers (values, indices, slot start/count),
-    sinks/residual (the query/output are negligible)."""
-    q = L - cfg.n_sink - cfg.residual_length
-    per_tok_head = 2 * D * cfg.bits / 8 + 2 * 2  # K+V codes, value scale+zero (fp16)
-    outl = 2 * (q * cfg.outlier_fraction * Hkv * D * 4 + q * 6)  # entries + per-slot (start, count)
-    exact = 2 * (cfg.n_sink + cfg.residual_length) * Hkv * D * dtype_bytes
-    return int(B * (q * Hkv * per_tok_head + outl + exact))
+def quant_bytes(kc: QuantizedKVCache, vc: QuantizedKVCache) -> int:
+    """Bytes the kernel must read at least: everything the two caches hold (measured, ``memory_report``)."""
+    return int(kc.memory_report()["total"] + vc.memory_report()["total"])
+
+
+def rope_tables(L: int, D: int, device: str, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama's ``cos, sin`` for positions ``0 .. L-1``, half tables ``[L, D/2]`` (the two halves are equal)."""
+    inv = 1.0 / (base ** (torch.arange(0, D, 2, device=device).float() / D))
+    f = torch.outer(torch.arange(L, device=device).float(), inv)
+    return f.cos().contiguous(), f.sin().contiguous()
 
 
 def bench_decode(args, bw: float, rows: list, out_path: Path | None, launch: dict | None = None) -> None:
@@ -129,7 +108,7 @@ def bench_decode(args, bw: float, rows: list, out_path: Path | None, launch: dic
             for B in args.batches:
                 torch.cuda.empty_cache()
                 free = torch.cuda.mem_get_info()[0]
-                qbytes = quant_bytes(B, Hkv, D, L, cfg)
+                qbytes = int(2 * B * Hkv * L * D * (cfg.bits + 1) / 8)  # an estimate, replaced by the measured one
                 fbytes = 2 * B * Hkv * L * D * 2
                 row = {"kind": "decode", "shape": shape, "Hq": Hq, "Hkv": Hkv, "D": D, "context": L, "batch": B,
                        "datatype": cfg.datatype, "outliers": cfg.outlier_fraction, "rope": args.rope,
@@ -141,28 +120,34 @@ def bench_decode(args, bw: float, rows: list, out_path: Path | None, launch: dic
                     continue
                 n_sets = max(1, min(4, math.ceil(200e6 / qbytes)))
                 caches = [synthetic_caches(B, Hkv, D, L, cfg, dtype, dev, seed=s) for s in range(n_sets)]
+                qbytes = quant_bytes(*caches[0])
+                row["quant_bytes"] = qbytes
+                row["bits_per_element"] = 8 * qbytes / (2 * B * Hkv * L * D)
                 qs = [torch.randn(B, Hq, D, device=dev, dtype=dtype) for _ in range(n_sets)]
+                extra = [(torch.randn(B, Hkv, D, device=dev, dtype=dtype), torch.randn(B, Hkv, D, device=dev,
+                                                                                       dtype=dtype))
+                         for _ in range(n_sets)]
                 rope = None
                 if args.rope:
-                    inv = 1.0 / (10000 ** (torch.arange(0, D, 2, device=dev).float() / D))
-                    f = torch.outer(torch.arange(L + 64, device=dev).float(), inv)
-                    e = torch.cat([f, f], -1)
-                    rope = (e.cos(), e.sin(), torch.zeros(B, dtype=torch.int64, device=dev))
-                fns = [partial(decode_attention, qs[i], *caches[i], rope=rope, **(launch or {}))
+                    cos, sin = rope_tables(L + 64, D, dev)
+                    rope = (cos, sin, torch.zeros(B, dtype=torch.int32, device=dev))
+                fns = [partial(decode_attention, qs[i], *caches[i], rope=rope, extra_kv=extra[i], **(launch or {}))
                        for i in range(n_sets)]
                 out = fns[0]()
                 torch.cuda.synchronize()
-                row["kernel_ms"] = do_bench(rotating(fns))
+                row["kernel_ms"] = graph_bench(rotating(fns))  # device time: what a captured decode step pays
+                row["kernel_eager_ms"] = do_bench(rotating(fns))  # with the host's launch cost
                 row["kernel_floor_ms"] = qbytes / bw * 1e3
                 row["kernel_frac_floor"] = row["kernel_floor_ms"] / row["kernel_ms"]
                 # dequantize-everything path (memory hungry: ~40 B of temporaries per element)
                 if B * Hkv * L * D * 48 < 0.7 * torch.cuda.mem_get_info()[0] and not args.no_dequant:
                     try:
-                        ref = decode_attention_reference(qs[0], *caches[0], rope=rope)
+                        ref = decode_attention_reference(qs[0], *caches[0], rope=rope, extra_kv=extra[0])
                         row["rel_err"] = float((out.float() - ref.float()).norm() / ref.float().norm())
                         row["dequant_ms"] = do_bench(
                             rotating([partial(decode_attention_reference, qs[i], *caches[i], rope=rope,
-                                               compute_dtype=dtype) for i in range(n_sets)]), warmup=5, rep=50)
+                                              extra_kv=extra[i], compute_dtype=dtype) for i in range(n_sets)]),
+                            warmup=5, rep=50)
                         del ref
                     except torch.OutOfMemoryError:
                         row["dequant_ms"] = None
@@ -177,7 +162,8 @@ def bench_decode(args, bw: float, rows: list, out_path: Path | None, launch: dic
                     q4 = [torch.randn(B, Hq, 1, D, device=dev, dtype=dtype) for _ in range(n16)]
                     sd = [partial(F.scaled_dot_product_attention, q4[i], kv[i][0], kv[i][1],
                                   enable_gqa=Hq != Hkv) for i in range(n16)]
-                    row["fp16_ms"] = do_bench(rotating(sd))
+                    row["fp16_ms"] = graph_bench(rotating(sd))
+                    row["fp16_eager_ms"] = do_bench(rotating(sd))
                     row["fp16_floor_ms"] = fbytes / bw * 1e3
                     row["speedup_vs_fp16"] = row["fp16_ms"] / row["kernel_ms"]
                     del kv, q4
@@ -192,8 +178,8 @@ def bench_decode(args, bw: float, rows: list, out_path: Path | None, launch: dic
 
 
 def sweep(args, bw: float, rows: list, out_path: Path | None) -> dict:
-    """Launch-parameter sweep of the decode kernel at 32K context; returns the best setting (``num_warps``,
-    ``block_t``, ``programs_per_sm``: what ``bench_decode`` then launches with)."""
+    """Launch-parameter sweep of the decode kernel at 32K context (graph-replayed device time); returns the best
+    setting (``num_warps``, ``block_t``, ``num_stages``: what ``bench_decode`` then launches with)."""
     da = importlib.import_module("kvquant.kernels.decode_attention")
 
     dev = "cuda"
@@ -201,37 +187,30 @@ def sweep(args, bw: float, rows: list, out_path: Path | None) -> dict:
     for shape, B in (("mha", 1), ("gqa", 8)):
         Hq, Hkv, D = SHAPES[shape]
         L = 32768
-        for outl, rope_on in ((0.01, False), (0.0, False), (0.01, True)):
+        cos, sin = rope_tables(L + 64, D, dev)
+        for outl in (0.01, 0.0):
             cfg = quant_config_from_args(args, datatype=args.datatype, outlier_fraction=outl)
             kc, vc = synthetic_caches(B, Hkv, D, L, cfg, torch.float16, dev)
             q = torch.randn(B, Hq, D, device=dev, dtype=torch.float16)
-            rope = None
-            if rope_on:
-                e = torch.randn(L + 64, D, device=dev)
-                rope = (e.cos(), e.sin(), torch.zeros(B, dtype=torch.int64, device=dev))
-            grid = [(w, bt, pps) for w in (4, 8) for bt in (32, 64) for pps in (4, 16)]
-            if outl == 0.0 or rope_on:
-                grid = [(4, 64, 4), (8, 64, 16), (8, 32, 16)]
-            for w, bt, pps in grid:
-                fn = partial(da.decode_attention, q, kc, vc, rope=rope, num_warps=w, block_t=bt,
-                             programs_per_sm=pps)
+            rope = (cos, sin, torch.zeros(B, dtype=torch.int32, device=dev))
+            for w, bt, st in [(4, 64, 2), (4, 64, 3), (8, 64, 2), (4, 32, 2)]:
+                fn = partial(da.decode_attention, q, kc, vc, rope=rope, num_warps=w, block_t=bt, num_stages=st)
                 fn()
-                ms = do_bench(fn)
-                row = {"kind": "sweep", "shape": shape, "batch": B, "context": L, "outliers": outl, "rope": rope_on,
-                       "num_warps": w, "block_t": bt, "programs_per_sm": pps, "ms": ms,
-                       "frac_floor": quant_bytes(B, Hkv, D, L, cfg) / bw / (ms * 1e-3)}
+                ms = graph_bench(fn)
+                row = {"kind": "sweep", "shape": shape, "batch": B, "context": L, "outliers": outl, "rope": True,
+                       "num_warps": w, "block_t": bt, "num_stages": st, "ms": ms,
+                       "frac_floor": quant_bytes(kc, vc) / bw / (ms * 1e-3)}
                 rows.append(row)
                 flush(rows, out_path)
-                print(f"sweep {shape} B={B} outl={outl} rope={rope_on} warps={w} bt={bt} pps={pps}: {ms:.3f} ms "
+                print(f"sweep {shape} B={B} outl={outl} warps={w} bt={bt} stages={st}: {ms:.3f} ms "
                       f"({row['frac_floor']:.2f} of floor)", flush=True)
-                if outl > 0 and not rope_on:
-                    key = (w, bt, pps)
-                    best[key] = best.get(key, 0.0) + math.log(ms)
+                key = (w, bt, st)
+                best[key] = best.get(key, 0.0) + math.log(ms)
             del kc, vc
             torch.cuda.empty_cache()
-    w, bt, pps = min(best, key=best.get)
-    print(f"best launch: num_warps={w} block_t={bt} programs_per_sm={pps}", flush=True)
-    return {"num_warps": w, "block_t": bt, "programs_per_sm": pps}
+    w, bt, st = min(best, key=best.get)
+    print(f"best launch: num_warps={w} block_t={bt} num_stages={st}", flush=True)
+    return {"num_warps": w, "block_t": bt, "num_stages": st}
 
 
 def bench_hf(name: str, row: dict, B: int, Hq: int, Hkv: int, L: int, D: int, dev: str, dtype: torch.dtype) -> None:
@@ -253,8 +232,8 @@ def bench_hf(name: str, row: dict, B: int, Hq: int, Hkv: int, L: int, D: int, de
         step, cache = hf_quantized_step(name, torch.randn(B, Hq, 1, D, device=dev, dtype=dtype), k, v)
         del k, v
         row[f"hf_{name}_bytes"] = tensor_bytes(cache.layers[0].__dict__)
-        row[f"hf_{name}_ms"] = do_bench(step, warmup=5, rep=50)
-        row[f"speedup_vs_hf_{name}"] = row[f"hf_{name}_ms"] / row["kernel_ms"]
+        row[f"hf_{name}_ms"] = do_bench(step, warmup=5, rep=50)  # (eager: its update is not graph-safe)
+        row[f"speedup_vs_hf_{name}"] = row[f"hf_{name}_ms"] / row["kernel_eager_ms"]
     except torch.OutOfMemoryError:
         row[f"hf_{name}_ms"] = None
         row[f"hf_{name}_note"] = "out of memory"

@@ -15,20 +15,34 @@ from kvquant.quant.store import QuantizedKVCache
 PREFILL_SHAPES = {"mha": 32, "gqa": 8}  # name -> KV heads (head dim 128)
 
 
-def _prefill_bytes(N: int, H: int, D: int, bits: int, kind: str, nnz: int) -> int:
-    """Bytes an append must move at least: tokens read (fp16), codes written, value scale/zero (fp16),
-    outlier entries (fp16 value + int16 channel) and per-slot (start int32, count int16)."""
-    scales = N * H * 4 if kind == "values" else 0
-    return int(N * H * D * 2 + N * H * D * bits / 8 + scales + nnz * 4 + N * 6)
+def _prefill_bytes(x: torch.Tensor, cache: QuantizedKVCache) -> int:
+    """Bytes an append must move at least: the fp16 tokens read once, and everything the cache holds written."""
+    return int(x.numel() * x.element_size() + cache.memory_report()["total"])
+
+
+def same_storage(a: QuantizedKVCache, b: QuantizedKVCache) -> bool:
+    """Whether two stores hold the same bytes (pools, outliers, open pages)."""
+    P = a.pages.n_pages
+    if b.pages.n_pages != P or not all(torch.equal(a.pages.pools[n][:P], b.pages.pools[n][:P]) for n in a.pages.pools):
+        return False
+    if a.kind == "key" and a.keep_outliers:
+        n = a.outliers.nnz
+        return n == b.outliers.nnz and torch.equal(a.outliers.values[:n], b.outliers.values[:n]) and \
+            torch.equal(a.outliers.indices[:n], b.outliers.indices[:n])
+    if a.kind == "value" and a.keep_outliers:
+        fields = ("values", "tokens", "counts", "head_start")
+        return all(torch.equal(getattr(a.outliers, f)[:P], getattr(b.outliers, f)[:P]) for f in fields) and \
+            torch.equal(a.open, b.open)
+    return True
 
 
 def bench_prefill(args, bw: float, rows: list, out_path: Path | None) -> None:
-    """Prefill quantization: the fused Triton kernel alone, the fused write (thresholds + kernel + outlier
-    scatter), and the whole ``quantize_keys`` / ``quantize_values`` on both backends; plus decode appends."""
+    """Prefill quantization: the whole ``quantize_keys`` / ``quantize_values`` of a prompt on both backends (same
+    bytes checked), as time and as a fraction of the copy bandwidth; then decode appends, eager and static."""
     from dataclasses import replace
 
-    from kvquant.kernels import quantize_append as qa
-    from kvquant.kernels.quantize_append import QuantizeAppend, quantize_append
+    from kvquant.bench.cuda import graph_bench
+    from kvquant.bench.kernels_decode import heavy_tailed
     from kvquant.quant.quantizer import BatchedKVQuantizer
 
     dev = "cuda"
@@ -38,88 +52,32 @@ def bench_prefill(args, bw: float, rows: list, out_path: Path | None) -> None:
         H = PREFILL_SHAPES[shape]
         for S in args.prefill_lengths:
             torch.cuda.empty_cache()
-            g = torch.Generator(device=dev).manual_seed(S)
-            x = (torch.randn(1, H, S, D, device=dev, generator=g)
-                 * (0.5 + torch.rand(1, H, 1, D, device=dev, generator=g))).half()
-            tokens = x[0].transpose(0, 1).contiguous()  # [N, H, D]
-            counts = torch.tensor([S], device=dev)
+            x = heavy_tailed((1, H, S, D), S, torch.float16, dev)
             for kind in ("keys", "values"):
                 row = {"kind": "prefill", "what": kind, "shape": shape, "tokens": S, "H": H, "D": D,
-                       "datatype": base.datatype, "outliers": base.outlier_fraction,
-                       "tuning": {"block_n": qa.BLOCK_N, "num_warps": qa.NUM_WARPS, "code_tree": qa.CODE_TREE,
-                                  "thresholds": qa.THRESHOLDS}}
+                       "datatype": base.datatype, "outliers": base.outlier_fraction}
                 caches = {}
                 for backend in ("triton", "torch"):
                     qz = BatchedKVQuantizer(replace(base, backend=backend))
                     fn = partial(qz.quantize_keys if kind == "keys" else qz.quantize_values, x)
                     caches[backend] = fn()
                     torch.cuda.synchronize()
-                    row[f"append_{backend}_ms"] = do_bench(fn, warmup=5, rep=60)
-                ref = caches["torch"]
-                row["identical"] = bool(all(torch.equal(a, b) for a, b in (
-                    (ref.pages.pools["planes"][: ref.pages.n_pages],
-                     caches["triton"].pages.pools["planes"][: ref.pages.n_pages]),
-                    (ref.outliers.values[: ref.outliers.nnz], caches["triton"].outliers.values[: ref.outliers.nnz]),
-                    (ref.outliers.indices[: ref.outliers.nnz],
-                     caches["triton"].outliers.indices[: ref.outliers.nnz]))))
-                # the fused path on its own: a fresh cache with the pages reserved, all S tokens quantized
-                cache = QuantizedKVCache(kind[:-1], replace(base, backend="triton"), 1, H, D, torch.float16, dev,
-                                         ref.codebook, ref.channel_scale, ref.channel_zero)
-                cache.pages.reserve(counts)
-                cache.outliers.reserve(slots=cache.pages.capacity * base.page_size)
-                del caches, ref
-
-                def write(cache=cache, counts=counts, tokens=tokens):
-                    cache.outliers.nnz = cache.outliers.n_slots = 0  # rewrite the same slots each time
-                    quantize_append(cache, counts, tokens)
-
-                write()
-                nnz = cache.outliers.nnz
-                nbytes = _prefill_bytes(S, H, D, cache.bits, kind, nnz)
-                row.update(nnz=nnz, bytes=nbytes, write_ms=do_bench(write, warmup=10, rep=100))
-                if kind == "values":  # the two ways to find the per-token thresholds (same result, bit for bit)
-                    for method in ("sort", "topk"):
-                        def write_with(cache=cache, counts=counts, tokens=tokens, method=method):
-                            cache.outliers.nnz = cache.outliers.n_slots = 0
-                            quantize_append(cache, counts, tokens, thresholds=method)
-
-                        write_with()
-                        row[f"write_thresholds_{method}_ms"] = do_bench(write_with, warmup=10, rep=100)
-                plan = QuantizeAppend(cache, counts, tokens)
-                row["kernel_ms"] = do_bench(plan.run_kernel, warmup=10, rep=100)
-                sweep_rows = []
-                if args.prefill_sweep:
-                    for tree in (True, False):
-                        for bn in (32, 64):
-                            for nw in (2, 4, 8):
-                                try:
-                                    p = QuantizeAppend(cache, counts, tokens, block_n=bn, num_warps=nw,
-                                                       code_tree=tree)
-                                    p.run_kernel()
-                                    ms = do_bench(p.run_kernel, warmup=10, rep=100)
-                                except Exception as e:  # a launch variant that does not compile is reported
-                                    sweep_rows.append({"code_tree": tree, "block_n": bn, "num_warps": nw,
-                                                       "error": repr(e)[:300]})
-                                    continue
-                                sweep_rows.append({"code_tree": tree, "block_n": bn, "num_warps": nw, "ms": ms,
-                                                   "GBps": nbytes / ms / 1e6})
-                    row["sweep"] = sweep_rows
-                for k in ("kernel", "write", "append_triton", "append_torch"):
+                    row[f"append_{backend}_ms"] = do_bench(fn, warmup=3, rep=30)
+                row["identical"] = same_storage(caches["torch"], caches["triton"])
+                nbytes = _prefill_bytes(x, caches["triton"])
+                row["bytes"] = nbytes
+                for k in ("append_triton", "append_torch"):
                     row[f"{k}_GBps"] = nbytes / row[f"{k}_ms"] / 1e6
                     row[f"{k}_frac_bw"] = nbytes / (row[f"{k}_ms"] * 1e-3) / bw
+                del caches
                 rows.append(row)
                 flush(rows, out_path)
                 print(format_row(row), flush=True)
-                for r in sweep_rows:
-                    res = r["error"] if "error" in r else f"{r['ms']:.3f} ms {r['GBps']:.0f} GB/s"
-                    print(f"   sweep code_tree={r['code_tree']:d} block_n={r['block_n']} num_warps={r['num_warps']}: "
-                          f"{res}", flush=True)
-                del cache, plan
-    # decode appends: one token per sequence into a cache holding a 4K prompt
+    # decode appends: one token per sequence into a cache holding a 4K prompt (eager, and static + graph-replayed)
     for shape, B in (("mha", 1), ("gqa", 8)):
         H = PREFILL_SHAPES[shape]
-        x = torch.randn(B, H, 4096, D, device=dev).half()
-        step = torch.randn(B, H, 1, D, device=dev).half()
+        x = heavy_tailed((B, H, 4096, D), 7, torch.float16, dev)
+        step = heavy_tailed((B, H, 1, D), 8, torch.float16, dev)
         for kind in ("keys", "values"):
             row = {"kind": "decode_append", "what": kind, "shape": shape, "batch": B, "H": H, "prompt": 4096}
             for backend in ("triton", "torch"):
@@ -127,6 +85,10 @@ def bench_prefill(args, bw: float, rows: list, out_path: Path | None) -> None:
                 c = (qz.quantize_keys if kind == "keys" else qz.quantize_values)(x)
                 c.reserve(4096)
                 row[f"{backend}_ms"] = do_bench(partial(c.append, step), warmup=5, rep=50)
+                if backend == "triton":
+                    c.begin_static(4096)
+                    row["triton_static_graph_ms"] = graph_bench(partial(c.append, step), reps=10, warmup=5, rep=20)
+                    c.end_static()
                 del c
             rows.append(row)
             flush(rows, out_path)

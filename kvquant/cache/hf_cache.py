@@ -100,6 +100,7 @@ class KVQuantCache(Cache):
         self._step: dict[str, Any] = {}
         self._rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None
         self.ops: TorchOps | TritonOps = self._resolve_ops(self.config.backend, model)
+        self.static = False  # begin_static: decode steps with no host work (what a CUDA graph captures)
         install_step_hook(model)
         if self.ops.name == "triton":
             kernel_attention.install_kernel_attention(model)
@@ -115,8 +116,8 @@ class KVQuantCache(Cache):
         problems = []
         if not self.config.is_quantized:
             problems.append(f"datatype {self.config.datatype} is not quantized")
-        if D < 32 or D & (D - 1):
-            problems.append(f"head size {D} is not a power of two >= 32")
+        if D not in (64, 128, 256):
+            problems.append(f"head size {D} (the kernels take 64, 128 or 256)")
         if backend != "torch" and not kernel_attention.can_install(model):
             problems.append(f"attention {kernel_attention.current_implementation(model)!r} is not sdpa/eager")
         param = next(model.parameters(), None)
@@ -128,6 +129,8 @@ class KVQuantCache(Cache):
             return False
         if not kernel_attention.is_installed(self._text_config):
             return False
+        if self.static:  # checked once by begin_static: every step is one real, continuing token per sequence
+            return True
         key = ("kernel", s, layer.cumulative_length)
         if key not in self._step:  # one host sync per step, not per layer
             mask, positions = self._step_inputs(layer.qkeys.batch, s, layer.cumulative_length, layer.qkeys.device)
@@ -147,7 +150,10 @@ class KVQuantCache(Cache):
         model's tables have equal halves (Llama's ``rotate_half`` layout), else ``[P, D]``; float32.
 
         Built once with the model's rotary module and grown by doubling (rebuilt every step for rotary types
-        whose tables change with the sequence length, e.g. ``dynamic``/``longrope``)."""
+        whose tables change with the sequence length, e.g. ``dynamic``/``longrope``; in static mode the tables
+        :meth:`begin_static` built)."""
+        if self.static:
+            return self._rope_tables
         need = int(self._step.get("max_pos", 0))
         rope_type = str(getattr(self.rotary.rotary_emb, "rope_type", "default"))
         dynamic = "dynamic" in rope_type or "longrope" in rope_type
@@ -216,6 +222,49 @@ class KVQuantCache(Cache):
         else:
             pos = pos.to(device).expand(batch, -1)[:, -s:]
         return step_mask, pos.long()
+
+    def begin_static(self, max_new_tokens: int, outlier_headroom: float = 4.0) -> None:
+        """Prepare ``max_new_tokens`` decode steps that run with no host work at all, what
+        :func:`kvquant.cache.graphs.generate` captures in a CUDA graph. Needs the triton backend, a prefill done, and
+        decode steps of one real token per sequence (no padding) whose positions continue the prompts.
+
+        Reserves every page and outlier slot the steps need (see
+        :meth:`~kvquant.quant.store.QuantizedKVCache.begin_static`) and builds the RoPE tables for every position
+        they reach. :meth:`end_static` returns to normal steps."""
+        if self.backend != "triton":
+            raise ValueError("static (captured) decode steps need the triton backend")
+        layers = [layer for layer in self.layers if layer.qkeys is not None]
+        if len(layers) != len(self.layers):
+            raise ValueError("static decode needs a prefill first")
+        if self.pre_rope:
+            rope_type = str(getattr(self.rotary.rotary_emb, "rope_type", "default"))
+            if "dynamic" in rope_type or "longrope" in rope_type:
+                raise ValueError(f"static decode does not support {rope_type!r} RoPE (its tables change per step)")
+            first = layers[0]
+            self._step["max_pos"] = int((first.pos_offset + first.qkeys.lengths).max()) + max_new_tokens + 1
+            self.kernel_rope_tables(first.qkeys.device)
+        for layer in layers:
+            layer.qkeys.begin_static(max_new_tokens, outlier_headroom)
+            layer.qvalues.begin_static(max_new_tokens, outlier_headroom)
+            layer.static_from = (layer.cumulative_length, int(layer.qkeys.lengths[0]))
+        self.static = True
+
+    def end_static(self) -> None:
+        """Back to normal steps: each store re-reads its lengths once (and checks its NaN/Inf flag), and every
+        layer's token mask gets the tokens the static steps added."""
+        if not self.static:
+            return
+        self.static = False
+        for layer in self.layers:
+            if layer.qkeys is None:
+                continue
+            layer.qkeys.end_static()
+            layer.qvalues.end_static()
+            cum0, len0 = layer.static_from
+            steps = int(layer.qkeys.lengths[0]) - len0  # every sequence got one token per step
+            mask = layer.seen_mask[:, :cum0]
+            layer.seen_mask = torch.cat([mask, mask.new_ones(mask.shape[0], steps)], 1)
+            layer.cumulative_length = cum0 + steps
 
     def memory_report(self) -> dict[str, float]:
         """Bytes held by component over all layers, the fp16 equivalent, and bits per element."""

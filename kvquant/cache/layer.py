@@ -49,6 +49,7 @@ class KVQuantLayer(CacheLayerMixin):
         self.pos_offset: torch.Tensor | None = None  # [B] position of each sequence's first real token
         self._pos_offset_i32: torch.Tensor | None = None
         self._pending: _PendingDecode | None = None
+        self.static_from: tuple[int, int] | None = None  # (cumulative length, stored tokens) when static mode began
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -76,7 +77,8 @@ class KVQuantLayer(CacheLayerMixin):
             # triton backend, one real token per sequence: keep it pending, the attention wrapper runs the
             # kernel over the stored past plus this exact token, then appends it (kernel_decode)
             self._pending = _PendingDecode(key_states, value_states, k_store)
-            self.seen_mask = torch.cat([self.seen_mask, step_mask], 1)
+            if not self.owner.static:  # (static steps never read it; end_static extends it)
+                self.seen_mask = torch.cat([self.seen_mask, step_mask], 1)
             self.cumulative_length += s
             return key_states, value_states
 

@@ -33,7 +33,10 @@ def test_analytic_capacity_is_monotone() -> None:
     fits = {dt: measure_fit(shape, dt, QuantConfig(), "cpu", torch.float16, (64, 128)) for dt in dts}
     assert fits["fp16"].bits_per_element == 16.0
     bits = [fits[dt].bits_per_element for dt in dts]
-    assert bits == sorted(bits, reverse=True) and 2 < bits[-1] < 4  # more bits -> more bytes
+    assert bits == sorted(bits, reverse=True)  # more bits -> more bytes
+    # the bytes a long context adds per token (the values' exact open page amortised away): packed 2-bit codes
+    per_token_bits = 8 * fits["nuq2"].per_token / (2 * shape.num_kv_heads * shape.head_dim)
+    assert 2 < per_token_bits < 3
     contexts = [1024, 4096, 16384, 65536]
     budget = 80 * 2**30
     caps = {dt: analytic_capacity(shape, fits[dt], budget, 0.0, contexts) for dt in dts}

@@ -85,8 +85,9 @@ def test_quantized_cache_is_smaller(bench_run: tuple[Path, list[dict]]) -> None:
         assert q["kv_bytes"] < fp["kv_bytes"]
         assert fp["bits_per_element"] == pytest.approx(32.0)  # float32 model on CPU: DynamicCache is fp32
         assert q["bits_per_element"] < fp["bits_per_element"]
-    # tiny heads (2 x 16 channels): sinks, scales and the last partial page weigh a lot, less as S grows
-    assert by[("nuq3", 128)]["bits_per_element"] < min(16, by[("nuq3", 64)]["bits_per_element"])
+    # tiny heads (2 x 16 channels): sinks, scales and the values' exact open page (fp32 here) weigh a lot, less
+    # as S grows
+    assert by[("nuq3", 128)]["bits_per_element"] < by[("nuq3", 64)]["bits_per_element"]
 
 
 def test_warmup_rehearses_the_exact_configuration_and_order_is_shape_major(

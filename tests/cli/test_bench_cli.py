@@ -36,7 +36,7 @@ def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
 def test_bench_help_is_the_benchmarks_own(capsys: pytest.CaptureFixture) -> None:
     from kvquant.cli.main import main
 
-    for what, option in (("generate", "--prompt-len"), ("capacity", "--contexts"), ("kernels", "--prefill-sweep")):
+    for what, option in (("generate", "--prompt-len"), ("capacity", "--contexts"), ("kernels", "--prefill-lengths")):
         with pytest.raises(SystemExit) as exc:
             main(["bench", what, "--help"])
         assert exc.value.code == 0
