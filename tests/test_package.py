@@ -9,7 +9,8 @@ def test_public_api_importable_from_package():
     for name in ("BatchedKVQuantizer", "QuantizedKVCache", "BlockedCSCMatrix", "BlockedCSRMatrix",
                  "PrefillQuantizedAttention", "create_heuristic_codebook", "compute_nuq_codebook",
                  "create_uniform_codebook", "Codebook", "KVQuantCache", "Calibration", "calibrate", "QuantConfig",
-                 "register_cache_implementation", "DATATYPES", "parse_datatype", "pack_bits", "unpack_bits", "pack_units", "unpack_units"):
+                 "register_cache_implementation", "DATATYPES", "parse_datatype", "pack_bits", "unpack_bits",
+                 "pack_units", "unpack_units"):
         assert getattr(kvquant, name) is not None, name
         assert name in kvquant.__all__, name
     assert kvquant.__version__
