@@ -262,3 +262,10 @@ def backends_table(rows: list[dict[str, Any]]) -> str:
     return format_table(out, ["model dtype", "batch", "prompt", "new tokens", "same greedy tokens", "max logit gap",
                               "decode tok/s torch", "decode tok/s triton", "attention ms/layer",
                               "append ms/layer (K+V)"])
+
+
+def longctx_table(hm: Any) -> str:
+    """Mean score per datatype (rows) and context (columns) of a long-context task, averaged over depths."""
+    rows = [[dt] + [fmt_num(hm.mean_over_depths(dt, c), ".3f") for c in hm.contexts] for dt in hm.datatypes]
+    return format_table(rows, ["datatype"] + [str(c) for c in hm.contexts])
+
