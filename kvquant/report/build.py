@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import socket
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -241,6 +242,34 @@ def _longctx_sections(res: Results, figs: _Figures) -> list[str]:
     return out
 
 
+def _sweep_sections(res: Results) -> list[str]:
+    """The jobs of a ``kvquant sweep`` whose results folder this is (failed and blocked ones included)."""
+    from kvquant.sweep.jobs import SweepDir
+    from kvquant.sweep.state import status_rows
+
+    sweep = SweepDir(res.root)
+    if not sweep.jobs_file.is_file():
+        return []
+    try:
+        grid, jobs = sweep.read_jobs()
+    except (OSError, ValueError, TypeError) as exc:
+        return ["## Sweep", "", f"_Sweep jobs unreadable ({type(exc).__name__}: {exc})._", ""]
+    rows = status_rows(sweep, jobs, reconcile=False)
+    me = [r for r in rows if r["status"] == "running" and r["pid"] == os.getpid() and r["host"] == socket.gethostname()]
+    rows = [r for r in rows if r not in me]  # the job writing this report is not unfinished work
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    out = ["## Sweep", "", f"Grid `{grid}`: {len(rows)} jobs, " + ", ".join(f"{v} {k}" for k, v in counts.items())
+           + (f" (and `{me[0]['id']}`, the job writing this report)" if me else "")
+           + f". `kvquant sweep status {res.root}` shows the same.", ""]
+    unfinished = [r for r in rows if r["status"] != "completed"]
+    if unfinished:
+        out += ["Jobs without results (their configurations are missing from the tables below):", "",
+                tables.sweep_table(unfinished), ""]
+    return out
+
+
 def _kernel_sections(res: Results) -> list[str]:
     out = ["## Kernels (`kvquant bench kernels`)", ""]
     if not res.kernels:
@@ -334,7 +363,7 @@ def build_report(results_dir: str | Path, out: str | Path | None = None) -> Path
     lines += [format_table(found, ["input", "files", "names"]) if found else "_No recognised result files._", ""]
     if res.skipped:
         lines += ["Unreadable files (ignored): " + "; ".join(res.skipped), ""]
-    for section in (_generation_sections(res, figs), _capacity_sections(res, figs),
+    for section in (_sweep_sections(res), _generation_sections(res, figs), _capacity_sections(res, figs),
                     _accuracy_sections(res, figs), _across_sections(res, figs), _longctx_sections(res, figs),
                     _kernel_sections(res), _profile_sections(res), _backends_sections(res)):
         lines += section

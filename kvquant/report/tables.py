@@ -269,3 +269,8 @@ def longctx_table(hm: Any) -> str:
     rows = [[dt] + [fmt_num(hm.mean_over_depths(dt, c), ".3f") for c in hm.contexts] for dt in hm.datatypes]
     return format_table(rows, ["datatype"] + [str(c) for c in hm.contexts])
 
+
+def sweep_table(rows: list[dict[str, Any]]) -> str:
+    """Jobs of a sweep (:func:`kvquant.sweep.state.status_rows`): id, status, attempts, reason."""
+    return format_table([[f"`{r['id']}`", r["status"], r.get("attempts") or None, r.get("reason")] for r in rows],
+                        ["job", "status", "attempts", "reason"])

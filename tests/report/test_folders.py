@@ -1,5 +1,6 @@
 """``kvquant report`` on a folder of folders (a sweep's results): subfolders are read, hidden ones are not, the
-configurations share one Pareto front, long-context rows become tables and heat maps."""
+configurations share one Pareto front, long-context rows become tables and heat maps, the sweep's unfinished jobs
+are listed."""
 
 from __future__ import annotations
 
@@ -84,3 +85,18 @@ def test_long_context_rows_become_tables_and_heat_maps(tmp_path: Path) -> None:
     png = tmp_path / "figures/longctx_m_passkey.png"
     assert png.read_bytes()[:4] == b"\x89PNG" and "](figures/longctx_m_passkey.png)" in text
 
+
+def test_a_sweeps_unfinished_jobs_are_listed(tmp_path: Path) -> None:
+    from kvquant.sweep import Job, JobState, SweepDir
+    from kvquant.sweep.state import write_state
+
+    sweep = SweepDir(tmp_path)
+    jobs = [Job("ppl/ctx=64", "ppl", ["eval", "ppl"], [], {"out": "ppl.json"}),
+            Job("ppl/ctx=128", "ppl", ["eval", "ppl"], [], {"out": "ppl.json"})]
+    sweep.write_jobs("g", jobs)
+    _ppl(tmp_path / "ppl/ctx=64/ppl.json", "c", {"fp16": (10.0, 16.0), "nuq3": (10.5, 3.5)}, ctx=64)
+    write_state(sweep, JobState(jobs[0].id, attempts=1, argv=jobs[0].argv(sweep.job_dir(jobs[0]))).finish("completed"))
+    write_state(sweep, JobState(jobs[1].id, attempts=1).finish("failed", failure="oom", reason="out of memory: x"))
+    text = build_report(tmp_path).read_text()
+    assert "Grid `g`: 2 jobs, 1 completed, 1 failed." in text
+    assert "| `ppl/ctx=128` | failed | 1 | out of memory: x |" in text and "`ppl/ctx=64` |" not in text
