@@ -28,7 +28,8 @@ def plan(sweep: SweepDir, jobs: list[Job], *, retry_failed: bool = False) -> lis
 
     * ``done``: completed with the same command line and its outputs present;
     * ``active``: queued or running (a Slurm job, or a local run in another process);
-    * ``failed``: failed before and ``retry_failed`` is off (the reason is kept);
+    * ``failed``: failed before and ``retry_failed`` is off (the reason is kept); a job that was only interrupted
+      (Ctrl-C, or the sweep stopped while it ran) runs again;
     * ``blocked``: a job it needs is failed, blocked or missing;
     * ``run``: everything else (never run, stale, retried, or waiting on jobs that run now or are active); a
       completed job runs again when a job it needs runs again.
@@ -43,10 +44,10 @@ def plan(sweep: SweepDir, jobs: list[Job], *, retry_failed: bool = False) -> lis
         elif st.status in ("queued", "running"):
             d = Decision(job, ACTIVE, f"{st.status}" + (f" as Slurm job {st.slurm_job_id}" if st.slurm_job_id
                                                         else f" (pid {st.pid} on {st.host})"), st)
-        elif st.status == "failed" and not retry_failed:
+        elif st.status == "failed" and not retry_failed and st.failure != "interrupted":
             d = Decision(job, FAILED, f"failed: {st.reason} (--retry-failed runs it again)", st)
         else:
-            note = {"completed": f"runs again: {stale}", "failed": f"retry after: {st.reason}"}.get(
+            note = {"completed": f"runs again: {stale}", "failed": f"runs again after: {st.reason}"}.get(
                 st.status, "not run yet" if st.status in ("pending", "blocked") else st.status)
             d = Decision(job, RUN, note, st)
         rerun = [dep for dep in job.deps if dep in by_id and by_id[dep].action == RUN]

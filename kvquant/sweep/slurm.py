@@ -222,9 +222,9 @@ def refresh_states(sweep: SweepDir, jobs: list[Job]) -> list[JobState]:
         return []
     changed = []
     handles = {j.id: submitit.SlurmJob(folder=sweep.slurm_folder, job_id=st.slurm_job_id) for j, st in pending}
-    for job, st in pending:
-        try:
-            raw = handles[job.id].get_info(mode="force").get("State") or "UNKNOWN"
+    for i, (job, st) in enumerate(pending):
+        try:  # one sacct call for all the jobs (the first), then its answers
+            raw = handles[job.id].get_info(mode="force" if i == 0 else "cache").get("State") or "UNKNOWN"
         except Exception:  # sacct missing or failing: leave the state as it is
             continue
         sacct = raw.split()[0].upper().rstrip("+")
