@@ -232,7 +232,7 @@ def _longctx_sections(res: Results, figs: _Figures) -> list[str]:
         return []
     maps, dropped = heat_maps(res.longctx)
     out = ["## Long-context tasks", "",
-           "Mean score per datatype and context (averaged over needle depths); the heat maps show every depth.", ""]
+           "Mean score per cache and context (averaged over needle depths); the heat maps show every depth.", ""]
     if dropped:
         out += [f"_{dropped} row(s) without a context length or a score were left out._", ""]
     for hm in maps:

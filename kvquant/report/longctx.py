@@ -1,16 +1,18 @@
-"""Long-context evaluation rows (``longctx*.jsonl``) shaped for tables and heat maps.
+"""Long-context evaluation rows (``longctx*.jsonl``, as ``kvquant eval longctx`` writes them) shaped for tables and
+heat maps.
 
-Each row is a JSON object; the report reads (the first of the names listed that the row has):
+Each row is a JSON object (rows with another ``"kind"`` than ``"longctx"`` are ignored); the report reads the first
+of the names listed that the row has:
 
-* model: ``model``; task: ``task`` (e.g. ``passkey``, ``needle``; default ``longctx``);
-* datatype: ``datatype`` (the cache: ``fp16``, ``nuq3``, ...);
-* context length in tokens: ``context``, ``context_len``, ``ctx``, ``length``, ``seq_len``;
+* model: ``model``; task: ``task`` (``passkey``, ``niah_single_2``, ...; default ``longctx``);
+* the cache: ``datatype``, ``cache`` (``fp16``, ``nuq3``, ``quanto4k``, ``snapkv@nuq3``, ...);
+* context length in tokens: ``length``, ``context``, ``context_len``, ``ctx``, ``seq_len``;
 * depth of the needle (optional): ``depth``, ``needle_depth``, ``depth_pct``, ``position``;
-* score (higher is better): ``score``, ``accuracy``, ``acc``, ``exact_match``, ``correct``, ``recall``
-  (booleans count as 0/1).
+* score (higher is better): ``accuracy``, ``score``, ``acc``, ``exact_match``, ``correct``, ``recall``
+  (booleans count as 0/1; percentages stay percentages).
 
-Rows with the same (model, task, datatype, context, depth) are averaged. Rows without a context or a score are
-counted and left out.
+Rows with the same (model, task, cache, context, depth) are averaged. Rows without a context or a score are counted
+and left out.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from typing import Any
 
 from kvquant.report.load import datatype_key
 
-CONTEXT_KEYS = ("context", "context_len", "ctx", "length", "seq_len")
+DATATYPE_KEYS = ("datatype", "cache")
+CONTEXT_KEYS = ("length", "context", "context_len", "ctx", "seq_len")
 DEPTH_KEYS = ("depth", "needle_depth", "depth_pct", "position")
-SCORE_KEYS = ("score", "accuracy", "acc", "exact_match", "correct", "recall")
+SCORE_KEYS = ("accuracy", "score", "acc", "exact_match", "correct", "recall")
 
 
 def _first(row: dict[str, Any], keys: Sequence[str]) -> Any:
@@ -67,12 +70,14 @@ def heat_maps(rows: list[dict[str, Any]]) -> tuple[list[HeatMap], int]:
     sums: dict[tuple[str, str], dict[tuple[str, Any, Any], list[float]]] = {}
     dropped = 0
     for r in rows:
+        if r.get("kind", "longctx") != "longctx":
+            continue
         ctx, score = _first(r, CONTEXT_KEYS), _number(_first(r, SCORE_KEYS))
         if ctx is None or score is None:
             dropped += 1
             continue
         key = (str(r.get("model")), str(r.get("task") or "longctx"))
-        cell = (str(r.get("datatype")), _first(r, DEPTH_KEYS), ctx)
+        cell = (str(_first(r, DATATYPE_KEYS)), _first(r, DEPTH_KEYS), ctx)
         acc = sums.setdefault(key, {}).setdefault(cell, [0.0, 0])
         acc[0] += score
         acc[1] += 1

@@ -211,7 +211,7 @@ def plot_longctx_heatmap(hm: Any, path: Path, title: str) -> Path | None:
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
                 if v is not None:
-                    ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=7,
+                    ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=7,
                             color="black" if v > 0.6 * vmax else "white")
     if image is not None:
         fig.colorbar(image, ax=list(axes[0]), shrink=0.8, label="score")

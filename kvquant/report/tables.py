@@ -266,8 +266,8 @@ def backends_table(rows: list[dict[str, Any]]) -> str:
 
 def longctx_table(hm: Any) -> str:
     """Mean score per datatype (rows) and context (columns) of a long-context task, averaged over depths."""
-    rows = [[dt] + [fmt_num(hm.mean_over_depths(dt, c), ".3f") for c in hm.contexts] for dt in hm.datatypes]
-    return format_table(rows, ["datatype"] + [str(c) for c in hm.contexts])
+    rows = [[dt] + [fmt_num(hm.mean_over_depths(dt, c), ".3g") for c in hm.contexts] for dt in hm.datatypes]
+    return format_table(rows, ["cache"] + [str(c) for c in hm.contexts])
 
 
 def sweep_table(rows: list[dict[str, Any]]) -> str:
