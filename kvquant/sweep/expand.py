@@ -48,9 +48,17 @@ def _render_args(args: dict[str, Scalar]) -> list[str]:
     return out
 
 
+#: Longest job name (a folder name; file systems allow 255 bytes).
+MAX_NAME = 200
+
+
 def _job_name(block: Block, axes: dict[str, str], where: str) -> str:
     if block.name_template is None:
-        return ",".join(f"{k}={slug(v)}" for k, v in axes.items())
+        name = ",".join(f"{k}={slug(v)}" for k, v in axes.items())
+        if len(name) > MAX_NAME:
+            raise GridError(f"{where}: job name {name[:60]}... is longer than {MAX_NAME} characters; add a shorter "
+                            "`name:` template")
+        return name
 
     def field_value(m: re.Match[str]) -> str:
         key = m.group(1).strip()
