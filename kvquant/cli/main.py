@@ -1,4 +1,4 @@
-"""``kvquant``: demo, calibrate, eval, bench.
+"""``kvquant``: demo, calibrate, eval, bench, report, sweep.
 
 Models resolve from ``--model``, then ``$KVQUANT_MODEL``, then ``../shared``/the local cache, then the
 hub; data from ``--data``, then ``$KVQUANT_DATA``, then ``../shared``, then the hub.
@@ -137,6 +137,72 @@ def cmd_report(a: argparse.Namespace) -> None:
     print(f"report written to {path}")
 
 
+class _UsageError(Exception):
+    """A command line the parser rejects (raised instead of printing usage and exiting)."""
+
+
+class _CheckingParser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        raise _UsageError(message)
+
+
+#: Commands a sweep may run (every command but the sweep itself and the demo).
+SWEEP_COMMANDS = ("calibrate", "eval", "bench", "report")
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """A parser's subcommands by name."""
+    return next((dict(a.choices) for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
+
+
+def check_command(argv: list[str]) -> str | None:
+    """Why ``argv`` does not start with a command ``kvquant sweep`` can run (None when it does)."""
+    if not argv or argv[0] not in SWEEP_COMMANDS:
+        return (f"unknown command {' '.join(argv[:2]) or '(empty)'!r} (commands: calibrate, eval ppl, "
+                f"bench {{{','.join(BENCHMARKS)}}}, report)")
+    if argv[0] == "bench" and (len(argv) < 2 or argv[1] not in BENCHMARKS):
+        return f"unknown benchmark {' '.join(argv[:2])!r} (bench {{{','.join(BENCHMARKS)}}})"
+    if argv[0] == "eval":
+        evals = _subcommands(_subcommands(build_parser())["eval"])
+        if len(argv) < 2 or argv[1] not in evals:
+            return f"unknown evaluation {' '.join(argv[:2])!r} (eval {{{','.join(evals)}}})"
+    return None
+
+
+def check_argv(argv: list[str]) -> str | None:
+    """Why the kvquant command line ``argv`` would be rejected before running (unknown command or flag, bad
+    value, invalid quantization setting), or None. Benchmarks check their own flags when they run: only their
+    name is checked here."""
+    problem = check_command(argv)
+    if problem or argv[0] == "bench":
+        return problem
+    try:
+        args, rest = build_parser(_CheckingParser).parse_known_args(argv)
+        if rest:
+            return f"unrecognized arguments: {' '.join(rest)}"
+        quant_config_from_args(args)
+    except _UsageError as exc:
+        return str(exc)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def cmd_sweep(a: argparse.Namespace) -> None:
+    from kvquant.sweep.cli import main as sweep_main
+    from kvquant.sweep.grid import GridError
+
+    try:
+        code = sweep_main(a, check_command=check_command, check_argv=check_argv)
+    except GridError as exc:
+        print(f"kvquant sweep: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("kvquant sweep: interrupted; run the same command again to resume", file=sys.stderr)
+        raise SystemExit(130) from None
+    raise SystemExit(code)
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="path, .gguf, alias (smollm2-135m, stories260k) or hub id")
     p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: model's / float32 on CPU)")
@@ -150,8 +216,9 @@ def _progress_arg(p: argparse.ArgumentParser) -> None:
                    help="no progress bars (for logs and scripted runs)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvquant", description=__doc__.split("\n")[0])
+def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``kvquant`` parser (``parser_class`` for it and every subcommand's parser)."""
+    p = parser_class(prog="kvquant", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="calibrate, generate with a quantized cache, print perplexity")
@@ -212,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report file, or a folder (existing, or ending in /) for FOLDER/report.md "
                         "(default: RESULTS_DIR/report.md)")
     r.set_defaults(func=cmd_report)
+
+    from kvquant.sweep.cli import add_parser as add_sweep_parser
+
+    add_sweep_parser(sub).set_defaults(func=cmd_sweep)
     return p
 
 

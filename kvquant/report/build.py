@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import socket
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,9 @@ from typing import Any
 
 from kvquant.models.random import RANDOM_WEIGHTS_NOTE
 from kvquant.report import plots, tables
+from kvquant.report.across import across_groups
 from kvquant.report.load import Results, group_generate, group_ppl, load_results
+from kvquant.report.longctx import heat_maps
 from kvquant.report.markdown import format_table
 from kvquant.report.pareto import energy_per_datatype, tradeoff_points
 
@@ -197,6 +200,76 @@ def _accuracy_sections(res: Results, figs: _Figures) -> list[str]:
     return out
 
 
+def _across_sections(res: Results, figs: _Figures) -> list[str]:
+    """One Pareto front over every configuration (calibration, quantization settings) of the same model, data
+    and windows: the grid of a sweep (only when there are several configurations)."""
+    groups = across_groups(group_ppl(res.ppl))
+    if not groups:
+        return []
+    out = ["## Accuracy vs cost across configurations", "",
+           "Every (datatype, configuration) of the perplexity files above that share model, data, context and "
+           "windows, as one point (ΔPPL against the fp16 of its own file; configurations named by their folder).",
+           ""]
+    for g in groups:
+        meta = g["meta"]
+        out += [f"### {meta.get('model')} (data `{meta.get('data')}`, ctx {meta.get('ctx')}, {meta.get('windows')} "
+                f"windows; {len(g['_files'])} configurations)", "",
+                "Configurations: " + "; ".join(f"{n} = `{f}`" for n, f in zip(g["_names"], g["_files"])) + ".", ""]
+        points, notes = tradeoff_points(g)
+        out += [tables.tradeoff_table(points), ""]
+        if notes:
+            out += ["Not placed: " + "; ".join(notes) + ".", ""]
+        best = [p.datatype for p in points if p.pareto_bits]
+        out += [f"**Pareto-optimal across configurations (bits/element vs ΔPPL):** {', '.join(best) or 'none'}.", "",
+                figs.add(plots.plot_pareto, f"pareto_across_{_slug(meta.get('model'), meta.get('ctx'))}.png", points,
+                         f"{meta.get('model')}: accuracy vs cost across configurations"), ""]
+    return out
+
+
+def _longctx_sections(res: Results, figs: _Figures) -> list[str]:
+    """Long-context tasks (``longctx*.jsonl``): a table and a heat map per (model, task), when present."""
+    if not res.longctx:
+        return []
+    maps, dropped = heat_maps(res.longctx)
+    out = ["## Long-context tasks", "",
+           "Mean score per cache and context (averaged over needle depths); the heat maps show every depth.", ""]
+    if dropped:
+        out += [f"_{dropped} row(s) without a context length or a score were left out._", ""]
+    for hm in maps:
+        out += [f"### {hm.model}: {hm.task}", "", tables.longctx_table(hm), "",
+                figs.add(plots.plot_longctx_heatmap, f"longctx_{_slug(hm.model, hm.task)}.png", hm,
+                         f"{hm.model}: {hm.task}"), ""]
+    return out
+
+
+def _sweep_sections(res: Results) -> list[str]:
+    """The jobs of a ``kvquant sweep`` whose results folder this is (failed and blocked ones included)."""
+    from kvquant.sweep.jobs import SweepDir
+    from kvquant.sweep.state import status_rows
+
+    sweep = SweepDir(res.root)
+    if not sweep.jobs_file.is_file():
+        return []
+    try:
+        grid, jobs = sweep.read_jobs()
+    except (OSError, ValueError, TypeError) as exc:
+        return ["## Sweep", "", f"_Sweep jobs unreadable ({type(exc).__name__}: {exc})._", ""]
+    rows = status_rows(sweep, jobs, reconcile=False)
+    me = [r for r in rows if r["status"] == "running" and r["pid"] == os.getpid() and r["host"] == socket.gethostname()]
+    rows = [r for r in rows if r not in me]  # the job writing this report is not unfinished work
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    out = ["## Sweep", "", f"Grid `{grid}`: {len(rows)} jobs, " + ", ".join(f"{v} {k}" for k, v in counts.items())
+           + (f" (and `{me[0]['id']}`, the job writing this report)" if me else "")
+           + f". `kvquant sweep status {res.root}` shows the same.", ""]
+    unfinished = [r for r in rows if r["status"] != "completed"]
+    if unfinished:
+        out += ["Jobs without results (their configurations are missing from the tables below):", "",
+                tables.sweep_table(unfinished), ""]
+    return out
+
+
 def _kernel_sections(res: Results) -> list[str]:
     out = ["## Kernels (`kvquant bench kernels`)", ""]
     if not res.kernels:
@@ -290,7 +363,8 @@ def build_report(results_dir: str | Path, out: str | Path | None = None) -> Path
     lines += [format_table(found, ["input", "files", "names"]) if found else "_No recognised result files._", ""]
     if res.skipped:
         lines += ["Unreadable files (ignored): " + "; ".join(res.skipped), ""]
-    for section in (_generation_sections(res, figs), _capacity_sections(res, figs), _accuracy_sections(res, figs),
+    for section in (_sweep_sections(res), _generation_sections(res, figs), _capacity_sections(res, figs),
+                    _accuracy_sections(res, figs), _across_sections(res, figs), _longctx_sections(res, figs),
                     _kernel_sections(res), _profile_sections(res), _backends_sections(res)):
         lines += section
     out_path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")

@@ -8,9 +8,13 @@
 * ``kvquant bench kernels``: a JSON list of rows with ``"kind"`` in decode / prefill / decode_append / device /
   sweep / tuning;
 * ``kvquant bench profile --kind decode``: JSON ``{"config": {"kind": "decode", ...}, "results": [...]}``;
-* ``python -m kvquant.bench.backends``: a JSON list of rows with ``"part"`` in e2e / e2e_breakdown / device.
+* ``python -m kvquant.bench.backends``: a JSON list of rows with ``"part"`` in e2e / e2e_breakdown / device;
+* long-context evaluations: ``longctx*.jsonl``, one JSON object per row (every row kept; see
+  :mod:`kvquant.report.longctx` for the fields the report reads).
 
-Unreadable or unrecognised files are listed in :attr:`Results.skipped`, never raised.
+Subfolders are searched too (a ``kvquant sweep`` results folder holds one folder per job); files inside hidden
+folders (``.sweep/``, a running job's ``.<name>.partial/``) are not results and are left out. Unreadable or
+unrecognised files are listed in :attr:`Results.skipped`, never raised.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class Results:
     kernels: list[dict[str, Any]] = field(default_factory=list)
     decode_profiles: list[dict[str, Any]] = field(default_factory=list)
     backends: list[dict[str, Any]] = field(default_factory=list)
+    longctx: list[dict[str, Any]] = field(default_factory=list)
     files: dict[str, list[str]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     superseded: int = 0
@@ -113,10 +118,17 @@ def load_results(root: str | Path) -> Results:
     generate: list[dict[str, Any]] = []
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         suffix = path.suffix.lower()
-        if suffix not in (".json", ".jsonl", ".csv") or path.name.startswith("."):
+        if suffix not in (".json", ".jsonl", ".csv") or any(part.startswith(".")
+                                                             for part in path.relative_to(root).parts):
             continue
         try:
-            if suffix == ".jsonl":
+            if suffix == ".jsonl" and path.name.startswith("longctx"):
+                recs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+                recs = [{**r, "_file": str(path.relative_to(root))} for r in recs if isinstance(r, dict)]
+                if recs:
+                    res.longctx += recs
+                    res._add_file("long-context", path)
+            elif suffix == ".jsonl":
                 recs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
                 recs = [r for r in recs if isinstance(r, dict) and r.get("kind") == "generate"]
                 if recs:
@@ -196,7 +208,8 @@ def _num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _agree(a: dict[str, Any], b: dict[str, Any]) -> bool:
+def rows_agree(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two perplexity rows agree: their PPL are within :data:`PPL_AGREE_RTOL` (or equal when not numbers)."""
     pa, pb = a.get("ppl"), b.get("ppl")
     if _num(pa) and _num(pb):
         return math.isclose(pa, pb, rel_tol=PPL_AGREE_RTOL)
@@ -239,7 +252,7 @@ def _merge_ppl(docs: list[dict[str, Any]]) -> dict[str, Any]:
             dt = str(r.get("datatype"))
             if dt == "fp16" and _num(r.get("ppl")) and f not in own_fp16:
                 own_fp16[f] = float(r["ppl"])
-            same = next((k for k in kept.get(dt, []) if _agree(k, r)), None)
+            same = next((k for k in kept.get(dt, []) if rows_agree(k, r)), None)
             if same is not None:
                 same["_from"].append(f)
             else:

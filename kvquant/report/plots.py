@@ -180,3 +180,42 @@ def plot_pareto(points: list[TradeoffPoint], path: Path, title: str) -> Path | N
         ax.legend(fontsize=8)
     fig.suptitle(title)
     return _save(plt, fig, path)
+
+
+def plot_longctx_heatmap(hm: Any, path: Path, title: str) -> Path | None:
+    """Mean score of a long-context task (:class:`~kvquant.report.longctx.HeatMap`): with needle depths, one
+    panel per datatype (depth × context); without, one panel (datatype × context). Darker is better."""
+    if not hm.contexts or not hm.datatypes:
+        return None
+    plt = _plt()
+    if hm.depths:
+        panels = [(dt, hm.depths, [[hm.cells.get((dt, d), {}).get(c) for c in hm.contexts] for d in hm.depths],
+                   "depth") for dt in hm.datatypes]
+    else:
+        panels = [("", hm.datatypes, [[hm.cells.get((dt, None), {}).get(c) for c in hm.contexts]
+                                      for dt in hm.datatypes], "datatype")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.0 + 0.7 * len(hm.contexts) * len(panels) + 1.5 * len(panels),
+                                                      1.2 + 0.45 * max(len(p[1]) for p in panels)), squeeze=False)
+    image = None
+    vmax = max(1.0, *(v for _, _, grid, _ in panels for row in grid for v in row if v is not None))
+    for k, (ax, (name, ylabels, grid, ylabel)) in enumerate(zip(axes[0], panels)):
+        values = [[float("nan") if v is None else v for v in row] for row in grid]
+        image = ax.imshow(values, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax)
+        ax.set_xticks(range(len(hm.contexts)), [str(c) for c in hm.contexts], rotation=45, fontsize=8)
+        ax.set_yticks(range(len(ylabels)), [str(y) for y in ylabels], fontsize=8)
+        ax.set_xlabel("context (tokens)")
+        if k == 0:
+            ax.set_ylabel(ylabel)
+        if name:
+            ax.set_title(name, fontsize=10)
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                if v is not None:
+                    ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=7,
+                            color="black" if v > 0.6 * vmax else "white")
+    if image is not None:
+        fig.colorbar(image, ax=list(axes[0]), shrink=0.8, label="score")
+    fig.suptitle(title, y=1.02)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -1,0 +1,80 @@
+"""One Pareto front across configurations: the ``kvquant eval ppl`` results of the same model, data and windows
+whose protocols differ otherwise (calibration, quantization settings: the configurations of a sweep), every
+(datatype, configuration) one point, its ΔPPL against the fp16 row of its own file."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import PurePosixPath
+from typing import Any
+
+from kvquant.report.load import datatype_key, rows_agree
+
+#: ``meta`` keys that must agree for ΔPPL to be comparable across files (same model, same scored tokens).
+COMPARABLE = ("model", "data", "ctx", "prefill", "chunk", "windows")
+
+
+def _key(meta: Any) -> str | None:
+    if not isinstance(meta, dict) or meta.get("model") is None:
+        return None
+    return json.dumps({k: meta.get(k) for k in COMPARABLE}, sort_keys=True, default=str)
+
+
+def _where(files: list[str]) -> list[str]:
+    """Short, distinct names for files: their folder's last part, else the folder, else the file."""
+    for pick in (lambda f: PurePosixPath(f).parent.name, lambda f: str(PurePosixPath(f).parent), str):
+        names = [pick(f) or f for f in files]
+        if len(set(names)) == len(names):
+            return names
+    return files
+
+
+def _same_point(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    ba, bb = a.get("bits_per_element"), b.get("bits_per_element")
+    same_bits = ba == bb or (isinstance(ba, (int, float)) and isinstance(bb, (int, float))
+                             and math.isclose(ba, bb, rel_tol=1e-9))
+    return same_bits and rows_agree(a, b)
+
+
+def across_groups(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Groups of perplexity documents (as :func:`~kvquant.report.load.group_ppl` returns them, one per protocol)
+    that share :data:`COMPARABLE` and hold at least two protocols. Each group is a document in the shape of a
+    ``kvquant eval ppl`` file whose rows carry ``_label`` (``"nuq3 · <configuration>"``) and ``_config`` (the
+    configurations' names), plus ``_files`` (one per configuration), ``_names`` (the configurations' names) and
+    ``meta`` (the comparable keys). Rows of the same datatype that agree (PPL within
+    :data:`~kvquant.report.load.PPL_AGREE_RTOL`, same bits/element) in several configurations are one point,
+    labelled by the datatype alone when every configuration agrees (fp16, typically)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for doc in docs:
+        key = _key(doc.get("meta"))
+        if key is not None:
+            groups.setdefault(key, []).append(doc)
+    out = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        files = [str(d.get("_file") or (d.get("_files") or ["?"])[0]).split(" + ")[0] for d in members]
+        names = _where(files)
+        kept: dict[str, list[dict[str, Any]]] = {}
+        for name, doc in zip(names, members):
+            for r in doc.get("results", []):
+                dt = str(r.get("datatype"))
+                if dt == "plain":
+                    continue
+                same = next((k for k in kept.get(dt, []) if _same_point(k, r)), None)
+                if same is not None:
+                    same["_configs"].append(name)
+                else:
+                    kept.setdefault(dt, []).append({**r, "_configs": [name]})
+        rows = []
+        for dt, versions in kept.items():
+            for r in versions:
+                everywhere = len(r["_configs"]) == len(names)
+                r["_config"] = ", ".join(r["_configs"])
+                r["_label"] = dt if everywhere else f"{dt} · {r['_config']}"
+                rows.append(r)
+        rows.sort(key=lambda r: (datatype_key(r.get("datatype")), str(r.get("_config"))))
+        meta = {k: members[0].get("meta", {}).get(k) for k in COMPARABLE}
+        out.append({"meta": meta, "results": rows, "_files": files, "_names": names})
+    return out

@@ -1,0 +1,109 @@
+"""``kvquant report`` on a folder of folders (a sweep's results): subfolders are read, hidden ones are not, the
+configurations share one Pareto front, long-context rows become tables and heat maps, the sweep's unfinished jobs
+are listed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kvquant.report import build_report, load_results
+from kvquant.report.across import across_groups
+from kvquant.report.load import group_ppl
+from kvquant.report.longctx import heat_maps
+
+pytest.importorskip("matplotlib")
+
+
+def _ppl(path: Path, calibration: str, rows: dict[str, tuple[float, float]], ctx: int = 128) -> None:
+    fp16 = rows["fp16"][0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "meta": {"model": "tiny", "data": "d", "calibration": calibration, "ctx": ctx, "prefill": ctx // 2,
+                 "chunk": 16, "windows": 2, "config": {"datatype": "fp16", "outlier_fraction": 0.01}},
+        "results": [{"datatype": dt, "ppl": p, "bits_per_element": b, "tokens": 100,
+                     "delta_ppl": None if dt == "fp16" else p - fp16} for dt, (p, b) in rows.items()]}))
+
+
+def _gen(path: Path, batch: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rec = {"kind": "generate", "model": "m", "device": "cpu", "datatype": "nuq3", "batch": batch, "prompt_len": 64,
+           "gen_tokens": 4, "status": "ok", "timestamp": "2026-01-01T00:00:00"}
+    path.write_text(json.dumps(rec) + "\n")
+
+
+def test_subfolders_are_read_and_hidden_folders_are_not(tmp_path: Path) -> None:
+    rows = {"fp16": (10.0, 16.0), "nuq3": (10.5, 3.5)}
+    _ppl(tmp_path / "ppl/cal=a/ppl.json", "a.safetensors", rows)
+    _ppl(tmp_path / "ppl/cal=b/ppl.json", "b.safetensors", rows)
+    _ppl(tmp_path / "ppl/.cal=c.partial/ppl.json", "c.safetensors", rows)  # a job still running (or killed)
+    _ppl(tmp_path / ".sweep/state/ppl.json", "d.safetensors", rows)
+    _gen(tmp_path / "generate/batch=1/generate.jsonl", 1)
+    _gen(tmp_path / "generate/batch=8/generate.jsonl", 8)
+    res = load_results(tmp_path)
+    assert sorted(res.files["ppl"]) == ["ppl/cal=a/ppl.json", "ppl/cal=b/ppl.json"]
+    assert sorted(r["batch"] for r in res.generate) == [1, 8] and len(res.files["generate"]) == 2
+
+
+def test_one_pareto_front_across_configurations(tmp_path: Path) -> None:
+    # int3 does not depend on the codebooks: the same in both configurations, one point
+    _ppl(tmp_path / "ppl/sens=none/ppl.json", "none.safetensors",
+         {"fp16": (10.0, 16.0), "nuq3": (10.4, 3.5), "int3": (10.6, 3.5), "nuq2": (11.5, 2.5)})
+    _ppl(tmp_path / "ppl/sens=fisher/ppl.json", "fisher.safetensors",
+         {"fp16": (10.0, 16.0), "nuq3": (10.2, 3.5), "int3": (10.6, 3.5), "nuq2": (12.5, 2.5)})
+    _ppl(tmp_path / "ppl/ctx=256/ppl.json", "none.safetensors", {"fp16": (9.0, 16.0), "nuq3": (9.1, 3.5)}, ctx=256)
+    (group,) = across_groups(group_ppl(load_results(tmp_path).ppl))  # ctx 256 is comparable with nothing
+    labels = [r["_label"] for r in group["results"]]
+    assert labels == ["fp16", "nuq3 · sens=fisher", "nuq3 · sens=none", "nuq2 · sens=fisher", "nuq2 · sens=none",
+                      "int3"]
+    text = build_report(tmp_path).read_text()
+    section = text[text.index("## Accuracy vs cost across configurations"):]
+    assert "**Pareto-optimal across configurations (bits/element vs ΔPPL):** fp16, nuq3 · sens=fisher, " \
+           "nuq2 · sens=none." in section
+    assert "| int3 | 3.50 |" in section and "| nuq3 · sens=none | 3.50 |" in section
+    assert (tmp_path / "figures/pareto_across_tiny_128.png").is_file()
+    # a single configuration has no cross-configuration section
+    for p in ("ppl/sens=fisher/ppl.json", "ppl/ctx=256/ppl.json"):
+        (tmp_path / p).unlink()
+    assert "across configurations" not in build_report(tmp_path).read_text()
+
+
+def test_long_context_rows_become_tables_and_heat_maps(tmp_path: Path) -> None:
+    # the records of `kvquant eval longctx` (accuracy in percent, the cache by name, the length in tokens)
+    rows = [{"kind": "longctx", "model": "m", "task": "passkey", "cache": c, "length": n, "depth": d, "n": 2,
+             "accuracy": 50.0 if (c == "nuq2" and n == 8192 and d == 50) else 100.0}
+            for c in ("fp16", "nuq2") for n in (4096, 8192) for d in (0, 50)]
+    rows.append({"kind": "longctx", "model": "m", "task": "passkey", "cache": "nuq2", "depth": 0, "accuracy": 1})
+    rows.append({"kind": "other", "model": "m", "length": 4096, "accuracy": 0})  # not a long-context record
+    (tmp_path / "longctx.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    # other writers' names: datatype, context, score (booleans)
+    (tmp_path / "longctx_needle.jsonl").write_text(json.dumps(
+        {"model": "m", "task": "needle", "datatype": "nuq3", "context": 2048, "correct": True}) + "\n")
+    maps, dropped = heat_maps(load_results(tmp_path).longctx)
+    hm = next(h for h in maps if h.task == "passkey")
+    assert dropped == 1 and hm.contexts == [4096, 8192] and hm.depths == [0, 50]
+    assert hm.mean_over_depths("nuq2", 8192) == 75.0 and hm.mean_over_depths("fp16", 8192) == 100.0
+    assert next(h for h in maps if h.task == "needle").cells == {("nuq3", None): {2048: 1.0}}
+    text = build_report(tmp_path).read_text()
+    assert "## Long-context tasks" in text and "### m: passkey" in text and "### m: needle" in text
+    assert "| nuq2 | 100 | 75 |" in text and "1 row(s) without a context length or a score" in text
+    png = tmp_path / "figures/longctx_m_passkey.png"
+    assert png.read_bytes()[:4] == b"\x89PNG" and "](figures/longctx_m_passkey.png)" in text
+
+
+def test_a_sweeps_unfinished_jobs_are_listed(tmp_path: Path) -> None:
+    from kvquant.sweep import Job, JobState, SweepDir
+    from kvquant.sweep.state import write_state
+
+    sweep = SweepDir(tmp_path)
+    jobs = [Job("ppl/ctx=64", "ppl", ["eval", "ppl"], [], {"out": "ppl.json"}),
+            Job("ppl/ctx=128", "ppl", ["eval", "ppl"], [], {"out": "ppl.json"})]
+    sweep.write_jobs("g", jobs)
+    _ppl(tmp_path / "ppl/ctx=64/ppl.json", "c", {"fp16": (10.0, 16.0), "nuq3": (10.5, 3.5)}, ctx=64)
+    write_state(sweep, JobState(jobs[0].id, attempts=1, argv=jobs[0].argv(sweep.job_dir(jobs[0]))).finish("completed"))
+    write_state(sweep, JobState(jobs[1].id, attempts=1).finish("failed", failure="oom", reason="out of memory: x"))
+    text = build_report(tmp_path).read_text()
+    assert "Grid `g`: 2 jobs, 1 completed, 1 failed." in text
+    assert "| `ppl/ctx=128` | failed | 1 | out of memory: x |" in text and "`ppl/ctx=64` |" not in text
