@@ -17,7 +17,9 @@ For every (datatype, batch, prompt length) configuration, in that order:
 * ``e2e_tokens_per_s = B * gen / (prefill_s + decode_s)`` (all new tokens over the whole request).
 
 Caches: ``fp16`` is transformers' ``DynamicCache`` in the model dtype (the real baseline); every other
-datatype is a :class:`~kvquant.cache.hf_cache.KVQuantCache` with its default backend. KV bytes: the
+datatype is a :class:`~kvquant.cache.hf_cache.KVQuantCache` with its default backend. With ``--graph`` every
+decode step is replayed from a CUDA graph (:func:`kvquant.bench.runs.run_generation_graph`): ``fp16`` is then
+transformers' ``StaticCache`` (what a speed-minded user runs), the quantized caches run in static mode. KV bytes: the
 cache's ``memory_report()`` (bytes held) for kvquant, the K/V tensors' bytes for ``DynamicCache``; both
 after the last decode step. Peak memory: ``torch.cuda.max_memory_allocated`` (weights included), reset
 before each timed run; ``None`` on CPU. Energy: one :class:`~kvquant.energy.DetailedEnergyProfiler`
@@ -53,7 +55,13 @@ from kvquant.bench.cuda import free_memory, gpu_name, is_cuda, is_oom
 from kvquant.bench.energy_regions import ENERGY_FIELDS, EnergyRegions
 from kvquant.bench.model import BenchModel, load_bench_model
 from kvquant.bench.results import ResultWriter
-from kvquant.bench.runs import cache_memory, make_cache, make_prompts, run_generation
+from kvquant.bench.runs import (
+    cache_memory,
+    make_cache,
+    make_prompts,
+    run_generation,
+    run_generation_graph,
+)
 from kvquant.config import QuantConfig
 from kvquant.files import write_json_atomic
 from kvquant.flags import (
@@ -105,6 +113,7 @@ class GenerateSettings:
     seed: int = 0
     skip_after_oom: bool = True
     progress: bool = True
+    graph: bool = False  # decode steps replayed from a CUDA graph (fp16: StaticCache)
 
     def __post_init__(self) -> None:
         if self.gen < 1:
@@ -124,20 +133,22 @@ def measure_config(bm: BenchModel, settings: GenerateSettings, datatype: str, ba
     Raises whatever the run raises (``torch.cuda.OutOfMemoryError`` included): the caller records it.
     """
     dev = bm.device
+    run = run_generation_graph if settings.graph else run_generation
+    static_len = prompt_len + settings.gen if settings.graph else None
     for i in range(settings.warmup):  # full untimed rehearsals of this exact configuration
         w_prompt, _ = make_prompts(bm, batch, prompt_len, None, settings.seed + 1000 + i)
-        run_generation(bm.model, w_prompt, make_cache(bm, datatype, settings.quant, calibration,
-                                                      reserve_tokens=settings.gen), settings.gen, dev)
+        run(bm.model, w_prompt, make_cache(bm, datatype, settings.quant, calibration, reserve_tokens=settings.gen,
+                                           static_len=static_len), settings.gen, dev)
         del w_prompt
     gc.collect()  # no empty_cache here: the timed run reuses the rehearsal's allocator blocks (steady state)
     prompt, source = make_prompts(bm, batch, prompt_len, settings.data, settings.seed)
-    cache = make_cache(bm, datatype, settings.quant, calibration, reserve_tokens=settings.gen)
+    cache = make_cache(bm, datatype, settings.quant, calibration, reserve_tokens=settings.gen, static_len=static_len)
     if is_cuda(dev):
         torch.cuda.reset_peak_memory_stats(dev)
     store: dict[str, Any] = {}
     tag = f"{datatype}_b{batch}_s{prompt_len}"
     with energy.regions(tag, store) as region:
-        res = run_generation(bm.model, prompt, cache, settings.gen, dev, region)
+        res = run(bm.model, prompt, cache, settings.gen, dev, region)
     peak = torch.cuda.max_memory_allocated(dev) if is_cuda(dev) else None
     B, gen = batch, settings.gen
     generated = B * gen
@@ -146,8 +157,9 @@ def measure_config(bm: BenchModel, settings: GenerateSettings, datatype: str, ba
     rec: dict[str, Any] = {
         "prompt_source": source,
         "cache_class": type(cache).__name__,
-        "cache_backend": str(getattr(cache, "backend", None) or getattr(cache.config, "backend", None) or "default")
-        if datatype != "fp16" else "transformers DynamicCache",
+        "cache_backend": (str(getattr(cache, "backend", None) or getattr(cache.config, "backend", None) or "default")
+                          if datatype != "fp16" else f"transformers {type(cache).__name__}")
+        + (" + CUDA graph" if settings.graph else ""),
         "prefill_s": prefill_s, "decode_s": decode_s if steps else None, "total_s": prefill_s + decode_s,
         "decode_steps": steps, "decode_ms_per_step": 1e3 * decode_s / steps if steps else None,
         "prefill_tokens_per_s": B * prompt_len / prefill_s if prefill_s > 0 else None,
@@ -310,6 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-skip-after-oom", action="store_true",
                    help="also run configurations larger than one that ran out of memory")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--graph", action="store_true",
+                   help="replay every decode step from a CUDA graph (no host launch cost): quantized caches in "
+                        "static mode (triton backend), fp16 in transformers' StaticCache, the speed-minded baseline; "
+                        "needs CUDA")
     p.add_argument("--find-capacity", action="store_true",
                    help="instead of the throughput sweep, find the largest batch x context that fits "
                         "(same as kvquant bench capacity; --prompt-len gives the contexts)")
@@ -329,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         p.error(str(exc))
     device = resolve_device(a.device)
+    if a.graph and not is_cuda(device):
+        p.error("--graph needs a CUDA device (CUDA graphs)")
     if a.find_capacity:
         try:
             cs = CapacitySettings(datatypes=datatypes, contexts=lens, quant=quant, budget_gb=a.memory_budget_gb,
@@ -343,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
                                     warmup=a.warmup, calibration=a.calibration, quant=quant, data=a.data,
                                     energy=a.energy, gpu_id=a.gpu_id, country=a.country,
                                     grid_intensity=a.grid_intensity, grid_region=a.grid_region, seed=a.seed,
-                                    skip_after_oom=not a.no_skip_after_oom, progress=not a.no_progress)
+                                    skip_after_oom=not a.no_skip_after_oom, progress=not a.no_progress,
+                                    graph=a.graph)
     except ValueError as exc:
         p.error(str(exc))
     print(f"loading model {a.model or '(default)'} on {device} ...", file=sys.stderr)

@@ -61,13 +61,18 @@ def make_prompts(bm: BenchModel, batch: int, length: int, data: str | None, seed
 
 
 def make_cache(bm: BenchModel, datatype: str, quant: QuantConfig, calibration: Any | None,
-               reserve_tokens: int = 0) -> Any:
-    """``DynamicCache`` for ``fp16``, else a :class:`KVQuantCache` of ``datatype`` that allocates the pages of
-    ``reserve_tokens`` generated tokens right after the prefill (exactly, as a server with a known budget)."""
+               reserve_tokens: int = 0, static_len: int | None = None) -> Any:
+    """``DynamicCache`` for ``fp16`` (``StaticCache`` of ``static_len`` tokens when given: the cache a CUDA-graph
+    decode needs), else a :class:`KVQuantCache` of ``datatype`` that allocates the pages of ``reserve_tokens``
+    generated tokens right after the prefill (exactly, as a server with a known budget)."""
     if datatype == "fp16":
-        from transformers import DynamicCache
+        from transformers import DynamicCache, StaticCache
 
-        return DynamicCache()
+        if static_len is None:
+            return DynamicCache()
+        cache = StaticCache(config=bm.model.config, max_cache_len=static_len)
+        cache.kvquant_max_len = static_len
+        return cache
     from kvquant.cache.hf_cache import KVQuantCache
 
     return KVQuantCache(bm.model, replace(quant, datatype=datatype), calibration=calibration,
@@ -129,6 +134,17 @@ def greedy_steps(model: torch.nn.Module, nxt: torch.Tensor, cache: Any, steps: i
         logits = forward_logits(model, nxt, cache)
         nxt = logits.argmax(-1, keepdim=True)
     return nxt, logits
+
+
+def run_generation_graph(model: torch.nn.Module, prompt: torch.Tensor, cache: Any, gen: int, device: torch.device,
+                         region: Any = None) -> dict[str, Any]:
+    """:func:`run_generation` with every decode step replayed from a CUDA graph
+    (:func:`kvquant.cache.graphs.generate`: a ``KVQuantCache`` in static mode or a ``StaticCache``); the same
+    fields. Two eager steps before the capture compile and allocate; the rate is that of the replayed steps."""
+    from kvquant.cache.graphs import generate
+
+    res = generate(model, prompt, None, cache, gen, graph=True, region=region)
+    return {"prefill_s": res.prefill_s, "decode_s": res.decode_s, "decode_steps": gen - 1, "logits": res.logits}
 
 
 @torch.no_grad()

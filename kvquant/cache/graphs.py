@@ -18,8 +18,11 @@ Sampling is greedy (argmax on the device); stopping criteria are not checked (be
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -35,6 +38,7 @@ class GenerateResult:
         tokens: ``[B, max_new_tokens]`` the new tokens (the first from the prefill's logits).
         prefill_s: the prefill forward (synchronized). decode_s: the ``max_new_tokens - 1`` decode steps.
         capture_s: recording the graph (0 when eager); warmup_steps: decode steps run eagerly before it.
+        logits: ``[B, vocab]`` float32 logits of the last step (the prefill's when ``max_new_tokens == 1``).
     """
 
     tokens: torch.Tensor
@@ -43,6 +47,7 @@ class GenerateResult:
     capture_s: float
     warmup_steps: int
     mode: str
+    logits: torch.Tensor | None = None
 
 
 def _static_mask_len(cache) -> int | None:
@@ -69,6 +74,7 @@ def generate(
     graph: bool = True,
     warmup_steps: int = 2,
     static: bool | None = None,
+    region: Callable[[str, int], Any] | None = None,
 ) -> GenerateResult:
     """Greedy generation of ``max_new_tokens`` per sequence.
 
@@ -81,6 +87,8 @@ def generate(
         warmup_steps: eager decode steps before the capture (lazy allocations, kernel compilation).
         static: run a ``KVQuantCache``'s steps in static mode (default: when ``graph``); ``graph=False,
             static=True`` runs exactly the captured step's code eagerly (tests without CUDA).
+        region: optional ``region(name, tokens)`` context-manager factory (energy regions) around the prefill
+            (``"prefill"``) and the timed decode steps (``"decode"``).
 
     Returns:
         :class:`GenerateResult`.
@@ -99,20 +107,23 @@ def generate(
         raise ValueError(f"StaticCache holds {static_len} tokens, fewer than {S} + {max_new_tokens}")
     mask = torch.ones(B, S, dtype=torch.long, device=dev) if attention_mask is None else attention_mask.long()
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    region = region or (lambda name, tokens: contextlib.nullcontext())
 
-    torch.cuda.synchronize(dev) if dev.type == "cuda" else None
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                    cache_position=torch.arange(S, device=dev), use_cache=True, logits_to_keep=1,
-                    **cache_kwargs(model, cache))
-    tokens = torch.empty(B, max_new_tokens, dtype=torch.long, device=dev)
-    tokens[:, 0] = out.logits[:, -1].argmax(-1)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    prefill_s = time.perf_counter() - t0
+    with region("prefill", B * S):
+        torch.cuda.synchronize(dev) if dev.type == "cuda" else None
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                        cache_position=torch.arange(S, device=dev), use_cache=True, logits_to_keep=1,
+                        **cache_kwargs(model, cache))
+        tokens = torch.empty(B, max_new_tokens, dtype=torch.long, device=dev)
+        last = out.logits[:, -1].float()
+        tokens[:, 0] = last.argmax(-1)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        prefill_s = time.perf_counter() - t0
     if max_new_tokens == 1:
-        return GenerateResult(tokens, prefill_s, 0.0, 0.0, 0, "graph" if graph else "eager")
+        return GenerateResult(tokens, prefill_s, 0.0, 0.0, 0, "graph" if graph else "eager", last)
 
     # the next step's inputs, in place (the graph reads these tensors)
     ids = tokens[:, :1].clone()
@@ -139,7 +150,8 @@ def generate(
             step_mask = torch.cat(dyn_mask, 1)
         logits = model(input_ids=ids, attention_mask=step_mask, position_ids=pos, cache_position=cache_pos,
                        use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache)).logits
-        nxt = logits[:, -1].argmax(-1)
+        last.copy_(logits[:, -1])
+        nxt = last.argmax(-1)
         tokens.scatter_(1, step.expand(B)[:, None], nxt[:, None])
         ids.copy_(nxt[:, None])
         pos.add_(1)
@@ -147,16 +159,19 @@ def generate(
         step.add_(1)
 
     n_steps = max_new_tokens - 1
+    timed_region = contextlib.ExitStack()  # the energy region around the timed steps
     warm = min(warmup_steps, n_steps) if graph else 0
     capture_s = 0.0
     try:
         with torch.no_grad():
             for _ in range(warm):
                 decode_step()
+            remaining = n_steps - warm
+            if not graph:
+                timed_region.enter_context(region("decode", B * remaining))
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             t1 = time.perf_counter()
-            remaining = n_steps - warm
             if graph and remaining:
                 g = torch.cuda.CUDAGraph()
                 side = torch.cuda.Stream(dev)
@@ -168,6 +183,7 @@ def generate(
                         decode_step()
                     capture_s = time.perf_counter() - tc
                 torch.cuda.current_stream(dev).wait_stream(side)
+                timed_region.enter_context(region("decode", B * remaining))
                 torch.cuda.synchronize(dev)
                 t1 = time.perf_counter()
                 for _ in range(remaining):
@@ -178,10 +194,12 @@ def generate(
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             decode_s = time.perf_counter() - t1
+            timed_region.close()
     finally:
+        timed_region.close()
         if quantized and static:
             cache.end_static()
     # rate over the timed steps only (the warm-up steps ran before the clock started)
     timed = n_steps - warm
     decode_s = decode_s * n_steps / timed if timed else 0.0
-    return GenerateResult(tokens, prefill_s, decode_s, capture_s, warm, "graph" if graph else "eager")
+    return GenerateResult(tokens, prefill_s, decode_s, capture_s, warm, "graph" if graph else "eager", last)

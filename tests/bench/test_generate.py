@@ -38,14 +38,27 @@ def bench_run(tiny: BenchModel, tmp_path_factory: pytest.TempPathFactory) -> tup
 
 
 def test_bad_cli_input_is_a_clear_error(capsys: pytest.CaptureFixture) -> None:
-    for argv in (["--datatypes", "fp8"], ["--prompt-len", "4K..1K"], ["--gen", "0"]):
+    for argv in (["--datatypes", "fp8"], ["--prompt-len", "4K..1K"], ["--gen", "0"], ["--graph"]):
         with pytest.raises(SystemExit) as e:
             gen.main(["--model", "random:tiny", "--device", "cpu", *argv])
         assert e.value.code == 2
     err = capsys.readouterr().err
     assert "unknown datatype 'fp8'" in err and "smaller than start" in err and "--gen must be >= 1" in err
+    assert "--graph needs a CUDA device" in err
     with pytest.raises(ValueError, match="unknown random model preset"):
         load_bench_model("random:13x", None, "cpu")
+
+
+def test_graph_mode_gives_fp16_a_static_cache(tiny: BenchModel) -> None:
+    """``--graph``: fp16 runs in transformers' StaticCache (graph-safe), sized for the prompt and the new tokens."""
+    from transformers import DynamicCache, StaticCache
+
+    from kvquant.bench.runs import make_cache
+    from kvquant.config import QuantConfig
+
+    cache = make_cache(tiny, "fp16", QuantConfig(), None, static_len=70)
+    assert isinstance(cache, StaticCache) and cache.kvquant_max_len == 70
+    assert isinstance(make_cache(tiny, "fp16", QuantConfig(), None), DynamicCache)
 
 
 def test_records_have_every_field(bench_run: tuple[Path, list[dict]]) -> None:
