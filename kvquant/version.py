@@ -1,3 +1,3 @@
 """kvquant's version (recorded in calibration files and reports)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -15,11 +15,12 @@
 #   env       GPU, driver and package versions
 #   verify    the kernel and cache tests on the GPU (tests/kernels tests/sparse tests/cache/test_kernel_attention.py)
 #   backends  greedy generate with the torch vs triton cache backends (same tokens? decode tokens/s)
-#   decode    bench kernels: the decode-attention table
-#   prefill   bench kernels: prefill quantization and decode append, with the launch sweep
+#   decode    bench kernels: the decode-attention table (graph-replayed device time, eager beside it)
+#   prefill   bench kernels: prefill quantization and decode append (eager and static)
 #   pprof     bench profile: where a whole prefill append spends its time (MHA and GQA, keys and values, 32K)
 #   dprof     bench profile --kind decode: host vs GPU time of decode steps, fp16 vs nuq3
 #   gen7b     bench generate on the random-weight Llama-2-7B shape (memory, throughput, energy)
+#   gen7bg    the same with every decode step replayed from a CUDA graph (fp16 in StaticCache)
 #   qgen      bench generate on a real model (Qwen2.5-Coder-1.5B by default, Wikitext-2 prompts)
 #   cap       bench capacity on the random-weight 7B shape (run it on an otherwise idle GPU)
 #   qcal      kvquant calibrate on the real model (fisher, 8 x 2048 tokens), into $RES_ROOT/qcal
@@ -50,10 +51,13 @@ run() {
       timeout "${TO:-540}" python3 -m kvquant.bench.backends --dtypes float32,float16 --new-tokens 64 \
         --out "$RES/backends.json" ;;
     decode)
-      timeout "${TO:-540}" python3 -m kvquant.bench.kernels --skip-prefill --contexts 4096 32768 --batches 1 8 \
-        --hf-baselines '' --out "$RES/kernels_decode.json" ;;
+      for f in 0.01 0; do
+        timeout "${TO:-540}" python3 -m kvquant.bench.kernels --skip-prefill --rope --residual-length 0 \
+          --outlier-fraction $f --contexts 4096 32768 --batches 1 8 --hf-baselines '' --no-dequant \
+          --out "$RES/kernels_decode_f$f.json"
+      done ;;
     prefill)
-      timeout "${TO:-540}" python3 -m kvquant.bench.kernels --skip-decode --prefill-sweep --out "$RES/kernels_prefill.json" ;;
+      timeout "${TO:-540}" python3 -m kvquant.bench.kernels --skip-decode --out "$RES/kernels_prefill.json" ;;
     pprof)
       for h in 32 8; do for k in keys values; do
         timeout "${TO:-120}" $KV bench profile --kind $k --heads $h --tokens "${PL:-32K}" --out "$RES/profile_${k}_h$h.json"
@@ -66,6 +70,9 @@ run() {
     gen7b)
       timeout "${TO:-540}" $KV bench generate --model "$MODEL" --datatypes "${DT:-fp16,nuq4,nuq3,nuq2}" \
         --batch "${BATCH:-1,8}" --prompt-len "${PL:-1K,4K,16K,32K}" --gen 64 --warmup 1 --no-progress --out "$RES" ;;
+    gen7bg)
+      timeout "${TO:-540}" $KV bench generate --model "$MODEL" --datatypes "${DT:-fp16,nuq4,nuq3,nuq2}" \
+        --batch "${BATCH:-1,8}" --prompt-len "${PL:-4K,16K}" --gen 64 --warmup 1 --graph --no-progress --out "$RES" ;;
     qgen)
       timeout "${TO:-540}" $KV bench generate --model "$QWEN" --datatypes "${DT:-fp16,nuq4,nuq3,nuq2}" \
         --batch "${BATCH:-1,8}" --prompt-len "${PL:-1K,8K}" --gen 64 --warmup 1 --no-progress --out "$RES" ;;
