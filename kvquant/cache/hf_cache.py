@@ -101,6 +101,8 @@ class KVQuantCache(Cache):
         self._rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None
         self.ops: TorchOps | TritonOps = self._resolve_ops(self.config.backend, model)
         self.static = False  # begin_static: decode steps with no host work (what a CUDA graph captures)
+        # per forward: each layer's state before its first write, to undo a step that fails (see _end_step)
+        self._journal: dict[int, Any] | None = None
         install_step_hook(model)
         if self.ops.name == "triton":
             kernel_attention.install_kernel_attention(model)
@@ -186,6 +188,47 @@ class KVQuantCache(Cache):
 
     def _set_step(self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None) -> None:
         self._step = {"attention_mask": attention_mask, "position_ids": position_ids}
+
+    # -- atomic steps: a forward either lands in every layer or in none ---------------------------------
+    def _begin_step(self) -> None:
+        """Start of a forward: refuse layers out of step, open the journal (not in static mode)."""
+        lengths = {layer.cumulative_length for layer in self.layers if layer.qkeys is not None}
+        if len(lengths) > 1:
+            raise RuntimeError(f"the cache's layers hold different numbers of tokens ({sorted(lengths)}); "
+                               "reset the cache")
+        self._journal = None if self.static else {}
+
+    def _checkpoint(self, layer: KVQuantLayer, tokens: int) -> None:
+        """Remember ``layer``'s state before its first write of this forward."""
+        if self._journal is not None and layer.layer_idx not in self._journal:
+            self._journal[layer.layer_idx] = layer.checkpoint(tokens)
+
+    def _rollback(self, journal: dict[int, Any]) -> None:
+        for idx, ck in journal.items():
+            self.layers[idx].restore(ck)
+
+    def _end_step(self, completed: bool) -> None:
+        """End of a forward. If it raised, every layer it wrote goes back to its state before the forward. If it
+        completed, the tokens it appended without a check are checked for NaN/Inf now (one device read): a poisoned
+        step is undone and reported, so no later read meets it."""
+        journal, self._journal = self._journal, None
+        if not journal:
+            return
+        if not completed:
+            self._rollback(journal)
+            return
+        unchecked = [(idx, store) for idx in journal for store in (self.layers[idx].qkeys, self.layers[idx].qvalues)
+                     if store is not None and store._unchecked_appends and store._nonfinite is not None]
+        if not unchecked:
+            return
+        bad = torch.cat([store._nonfinite for _, store in unchecked]).isnan().tolist()
+        for _, store in unchecked:
+            store._unchecked_appends = 0
+        if any(bad):
+            self._rollback(journal)
+            where = sorted({f"layer {idx} {store.kind}s" for (idx, store), b in zip(unchecked, bad) if b})
+            raise ValueError(f"NaN or Inf in the new tokens ({', '.join(where)}): the step was undone, the cache "
+                             "holds what it held before it")
 
     def _step_inputs(self, batch: int, s: int, past: int, device: torch.device
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,22 +331,34 @@ def install_step_hook(model: torch.nn.Module) -> None:
     """Install (once) hooks on the decoder: a forward pre-hook that passes each step's 2-D attention mask and
     position ids to the :class:`KVQuantCache` given as ``cache`` / ``past_key_values`` and makes it the
     :data:`~kvquant.cache.kernel_attention.ACTIVE_CACHE` for the forward (``None`` for any other cache), and
-    a forward hook (``always_call``) that restores the previous value."""
+    a forward hook (``always_call``) that restores the previous value and ends the cache's step: a forward that
+    raised is undone in every layer it wrote (:meth:`KVQuantCache._end_step`)."""
     base = getattr(model, "model", model)
     if getattr(base, _HOOK_ATTR, None) is not None:
         return
+
+    steps: list[list] = []  # [cache or None, completed] per forward in progress
 
     def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         cache = cache_in(kwargs)
         if isinstance(cache, KVQuantCache):
             cache._set_step(kwargs.get("attention_mask"), kwargs.get("position_ids"))
+            cache._begin_step()
         else:
             cache = None
+        steps.append([cache, False])
         kernel_attention.enter(cache)
+
+    def done_hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        steps[-1][1] = True  # runs only when the forward returned
 
     def post_hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         kernel_attention.leave()
+        cache, completed = steps.pop() if steps else (None, True)
+        if cache is not None:
+            cache._end_step(completed)
 
     handles = (base.register_forward_pre_hook(pre_hook, with_kwargs=True),
+               base.register_forward_hook(done_hook, with_kwargs=True),
                base.register_forward_hook(post_hook, with_kwargs=True, always_call=True))
     setattr(base, _HOOK_ATTR, handles)

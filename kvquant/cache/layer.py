@@ -64,6 +64,7 @@ class KVQuantLayer(CacheLayerMixin):
             raise RuntimeError(f"layer {self.layer_idx}: the previous decode token was never attended (the model's "
                                "attention implementation is no longer the kvquant wrapper?)")
         B, _, s, _ = key_states.shape
+        self.owner._checkpoint(self, s)  # undone if this forward fails in any layer
         step_mask, positions = self.owner._step_inputs(B, s, self.cumulative_length, key_states.device)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -115,6 +116,21 @@ class KVQuantLayer(CacheLayerMixin):
         self.seen_mask = step_mask if self.seen_mask is None else torch.cat([self.seen_mask, step_mask], 1)
         self.cumulative_length += s
         return out_k, out_v
+
+    def checkpoint(self, tokens: int) -> tuple:
+        """This layer's state before an update of ``tokens`` tokens per sequence (see :meth:`restore`)."""
+        stores = None if self.qkeys is None else (self.qkeys.checkpoint(tokens), self.qvalues.checkpoint(tokens))
+        return (self.cumulative_length, self.seen_mask, self.pos_offset, self._pos_offset_i32, self.is_initialized,
+                self.qkeys, self.qvalues, stores)
+
+    def restore(self, ck: tuple) -> None:
+        """Back to a :meth:`checkpoint` of this layer (a forward that failed after writing here)."""
+        (self.cumulative_length, self.seen_mask, self.pos_offset, self._pos_offset_i32, self.is_initialized,
+         self.qkeys, self.qvalues, stores) = ck
+        if stores is not None:
+            self.qkeys.restore(stores[0])
+            self.qvalues.restore(stores[1])
+        self._pending = None
 
     def has_pending_decode(self, key: torch.Tensor) -> bool:
         """Whether ``key`` is the token ``update`` just held back for :meth:`kernel_decode`."""

@@ -44,6 +44,8 @@ def check_decode_inputs(q: torch.Tensor, key_cache: QuantizedKVCache, value_cach
     """Refuse, with the reason, a query and cache pair (and extra token) that decode attention cannot take."""
     if key_cache.kind != "key" or value_cache.kind != "value":
         raise ValueError("pass the key cache then the value cache")
+    key_cache.check_readable()  # NaN/Inf an append has not reported yet: an error, never attention over it
+    value_cache.check_readable()
     if q.ndim != 3:
         raise ValueError(f"q must be [B, Hq, D], got {tuple(q.shape)}")
     B, Hq, D = q.shape

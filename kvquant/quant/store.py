@@ -31,6 +31,7 @@ from kvquant.quant.accounting import memory_report, nbytes_allocated
 from kvquant.quant.backend import store_ops
 from kvquant.quant.codebook import Codebook
 from kvquant.quant.encode import values_per_side
+from kvquant.quant.journal import StoreCheckpoint, checkpoint, restore
 from kvquant.quant.open_pages import append_open_steady, write_open
 from kvquant.quant.packing import lut_words
 from kvquant.quant.paged import PageTable
@@ -239,7 +240,7 @@ class QuantizedKVCache:
             if n:
                 got = x.gather(2, src[:, None, :, None].expand(-1, self.num_heads, -1, self.head_dim))
                 self.sink = torch.where(fill[:, None, :, None], got, self.sink)
-            self.sink_len += take
+            self.sink_len = self.sink_len + take  # (rebound, never written in place: see kvquant.quant.journal)
 
         # 2. the rest passes through the residual window; what overflows it is quantized, oldest first.
         R = self.config.residual_length
@@ -264,7 +265,7 @@ class QuantizedKVCache:
             else:
                 tokens = pending[seq, :, pending_index(seq, j), :]  # [N, H, D]
             self._write(seq, self.q_len[seq] + j, tokens, evict)
-            self.q_len += evict
+            self.q_len = self.q_len + evict
         if R:
             i = evict[:, None] + torch.arange(R, device=self.device)[None, :]
             keep = i < pend_len[:, None]
@@ -293,6 +294,23 @@ class QuantizedKVCache:
             self._q_host = [int(v) for v in got[2:]]
             self._host_stale = False
         return self._steady
+
+    def check_readable(self) -> None:
+        """Raise if the store holds NaN/Inf that a sync-free append has not reported yet (one device read, only
+        when such appends happened since the last check): nothing computed from a poisoned store reaches a caller.
+        A static decode run is checked by ``end_static`` instead."""
+        if self._failed is not None:
+            raise ValueError(self._failed)
+        if self._unchecked_appends and self._nonfinite is not None and not self.static:
+            self._raise_if_nonfinite(bool(self._nonfinite.isnan()))
+
+    def checkpoint(self, tokens_per_seq: int) -> StoreCheckpoint:
+        """State to :meth:`restore` if the coming append must be undone (see :mod:`kvquant.quant.journal`)."""
+        return checkpoint(self, tokens_per_seq)
+
+    def restore(self, ck: StoreCheckpoint) -> None:
+        """Undo the appends made since ``ck`` was taken."""
+        restore(self, ck)
 
     def _raise_if_nonfinite(self, bad: bool) -> None:
         self._unchecked_appends = 0
@@ -333,7 +351,7 @@ class QuantizedKVCache:
             seq = torch.arange(B, device=self.device).repeat_interleave(n)
             pos = self.q_len[seq] + torch.arange(n, device=self.device).repeat(B)
             self._write(seq, pos, tokens, None, steady=True)
-        self.q_len += n
+        self.q_len = self.q_len + n
         self._q_host = [q + n for q in self._q_host]
 
     def _write(self, seq: torch.Tensor, pos: torch.Tensor, tokens: torch.Tensor, run_counts: torch.Tensor | None,
@@ -365,6 +383,7 @@ class QuantizedKVCache:
             ``x [B, H, L, D]`` in the input dtype (zeros past each sequence's end) and ``mask [B, L]`` bool, with
             ``L`` the longest sequence.
         """
+        self.check_readable()
         quant = dequantize_pages(self)
         qmax = quant.shape[2]
         full = torch.cat([self.sink, quant, self.residual], dim=2)
@@ -402,6 +421,7 @@ class QuantizedKVCache:
     # -- batch reordering (beam search) ---------------------------------------------------------------
     def select(self, index: torch.Tensor) -> QuantizedKVCache:
         """A new cache holding sequences ``index`` (repeats allowed, e.g. beam search)."""
+        self.check_readable()
         index = index.to(self.device, torch.int64)
         new = object.__new__(QuantizedKVCache)
         new.__dict__.update(self.__dict__)
@@ -435,6 +455,7 @@ class QuantizedKVCache:
     def memory_report(self) -> dict[str, float]:
         """Bytes held by component, with ``bits_per_element`` over the real tokens stored (see
         :func:`kvquant.quant.accounting.memory_report`)."""
+        self.check_readable()
         return memory_report(self)
 
     def nbytes(self) -> int:
