@@ -52,6 +52,6 @@ def test_calibrate_and_eval_ppl_cli_no_progress_hides_the_bars(shared_dir, tmp_p
         # the results record which calibration (its content, not only its path): reports merge runs by it
         meta = json.loads(out.read_text())["meta"]
         assert meta["calibration_sha256"] == hashlib.sha256(cal.read_bytes()).hexdigest()[:16]
-        for bar in ("calibration forward", "fitting codebooks", "ppl fp16"):
+        for bar in ("calibration forward", "fitting codebooks", "ppl exact (fp32)"):
             assert (f"{bar}:   0%" in err) == (not flag), (bar, flag, err)
-        assert re.search(r"ppl fp16: \d+\.\d{4}, ", err), err  # the per-datatype log line stays
+        assert re.search(r"ppl exact \(fp32\): \d+\.\d{4}, ", err), err  # the per-datatype log line stays
