@@ -57,6 +57,7 @@ from kvquant.bench.runs import cache_memory, make_cache, make_prompts, run_gener
 from kvquant.config import QuantConfig
 from kvquant.files import write_json_atomic
 from kvquant.flags import (
+    ArgumentParser,
     add_model_args,
     add_quant_config_args,
     parse_datatypes,
@@ -287,8 +288,8 @@ def results_table(records: list[dict[str, Any]]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvquant bench generate", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The parser of ``kvquant bench generate``."""
+    p = ArgumentParser(prog="kvquant bench generate", description=__doc__.split("\n")[0])
     add_model_args(p)
     p.add_argument("--datatypes", default="fp16,nuq4,nuq3,nuq2", help="comma list of fp16, nuq2-4, int2-4")
     add_quant_config_args(p)
@@ -309,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sub-national region for an extra whole-run CodeCarbon measurement (e.g. california)")
     p.add_argument("--no-skip-after-oom", action="store_true",
                    help="also run configurations larger than one that ran out of memory")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (one log line per configuration)")
     p.add_argument("--find-capacity", action="store_true",
                    help="instead of the throughput sweep, find the largest batch x context that fits "
                         "(same as kvquant bench capacity; --prompt-len gives the contexts)")
@@ -346,6 +347,12 @@ def main(argv: list[str] | None = None) -> int:
                                     skip_after_oom=not a.no_skip_after_oom, progress=not a.no_progress)
     except ValueError as exc:
         p.error(str(exc))
+    if a.calibration:  # a missing or invalid file fails here, not after the model is loaded
+        from kvquant.calibration import Calibration
+
+        if not Path(a.calibration).is_file():
+            raise FileNotFoundError(f"--calibration {a.calibration}: no such file")
+        Calibration.load(a.calibration)
     print(f"loading model {a.model or '(default)'} on {device} ...", file=sys.stderr)
     bm = load_bench_model(a.model, a.dtype, device, a.seed)
     print(f"model: {bm.name} ({bm.source}), {bm.weights_bytes / 2**30:.2f} GiB of weights, dtype "
