@@ -339,6 +339,14 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             p.error(str(exc))
         return run_capacity(a.model, a.dtype, device, cs, a.out)
+    if a.calibration:  # a missing or invalid file fails here, not after the model is loaded
+        from kvquant.calibration import Calibration
+        from kvquant.calibration.format import find_calibration
+
+        a.calibration = str(find_calibration(a.calibration))
+        if not Path(a.calibration).is_file():
+            raise FileNotFoundError(f"--calibration {a.calibration}: no such file")
+        Calibration.load(a.calibration)
     try:
         settings = GenerateSettings(datatypes=datatypes, batches=batches, prompt_lens=lens, gen=a.gen,
                                     warmup=a.warmup, calibration=a.calibration, quant=quant, data=a.data,
@@ -347,12 +355,6 @@ def main(argv: list[str] | None = None) -> int:
                                     skip_after_oom=not a.no_skip_after_oom, progress=not a.no_progress)
     except ValueError as exc:
         p.error(str(exc))
-    if a.calibration:  # a missing or invalid file fails here, not after the model is loaded
-        from kvquant.calibration import Calibration
-
-        if not Path(a.calibration).is_file():
-            raise FileNotFoundError(f"--calibration {a.calibration}: no such file")
-        Calibration.load(a.calibration)
     print(f"loading model {a.model or '(default)'} on {device} ...", file=sys.stderr)
     bm = load_bench_model(a.model, a.dtype, device, a.seed)
     print(f"model: {bm.name} ({bm.source}), {bm.weights_bytes / 2**30:.2f} GiB of weights, dtype "

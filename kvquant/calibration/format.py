@@ -17,7 +17,7 @@ from kvquant.quant.calibration_file import (
 )
 
 __all__ = ["FORMAT_VERSION", "SENSITIVITIES", "Calibration", "CalibrationError", "LayerCalibration",
-           "calibration_digest", "calibration_path", "save_calibration"]
+           "calibration_digest", "calibration_path", "find_calibration", "save_calibration"]
 
 SUFFIX = ".safetensors"
 
@@ -27,6 +27,13 @@ def calibration_path(path: str | Path) -> Path:
     ``path.safetensors`` (``--out cal`` writes ``cal.safetensors``)."""
     path = Path(path)
     return path if path.name.endswith(SUFFIX) else path.with_name(path.name + SUFFIX)
+
+
+def find_calibration(path: str | Path) -> Path:
+    """The calibration file a user means by ``path``: ``path`` itself when it is a file, else
+    :func:`calibration_path` of it (``--calibration cal`` finds the ``cal.safetensors`` that ``--out cal`` wrote)."""
+    path = Path(path)
+    return path if path.is_file() else calibration_path(path)
 
 
 def save_calibration(calibration: Calibration, path: str | Path) -> tuple[Path, Path]:

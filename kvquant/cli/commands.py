@@ -73,7 +73,7 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
 def cmd_eval_ppl(a: argparse.Namespace) -> None:
     import torch
 
-    from kvquant.calibration.format import calibration_digest
+    from kvquant.calibration.format import calibration_digest, find_calibration
     from kvquant.data import make_windows
     from kvquant.eval.baselines import baseline_available, parse_baseline
     from kvquant.eval.perplexity import evaluate_perplexity, format_table
@@ -86,6 +86,8 @@ def cmd_eval_ppl(a: argparse.Namespace) -> None:
         raise CLIError(f"--prefill must be in 1..{a.ctx - 2} (below --ctx {a.ctx} minus 1), got {a.prefill}")
     _check_dtype(a.dtype)
     check_writable(a.out)
+    if a.calibration is not None:
+        a.calibration = str(find_calibration(a.calibration))
     cal = read_calibration(a.calibration, cfg)
     text = read_text(a.data, ("test",))["test"]
     datatypes, skipped = [], {}

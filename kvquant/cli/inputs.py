@@ -35,13 +35,15 @@ def read_text(data: str, splits: tuple[str, ...]) -> dict[str, str]:
 
 
 def read_calibration(path: str | Path | None, config: QuantConfig) -> Calibration | None:
-    """Load and check a ``--calibration`` file against the quantization flags (exit code 3 when it is not there,
-    2 when it is not a valid calibration or was made for other settings)."""
+    """Load and check a ``--calibration`` file (``X`` or ``X.safetensors``) against the quantization flags (exit
+    code 3 when it is not there, 2 when it is not a valid calibration or was made for other settings)."""
     from kvquant.calibration import Calibration, CalibrationError
+    from kvquant.calibration.format import find_calibration
 
     if path is None:
         return None
-    if not Path(path).is_file():
+    path = find_calibration(path)
+    if not path.is_file():
         raise CLIError(f"--calibration {path}: no such file", ExitCode.MISSING)
     try:
         cal = Calibration.load(path)

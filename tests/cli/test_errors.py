@@ -179,3 +179,12 @@ def test_classify_and_one_line() -> None:
     msg = "could not find 'x'. Looked in:\n  - $KVQUANT_DATA (not set)\n  - shared/ (missing)\nFix: set it."
     assert one_line(msg) == "could not find 'x'. Looked in: $KVQUANT_DATA (not set); shared/ (missing); Fix: set it."
     assert json.dumps(one_line("a\n\n b")) == '"a b"'
+
+
+def test_calibration_named_without_suffix_is_found(no_model, capsys, text, tmp_path):
+    """`--calibration cal` reads the `cal.safetensors` that `calibrate --out cal` wrote (here: a garbage one, so the
+    command stops at reading it, before the model)."""
+    (tmp_path / "cal.safetensors").write_bytes(b"garbage")
+    code, err = run(["eval", "ppl", "--calibration", str(tmp_path / "cal"), "--data", str(text)], capsys)
+    assert code == ExitCode.USAGE
+    assert_one_line(err, "cal.safetensors", "not a readable safetensors file")
