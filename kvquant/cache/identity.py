@@ -41,11 +41,15 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     with torch.no_grad():
         for p in picks:
             flat = p.detach().reshape(-1)
-            idx = torch.linspace(0, flat.numel() - 1, per, device=flat.device).long()
-            signs.append((flat[idx] > 0).cpu())
+            signs.append((flat[sample_indices(flat.numel(), per).to(flat.device)] > 0).cpu())
     bits = torch.cat(signs)[:FINGERPRINT_BITS].tolist()
     value = sum(1 << i for i, b in enumerate(bits) if b)
     return f"{value:0{FINGERPRINT_BITS // 4}x}"
+
+
+def sample_indices(numel: int, count: int) -> torch.Tensor:
+    """``count`` places spread evenly over ``0 .. numel - 1`` (both ends included), in exact integer arithmetic."""
+    return torch.arange(count, dtype=torch.int64) * (numel - 1) // max(count - 1, 1)
 
 
 def fingerprint_agreement(a: str, b: str) -> float:

@@ -12,6 +12,7 @@ from kvquant.cache.identity import (
     check_calibration_model,
     fingerprint_agreement,
     model_fingerprint,
+    sample_indices,
     split_model_id,
 )
 from kvquant.calibration import Calibration, CalibrationError
@@ -62,3 +63,11 @@ def test_names_decide_only_without_fingerprints(calibrated) -> None:
     check_calibration_model(old, model, name="tiny-a")
     with pytest.raises(CalibrationError, match="'tiny-a' != 'tiny-b'"):
         check_calibration_model(old, model, name="tiny-b")
+
+
+def test_sample_places_stay_inside_large_tensors() -> None:
+    """Float spacing loses integers past 2**24: a 49152 x 576 embedding (SmolLM2) must still be sampled inside."""
+    for numel in (1, 7, 2**24 + 1, 49152 * 576, 128256 * 4096):
+        idx = sample_indices(numel, 32)
+        assert idx.dtype == torch.int64 and int(idx[0]) == 0 and int(idx[-1]) == numel - 1
+        assert bool((idx[1:] >= idx[:-1]).all())
