@@ -26,3 +26,23 @@ def parse_datatype(name: str) -> DataType:
     if key == "fp16":
         return DataType(key, "fp", 16)
     return DataType(key, key[:-1], int(key[-1]))
+
+
+#: The datatype name of the unquantized cache. It keeps K/V in the model's dtype (float32 on a CPU run), so results
+#: call it :func:`exact_label` rather than by this name, kept for compatibility.
+EXACT_DATATYPE = "fp16"
+
+_SHORT_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
+
+
+def exact_label(dtype: object) -> str:
+    """What results call the unquantized cache holding K/V in ``dtype`` (a ``torch.dtype`` or its name):
+    ``exact (fp32)``, ``exact (fp16)``, ``exact (bf16)``."""
+    name = str(dtype).removeprefix("torch.")
+    return f"exact ({_SHORT_DTYPES.get(name, name)})"
+
+
+def result_label(datatype: str, dtype: object) -> str:
+    """The name a result row shows for ``datatype`` run with K/V in ``dtype``: :func:`exact_label` for
+    :data:`EXACT_DATATYPE`, the datatype itself otherwise."""
+    return exact_label(dtype) if datatype == EXACT_DATATYPE else datatype

@@ -1,4 +1,5 @@
-"""Result files written atomically: a crash leaves the previous file or the new one, never half of one."""
+"""Files written atomically (a crash leaves the previous file or the new one, never half of one), with the mode
+the umask gives new files."""
 
 from __future__ import annotations
 
@@ -18,3 +19,18 @@ def write_json_atomic(path: str | Path, doc: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def default_file_mode() -> int:
+    """The mode a new file gets from ``open()`` under the current umask (``0o666 & ~umask``; 0644 for umask 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def publish(tmp: str | Path, path: str | Path) -> Path:
+    """Give the finished file ``tmp`` the default mode (:func:`default_file_mode`: writers such as safetensors'
+    make private 0600 files) and rename it to ``path`` in one step (same filesystem)."""
+    os.chmod(tmp, default_file_mode())
+    os.replace(tmp, path)
+    return Path(path)

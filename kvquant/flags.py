@@ -7,6 +7,8 @@
 * :func:`add_device_arg` / :func:`resolve_device`: ``--device``.
 * :func:`add_model_args`: ``--model``, ``--device``, ``--dtype``, ``--seed`` of the benchmarks.
 * :func:`parse_size`, :func:`parse_size_list`, :func:`parse_datatypes`: sizes (``4K``, ``1K..32K``) and datatype lists.
+* :class:`ArgumentParser` / :class:`HelpFormatter`: the parser of every command, with one-line usage errors and the
+  defaults shown in ``--help``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import argparse
 import dataclasses
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -148,7 +150,7 @@ def add_model_args(p: argparse.ArgumentParser, device_default: str | None = None
     add_device_arg(p, device_default)
     p.add_argument("--dtype", default=None, help="float16 | bfloat16 | float32 (default: float16 on CUDA, "
                                                  "float32 on CPU)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -216,3 +218,32 @@ def parse_datatypes(text: str) -> list[str]:
     for n in names:
         parse_datatype(n)
     return list(dict.fromkeys(names))
+
+
+# ----------------------------------------------------------------------------------------------------
+# parsers
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each option's default, ``(default: X)``, unless its help already speaks of its default or
+    there is nothing to show (``None``, a flag that is off by default)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        if isinstance(action, argparse.BooleanOptionalAction) or action.const is not None and action.nargs == 0:
+            return text
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An ``argparse`` parser whose usage errors are one line on stderr (``PROG: error: ... (PROG --help ...)``)
+    and exit code 2, and whose ``--help`` shows defaults (:class:`HelpFormatter`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")

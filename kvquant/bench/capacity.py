@@ -58,6 +58,7 @@ from kvquant.bench.model import BenchModel, load_bench_model
 from kvquant.config import QuantConfig
 from kvquant.files import write_json_atomic
 from kvquant.flags import (
+    ArgumentParser,
     add_model_args,
     add_quant_config_args,
     parse_datatypes,
@@ -375,17 +376,22 @@ def add_capacity_args(p: argparse.ArgumentParser) -> None:
                    help="quantize every layer for real (default: first and last; the rest are copies)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``kvquant bench capacity``."""
-    p = argparse.ArgumentParser(prog="kvquant bench capacity", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``kvquant bench capacity``."""
+    p = ArgumentParser(prog="kvquant bench capacity", description=__doc__.split("\n")[0])
     add_model_args(p)
     p.add_argument("--datatypes", default="fp16,nuq4,nuq3,nuq2", help="comma list of fp16, nuq2-4, int2-4")
     add_quant_config_args(p)
     p.add_argument("--contexts", default="1K..128K", help="contexts: list (4096,32768) or doubling range")
     p.add_argument("--out", type=Path, default=Path("results/bench"), help="results folder")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_capacity_args(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``kvquant bench capacity``."""
+    p = build_parser()
     a = p.parse_args(argv)
     try:
         settings = CapacitySettings(

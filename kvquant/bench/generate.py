@@ -65,6 +65,7 @@ from kvquant.bench.runs import (
 from kvquant.config import QuantConfig
 from kvquant.files import write_json_atomic
 from kvquant.flags import (
+    ArgumentParser,
     add_model_args,
     add_quant_config_args,
     parse_datatypes,
@@ -299,8 +300,8 @@ def results_table(records: list[dict[str, Any]]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvquant bench generate", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The parser of ``kvquant bench generate``."""
+    p = ArgumentParser(prog="kvquant bench generate", description=__doc__.split("\n")[0])
     add_model_args(p)
     p.add_argument("--datatypes", default="fp16,nuq4,nuq3,nuq2", help="comma list of fp16, nuq2-4, int2-4")
     add_quant_config_args(p)
@@ -321,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sub-national region for an extra whole-run CodeCarbon measurement (e.g. california)")
     p.add_argument("--no-skip-after-oom", action="store_true",
                    help="also run configurations larger than one that ran out of memory")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (one log line per configuration)")
     p.add_argument("--graph", action="store_true",
                    help="replay every decode step from a CUDA graph (no host launch cost): quantized caches in "
                         "static mode (triton backend), fp16 in transformers' StaticCache, the speed-minded baseline; "
@@ -356,6 +357,14 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             p.error(str(exc))
         return run_capacity(a.model, a.dtype, device, cs, a.out)
+    if a.calibration:  # a missing or invalid file fails here, not after the model is loaded
+        from kvquant.calibration import Calibration
+        from kvquant.calibration.format import find_calibration
+
+        a.calibration = str(find_calibration(a.calibration))
+        if not Path(a.calibration).is_file():
+            raise FileNotFoundError(f"--calibration {a.calibration}: no such file")
+        Calibration.load(a.calibration)
     try:
         settings = GenerateSettings(datatypes=datatypes, batches=batches, prompt_lens=lens, gen=a.gen,
                                     warmup=a.warmup, calibration=a.calibration, quant=quant, data=a.data,

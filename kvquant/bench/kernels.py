@@ -36,31 +36,43 @@ from kvquant.bench.cuda import copy_bandwidth
 from kvquant.bench.kernel_rows import format_row
 from kvquant.bench.kernels_decode import SHAPES, bench_decode, hf_quantized_step, sweep, synthetic_caches
 from kvquant.bench.kernels_prefill import PREFILL_SHAPES, bench_prefill
-from kvquant.flags import add_quant_config_args, quant_config_from_args
+from kvquant.flags import ArgumentParser, add_quant_config_args, quant_config_from_args
 
 __all__ = ["bench_decode", "bench_prefill", "hf_quantized_step", "main", "sweep", "synthetic_caches"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point (``kvquant bench kernels``). Returns a process exit code."""
-    p = argparse.ArgumentParser(prog="kvquant bench kernels", description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``kvquant bench kernels``."""
+    p = ArgumentParser(prog="kvquant bench kernels", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer configs (a few minutes)")
     p.add_argument("--out", type=Path, default=None, help="JSON file, rewritten after every row")
-    p.add_argument("--contexts", type=int, nargs="*", default=None)
-    p.add_argument("--batches", type=int, nargs="*", default=None)
-    p.add_argument("--shapes", nargs="*", default=["mha", "gqa"], choices=sorted(SHAPES))
-    p.add_argument("--datatype", default="nuq3")
+    p.add_argument("--contexts", type=int, nargs="*", default=None,
+                   help="decode contexts (default: 1K to 128K; --quick: 1K, 4K, 32K, 128K)")
+    p.add_argument("--batches", type=int, nargs="*", default=None,
+                   help="decode batch sizes (default: 1, 4, 8, 16, 32; --quick: 1, 8, 32)")
+    p.add_argument("--shapes", nargs="*", default=["mha", "gqa"], choices=sorted(SHAPES),
+                   help="decode head layouts: mha (32 KV heads), gqa (8 KV heads)")
+    p.add_argument("--datatype", default="nuq3", help="kvquant datatype of the cache")
     add_quant_config_args(p, defaults={"residual_length": 32},
                           aliases={"outlier_fraction": ["--outliers"], "residual_length": ["--residual"]})
     p.add_argument("--rope", action="store_true", help="rotate keys in the kernel")
     p.add_argument("--no-dequant", action="store_true", help="skip the (slow) dequantize-everything path")
     p.add_argument("--hf-baselines", default="quanto4,hqq4",
                    help="transformers QuantizedCache backends to time per decode row (comma list; '' for none)")
-    p.add_argument("--prefill-lengths", type=int, nargs="*", default=None)
-    p.add_argument("--prefill-shapes", nargs="*", default=["mha", "gqa"], choices=sorted(PREFILL_SHAPES))
+    p.add_argument("--prefill-lengths", type=int, nargs="*", default=None,
+                   help="prompt lengths of the prefill rows (default: the benchmark's own list)")
+    p.add_argument("--prefill-shapes", nargs="*", default=["mha", "gqa"], choices=sorted(PREFILL_SHAPES),
+                   help="head layouts of the prefill rows")
+    p.add_argument("--prefill-sweep", action="store_true", help="time the quantize kernel's launch variants")
     p.add_argument("--sweep", action="store_true", help="tune the decode kernel's launch first (32K context)")
-    p.add_argument("--skip-decode", action="store_true")
-    p.add_argument("--skip-prefill", action="store_true")
+    p.add_argument("--skip-decode", action="store_true", help="no decode rows")
+    p.add_argument("--skip-prefill", action="store_true", help="no prefill rows")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point (``kvquant bench kernels``). Returns a process exit code."""
+    p = build_parser()
     args = p.parse_args(argv)
     args.hf_baselines = [x.strip() for x in args.hf_baselines.split(",") if x.strip()]
     try:

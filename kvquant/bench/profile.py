@@ -33,7 +33,15 @@ import torch
 
 from kvquant.config import QuantConfig
 from kvquant.files import write_json_atomic
-from kvquant.flags import add_device_arg, add_quant_config_args, parse_size, quant_config_from_args, resolve_device
+from kvquant.flags import (
+    ArgumentParser,
+    add_device_arg,
+    add_quant_config_args,
+    parse_datatypes,
+    parse_size,
+    quant_config_from_args,
+    resolve_device,
+)
 
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::repeat_interleave",
             "aten::masked_select", "aten::_unique2", "cudaStreamSynchronize", "cudaDeviceSynchronize")
@@ -245,12 +253,12 @@ def _main_decode(a: argparse.Namespace, device: str) -> dict[str, Any]:
     return {"model": bm.name, "random_weights": bm.random_weights, "results": results}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="kvquant bench profile", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``kvquant bench profile``."""
+    p = ArgumentParser(prog="kvquant bench profile", description=__doc__.split("\n\n")[0])
     p.add_argument("--kind", choices=["keys", "values", "decode"], default="keys",
                    help="keys / values: one prefill quantization; decode: decode steps of --model")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1, help="sequences")
     p.add_argument("--heads", type=int, default=32, help="KV heads (32: Llama-2-7B, 8: GQA); keys/values only")
     p.add_argument("--tokens", type=parse_size, default=32768, help="prompt length S (32K or 32768)")
     p.add_argument("--head-dim", type=int, default=128, help="keys/values only")
@@ -263,18 +271,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-steps", type=int, default=4, help="decode: untimed steps after the prefill")
     p.add_argument("--top", type=int, default=15, help="rows printed per table")
     p.add_argument("--out", type=Path, default=None, help="JSON file for every row")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``kvquant bench profile``. Returns a process exit code."""
+    p = build_parser()
     a = p.parse_args(argv)
-    device = resolve_device(a.device)
     for name in ("batch", "heads", "tokens", "head_dim", "top", "steps"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if a.warmup_steps < 0:
+        p.error("--warmup-steps must be >= 0")
+    try:  # every value checked before a model is built
+        if a.kind == "decode":
+            parse_datatypes(a.datatype)
+            quant_config_from_args(a, datatype="nuq3")
+        else:
+            cfg = quant_config_from_args(a, datatype=a.datatype)
+    except ValueError as exc:
+        p.error(str(exc))
+    device = resolve_device(a.device)
     if a.kind == "decode":
         doc = _main_decode(a, device)
     else:
-        try:
-            cfg = quant_config_from_args(a, datatype=a.datatype)
-        except ValueError as exc:
-            p.error(str(exc))
         doc = profile_prefill(a.kind, a.batch, a.heads, a.tokens, a.head_dim, cfg, device)
         head = (f"prefill {a.kind} [{a.batch}, {a.heads}, {a.tokens}, {a.head_dim}] {a.datatype} on {device} "
                 f"({a.backend} backend): {doc['wall_ms']:.2f} ms profiled, syncs {doc['syncs'] or 'none'}")

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from kvquant.bench.synthetic import heavy_tailed_kv
+from kvquant.flags import ArgumentParser
 from kvquant.quant.quantizer import BatchedKVQuantizer
 
 
@@ -32,12 +33,22 @@ def run(shape: tuple[int, int, int, int], seed: int, fractions: tuple[float, ...
     return rows
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(prog="kvquant bench roundtrip", description=__doc__.split("\n")[0])
-    p.add_argument("--shape", type=int, nargs=4, default=[1, 8, 2048, 128], metavar=("B", "H", "S", "D"))
-    p.add_argument("--seed", type=int, default=0)
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``kvquant bench roundtrip``."""
+    p = ArgumentParser(prog="kvquant bench roundtrip", description=__doc__.split("\n")[0])
+    p.add_argument("--shape", type=int, nargs=4, default=[1, 8, 2048, 128], metavar=("B", "H", "S", "D"),
+                   help="batch, KV heads, tokens, head size of the synthetic K/V")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic K/V")
     p.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Entry point of ``kvquant bench roundtrip``: prints the table and returns its rows."""
+    p = build_parser()
     a = p.parse_args(argv)
+    if min(a.shape) < 1:
+        p.error(f"--shape sizes must be >= 1, got {a.shape}")
     rows = run(tuple(a.shape), a.seed, (0.0, 0.01))
     print(f"Round trip on Student-t(4) K/V {tuple(a.shape)} fp16, 2 outlier channels per head (seed {a.seed})")
     print("| datatype | outliers | key rel. err | value rel. err | key bits | value bits |")

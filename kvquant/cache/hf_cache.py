@@ -35,6 +35,7 @@ from transformers.cache_utils import Cache
 
 from kvquant.cache import kernel_attention
 from kvquant.cache.hf_compat import cache_in
+from kvquant.cache.identity import check_calibration_model
 from kvquant.cache.layer import KVQuantLayer
 from kvquant.cache.rope import RotaryTables, find_rotary_embedding
 from kvquant.config import QuantConfig
@@ -68,10 +69,14 @@ class KVQuantCache(Cache):
         reserve_tokens: after the prefill, allocate the pages for this many more tokens per sequence at once
             and exactly (e.g. ``max_new_tokens``); otherwise the page pools grow by doubling, which can hold
             up to twice the bytes in use.
+        check_model: refuse a calibration whose weights fingerprint is another model's
+            (:func:`~kvquant.cache.identity.check_calibration_model`); ``False`` skips the check, for a calibration
+            you know fits (e.g. a fine-tuned copy of the calibrated model).
     """
 
     def __init__(self, model: torch.nn.Module, config: QuantConfig | None = None,
-                 calibration: Calibration | str | None = None, reserve_tokens: int = 0, **overrides: Any) -> None:
+                 calibration: Calibration | str | None = None, reserve_tokens: int = 0, check_model: bool = True,
+                 **overrides: Any) -> None:
         config = config or QuantConfig()
         if reserve_tokens < 0:
             raise ValueError(f"reserve_tokens must be >= 0, got {reserve_tokens}")
@@ -95,6 +100,8 @@ class KVQuantCache(Cache):
         if calibration is not None:
             calibration.check_compatible(self.num_layers, self.num_kv_heads, self.head_dim,
                                          self.config.outlier_fraction, self.config.pre_rope)
+            if check_model:
+                check_calibration_model(calibration, model)
         self.calibration = calibration
         self._quantizers: dict[int, BatchedKVQuantizer] = {}
         self._step: dict[str, Any] = {}

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from kvquant.cache.hf_cache import KVQuantCache, KVQuantLayer
 from kvquant.cache.hf_compat import cache_kwargs
+from kvquant.cache.identity import model_identity
 from kvquant.config import QuantConfig
 from kvquant.quant.calibration_file import SENSITIVITIES, Calibration, LayerCalibration
 from kvquant.quant.codebook import compute_nuq_codebook
@@ -123,6 +124,9 @@ def calibrate(
             retried with half as many sequences (one line on stderr), and the rest of the run keeps the smaller
             size; the result is the one of a run at that batch size from the start. Running out of memory on a
             single sequence raises ``torch.OutOfMemoryError`` saying what to change.
+        model_id: the model's name; the calibration records it with a fingerprint of the weights
+            (``NAME@weights:HEX``, :func:`~kvquant.cache.identity.model_identity`), which
+            :class:`~kvquant.cache.hf_cache.KVQuantCache` checks against the model it is used with.
         progress: show tqdm progress bars.
 
     Returns:
@@ -207,8 +211,9 @@ def calibrate(
         layers.append(_fit_layer(keys, vals, kw, vw, config, bits, max_samples, seed,
                                  key_magnitude=sensitivity == "magnitude", query_energy=qe))
         layer.keys = layer.values = []
-    return Calibration(layers, model_id, config.outlier_fraction, config.n_sink, config.pre_rope, rec.num_kv_heads,
-                       rec.head_dim, sensitivity, int(sequences.numel()), dataset, __version__)
+    return Calibration(layers, model_identity(model_id, model), config.outlier_fraction, config.n_sink,
+                       config.pre_rope, rec.num_kv_heads, rec.head_dim, sensitivity, int(sequences.numel()), dataset,
+                       __version__)
 
 
 class _QueryEnergy:

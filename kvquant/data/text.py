@@ -2,7 +2,7 @@
 
 Named datasets (``"wikitext2"``, ``"wikitext2-raw"``, ``"tinystories"``) are looked up, in order, in
 ``$KVQUANT_DATA`` (a file or a directory), in the project's ``shared/`` folder, and on the Hugging Face
-hub through the optional ``datasets`` package. Any other source is read as a local file or directory.
+hub through ``datasets`` (part of the ``kvquant[hf]`` extra). Any other source is read as a local file or directory.
 
 WikiText files are stored one hub row per line (blank rows as ``" \\n"``); they are returned the way the
 standard perplexity evaluation builds its text from the hub, ``"\\n\\n".join(rows)``, so the string is
@@ -197,17 +197,21 @@ def _load_named(ds: NamedDataset, split: str) -> str:
     except ImportError:
         looked.append(f"Hugging Face hub {hub_name} (the `datasets` package is not installed)")
     else:
-        try:
-            return _load_from_hub(ds, hub_split)
-        except Exception as exc:  # network errors, missing configs, ...
-            looked.append(f"Hugging Face hub {hub_name} ({type(exc).__name__}: {exc})")
+        unreachable = hub_unreachable()
+        if unreachable:
+            looked.append(f"Hugging Face hub {hub_name} ({unreachable})")
+        else:
+            try:
+                return _load_from_hub(ds, hub_split)
+            except Exception as exc:  # network errors, missing configs, ...
+                looked.append(f"Hugging Face hub {hub_name} ({type(exc).__name__}: {exc})")
 
     # 4. A stand-in split from shared/, announced loudly.
     fb = ds.fallbacks.get(split)
     if shared is not None and fb and (shared / fb).is_file():
         warnings.warn(
             f"{ds.name} {split!r} split is not available offline; using {shared / fb} instead "
-            f"(set ${DATA_ENV} to the real file, or install `datasets` with hub access)",
+            f"(set ${DATA_ENV} to the real file, or install kvquant[hf], which brings `datasets`, with hub access)",
             stacklevel=3,
         )
         return finish(shared / fb)
@@ -216,8 +220,33 @@ def _load_named(ds: NamedDataset, split: str) -> str:
         f"could not find dataset {ds.name!r} split {split!r}. Looked in:\n  - "
         + "\n  - ".join(looked)
         + f"\nFix: set ${DATA_ENV} to the text file (or a directory holding {_SPLIT_FILE_NAMES[split][0]}), "
-        "set $KVQUANT_SHARED to the project's shared/ folder, or `pip install datasets` with hub access."
+        "set $KVQUANT_SHARED to the project's shared/ folder, or install kvquant[hf] (it brings `datasets`) with "
+        "hub access."
     )
+
+
+_OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+_PROXY_ENV = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def hub_unreachable() -> str | None:
+    """Why the hub is not worth asking (``None``: ask it): an offline switch is set, or the hub's host name does
+    not resolve (no proxy configured). Without this, a machine with no network spends about half a minute in the
+    hub client's retries before the stand-in split is used."""
+    import socket
+    from urllib.parse import urlparse
+
+    for name in _OFFLINE_ENV:
+        if os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"${name} is set"
+    if any(os.environ.get(name) for name in _PROXY_ENV):
+        return None
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as exc:
+        return f"{host} does not resolve: {exc}"
+    return None
 
 
 def _load_from_hub(ds: NamedDataset, hub_split: str) -> str:

@@ -11,12 +11,14 @@ Protocol (per window of ``ctx`` tokens, non-overlapping windows of the test spli
    window).
 
 With ``chunk = 1`` every scored token reads a fully quantized past, exactly like generation. The
-``fp16`` row uses the same protocol with an unquantized cache, and equals the model's plain perplexity
-on the same scored tokens (reported as ``plain``), which checks the plumbing.
+``fp16`` row uses the same protocol with an unquantized cache, which holds K/V in the model's dtype and is shown as
+``exact (fp32)`` / ``exact (fp16)`` (:func:`~kvquant.datatypes.result_label`); it equals the model's plain
+perplexity on the same scored tokens (reported as ``plain``), which checks the plumbing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -31,13 +33,18 @@ from tqdm.auto import tqdm
 from kvquant.cache.hf_cache import KVQuantCache
 from kvquant.cache.hf_compat import cache_kwargs
 from kvquant.config import QuantConfig
+from kvquant.datatypes import EXACT_DATATYPE, result_label
 from kvquant.eval.baselines import baseline_memory, make_baseline_cache, parse_baseline
-from kvquant.files import write_json_atomic
+from kvquant.eval.results import reusable_rows, write_results
 from kvquant.quant.calibration_file import Calibration
 
 
 @dataclass
 class PerplexityResult:
+    """One datatype's row. ``label`` is what tables show (``exact (fp32)`` for the unquantized ``fp16`` cache of an
+    fp32 model, :func:`~kvquant.datatypes.result_label`); ``config`` is the row's ``QuantConfig`` (``None`` for
+    rows without a kvquant cache: ``plain`` and the baselines)."""
+
     datatype: str
     ppl: float
     nll: float
@@ -47,6 +54,17 @@ class PerplexityResult:
     seconds: float
     delta_ppl: float | None = None
     delta_ppl_pct: float | None = None
+    label: str = ""
+    config: dict | None = None
+
+
+def row_config(name: str, base: QuantConfig) -> dict | None:
+    """The ``QuantConfig`` (as a dict) a datatype's row runs with; ``None`` for ``plain`` and the baselines."""
+    from dataclasses import replace
+
+    if name == "plain" or parse_baseline(name) is not None:
+        return None
+    return replace(base, datatype=name).to_dict()
 
 
 def cache_factory(name: str, model: torch.nn.Module, calibration: Calibration | None,
@@ -94,11 +112,14 @@ def evaluate_perplexity(
     out_path: str | Path | None = None,
     meta: dict | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> list[PerplexityResult]:
     """Perplexity of every datatype on ``windows [n, ctx]`` (see the module docstring for the protocol).
 
-    Results are written to ``out_path`` (JSON) after each datatype, so an interrupted run keeps what it
-    finished. ``fp16`` is evaluated first and every other row gets ``delta_ppl`` against it.
+    Results are written to ``out_path`` (JSON, :mod:`kvquant.eval.results`) after each datatype with
+    ``"complete": false`` in its meta, and ``true`` once every datatype is done. With ``resume``, rows of a file
+    already at ``out_path`` with the same protocol and row config are kept instead of computed again. ``fp16`` is
+    evaluated first and every other row gets ``delta_ppl`` against it.
     """
     base_config = base_config or QuantConfig()
     n, ctx = windows.shape
@@ -107,46 +128,68 @@ def evaluate_perplexity(
         raise ValueError(f"prefill must be in (0, ctx - 1) = (0, {ctx - 1}), got {prefill}")
     if chunk <= 0:
         raise ValueError(f"chunk must be positive, got {chunk}")
-    order = sorted(datatypes, key=lambda d: d != "fp16")
-    device = next(model.parameters()).device
+    order = sorted(datatypes, key=lambda d: d != EXACT_DATATYPE)
+    param = next(model.parameters())
+    device, dtype = param.device, str(param.dtype).removeprefix("torch.")
+    shared = {k: v for k, v in base_config.to_dict().items() if k != "datatype"}
+    file_meta = {**(meta or {}), "dtype": dtype, "ctx": ctx, "prefill": prefill, "chunk": chunk, "windows": n,
+                 "config": shared}
+    configs = {name: row_config(name, base_config) for name in order}
+    done: dict[str, dict] = {}
+    if out_path is not None and resume:
+        done, note = reusable_rows(out_path, file_meta, configs)
+        if note:
+            print(note, file=sys.stderr)
     results: list[PerplexityResult] = []
     ref = None
     for name in order:
-        make = cache_factory(name, model, calibration, base_config)
-        nll, tokens, bits, t0 = 0.0, 0, [], time.perf_counter()
-        for batch in tqdm(torch.split(windows, batch_size), desc=f"ppl {name}", disable=not progress):
-            cache = make()
-            s, k = window_nll(model, batch.to(device), cache, prefill, chunk)
-            nll, tokens = nll + s, tokens + k
-            if isinstance(cache, KVQuantCache):
-                bits.append(cache.memory_report()["bits_per_element"])
-            elif cache is not None and parse_baseline(name) is not None:
-                bits.append(baseline_memory(cache)["bits_per_element"])
-        r = PerplexityResult(name, math.exp(nll / tokens), nll / tokens, tokens, n,
-                             sum(bits) / len(bits) if bits else None, time.perf_counter() - t0)
-        if name == "fp16":
+        if name in done:
+            fields = {f.name for f in dataclasses.fields(PerplexityResult)}
+            r = PerplexityResult(**{k: v for k, v in done[name].items() if k in fields})
+        else:
+            r = _evaluate_one(name, result_label(name, dtype), model, windows, calibration, base_config, prefill,
+                              chunk, batch_size, device, progress)
+            r.config = configs[name]
+        if name == EXACT_DATATYPE:
             ref = r.ppl
-        if ref is not None and name != "fp16":
+        if ref is not None and name != EXACT_DATATYPE:
             r.delta_ppl = r.ppl - ref
             r.delta_ppl_pct = 100 * (r.ppl - ref) / ref
         results.append(r)
         delta = "" if r.delta_ppl_pct is None else f" ({r.delta_ppl_pct:+.2f} %)"
         bits_txt = "" if r.bits_per_element is None else f", {r.bits_per_element:.2f} bits/elem"
-        tqdm.write(f"ppl {name}: {r.ppl:.4f}{delta}{bits_txt}, {tokens} tokens, {r.seconds:.1f} s", file=sys.stderr)
+        kept = " (kept from the results file)" if name in done else ""
+        tqdm.write(f"ppl {r.label or name}: {r.ppl:.4f}{delta}{bits_txt}, {r.tokens} tokens, {r.seconds:.1f} s{kept}",
+                   file=sys.stderr)
         if out_path is not None:  # rewritten (atomically) after every datatype: a crash loses only the current one
-            out = {"meta": {**(meta or {}), "ctx": ctx, "prefill": prefill, "chunk": chunk, "windows": n,
-                            "config": base_config.to_dict()},
-                   "results": [asdict(x) for x in results]}
-            write_json_atomic(out_path, out)
+            write_results(out_path, file_meta, [asdict(x) for x in results], complete=len(results) == len(order))
     return results
+
+
+def _evaluate_one(name: str, label: str, model: torch.nn.Module, windows: torch.Tensor,
+                  calibration: Calibration | None, base_config: QuantConfig, prefill: int, chunk: int,
+                  batch_size: int, device: torch.device, progress: bool) -> PerplexityResult:
+    """One datatype's row (no ΔPPL yet; the progress bar is called ``label``)."""
+    make = cache_factory(name, model, calibration, base_config)
+    nll, tokens, bits, t0 = 0.0, 0, [], time.perf_counter()
+    for batch in tqdm(torch.split(windows, batch_size), desc=f"ppl {label}", disable=not progress):
+        cache = make()
+        s, k = window_nll(model, batch.to(device), cache, prefill, chunk)
+        nll, tokens = nll + s, tokens + k
+        if isinstance(cache, KVQuantCache):
+            bits.append(cache.memory_report()["bits_per_element"])
+        elif cache is not None and parse_baseline(name) is not None:
+            bits.append(baseline_memory(cache)["bits_per_element"])
+    return PerplexityResult(name, math.exp(nll / tokens), nll / tokens, tokens, windows.shape[0],
+                            sum(bits) / len(bits) if bits else None, time.perf_counter() - t0, label=label)
 
 
 def format_table(results: list[PerplexityResult]) -> str:
     """A Markdown table of perplexity results."""
-    lines = ["| datatype | PPL | ΔPPL | ΔPPL % | bits/elem | tokens |", "|---|---|---|---|---|---|"]
+    lines = ["| cache | PPL | ΔPPL | ΔPPL % | bits/elem | tokens |", "|---|---|---|---|---|---|"]
     for r in results:
         d = "" if r.delta_ppl is None else f"{r.delta_ppl:+.4f}"
         p = "" if r.delta_ppl_pct is None else f"{r.delta_ppl_pct:+.2f}%"
         b = "" if r.bits_per_element is None else f"{r.bits_per_element:.2f}"
-        lines.append(f"| {r.datatype} | {r.ppl:.4f} | {d} | {p} | {b} | {r.tokens} |")
+        lines.append(f"| {r.label or r.datatype} | {r.ppl:.4f} | {d} | {p} | {b} | {r.tokens} |")
     return "\n".join(lines)

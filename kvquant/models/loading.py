@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kvquant.files import default_file_mode
 from kvquant.models.fetch import model_cache_dir
 from kvquant.models.registry import CONVERTED_SUBDIR, ModelSpec, resolve_model
 
@@ -102,8 +103,17 @@ def _tokenizer_from_json(path: str, error: Exception) -> PreTrainedTokenizerBase
     return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), **special)
 
 
+def share_like_new_files(folder: Path) -> None:
+    """Give ``folder``, its sub-folders and files the modes the umask gives new ones (0755 / 0644 under umask 022)."""
+    mode = default_file_mode()
+    folder.chmod(mode | (mode & 0o444) >> 2)  # folders: x wherever r
+    for path in folder.rglob("*"):
+        path.chmod(mode | (mode & 0o444) >> 2 if path.is_dir() else mode)
+
+
 def convert_gguf_to_cache(spec: ModelSpec) -> ModelSpec | None:
-    """Load an alias's GGUF once (fp32, CPU) and save a safetensors copy in its cache dir.
+    """Load an alias's GGUF once (fp32, CPU) and save a safetensors copy in its cache dir (written in a temporary
+    folder renamed into place, with the modes the umask gives new files).
 
     Returns the spec of the converted copy, or ``None`` when ``spec`` is not a cached alias GGUF or the
     copy could not be written (the caller then loads the GGUF directly).
@@ -120,7 +130,7 @@ def convert_gguf_to_cache(spec: ModelSpec) -> ModelSpec | None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if not target.exists():  # else a concurrent conversion finished first
-            tmp.chmod(0o755)  # mkdtemp makes it private
+            share_like_new_files(tmp)  # mkdtemp and safetensors make private (0700/0600) files
             tmp.rename(target)
     except (OSError, ValueError) as exc:
         print(f"[kvquant] could not save the converted copy ({exc}); loading the GGUF directly", file=sys.stderr)

@@ -133,7 +133,8 @@ def _capacity_sections(res: Results, figs: _Figures) -> list[str]:
     return out
 
 
-_PROTOCOL_KEYS = (("data", "data"), ("prefill", "prefill"), ("chunk", "chunk"), ("calibration", "calibration"))
+_PROTOCOL_KEYS = (("data", "data"), ("dtype", "dtype"), ("prefill", "prefill"), ("chunk", "chunk"),
+                  ("calibration", "calibration"))
 
 
 def _protocol_line(meta: dict[str, Any]) -> str | None:

@@ -4,7 +4,8 @@
   JSON-lines file of the same name sits next to it;
 * ``kvquant bench capacity`` / ``generate --find-capacity``: JSON with ``"schema": "kvquant.bench.capacity/v1"``;
 * ``kvquant eval ppl``: JSON ``{"meta": {...}, "results": [{"datatype", "ppl", ...}, ...]}`` (files of the same
-  protocol are merged by :func:`group_ppl`);
+  protocol are merged by :func:`group_ppl`; a file whose meta says ``"complete": false`` is a run still going or
+  stopped part-way, read with the rows it has);
 * ``kvquant bench kernels``: a JSON list of rows with ``"kind"`` in decode / prefill / decode_append / device /
   sweep / tuning;
 * ``kvquant bench profile --kind decode``: JSON ``{"config": {"kind": "decode", ...}, "results": [...]}``;
@@ -26,9 +27,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvquant.datatypes import EXACT_DATATYPE, exact_label
+
 _KERNEL_KINDS = {"decode", "prefill", "decode_append", "device", "sweep", "tuning"}
 _BACKEND_PARTS = {"e2e", "e2e_breakdown", "device"}
 _DT_ORDER = ("fp16", "nuq4", "nuq3", "nuq2", "int4", "int3", "int2")
+
+
+def row_label(row: dict[str, Any]) -> str:
+    """What tables call a ``kvquant eval ppl`` row: its ``label`` (``exact (fp32)`` for the unquantized ``fp16``
+    cache of an fp32 run, see :func:`kvquant.datatypes.result_label`); for files written before rows had labels,
+    the ``fp16`` row is ``exact (fp32)`` when it measured more than 24 bits per element, ``exact (fp16)`` when
+    fewer, ``exact`` without a measurement; other rows are their datatype."""
+    if row.get("label"):
+        return str(row["label"])
+    dt = str(row.get("datatype"))
+    if dt != EXACT_DATATYPE:
+        return dt
+    bits = row.get("bits_per_element")
+    if not _num(bits):
+        return "exact"
+    return exact_label("float32" if bits > 24 else "float16")
 
 
 def datatype_key(name: Any) -> tuple[int, str]:
@@ -188,12 +207,13 @@ def group_generate(records: list[dict[str, Any]]) -> dict[tuple[str, str], list[
 PPL_AGREE_RTOL = 1e-5
 #: ``meta`` keys that do not change what a perplexity run measures (``skipped``: requested datatypes that could
 #: not run).
-_NOT_PROTOCOL = ("skipped",)
+_NOT_PROTOCOL = ("skipped", "complete")
 
 
 def ppl_protocol(meta: Any) -> str | None:
     """What defines the protocol of a ``kvquant eval ppl`` file, as canonical JSON: every ``meta`` key (model,
-    data, calibration, ctx, prefill, chunk, windows, config, ...) except ``skipped``, and every ``config`` field
+    data, calibration, ctx, prefill, chunk, windows, config, ...) except ``skipped`` and ``complete`` (a file
+    still being written is the same protocol as the finished one), and every ``config`` field
     except ``datatype`` (the base config's, which each row overrides). A key missing from one file and present
     in another makes the protocols differ. ``None`` (never merged) when the meta names no model."""
     if not isinstance(meta, dict) or meta.get("model") is None:
@@ -262,7 +282,7 @@ def _merge_ppl(docs: list[dict[str, Any]]) -> dict[str, Any]:
     for dt, rows in kept.items():
         if len(rows) > 1:
             for r in rows:
-                r["_label"] = f"{dt} ({', '.join(r['_from'])})"
+                r["_label"] = f"{row_label(r)} ({', '.join(r['_from'])})"
             notes.append(f"{dt} disagrees between files ("
                          + "; ".join(f"{', '.join(f'`{x}`' for x in r['_from'])}: PPL {_fmt_ppl(r.get('ppl'))}"
                                      for r in rows)

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvquant.report.load import row_label
+
 
 def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
     """``a`` is no worse than ``b`` in every objective and strictly better in one (minimisation)."""
@@ -64,7 +66,7 @@ def tradeoff_points(ppl_doc: dict[str, Any], j_per_token: dict[str, float] | Non
         dt = str(r.get("datatype"))
         if dt == "plain":
             continue
-        name = str(r.get("_label") or dt)
+        name = str(r.get("_label") or row_label(r))
         d = 0.0 if dt == "fp16" else r.get("delta_ppl")
         if not isinstance(d, (int, float)) or not math.isfinite(d):
             notes.append(f"{name}: no ΔPPL (fp16 missing from the perplexity results?)")

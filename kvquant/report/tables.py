@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kvquant.report.load import row_label
 from kvquant.report.markdown import fmt_num, format_table
 from kvquant.report.pareto import TradeoffPoint
 
@@ -147,7 +148,7 @@ def tradeoff_table(points: list[TradeoffPoint]) -> str:
     rows = [[p.datatype, fmt_num(p.bits_per_element, ".2f"), p.bits_source, fmt_num(p.delta_ppl, "+.4f"),
              fmt_num(p.j_per_token, ".3g"), mark(p.pareto_bits), mark(p.pareto_energy), mark(p.pareto_all),
              ", ".join(p.dominated_by) or None] for p in points]
-    return format_table(rows, ["datatype", "bits/elem", "bits from", "ΔPPL", "J/token", "Pareto (bits)",
+    return format_table(rows, ["cache", "bits/elem", "bits from", "ΔPPL", "J/token", "Pareto (bits)",
                                "Pareto (J/token)", "Pareto (bits, J, ΔPPL)", "dominated by (bits)"])
 
 
@@ -155,11 +156,11 @@ def ppl_table(doc: dict[str, Any]) -> str:
     """Perplexity rows; a ``file`` column when ``doc`` merges several files (``_files``, see
     :func:`~kvquant.report.load.group_ppl`)."""
     merged = len(doc.get("_files") or []) > 1
-    rows = [[r.get("datatype"), fmt_num(r.get("ppl"), ".4f"), fmt_num(r.get("delta_ppl"), "+.4f"),
+    rows = [[row_label(r), fmt_num(r.get("ppl"), ".4f"), fmt_num(r.get("delta_ppl"), "+.4f"),
              fmt_num(r.get("delta_ppl_pct"), "+.2f"), fmt_num(r.get("bits_per_element"), ".2f"), r.get("tokens")]
             + ([", ".join(f"`{f}`" for f in r.get("_from") or [r.get("_file")])] if merged else [])
             for r in doc.get("results", [])]
-    return format_table(rows, ["datatype", "PPL", "ΔPPL", "ΔPPL %", "bits/elem", "tokens"]
+    return format_table(rows, ["cache", "PPL", "ΔPPL", "ΔPPL %", "bits/elem", "tokens"]
                         + (["file"] if merged else []))
 
 

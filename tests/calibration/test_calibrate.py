@@ -21,7 +21,8 @@ def test_calibration_roundtrip_and_validation(model, tmp_path, seed):
     cal = calibrate(model, seqs, QuantConfig(), bits=(2, 3), sensitivity="fisher", model_id="tiny", progress=False)
     path = cal.save(tmp_path / "cal.safetensors")
     loaded = Calibration.load(path)
-    assert loaded.model_id == "tiny" and loaded.num_layers == model.config.num_hidden_layers
+    assert loaded.model_id == cal.model_id and loaded.model_id.startswith("tiny@weights:")
+    assert loaded.num_layers == model.config.num_hidden_layers
     torch.testing.assert_close(loaded.layers[1].key_hi, cal.layers[1].key_hi)
     assert torch.equal(loaded.layers[0].value_codebooks[3].levels, cal.layers[0].value_codebooks[3].levels)
     cache = KVQuantCache(model, QuantConfig(datatype="nuq3"), calibration=str(path))

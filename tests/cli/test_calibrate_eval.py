@@ -52,6 +52,56 @@ def test_calibrate_and_eval_ppl_cli_no_progress_hides_the_bars(shared_dir, tmp_p
         # the results record which calibration (its content, not only its path): reports merge runs by it
         meta = json.loads(out.read_text())["meta"]
         assert meta["calibration_sha256"] == hashlib.sha256(cal.read_bytes()).hexdigest()[:16]
-        for bar in ("calibration forward", "fitting codebooks", "ppl fp16"):
+        for bar in ("calibration forward", "fitting codebooks", "ppl exact (fp32)"):
             assert (f"{bar}:   0%" in err) == (not flag), (bar, flag, err)
-        assert re.search(r"ppl fp16: \d+\.\d{4}, ", err), err  # the per-datatype log line stays
+        assert re.search(r"ppl exact \(fp32\): \d+\.\d{4}, ", err), err  # the per-datatype log line stays
+
+
+def test_eval_ppl_cli_resumes_a_stopped_run(shared_dir, tmp_path, capsys, monkeypatch):
+    """Stopped while its second datatype runs (exit 130), the run leaves a file marked partial; the same command
+    again computes only what is missing and marks the file complete."""
+    import kvquant.eval.perplexity as ppl
+    from kvquant.cli.main import main
+
+    monkeypatch.setenv("KVQUANT_SHARED", str(shared_dir))
+    out = tmp_path / "ppl.json"
+    argv = ["eval", "ppl", "--model", "stories260k", "--data", "tinystories", "--ctx", "32", "--chunk", "8",
+            "--max-windows", "1", "--datatypes", "fp16,nuq3", "--out", str(out), "--no-progress"]
+    real, computed = ppl._evaluate_one, []
+
+    def killed_at_nuq3(name, *args, **kwargs):
+        computed.append(name)
+        if name == "nuq3":
+            raise KeyboardInterrupt
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(ppl, "_evaluate_one", killed_at_nuq3)
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 130 and computed == ["fp16", "nuq3"]
+    assert json.loads(out.read_text())["meta"]["complete"] is False
+    monkeypatch.setattr(ppl, "_evaluate_one", lambda name, *a, **k: computed.append(name) or real(name, *a, **k))
+    main(argv)
+    assert computed == ["fp16", "nuq3", "nuq3"]
+    doc = json.loads(out.read_text())
+    assert doc["meta"]["complete"] is True and [r["label"] for r in doc["results"]] == ["exact (fp32)", "nuq3"]
+    assert "| exact (fp32) |" in capsys.readouterr().out
+
+
+def test_calibrate_cli_out_without_suffix_names_the_files_it_wrote(shared_dir, tmp_path, capsys, monkeypatch):
+    import os
+    import stat
+
+    from kvquant.cli.main import main
+
+    monkeypatch.setenv("KVQUANT_SHARED", str(shared_dir))
+    old = os.umask(0o022)
+    try:
+        main(["calibrate", "--model", "stories260k", "--data", "tinystories", "--n-seqs", "2", "--seq-len", "32",
+              "--out", str(tmp_path / "cal"), "--no-progress"])
+    finally:
+        os.umask(old)
+    tensors, sidecar = tmp_path / "cal.safetensors", tmp_path / "cal.safetensors.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [tensors.name, sidecar.name]
+    assert f"calibration written to {tensors} and {sidecar}" in capsys.readouterr().out
+    assert stat.S_IMODE(tensors.stat().st_mode) == stat.S_IMODE(sidecar.stat().st_mode) == 0o644

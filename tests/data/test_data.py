@@ -16,6 +16,7 @@ from kvquant.data import (
     tokenize_corpus,
 )
 from kvquant.data import paths as data_paths
+from kvquant.data import text as data_text
 from kvquant.data.paths import shared_dir_candidates
 
 
@@ -190,3 +191,52 @@ def test_tokenize_corpus_bos_and_documents() -> None:
     assert len(tokenize_corpus(docs, _CharTokenizer())) == len(docs)  # no BOS: text kept whole
     with pytest.raises(ValueError):
         tokenize_corpus("", _CharTokenizer())
+
+
+def test_hub_route_reads_the_text_through_datasets(no_shared: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without $KVQUANT_DATA and shared/, the hub's rows come through `datasets.load_dataset`, joined as the
+    standard perplexity evaluation joins them."""
+    import types
+
+    calls = []
+    fake = types.ModuleType("datasets")
+
+    def load_dataset(path: str, name: str | None, split: str) -> dict:
+        calls.append((path, name, split))
+        return {"text": [" = Title =", "", " words"]}
+
+    fake.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.setattr(data_text, "hub_unreachable", lambda: None)
+    monkeypatch.delenv("KVQUANT_DATA", raising=False)
+    assert load_text("wikitext2-raw", "test") == " = Title =\n\n\n\n words"
+    assert calls == [("wikitext", "wikitext-2-raw-v1", "test")]
+
+
+def test_the_hf_extra_brings_datasets() -> None:
+    """The README installs `.[hf]`: that must be enough to read the hub's text."""
+    import re
+
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    hf = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]["hf"]
+    assert any(re.match(r"datasets\b", req) for req in hf), hf
+
+
+def test_an_unreachable_hub_is_not_asked(no_shared: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline (a switch set, or the hub's name not resolving), the stand-in is used at once, with the reason."""
+    import types
+
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda *a, **k: pytest.fail("the hub was asked")
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.delenv("KVQUANT_DATA", raising=False)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match=r"HF_DATASETS_OFFLINE is set"):
+        load_text("wikitext2-raw", "test")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE")
+    for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://no-such-host.invalid")
+    with pytest.raises(FileNotFoundError, match=r"no-such-host.invalid does not resolve"):
+        load_text("wikitext2-raw", "test")

@@ -24,6 +24,6 @@ def test_perplexity_fp16_row_equals_plain(model, seed, tmp_path, capsys):
     assert res["nuq3"].delta_ppl is not None and res["nuq3"].bits_per_element is not None
     # one log line per datatype as it ends; the JSON holds every row (rewritten after each)
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("ppl ")]
-    assert [ln.split(":")[0] for ln in lines] == ["ppl fp16", "ppl plain", "ppl nuq3"]
+    assert [ln.split(":")[0] for ln in lines] == ["ppl exact (fp32)", "ppl plain", "ppl nuq3"]
     assert f"{res['nuq3'].ppl:.4f} ({res['nuq3'].delta_ppl_pct:+.2f} %)" in lines[2]
     assert [r["datatype"] for r in json.loads(out.read_text())["results"]] == ["fp16", "plain", "nuq3"]

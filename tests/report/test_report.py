@@ -45,13 +45,13 @@ def _ppl_doc(model: str = "smollm2-135m") -> dict:
 def test_tradeoff_points() -> None:
     energy = {"fp16": 1.0, "nuq4": 0.8, "nuq3": 0.9, "int3": 0.7, "nuq2": 1.2}
     pts, notes = tradeoff_points(_ppl_doc(), energy)
-    by = {p.datatype: p for p in pts}
-    assert by["fp16"].delta_ppl == 0.0 and by["fp16"].bits_per_element == 16.5
-    assert [d for d in by if by[d].pareto_bits] == ["fp16", "nuq4", "nuq3", "nuq2"]
+    by = {p.datatype: p for p in pts}  # the unquantized row is named by what it stores: 16.5 bits, fp16
+    assert by["exact (fp16)"].delta_ppl == 0.0 and by["exact (fp16)"].bits_per_element == 16.5
+    assert [d for d in by if by[d].pareto_bits] == ["exact (fp16)", "nuq4", "nuq3", "nuq2"]
     assert by["int3"].pareto_bits is False and by["int3"].dominated_by == ["nuq3"]
     assert by["quanto4"].bits_per_element is None and any("quanto4" in n for n in notes)
     # J/token vs ΔPPL: fp16 (1.0, 0), nuq4 (0.8, .05), int3 (0.7, 1.0) on the front; nuq3, nuq2 beaten by nuq4
-    assert {d for d in by if by[d].pareto_energy} == {"fp16", "nuq4", "int3"}
+    assert {d for d in by if by[d].pareto_energy} == {"exact (fp16)", "nuq4", "int3"}
     assert by["quanto4"].pareto_energy is None and by["nuq2"].pareto_all is None  # quanto4 has no bits
 
 
@@ -127,7 +127,7 @@ def test_report_from_synthetic_results(synthetic_dir: Path) -> None:
     assert "#### Not measured" in text and "CUDA out of memory" in text
     assert "| 4096 | 33 / 32 | 150 / 147 |" in text  # capacity table
     assert "Other processes held" not in text
-    assert "**Pareto-optimal (bits/element vs ΔPPL):** fp16, nuq4, nuq3, nuq2." in text
+    assert "**Pareto-optimal (bits/element vs ΔPPL):** exact (fp16), nuq4, nuq3, nuq2." in text
     assert "**Pareto-optimal (J/token vs ΔPPL):**" in text and "Not placed: quanto4" in text
     assert "| mha | 4096 | 8 | nuq3 | 0.500 | - | 0.200 | 2.50 |" in text
     assert "Missing" not in text
@@ -233,9 +233,10 @@ def test_ppl_files_of_same_protocol_merge(tmp_path: Path) -> None:
     assert "| nuq3 | 10.2500 | +0.2500 | +2.50 | 3.90 | 8184 | `b.json` |" in merged
     assert "| int4 | 10.4000 | +0.4000 | +4.00 | 4.90 | 8184 | `b.json` |" in merged
     assert "| nuq4 | 10.0500 | +0.0500 | +0.50 | 4.90 | 8184 | `a.json` |" in merged
-    assert merged.index("| fp16 |") < merged.index("| nuq4 |") < merged.index("| nuq3 |") < merged.index("| int4 |")
+    order = ["| exact (fp32) |", "| nuq4 |", "| nuq3 |", "| int4 |"]
+    assert [merged.index(x) for x in order] == sorted(merged.index(x) for x in order)
     assert "Not placed" not in merged  # every row has a ΔPPL, so every row is on the Pareto table
-    assert "**Pareto-optimal (bits/element vs ΔPPL):** fp16, nuq4, nuq3." in merged
+    assert "**Pareto-optimal (bits/element vs ΔPPL):** exact (fp32), nuq4, nuq3." in merged
     assert "c.json" not in merged and "nuq2" not in merged
     alone = _section(text, "### tiny-lm (`c.json`; ctx 4096, 8 windows)")
     assert "| nuq2 | 9.0000 | +1.0000 | +12.50 | 2.90 | 8184 |" in alone and "merged" not in alone
@@ -283,8 +284,8 @@ def test_ppl_merge_duplicate_datatypes() -> None:
     assert any(n.startswith("nuq3 disagrees") and "`c.json`: PPL 10.8000" in n for n in g["_notes"])
     assert any("fp16 of their own file" in n for n in g["_notes"])
     pts, _ = tradeoff_points(g)
-    assert {p.datatype for p in pts} == {"fp16 (a.json)", "fp16 (c.json)", "nuq3 (a.json)", "nuq3 (c.json)",
-                                         "int4"}
+    assert {p.datatype for p in pts} == {"exact (fp32) (a.json)", "exact (fp32) (c.json)", "nuq3 (a.json)",
+                                         "nuq3 (c.json)", "int4"}
 
 
 def _kernel_rows() -> list[dict]:
@@ -386,3 +387,35 @@ def test_report_reads_decode_profiles_and_backend_comparisons(tmp_path: Path) ->
     assert "| 1 | 4096 | nuq3 | 58.3 | 112.2 | 13.8 | 1831 | 1.25 | - | 48.0 | - | 25.3 |" in text
     assert "## Cache backends in `model.generate`" in text
     assert "| float16 | 4 | 2048 | 64 | yes, 256 | 0.0073 | 60.1 | 218.6 | 0.26 | 1.00 |" in text
+
+
+def test_unquantized_row_is_named_by_what_it_stores() -> None:
+    from kvquant.report.load import row_label
+
+    assert row_label({"datatype": "fp16", "label": "exact (bf16)", "bits_per_element": 16.0}) == "exact (bf16)"
+    # files written before rows had labels: the measured bits tell the stored dtype
+    assert row_label({"datatype": "fp16", "bits_per_element": 32.03}) == "exact (fp32)"
+    assert row_label({"datatype": "fp16", "bits_per_element": 16.02}) == "exact (fp16)"
+    assert row_label({"datatype": "fp16", "bits_per_element": None}) == "exact"
+    assert row_label({"datatype": "nuq3", "bits_per_element": 3.9}) == "nuq3"
+
+
+def test_partial_and_finished_files_of_one_protocol_merge(tmp_path: Path) -> None:
+    """A run stopped part-way (`"complete": false`) and its finished rerun are one protocol; rows with their own
+    config (the current format) read as before."""
+    partial = _ppl_file([("fp16", 10.0)])
+    done = _ppl_file([("fp16", 10.0), ("nuq3", 10.2)])
+    for doc, complete in ((partial, False), (done, True)):
+        doc["meta"]["complete"] = complete
+        doc["meta"]["config"].pop("datatype")
+        for r in doc["results"]:
+            r["label"] = "exact (fp32)" if r["datatype"] == "fp16" else r["datatype"]
+            r["config"] = {**doc["meta"]["config"], "datatype": r["datatype"]}
+    (tmp_path / "partial.json").write_text(json.dumps(partial))
+    (tmp_path / "done.json").write_text(json.dumps(done))
+    res = load_results(tmp_path)
+    groups = group_ppl(res.ppl)
+    assert len(groups) == 1 and groups[0]["_files"] == ["done.json", "partial.json"]
+    table = tables_mod.ppl_table(groups[0])
+    assert "| exact (fp32) | 10.0000 |" in table and "| nuq3 | 10.2000 | +0.2000 |" in table
+    assert "complete" not in " ".join(build_report(tmp_path).read_text().split("Protocol:")[1].split("\n")[:1])

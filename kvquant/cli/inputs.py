@@ -1,0 +1,105 @@
+"""Checks of a command's inputs made before its expensive work (fetching, converting or loading a model).
+
+Each raises :class:`~kvquant.cli.errors.CLIError` with the exit code of the problem, or returns what it read so the
+command does not read it twice.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kvquant.cli.errors import CLIError, ExitCode
+from kvquant.config import QuantConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvquant.calibration import Calibration
+
+
+def read_text(data: str, splits: tuple[str, ...]) -> dict[str, str]:
+    """The text of each split of ``data`` (``--data``); a missing source is exit code 3."""
+    from kvquant.data import load_text
+
+    texts = {}
+    for split in splits:
+        try:
+            texts[split] = load_text(data, split)
+        except FileNotFoundError as exc:
+            raise CLIError(f"--data {data}: {exc}", ExitCode.MISSING) from exc
+        if not texts[split].strip():
+            raise CLIError(f"--data {data}: the {split} text is empty")
+    return texts
+
+
+def read_calibration(path: str | Path | None, config: QuantConfig) -> Calibration | None:
+    """Load and check a ``--calibration`` file (``X`` or ``X.safetensors``) against the quantization flags (exit
+    code 3 when it is not there, 2 when it is not a valid calibration or was made for other settings)."""
+    from kvquant.calibration import Calibration, CalibrationError
+    from kvquant.calibration.format import find_calibration
+
+    if path is None:
+        return None
+    path = find_calibration(path)
+    if not path.is_file():
+        raise CLIError(f"--calibration {path}: no such file", ExitCode.MISSING)
+    try:
+        cal = Calibration.load(path)
+        cal.check_compatible(cal.num_layers, cal.num_kv_heads, cal.head_dim, config.outlier_fraction, config.pre_rope)
+    except CalibrationError as exc:
+        raise CLIError(f"--calibration {path}: {exc}") from exc
+    return cal
+
+
+def check_calibration_fits(cal: Calibration | None, model: torch.nn.Module, name: str, config: QuantConfig) -> None:
+    """Once the model is loaded: the calibration's shape and weights fingerprint are this model's (exit code 2)."""
+    from kvquant.cache.identity import check_calibration_model
+    from kvquant.calibration import CalibrationError
+
+    if cal is None:
+        return
+    cfg = getattr(model.config, "text_config", None) or model.config
+    heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    try:
+        cal.check_compatible(int(cfg.num_hidden_layers), heads, head_dim, config.outlier_fraction, config.pre_rope)
+        check_calibration_model(cal, model, name=name)
+    except CalibrationError as exc:
+        raise CLIError(f"--calibration: {exc}") from exc
+
+
+def check_datatypes(names: list[str], extra: tuple[str, ...] = ()) -> None:
+    """Every name is a kvquant datatype, a baseline or one of ``extra`` (exit code 2 naming the first that is not)."""
+    from kvquant.datatypes import DATATYPES, parse_datatype
+    from kvquant.eval.baselines import parse_baseline
+
+    if not names:
+        raise CLIError("--datatypes: no datatype given")
+    for name in names:
+        if name in extra or parse_baseline(name) is not None:
+            continue
+        try:
+            parse_datatype(name)
+        except ValueError:
+            raise CLIError(f"--datatypes: unknown datatype {name!r}; expected {', '.join(DATATYPES)}, "
+                           f"{', '.join(extra)} or a baseline (quanto2/4, quanto2k/4k, hqq2/4)") from None
+
+
+def check_positive(**values: int | None) -> None:
+    """Each value (by flag name, ``max_windows=...``) is ``None`` or at least 1 (exit code 2)."""
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def check_writable(path: Path, flag: str = "--out") -> None:
+    """``path`` can be written: its folder exists or can be made, and is writable (exit code 3)."""
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if path.is_dir():
+        raise CLIError(f"{flag} {path} is a folder; give a file name", ExitCode.USAGE)
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise CLIError(f"{flag} {path}: cannot write in {folder}", ExitCode.MISSING)
