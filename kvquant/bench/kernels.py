@@ -63,7 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt lengths of the prefill rows (default: the benchmark's own list)")
     p.add_argument("--prefill-shapes", nargs="*", default=["mha", "gqa"], choices=sorted(PREFILL_SHAPES),
                    help="head layouts of the prefill rows")
-    p.add_argument("--prefill-sweep", action="store_true", help="time the quantize kernel's launch variants")
     p.add_argument("--sweep", action="store_true", help="tune the decode kernel's launch first (32K context)")
     p.add_argument("--skip-decode", action="store_true", help="no decode rows")
     p.add_argument("--skip-prefill", action="store_true", help="no prefill rows")
