@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     ``SystemExit`` and the exit code of :mod:`kvquant.cli.errors`."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    code = run_reporting_errors("kvquant", lambda: _dispatch(parser, args, rest), debug_requested(argv))
+    prog = "kvquant sweep" if args.command == "sweep" else "kvquant"
+    code = run_reporting_errors(prog, lambda: _dispatch(parser, args, rest), debug_requested(argv))
     if code:
         raise SystemExit(code)
 

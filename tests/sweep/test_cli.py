@@ -9,13 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.sweep.cli import run_sweep
 
-def _run(argv: list[str]) -> int:
-    from kvquant.cli.main import main
-
-    with pytest.raises(SystemExit) as exc:
-        main(["sweep", *argv])
-    return int(exc.value.code)
+_run = run_sweep
 
 
 @pytest.mark.parametrize("text, message", [

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from kvquant.sweep import SweepDir, expand, load_grid, read_state, run_job
+from tests.sweep.cli import run_sweep
 
 #: A job that runs for minutes (every window of WikiText-2 through the tiny model): it is always stopped first.
 SLOW_ARGS = ("      model: stories260k\n      data: wikitext2-raw\n      ctx: 256\n"
@@ -67,12 +68,7 @@ jobs:
     return path
 
 
-def _sweep(argv: list[str]) -> int:
-    from kvquant.cli.main import main
-
-    with pytest.raises(SystemExit) as exc:
-        main(["sweep", *argv])
-    return int(exc.value.code)
+_sweep = run_sweep
 
 
 def test_local_sweep_runs_resumes_and_retries(shared_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
