@@ -1,4 +1,4 @@
-"""``kvquant``: demo, calibrate, eval, bench.
+"""``kvquant``: demo, calibrate, eval (ppl, longctx), bench, report.
 
 Models resolve from ``--model``, then ``$KVQUANT_MODEL``, then ``../shared``/the local cache, then the
 hub; data from ``--data``, then ``$KVQUANT_DATA``, then ``../shared``, then the hub.
@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from kvquant.cli import longctx
 from kvquant.flags import add_device_arg, add_quant_config_args, quant_config_from_args, resolve_device
 from kvquant.quant.calibration_file import SENSITIVITIES
 
@@ -200,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--out", type=Path, default=Path("results/ppl.json"))
     _progress_arg(ppl)
     ppl.set_defaults(func=cmd_eval_ppl)
+    longctx.add_parser(esub, _model_args, _progress_arg)
 
     b = sub.add_parser("bench", help="benchmarks (extra arguments go to the benchmark; try --help)", add_help=False)
     b.add_argument("what", nargs="?", choices=BENCHMARKS,
