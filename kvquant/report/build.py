@@ -13,6 +13,7 @@ from typing import Any
 from kvquant.models.random import RANDOM_WEIGHTS_NOTE
 from kvquant.report import plots, tables
 from kvquant.report.load import Results, group_generate, group_ppl, load_results
+from kvquant.report.longctx import longctx_sections
 from kvquant.report.markdown import format_table
 from kvquant.report.pareto import energy_per_datatype, tradeoff_points
 
@@ -197,6 +198,13 @@ def _accuracy_sections(res: Results, figs: _Figures) -> list[str]:
     return out
 
 
+def _longctx_sections(res: Results, figs: _Figures) -> list[str]:
+    """Long-context retrieval (only when the folder has ``kvquant eval longctx`` results: an optional input)."""
+    if not res.longctx:
+        return []
+    return longctx_sections(res.longctx, lambda fn, name, *args: figs.add(fn, name, *args), _slug)
+
+
 def _kernel_sections(res: Results) -> list[str]:
     out = ["## Kernels (`kvquant bench kernels`)", ""]
     if not res.kernels:
@@ -291,7 +299,8 @@ def build_report(results_dir: str | Path, out: str | Path | None = None) -> Path
     if res.skipped:
         lines += ["Unreadable files (ignored): " + "; ".join(res.skipped), ""]
     for section in (_generation_sections(res, figs), _capacity_sections(res, figs), _accuracy_sections(res, figs),
-                    _kernel_sections(res), _profile_sections(res), _backends_sections(res)):
+                    _longctx_sections(res, figs), _kernel_sections(res), _profile_sections(res),
+                    _backends_sections(res)):
         lines += section
     out_path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     return out_path

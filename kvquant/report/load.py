@@ -3,6 +3,7 @@
 * ``kvquant bench generate``: JSON lines with ``"kind": "generate"`` (``generate.jsonl``), or its CSV when no
   JSON-lines file of the same name sits next to it;
 * ``kvquant bench capacity`` / ``generate --find-capacity``: JSON with ``"schema": "kvquant.bench.capacity/v1"``;
+* ``kvquant eval longctx``: JSON lines with ``"kind": "longctx"`` (the latest record of a cell wins);
 * ``kvquant eval ppl``: JSON ``{"meta": {...}, "results": [{"datatype", "ppl", ...}, ...]}`` (files of the same
   protocol are merged by :func:`group_ppl`);
 * ``kvquant bench kernels``: a JSON list of rows with ``"kind"`` in decode / prefill / decode_append / device /
@@ -44,6 +45,7 @@ class Results:
     kernels: list[dict[str, Any]] = field(default_factory=list)
     decode_profiles: list[dict[str, Any]] = field(default_factory=list)
     backends: list[dict[str, Any]] = field(default_factory=list)
+    longctx: list[dict[str, Any]] = field(default_factory=list)
     files: dict[str, list[str]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     superseded: int = 0
@@ -111,6 +113,7 @@ def load_results(root: str | Path) -> Results:
         raise FileNotFoundError(f"results folder {root} does not exist")
     res = Results(root)
     generate: list[dict[str, Any]] = []
+    longctx: list[dict[str, Any]] = []
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         suffix = path.suffix.lower()
         if suffix not in (".json", ".jsonl", ".csv") or path.name.startswith("."):
@@ -118,10 +121,13 @@ def load_results(root: str | Path) -> Results:
         try:
             if suffix == ".jsonl":
                 recs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-                recs = [r for r in recs if isinstance(r, dict) and r.get("kind") == "generate"]
-                if recs:
-                    generate += recs
+                recs = [r for r in recs if isinstance(r, dict)]
+                if any(r.get("kind") == "generate" for r in recs):
+                    generate += [r for r in recs if r.get("kind") == "generate"]
                     res._add_file("generate", path)
+                if any(r.get("kind") == "longctx" for r in recs):
+                    longctx += [r for r in recs if r.get("kind") == "longctx"]
+                    res._add_file("longctx", path)
             elif suffix == ".csv":
                 if path.with_suffix(".jsonl").exists() or "_" in path.stem and \
                         path.with_name(path.stem.rsplit("_", 1)[0] + ".jsonl").exists():
@@ -155,7 +161,15 @@ def load_results(root: str | Path) -> Results:
         except (OSError, ValueError, UnicodeDecodeError) as exc:
             res.skipped.append(f"{path.relative_to(root)} ({type(exc).__name__}: {str(exc)[:100]})")
     res.generate, res.superseded = _dedupe(generate)
+    latest = {_longctx_key(r): r for r in longctx}
+    res.longctx = list(latest.values())
     return res
+
+
+def _longctx_key(r: dict[str, Any]) -> tuple:
+    depth = r.get("depth")
+    return (r.get("model"), r.get("task"), r.get("length"), None if depth is None else float(depth), r.get("cache"),
+            r.get("n"), r.get("seed"))
 
 
 def group_generate(records: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
