@@ -208,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="benchmark to run; `kvquant bench WHAT --help` lists its options")
     b.set_defaults(func=None)
 
+    lm = sub.add_parser("lm-eval", add_help=False,
+                        help="lm-evaluation-harness with the `kvquant` model type (a cache per batch; arguments go "
+                             "to lm-eval: --model kvquant --model_args pretrained=...,cache=nuq3 --tasks ...)")
+    lm.set_defaults(func=None)
+
     r = sub.add_parser("report", help="report.md with tables and plots from a results folder")
     r.add_argument("results_dir", type=Path, help="folder with bench generate / capacity / eval ppl / kernels output")
     r.add_argument("--out", default=None,
@@ -220,11 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command != "bench":
+    if args.command not in ("bench", "lm-eval"):
         try:  # an invalid QuantConfig value is a usage error, before any model is loaded
             quant_config_from_args(args)
         except ValueError as exc:
             parser.error(str(exc))
+    if args.command == "lm-eval":
+        from kvquant.eval.lm_harness import main as lm_eval_main
+
+        lm_eval_main(rest)
+        return
     if args.command == "bench":
         if args.what is None:
             print(f"usage: kvquant bench {{{','.join(BENCHMARKS)}}} [options]\n"
