@@ -75,6 +75,16 @@ def test_press_evicts_to_the_bytes_of_a_datatype(model, cell, monkeypatch):
     assert fixed.ratio == 0.5 and run_cell(model, TOK, cell[:1], fixed, encoder=ENC).compression_ratio == 0.5
 
 
+def test_real_kvpress_press(model, cell):
+    pytest.importorskip("kvpress", reason="kvpress is not installed (pip install kvquant[longctx])")
+    ok, why = caches_mod.cache_available(parse_cache("snapkv:0.5"))
+    assert ok, why
+    run = run_cell(model, TOK, cell[:1], parse_cache("snapkv:0.5"), encoder=ENC)
+    S, tail = run.prompt_tokens, run.extra["query_tokens"]
+    assert run.compression_ratio == 0.5 and run.predictions[0].strip()
+    assert 16 * 0.5 * (S - tail) / S < run.bits_per_element < 16 * (0.5 * (S - tail) + tail + 4) / S + 0.1
+
+
 def test_cache_names():
     assert [c.kind for c in parse_caches("fp16,nuq3,quanto2k,snapkv@nuq2,knorm:0.5")] == [
         "dynamic", "kvquant", "baseline", "press", "press"]
