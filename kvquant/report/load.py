@@ -90,6 +90,24 @@ def _is_decode_profile(doc: Any) -> bool:
             and all(isinstance(r, dict) and "wall_ms_per_step" in r for r in doc["results"]))
 
 
+def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """The JSON objects of a JSON-lines file and the number of lines that are not one."""
+    recs, bad = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            bad += 1
+            continue
+        if isinstance(rec, dict):
+            recs.append(rec)
+        else:
+            bad += 1
+    return recs, bad
+
+
 def _dedupe(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
     """Keep the latest record of each (model, device, datatype, batch, prompt, gen)."""
     latest: dict[tuple, dict[str, Any]] = {}
@@ -120,8 +138,10 @@ def load_results(root: str | Path) -> Results:
             continue
         try:
             if suffix == ".jsonl":
-                recs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-                recs = [r for r in recs if isinstance(r, dict)]
+                recs, torn = _read_jsonl(path)
+                if torn:
+                    res.skipped.append(f"{path.relative_to(root)}: {torn} unreadable line(s) (a run stopped while "
+                                       "writing?)")
                 if any(r.get("kind") == "generate" for r in recs):
                     generate += [r for r in recs if r.get("kind") == "generate"]
                     res._add_file("generate", path)

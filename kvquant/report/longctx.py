@@ -108,17 +108,19 @@ def plot_needle_heatmap(records: list[dict[str, Any]], path: Path, title: str) -
 
     cols = min(4, len(caches))
     rows = math.ceil(len(caches) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows + 0.6), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols + 1.0, 2.8 * rows + 0.6), squeeze=False,
+                             constrained_layout=True)
     image = None
-    for ax, cache in zip(axes.flat, caches):
+    for k, (ax, cache) in enumerate(zip(axes.flat, caches)):
         depths, lengths, grid = heatmap_grid(records, cache)
         data = [[float("nan") if v is None else v for v in row] for row in grid]
         image = ax.imshow(data, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto", origin="upper")
         ax.set_xticks(range(len(lengths)), [_size(n) for n in lengths])
-        ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths])
+        ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths] if k % cols == 0 else [])
         ax.set_title(cache, fontsize=10)
         ax.set_xlabel("length (tokens)")
-        ax.set_ylabel("needle depth")
+        if k % cols == 0:
+            ax.set_ylabel("needle depth")
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
                 if v is not None:
