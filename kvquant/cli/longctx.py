@@ -48,6 +48,8 @@ def add_parser(esub: argparse._SubParsersAction, model_args, progress_arg) -> No
     p.add_argument("--max-new-tokens", type=int, default=None, help="answer budget of every task (default: each "
                                                                     "task's own)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tag", default=None, help="appended to the recorded cache names (nuq2+TAG), e.g. to tell a run "
+                                               "with --residual-length 128 from the default one in one results folder")
     p.add_argument("--out", type=Path, default=Path("results/longctx.jsonl"),
                    help="JSON-lines results file; cells already in it are skipped")
     progress_arg(p)
@@ -138,7 +140,8 @@ def cmd_eval_longctx(a: argparse.Namespace) -> None:
         cal.check_compatible(cal.num_layers, cal.num_kv_heads, cal.head_dim, cfg.outlier_fraction, cfg.pre_rope,
                              spec.name)
     settings = GridSettings(model_name=spec.name, tasks=tasks, lengths=lengths, depths=depths, n=a.n,
-                            caches=runnable, batch_size=batch, seed=a.seed, max_new_tokens=a.max_new_tokens)
+                            caches=runnable, batch_size=batch, seed=a.seed, max_new_tokens=a.max_new_tokens,
+                            tag=a.tag)
     meta = {"haystack": a.haystack if haystack is not None else None, "calibration": a.calibration,
             "device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype),
             "torch_version": torch.__version__}

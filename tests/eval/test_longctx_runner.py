@@ -1,6 +1,7 @@
 """Running cells: batched and one-at-a-time answers agree, baselines run at odd lengths and batches, presses evict
 to the bytes asked, finished cells are skipped on a rerun."""
 
+import dataclasses
 import json
 
 import pytest
@@ -114,3 +115,7 @@ def test_a_rerun_skips_finished_cells(model, tmp_path, monkeypatch):
     assert len(new) == 1 and len(calls) == 3 and (new[0]["cache"], new[0]["depth"]) == (json.loads(lines[-1])["cache"],
                                                                                      json.loads(lines[-1])["depth"])
     assert len(read_records(out)) == 2
+    # the same grid under a tag (other settings) is other cells
+    tagged = evaluate_longctx(model, TOK, dataclasses.replace(settings, tag="r8"), ResultsFile(out), encoder=ENC,
+                              progress=False)
+    assert [r["cache"] for r in tagged] == ["fp16+r8", "fp16+r8"] and len(read_records(out)) == 4

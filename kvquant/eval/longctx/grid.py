@@ -40,6 +40,7 @@ class GridSettings:
         batch_size: prompts per left-padded batch (presses: 1).
         seed: the run's seed.
         max_new_tokens: answer budget for every task (default: each task's own).
+        tag: appended to every cache name recorded (``nuq2+r128``), to tell runs of other settings apart.
     """
 
     model_name: str
@@ -51,6 +52,11 @@ class GridSettings:
     batch_size: int = 1
     seed: int = 0
     max_new_tokens: int | None = None
+    tag: str | None = None
+
+    def label(self, spec: CacheSpec) -> str:
+        """The cache name recorded for ``spec`` (with the tag)."""
+        return f"{spec.name}+{self.tag}" if self.tag else spec.name
 
 
 def _ordered(caches: Sequence[CacheSpec]) -> list[CacheSpec]:
@@ -121,18 +127,20 @@ def evaluate_longctx(model: torch.nn.Module, tokenizer, settings: GridSettings, 
             built[key] = make_cell(task, length, depth, settings.n, encoder.count, haystack, settings.seed,
                                    settings.max_new_tokens)
         samples = built[key]
-        bar.set_description(f"{task} {length} d={depth} {spec.name}")
+        name = settings.label(spec)
+        bar.set_description(f"{task} {length} d={depth} {name}")
         ratio = None
         if spec.kind == "press" and spec.ratio is None:
-            done = results.find(model=settings.model_name, task=task, length=length, depth=depth, cache=spec.match,
-                                n=settings.n, seed=settings.seed)
+            done = results.find(model=settings.model_name, task=task, length=length, depth=depth,
+                                cache=settings.label(CacheSpec(spec.match or "", "kvquant")), n=settings.n,
+                                seed=settings.seed)
             bits = done[0]["bits_per_element"] if done else measure_bits(model, samples[0], encoder, spec.match or "",
                                                                           calibration, base)
             ratio = ratio_for_bits(bits)
         run = run_cell(model, tokenizer, samples, spec, encoder=encoder, calibration=calibration, base_config=base,
                        batch_size=settings.batch_size, press_ratio=ratio, on_batch=bar.update)
         record = {
-            "model": settings.model_name, "task": task, "length": length, "depth": depth, "cache": spec.name,
+            "model": settings.model_name, "task": task, "length": length, "depth": depth, "cache": name,
             "cache_kind": spec.kind, "n": settings.n, "seed": settings.seed, "accuracy": run.accuracy,
             "bits_per_element": run.bits_per_element, "kv_bytes": run.kv_bytes, "seconds": run.seconds,
             "prompt_tokens": run.prompt_tokens, "query_tokens": run.extra.get("query_tokens"),
@@ -145,7 +153,7 @@ def evaluate_longctx(model: torch.nn.Module, tokenizer, settings: GridSettings, 
         }
         results.add(record)
         new.append(record)
-        tqdm.write(f"longctx {task} {length} depth={depth} {spec.name}: {run.accuracy:.1f} % "
+        tqdm.write(f"longctx {task} {length} depth={depth} {name}: {run.accuracy:.1f} % "
                    f"({run.bits_per_element:.2f} bits/elem, {run.seconds:.1f} s)", file=sys.stderr)
     bar.close()
     return new
@@ -154,4 +162,4 @@ def evaluate_longctx(model: torch.nn.Module, tokenizer, settings: GridSettings, 
 def _key(settings: GridSettings, cell: tuple[int, str, float | None], spec: CacheSpec) -> tuple:
     length, task, depth = cell
     return cell_key({"model": settings.model_name, "task": task, "length": length, "depth": depth,
-                     "cache": spec.name, "n": settings.n, "seed": settings.seed})
+                     "cache": settings.label(spec), "n": settings.n, "seed": settings.seed})
