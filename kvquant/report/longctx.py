@@ -4,6 +4,7 @@ tables."""
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,14 @@ _KIND_ORDER = {"dynamic": 0, "kvquant": 1, "baseline": 2, "press": 3}
 
 
 def cache_key(name: str, kind: str | None) -> tuple:
-    """Sort key of a cache: fp16, kvquant datatypes (nuq4, nuq3, nuq2, int...), baselines, presses."""
-    return (_KIND_ORDER.get(str(kind), 4), datatype_key(name))
+    """Sort key of a cache: fp16, kvquant datatypes (nuq4, nuq3, nuq2, int...), baselines, presses; more bits first
+    within a family (``quanto4k`` before ``quanto2k``, ``snapkv@nuq3`` before ``snapkv@nuq2``); a tagged run
+    (``nuq2+r128``) right after its untagged cache."""
+    base, _, tag = name.partition("+")
+    digits = re.findall(r"\d+", base)
+    family = re.sub(r"\d+", "#", base)
+    return (_KIND_ORDER.get(str(kind), 4), datatype_key(base) if kind in ("dynamic", "kvquant") else (0, ""),
+            family, -int(digits[-1]) if digits else 0, tag)
 
 
 def caches_in(records: list[dict[str, Any]]) -> list[str]:
@@ -44,14 +51,15 @@ def _nan_if_none(v: float | None) -> float:
 
 def accuracy_bits_table(records: list[dict[str, Any]]) -> str:
     """One row per cache: bits per element, KV MiB per sequence, accuracy per task (mean over lengths and depths,
-    samples weighted), the mean over tasks and its difference from ``fp16``."""
+    samples weighted), the mean over tasks and its difference from ``fp16`` (only for a cache run on every task of
+    the table)."""
     tasks = sorted({str(r.get("task")) for r in records})
     rows, ref = [], None
     by_cache: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         by_cache.setdefault(str(r.get("cache")), []).append(r)
     means = {c: _mean([_nan_if_none(_weighted_accuracy([r for r in rs if r.get("task") == t])) for t in tasks])
-             for c, rs in by_cache.items()}
+             if {r.get("task") for r in rs} >= set(tasks) else None for c, rs in by_cache.items()}
     ref = means.get("fp16")
     for cache in caches_in(records):
         rs = by_cache[str(cache)]
