@@ -9,7 +9,7 @@
 #
 # Environment: MODEL (default random:7b; gen7b, cap, dprof), QWEN (a local path or alias, default qwen2.5-coder-1.5b;
 # qcal, qppl, qgen), TO (seconds, a step's own time limit), DT (datatypes), BATCH, PL (prompt lengths), TESTS
-# (verify), BP (dprof: batch:prompt pairs).
+# (verify), BP (dprof: batch:prompt pairs), TASKS and N (qlong: tasks, samples per cell).
 #
 # Steps:
 #   env       GPU, driver and package versions
@@ -25,6 +25,8 @@
 #   cap       bench capacity on the random-weight 7B shape (run it on an otherwise idle GPU)
 #   qcal      kvquant calibrate on the real model (fisher, 8 x 2048 tokens), into $RES_ROOT/qcal
 #   qppl      eval ppl on the real model with the qcal calibration (8 windows of 2048 tokens)
+#   qlong     eval longctx on the real model with the qcal calibration: passkey and RULER at 4K-32K, kvquant beside
+#             KIVI-style quanto and kvpress eviction at equal bytes (resumable: rerun the step until it ends)
 set -uo pipefail
 STEP=${1:?usage: reproduce_gpu.sh STEP}
 cd "$(dirname "$0")/.."
@@ -86,6 +88,12 @@ run() {
       timeout "${TO:-1800}" $KV eval ppl --model "$QWEN" --device cuda --dtype float32 --calibration "$RES_ROOT/qcal/cal" \
         --ctx 2048 --chunk 64 --max-windows 8 --datatypes "${DT:-fp16,nuq4,nuq3,int4,int3,nuq2,int2}" \
         --no-progress --out "$RES/ppl_qwen.json" ;;
+    qlong)
+      timeout "${TO:-540}" $KV eval longctx --model "$QWEN" --device cuda --dtype float16 \
+        --calibration "$RES_ROOT/qcal/cal" --tasks "${TASKS:-passkey,ruler}" --lengths "${PL:-4K..32K}" \
+        --depths 0,25,50,75,100 --n "${N:-8}" --batch "${BATCH:-4}" \
+        --caches "${DT:-fp16,nuq4,nuq3,nuq2,quanto4k,quanto2k,snapkv@nuq3,snapkv@nuq2,expected_attention@nuq3}" \
+        --no-progress --out "$RES/longctx_qwen.jsonl" ;;
     *) echo "unknown step $STEP (see the list at the top of $0)"; return 2 ;;
   esac
 }

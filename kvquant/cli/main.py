@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kvquant.cli import commands
+from kvquant.cli import commands, longctx
 from kvquant.cli.commands import BENCHMARKS
 from kvquant.cli.errors import DEBUG_ENV, CLIError, ExitCode, debug_requested, run_reporting_errors
 from kvquant.flags import ArgumentParser, add_device_arg, add_quant_config_args, quant_config_from_args
@@ -92,7 +92,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = ArgumentParser) -
                    help="calibration file; .safetensors is added when missing, and a .json sidecar written beside")
     c.set_defaults(func=commands.cmd_calibrate)
 
-    e = sub.add_parser("eval", parents=[debug], help="accuracy evaluations (ppl)")
+    e = sub.add_parser("eval", parents=[debug], help="accuracy evaluations (ppl, longctx)")
     esub = e.add_subparsers(dest="what", required=True, metavar="WHAT")
     ppl = esub.add_parser("ppl", parents=[debug], help="Wikitext-2 perplexity through the quantized cache")
     _model_args(ppl)
@@ -117,11 +117,17 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = ArgumentParser) -
                           "every row (default: resume)")
     _progress_arg(ppl)
     ppl.set_defaults(func=commands.cmd_eval_ppl)
+    longctx.add_parser(esub, _model_args, _progress_arg)
 
     b = sub.add_parser("bench", help="benchmarks (extra arguments go to the benchmark; try --help)", add_help=False)
     b.add_argument("what", nargs="?", choices=BENCHMARKS,
                    help="benchmark to run; kvquant bench WHAT --help lists its options")
     b.set_defaults(func=None)
+
+    lm = sub.add_parser("lm-eval", add_help=False,
+                        help="lm-evaluation-harness with the `kvquant` model type (a cache per batch; arguments go "
+                             "to lm-eval: --model kvquant --model_args pretrained=...,cache=nuq3 --tasks ...)")
+    lm.set_defaults(func=None)
 
     r = sub.add_parser("report", parents=[debug], help="report.md with tables and plots from a results folder")
     r.add_argument("results_dir", type=Path, help="folder with bench generate / capacity / eval ppl / kernels output")
@@ -209,6 +215,10 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: l
                   "kvquant bench WHAT --help lists the options of one benchmark.")
             return 0 if {"-h", "--help"} & set(rest) else 2
         return commands.cmd_bench(args, rest)
+    if args.command == "lm-eval":
+        from kvquant.eval.lm_harness import main as lm_eval_main
+
+        return lm_eval_main([x for x in rest if x != "--debug"])
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:  # an invalid QuantConfig value is a usage error, before any model is loaded
@@ -223,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     ``SystemExit`` and the exit code of :mod:`kvquant.cli.errors`."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    prog = "kvquant sweep" if args.command == "sweep" else "kvquant"
+    prog = " ".join(["kvquant", args.command, *([args.what] if args.command == "eval" else [])])
     code = run_reporting_errors(prog, lambda: _dispatch(parser, args, rest), debug_requested(argv))
     if code:
         raise SystemExit(code)

@@ -1,6 +1,6 @@
 """Loading evaluation / calibration text corpora.
 
-Named datasets (``"wikitext2"``, ``"wikitext2-raw"``, ``"tinystories"``) are looked up, in order, in
+Named datasets (``"wikitext2"``, ``"wikitext2-raw"``, ``"tinystories"``, ``"pg-essays"``) are looked up, in order, in
 ``$KVQUANT_DATA`` (a file or a directory), in the project's ``shared/`` folder, and on the Hugging Face
 hub through ``datasets`` (part of the ``kvquant[hf]`` extra). Any other source is read as a local file or directory.
 
@@ -84,6 +84,15 @@ DATASETS: dict[str, NamedDataset] = {
         wikitext_lines=False,
         hub_splits={"test": "validation"},
         dir_names=("tinystories",),
+    ),
+    "pg-essays": NamedDataset(  # the haystack of needle-in-a-haystack and RULER's essay tasks
+        name="pg-essays",
+        shared_files=dict.fromkeys(("train", "validation", "test"), "data/pg-essays/essays.txt"),
+        hub_path="sgoel9/paul_graham_essays",
+        hub_config=None,
+        wikitext_lines=False,
+        hub_splits={"test": "train", "validation": "train"},
+        dir_names=("pg-essays",),
     ),
 }
 

@@ -10,6 +10,13 @@ already does that for keys). Whether a backend
 runs depends on its package (``optimum-quanto``, ``hqq``) being installed; :func:`baseline_available`
 says so without raising.
 
+Any prompt length and batch runs: the backends group the flattened tensor, so quanto raised unless batch × KV heads
+× tokens was a multiple of the group size (``Group size (64) must be a divisor of (4140)``) and, when it was, a
+per-channel group could straddle two heads or sequences. Every layer here quantizes its tokens padded to a multiple
+of the group size (the last token repeated, so no range widens) and drops the padding when it dequantizes: per-channel
+groups then hold 64 consecutive tokens of one head of one sequence, as KIVI's do, and a sequence quantizes the same
+whatever else is in the batch. The padding is stored, and counted in the measured bytes.
+
 Bits per element are *measured*: every tensor the cache's layers hold (packed codes, scales, zeros, the
 residual window) is counted, unwrapping tensor subclasses such as quanto's ``QBitsTensor``.
 """
@@ -69,11 +76,39 @@ def make_baseline_cache(name: str, model: torch.nn.Module, residual_length: int 
     if _per_channel_keys(name):
         extra["axis_key"] = -1
     try:
-        return QuantizedCache(backend=backend, config=model.config, nbits=nbits, **extra)
+        cache = QuantizedCache(backend=backend, config=model.config, nbits=nbits, **extra)
     except TypeError:  # transformers 4.5x signature
         from transformers import QuantizedCacheConfig
 
         return QuantizedCache(QuantizedCacheConfig(backend=backend, nbits=nbits, **extra))
+    for layer in getattr(cache, "layers", []):
+        pad_tokens_to_groups(layer)
+    return cache
+
+
+def pad_tokens_to_groups(layer: object) -> None:
+    """Make a ``QuantizedLayer`` quantize ``[B, H, S, D]`` tensors of any ``S`` (see the module docstring).
+
+    Its ``_quantize`` gets the tokens padded to a multiple of ``q_group_size`` (last token repeated) and returns
+    ``(quantized, {"shape": (B, H, S, D)})``; its ``_dequantize`` returns the first ``S`` tokens again.
+    """
+    quantize, dequantize = layer._quantize, layer._dequantize  # type: ignore[attr-defined]
+    group = int(getattr(layer, "q_group_size", 64) or 64)
+
+    def padded_quantize(tensor: torch.Tensor, axis: int):
+        S = tensor.shape[-2]
+        extra = -S % group
+        if extra:
+            tensor = torch.cat([tensor, tensor[..., -1:, :].expand(*tensor.shape[:-2], extra, tensor.shape[-1])],
+                               dim=-2).contiguous()
+        return quantize(tensor, axis=axis), {"shape": (*tensor.shape[:-2], S, tensor.shape[-1])}
+
+    def padded_dequantize(stored):
+        quantized, meta = stored
+        return dequantize(quantized)[..., : meta["shape"][-2], :]
+
+    layer._quantize = padded_quantize  # type: ignore[attr-defined]
+    layer._dequantize = padded_dequantize  # type: ignore[attr-defined]
 
 
 def tensor_bytes(obj: object, _seen: set[int] | None = None) -> int:

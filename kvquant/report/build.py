@@ -15,7 +15,7 @@ from kvquant.models.random import RANDOM_WEIGHTS_NOTE
 from kvquant.report import plots, tables
 from kvquant.report.across import across_groups
 from kvquant.report.load import Results, group_generate, group_ppl, load_results
-from kvquant.report.longctx import heat_maps
+from kvquant.report.longctx import longctx_sections
 from kvquant.report.markdown import format_table
 from kvquant.report.pareto import energy_per_datatype, tradeoff_points
 
@@ -227,21 +227,6 @@ def _across_sections(res: Results, figs: _Figures) -> list[str]:
     return out
 
 
-def _longctx_sections(res: Results, figs: _Figures) -> list[str]:
-    """Long-context tasks (``longctx*.jsonl``): a table and a heat map per (model, task), when present."""
-    if not res.longctx:
-        return []
-    maps, dropped = heat_maps(res.longctx)
-    out = ["## Long-context tasks", "",
-           "Mean score per cache and context (averaged over needle depths); the heat maps show every depth.", ""]
-    if dropped:
-        out += [f"_{dropped} row(s) without a context length or a score were left out._", ""]
-    for hm in maps:
-        out += [f"### {hm.model}: {hm.task}", "", tables.longctx_table(hm), "",
-                figs.add(plots.plot_longctx_heatmap, f"longctx_{_slug(hm.model, hm.task)}.png", hm,
-                         f"{hm.model}: {hm.task}"), ""]
-    return out
-
 
 def _sweep_sections(res: Results) -> list[str]:
     """The jobs of a ``kvquant sweep`` whose results folder this is (failed and blocked ones included)."""
@@ -269,6 +254,13 @@ def _sweep_sections(res: Results) -> list[str]:
         out += ["Jobs without results (their configurations are missing from the tables below):", "",
                 tables.sweep_table(unfinished), ""]
     return out
+
+
+def _longctx_sections(res: Results, figs: _Figures) -> list[str]:
+    """Long-context retrieval (only when the folder has ``kvquant eval longctx`` results: an optional input)."""
+    if not res.longctx:
+        return []
+    return longctx_sections(res.longctx, lambda fn, name, *args: figs.add(fn, name, *args), _slug)
 
 
 def _kernel_sections(res: Results) -> list[str]:

@@ -3,6 +3,7 @@
 * ``kvquant bench generate``: JSON lines with ``"kind": "generate"`` (``generate.jsonl``), or its CSV when no
   JSON-lines file of the same name sits next to it;
 * ``kvquant bench capacity`` / ``generate --find-capacity``: JSON with ``"schema": "kvquant.bench.capacity/v1"``;
+* ``kvquant eval longctx``: JSON lines with ``"kind": "longctx"`` (the latest record of a cell wins);
 * ``kvquant eval ppl``: JSON ``{"meta": {...}, "results": [{"datatype", "ppl", ...}, ...]}`` (files of the same
   protocol are merged by :func:`group_ppl`; a file whose meta says ``"complete": false`` is a run still going or
   stopped part-way, read with the rows it has);
@@ -10,8 +11,6 @@
   sweep / tuning;
 * ``kvquant bench profile --kind decode``: JSON ``{"config": {"kind": "decode", ...}, "results": [...]}``;
 * ``python -m kvquant.bench.backends``: a JSON list of rows with ``"part"`` in e2e / e2e_breakdown / device;
-* long-context evaluations: ``longctx*.jsonl``, one JSON object per row (every row kept; see
-  :mod:`kvquant.report.longctx` for the fields the report reads).
 
 Subfolders are searched too (a ``kvquant sweep`` results folder holds one folder per job); files inside hidden
 folders (``.sweep/``, a running job's ``.<name>.partial/``) are not results and are left out. Unreadable or
@@ -112,6 +111,24 @@ def _is_decode_profile(doc: Any) -> bool:
             and all(isinstance(r, dict) and "wall_ms_per_step" in r for r in doc["results"]))
 
 
+def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """The JSON objects of a JSON-lines file and the number of lines that are not one."""
+    recs, bad = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            bad += 1
+            continue
+        if isinstance(rec, dict):
+            recs.append(rec)
+        else:
+            bad += 1
+    return recs, bad
+
+
 def _dedupe(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
     """Keep the latest record of each (model, device, datatype, batch, prompt, gen)."""
     latest: dict[tuple, dict[str, Any]] = {}
@@ -135,24 +152,24 @@ def load_results(root: str | Path) -> Results:
         raise FileNotFoundError(f"results folder {root} does not exist")
     res = Results(root)
     generate: list[dict[str, Any]] = []
+    longctx: list[dict[str, Any]] = []
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         suffix = path.suffix.lower()
         if suffix not in (".json", ".jsonl", ".csv") or any(part.startswith(".")
                                                              for part in path.relative_to(root).parts):
             continue
         try:
-            if suffix == ".jsonl" and path.name.startswith("longctx"):
-                recs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-                recs = [{**r, "_file": str(path.relative_to(root))} for r in recs if isinstance(r, dict)]
-                if recs:
-                    res.longctx += recs
-                    res._add_file("long-context", path)
-            elif suffix == ".jsonl":
-                recs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-                recs = [r for r in recs if isinstance(r, dict) and r.get("kind") == "generate"]
-                if recs:
-                    generate += recs
+            if suffix == ".jsonl":
+                recs, torn = _read_jsonl(path)
+                if torn:
+                    res.skipped.append(f"{path.relative_to(root)}: {torn} unreadable line(s) (a run stopped while "
+                                       "writing?)")
+                if any(r.get("kind") == "generate" for r in recs):
+                    generate += [r for r in recs if r.get("kind") == "generate"]
                     res._add_file("generate", path)
+                if any(r.get("kind") == "longctx" for r in recs):
+                    longctx += [r for r in recs if r.get("kind") == "longctx"]
+                    res._add_file("longctx", path)
             elif suffix == ".csv":
                 if path.with_suffix(".jsonl").exists() or "_" in path.stem and \
                         path.with_name(path.stem.rsplit("_", 1)[0] + ".jsonl").exists():
@@ -186,7 +203,15 @@ def load_results(root: str | Path) -> Results:
         except (OSError, ValueError, UnicodeDecodeError) as exc:
             res.skipped.append(f"{path.relative_to(root)} ({type(exc).__name__}: {str(exc)[:100]})")
     res.generate, res.superseded = _dedupe(generate)
+    latest = {_longctx_key(r): r for r in longctx}
+    res.longctx = list(latest.values())
     return res
+
+
+def _longctx_key(r: dict[str, Any]) -> tuple:
+    depth = r.get("depth")
+    return (r.get("model"), r.get("task"), r.get("length"), None if depth is None else float(depth), r.get("cache"),
+            r.get("n"), r.get("seed"))
 
 
 def group_generate(records: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:

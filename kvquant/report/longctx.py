@@ -1,100 +1,170 @@
-"""Long-context evaluation rows (``longctx*.jsonl``, as ``kvquant eval longctx`` writes them) shaped for tables and
-heat maps.
-
-Each row is a JSON object (rows with another ``"kind"`` than ``"longctx"`` are ignored); the report reads the first
-of the names listed that the row has:
-
-* model: ``model``; task: ``task`` (``passkey``, ``niah_single_2``, ...; default ``longctx``);
-* the cache: ``datatype``, ``cache`` (``fp16``, ``nuq3``, ``quanto4k``, ``snapkv@nuq3``, ...);
-* context length in tokens: ``length``, ``context``, ``context_len``, ``ctx``, ``seq_len``;
-* depth of the needle (optional): ``depth``, ``needle_depth``, ``depth_pct``, ``position``;
-* score (higher is better): ``accuracy``, ``score``, ``acc``, ``exact_match``, ``correct``, ``recall``
-  (booleans count as 0/1; percentages stay percentages).
-
-Rows with the same (model, task, cache, context, depth) are averaged. Rows without a context or a score are counted
-and left out.
-"""
+"""The long-context section of the report (``kvquant eval longctx`` records): needle heat maps and accuracy-vs-bits
+tables."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import re
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from kvquant.report.load import datatype_key
+from kvquant.report.markdown import fmt_num, format_table
 
-DATATYPE_KEYS = ("datatype", "cache")
-CONTEXT_KEYS = ("length", "context", "context_len", "ctx", "seq_len")
-DEPTH_KEYS = ("depth", "needle_depth", "depth_pct", "position")
-SCORE_KEYS = ("accuracy", "score", "acc", "exact_match", "correct", "recall")
+_KIND_ORDER = {"dynamic": 0, "kvquant": 1, "baseline": 2, "press": 3}
 
 
-def _first(row: dict[str, Any], keys: Sequence[str]) -> Any:
-    return next((row[k] for k in keys if row.get(k) is not None), None)
+def cache_key(name: str, kind: str | None) -> tuple:
+    """Sort key of a cache: fp16, kvquant datatypes (nuq4, nuq3, nuq2, int...), baselines, presses; more bits first
+    within a family (``quanto4k`` before ``quanto2k``, ``snapkv@nuq3`` before ``snapkv@nuq2``); a tagged run
+    (``nuq2+r128``) right after its untagged cache."""
+    base, _, tag = name.partition("+")
+    digits = re.findall(r"\d+", base)
+    family = re.sub(r"\d+", "#", base)
+    return (_KIND_ORDER.get(str(kind), 4), datatype_key(base) if kind in ("dynamic", "kvquant") else (0, ""),
+            family, -int(digits[-1]) if digits else 0, tag)
 
 
-def _number(v: Any) -> float | None:
-    if isinstance(v, bool):
-        return float(v)
-    if isinstance(v, (int, float)) and math.isfinite(v):
-        return float(v)
-    return None
+def caches_in(records: list[dict[str, Any]]) -> list[str]:
+    """The caches of ``records`` in report order."""
+    kinds = {r.get("cache"): r.get("cache_kind") for r in records}
+    return sorted(kinds, key=lambda c: cache_key(str(c), kinds[c]))
 
 
-@dataclass
-class HeatMap:
-    """Mean scores of one (model, task): ``cells[(datatype, depth)][context]`` (depth None without depths)."""
-
-    model: str
-    task: str
-    contexts: list[Any] = field(default_factory=list)
-    depths: list[Any] = field(default_factory=list)
-    datatypes: list[str] = field(default_factory=list)
-    cells: dict[tuple[str, Any], dict[Any, float]] = field(default_factory=dict)
-    counts: dict[tuple[str, Any], dict[Any, int]] = field(default_factory=dict)
-
-    def mean_over_depths(self, datatype: str, context: Any) -> float | None:
-        """The score of a datatype at a context, averaged over depths (rows weighted equally)."""
-        tot, n = 0.0, 0
-        for depth in self.depths or [None]:
-            c = self.counts.get((datatype, depth), {}).get(context, 0)
-            if c:
-                tot += self.cells[(datatype, depth)][context] * c
-                n += c
-        return tot / n if n else None
+def _mean(values: list[float]) -> float | None:
+    vals = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else None
 
 
-def heat_maps(rows: list[dict[str, Any]]) -> tuple[list[HeatMap], int]:
-    """One :class:`HeatMap` per (model, task), and how many rows were left out (no context or no score)."""
-    sums: dict[tuple[str, str], dict[tuple[str, Any, Any], list[float]]] = {}
-    dropped = 0
-    for r in rows:
-        if r.get("kind", "longctx") != "longctx":
-            continue
-        ctx, score = _first(r, CONTEXT_KEYS), _number(_first(r, SCORE_KEYS))
-        if ctx is None or score is None:
-            dropped += 1
-            continue
-        key = (str(r.get("model")), str(r.get("task") or "longctx"))
-        cell = (str(_first(r, DATATYPE_KEYS)), _first(r, DEPTH_KEYS), ctx)
-        acc = sums.setdefault(key, {}).setdefault(cell, [0.0, 0])
-        acc[0] += score
-        acc[1] += 1
-    maps = []
-    for (model, task), cells in sums.items():
-        hm = HeatMap(model, task)
-        hm.datatypes = sorted({dt for dt, _, _ in cells}, key=datatype_key)
-        hm.contexts = sorted({c for _, _, c in cells}, key=_sort_key)
-        depths = {d for _, d, _ in cells}
-        hm.depths = [] if depths == {None} else sorted(depths, key=_sort_key)
-        for (dt, depth, ctx), (tot, n) in cells.items():
-            hm.cells.setdefault((dt, depth), {})[ctx] = tot / n
-            hm.counts.setdefault((dt, depth), {})[ctx] = int(n)
-        maps.append(hm)
-    return maps, dropped
+def _weighted_accuracy(records: list[dict[str, Any]]) -> float | None:
+    """Mean accuracy over the samples of ``records`` (cells weighted by their ``n``)."""
+    total = sum(int(r.get("n") or 1) for r in records)
+    if not records or not total:
+        return None
+    return sum(float(r["accuracy"]) * int(r.get("n") or 1) for r in records) / total
 
 
-def _sort_key(v: Any) -> tuple[int, float, str]:
-    n = _number(v)
-    return (0, n, "") if n is not None else (1, 0.0, str(v))
+def _nan_if_none(v: float | None) -> float:
+    return float("nan") if v is None else v
+
+
+def accuracy_bits_table(records: list[dict[str, Any]]) -> str:
+    """One row per cache: bits per element, KV MiB per sequence, accuracy per task (mean over lengths and depths,
+    samples weighted), the mean over tasks and its difference from ``fp16`` (only for a cache run on every task of
+    the table)."""
+    tasks = sorted({str(r.get("task")) for r in records})
+    rows, ref = [], None
+    by_cache: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by_cache.setdefault(str(r.get("cache")), []).append(r)
+    means = {c: _mean([_nan_if_none(_weighted_accuracy([r for r in rs if r.get("task") == t])) for t in tasks])
+             if {r.get("task") for r in rs} >= set(tasks) else None for c, rs in by_cache.items()}
+    ref = means.get("fp16")
+    for cache in caches_in(records):
+        rs = by_cache[str(cache)]
+        per_task = [_weighted_accuracy([r for r in rs if r.get("task") == t]) for t in tasks]
+        mean = means[str(cache)]
+        delta = None if ref is None or mean is None or cache == "fp16" else f"{mean - ref:+.1f}"
+        ratio = _mean([r.get("compression_ratio") for r in rs if r.get("compression_ratio") is not None])
+        name = f"{cache} (evicts {ratio:.0%})" if ratio is not None else str(cache)
+        rows.append([name, fmt_num(_mean([r.get("bits_per_element") for r in rs]), ".2f"),
+                     fmt_num((_mean([r.get("kv_bytes") for r in rs]) or 0) / 2**20, ".2f"),
+                     *[fmt_num(a, ".1f") for a in per_task], fmt_num(mean, ".1f"), delta,
+                     fmt_num(sum(float(r.get("seconds") or 0) for r in rs), ".0f")])
+    return format_table(rows, ["cache", "bits/elem", "KV MiB/seq", *tasks, "mean", "Δ vs fp16", "seconds"])
+
+
+def length_table(records: list[dict[str, Any]]) -> str:
+    """Accuracy (mean over tasks and depths, samples weighted) by cache and length."""
+    lengths = sorted({int(r["length"]) for r in records})
+    rows = []
+    for cache in caches_in(records):
+        rs = [r for r in records if r.get("cache") == cache]
+        rows.append([cache, *[fmt_num(_weighted_accuracy([r for r in rs if r.get("length") == n]), ".1f")
+                              for n in lengths]])
+    return format_table(rows, ["cache", *[_size(n) for n in lengths]])
+
+
+def _size(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def heatmap_grid(records: list[dict[str, Any]], cache: str) -> tuple[list[float], list[int], list[list[float | None]]]:
+    """``(depths, lengths, accuracy[depth][length])`` of one cache (``None`` where a cell is missing)."""
+    rs = [r for r in records if r.get("cache") == cache and r.get("depth") is not None]
+    depths = sorted({float(r["depth"]) for r in rs})
+    lengths = sorted({int(r["length"]) for r in rs})
+    grid: list[list[float | None]] = [[None] * len(lengths) for _ in depths]
+    for i, d in enumerate(depths):
+        for j, n in enumerate(lengths):
+            grid[i][j] = _weighted_accuracy([r for r in rs if float(r["depth"]) == d and int(r["length"]) == n])
+    return depths, lengths, grid
+
+
+def plot_needle_heatmap(records: list[dict[str, Any]], path: Path, title: str) -> Path | None:
+    """The classic needle heat map: accuracy by depth (rows) and length (columns), one panel per cache, green at
+    100 %, red at 0 %. ``None`` when no record has a depth."""
+    caches = [c for c in caches_in(records) if any(r.get("depth") is not None for r in records
+                                                   if r.get("cache") == c)]
+    if not caches:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    cols = min(4, len(caches))
+    rows = math.ceil(len(caches) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols + 1.0, 2.8 * rows + 0.6), squeeze=False,
+                             constrained_layout=True)
+    image = None
+    for k, (ax, cache) in enumerate(zip(axes.flat, caches)):
+        depths, lengths, grid = heatmap_grid(records, cache)
+        data = [[float("nan") if v is None else v for v in row] for row in grid]
+        image = ax.imshow(data, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto", origin="upper")
+        ax.set_xticks(range(len(lengths)), [_size(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths] if k % cols == 0 else [])
+        ax.set_title(cache, fontsize=10)
+        ax.set_xlabel("length (tokens)")
+        if k % cols == 0:
+            ax.set_ylabel("needle depth")
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                if v is not None:
+                    ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8)
+    for ax in list(axes.flat)[len(caches):]:
+        ax.axis("off")
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="accuracy %")
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def longctx_sections(records: list[dict[str, Any]], add_figure: Callable[..., str], slug: Callable[..., str]
+                     ) -> list[str]:
+    """Markdown of the long-context section: per model, the accuracy-vs-bits table, accuracy by length, and one heat
+    map per task with depths. ``add_figure(fn, name, records, title)`` draws a figure and returns its link."""
+    out = ["## Long-context retrieval (`kvquant eval longctx`)", ""]
+    if not records:
+        return out + ["_Missing: no `kvquant eval longctx` results (JSON lines with `\"kind\": \"longctx\"`)._", ""]
+    for model in sorted({str(r.get("model")) for r in records}):
+        recs = [r for r in records if str(r.get("model")) == model]
+        ns = sorted({int(r.get("n") or 0) for r in recs})
+        lengths = sorted({int(r["length"]) for r in recs})
+        out += [f"### {model}", "",
+                f"{len(recs)} cells; {', '.join(map(str, ns))} sample(s) per cell; lengths "
+                f"{', '.join(_size(n) for n in lengths)} tokens; accuracy is RULER's string match in percent (every "
+                "reference found in the answer). Bits per element count everything a cache stores; `fp16` is "
+                "transformers' `DynamicCache` in the model's dtype; an eviction press counts its kept tokens at 16 "
+                "bits.", "",
+                "#### Accuracy vs bits", "", accuracy_bits_table(recs), "",
+                "#### Accuracy by length", "", length_table(recs), ""]
+        for task in sorted({str(r.get("task")) for r in recs if r.get("depth") is not None}):
+            trecs = [r for r in recs if r.get("task") == task]
+            out += [f"#### Needle heat map: {task}", "",
+                    add_figure(plot_needle_heatmap, f"needle_{slug(model, task)}.png", trecs,
+                               f"{model}: {task}"), ""]
+    return out

@@ -265,12 +265,6 @@ def backends_table(rows: list[dict[str, Any]]) -> str:
                               "append ms/layer (K+V)"])
 
 
-def longctx_table(hm: Any) -> str:
-    """Mean score per datatype (rows) and context (columns) of a long-context task, averaged over depths."""
-    rows = [[dt] + [fmt_num(hm.mean_over_depths(dt, c), ".3g") for c in hm.contexts] for dt in hm.datatypes]
-    return format_table(rows, ["cache"] + [str(c) for c in hm.contexts])
-
-
 def sweep_table(rows: list[dict[str, Any]]) -> str:
     """Jobs of a sweep (:func:`kvquant.sweep.state.status_rows`): id, status, attempts, reason."""
     return format_table([[f"`{r['id']}`", r["status"], r.get("attempts") or None, r.get("reason")] for r in rows],

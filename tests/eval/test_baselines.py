@@ -75,3 +75,30 @@ def test_quanto_per_channel_keys_survive_offset_channels(seed):
         diff = (got[:, :, :512] - k)[..., plain]
         err[name] = float(diff.norm() / k[..., plain].norm())
     assert err["quanto4k"] < 0.2 < 1.0 < err["quanto4"], err
+
+
+@pytest.mark.parametrize("name", ["quanto4k", "hqq4"])
+def test_baselines_run_at_any_length_and_batch(name):
+    """5 prompts of 207 tokens on a stories260k-shaped model (4 KV heads x 8): 5 x 4 x 207 = 4140 is no multiple of
+    the group size (64), which quanto's prefill rejected. Each sequence must also quantize as it does alone."""
+    ok, why = baseline_available(name)
+    if not ok:
+        pytest.skip(why)
+    model = tiny_llama(seed=0, num_layers=2, hidden=64, heads=8, kv_heads=4, head_dim=8, vocab=512, max_pos=512)
+    ids = torch.randint(0, 512, (5, 207), generator=torch.Generator().manual_seed(1))
+    cache = make_baseline_cache(name, model)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                             max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (5, 210)
+    mem = baseline_memory(cache)
+    assert mem["fp16_bytes"] == 2 * 2 * 5 * 4 * 209 * 8 * 2  # layers x (K,V) x B x heads x tokens x dim x 2 bytes
+    if name.startswith("quanto"):  # hqq's default groups run over the flattened tensor, across sequences
+        alone = make_baseline_cache(name, model)
+        both = make_baseline_cache(name, model)
+        k = torch.randn(2, 4, 207, 8, generator=torch.Generator().manual_seed(2))
+        alone.update(k[1:], k[1:], 0)
+        both.update(k, k, 0)
+        a, _ = alone.update(k[1:, :, -1:], k[1:, :, -1:], 0)
+        b, _ = both.update(k[:, :, -1:], k[:, :, -1:], 0)
+        torch.testing.assert_close(a[0], b[1])

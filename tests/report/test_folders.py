@@ -12,7 +12,6 @@ import pytest
 from kvquant.report import build_report, load_results
 from kvquant.report.across import across_groups
 from kvquant.report.load import group_ppl
-from kvquant.report.longctx import heat_maps
 
 pytest.importorskip("matplotlib")
 
@@ -68,29 +67,6 @@ def test_one_pareto_front_across_configurations(tmp_path: Path) -> None:
     for p in ("ppl/sens=fisher/ppl.json", "ppl/ctx=256/ppl.json"):
         (tmp_path / p).unlink()
     assert "across configurations" not in build_report(tmp_path).read_text()
-
-
-def test_long_context_rows_become_tables_and_heat_maps(tmp_path: Path) -> None:
-    # the records of `kvquant eval longctx` (accuracy in percent, the cache by name, the length in tokens)
-    rows = [{"kind": "longctx", "model": "m", "task": "passkey", "cache": c, "length": n, "depth": d, "n": 2,
-             "accuracy": 50.0 if (c == "nuq2" and n == 8192 and d == 50) else 100.0}
-            for c in ("fp16", "nuq2") for n in (4096, 8192) for d in (0, 50)]
-    rows.append({"kind": "longctx", "model": "m", "task": "passkey", "cache": "nuq2", "depth": 0, "accuracy": 1})
-    rows.append({"kind": "other", "model": "m", "length": 4096, "accuracy": 0})  # not a long-context record
-    (tmp_path / "longctx.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    # other writers' names: datatype, context, score (booleans)
-    (tmp_path / "longctx_needle.jsonl").write_text(json.dumps(
-        {"model": "m", "task": "needle", "datatype": "nuq3", "context": 2048, "correct": True}) + "\n")
-    maps, dropped = heat_maps(load_results(tmp_path).longctx)
-    hm = next(h for h in maps if h.task == "passkey")
-    assert dropped == 1 and hm.contexts == [4096, 8192] and hm.depths == [0, 50]
-    assert hm.mean_over_depths("nuq2", 8192) == 75.0 and hm.mean_over_depths("fp16", 8192) == 100.0
-    assert next(h for h in maps if h.task == "needle").cells == {("nuq3", None): {2048: 1.0}}
-    text = build_report(tmp_path).read_text()
-    assert "## Long-context tasks" in text and "### m: passkey" in text and "### m: needle" in text
-    assert "| nuq2 | 100 | 75 |" in text and "1 row(s) without a context length or a score" in text
-    png = tmp_path / "figures/longctx_m_passkey.png"
-    assert png.read_bytes()[:4] == b"\x89PNG" and "](figures/longctx_m_passkey.png)" in text
 
 
 def test_a_sweeps_unfinished_jobs_are_listed(tmp_path: Path) -> None:
