@@ -48,7 +48,7 @@ def add_parser(esub: argparse._SubParsersAction, model_args, progress_arg) -> No
                    help="essay haystack: pg-essays (shared/ or the hub), a named dataset, or a text file")
     p.add_argument("--max-new-tokens", type=int, default=None, help="answer budget of every task (default: each "
                                                                     "task's own)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts (haystack crops, needles, keys)")
     p.add_argument("--tag", default=None, help="appended to the recorded cache names (nuq2+TAG), e.g. to tell a run "
                                                "with --residual-length 128 from the default one in one results folder")
     p.add_argument("--out", type=Path, default=Path("results/longctx.jsonl"),

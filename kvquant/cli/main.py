@@ -125,7 +125,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = ArgumentParser) -
     b.set_defaults(func=None)
 
     lm = sub.add_parser("lm-eval", add_help=False,
-                        help="lm-evaluation-harness with the `kvquant` model type (a cache per batch; arguments go "
+                        help="lm-evaluation-harness with the kvquant model type (a cache per batch; arguments go "
                              "to lm-eval: --model kvquant --model_args pretrained=...,cache=nuq3 --tasks ...)")
     lm.set_defaults(func=None)
 
@@ -216,7 +216,12 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: l
             return 0 if {"-h", "--help"} & set(rest) else 2
         return commands.cmd_bench(args, rest)
     if args.command == "lm-eval":
+        import importlib.util
+
         from kvquant.eval.lm_harness import main as lm_eval_main
+
+        if importlib.util.find_spec("lm_eval") is None:
+            raise CLIError("lm-eval is not installed (pip install kvquant[longctx])", ExitCode.MISSING)
 
         return lm_eval_main([x for x in rest if x != "--debug"])
     if rest:

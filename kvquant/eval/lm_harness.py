@@ -126,9 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         from lm_eval.__main__ import cli_evaluate
     except ImportError:
-        from kvquant.cli.errors import CLIError, ExitCode
-
-        raise CLIError("lm-eval is not installed (pip install kvquant[longctx])", ExitCode.MISSING) from None
+        raise ImportError("lm-eval is not installed (pip install kvquant[longctx])") from None
     __getattr__("KVQuantLM")
     old = sys.argv
     sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]
