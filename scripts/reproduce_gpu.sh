@@ -13,7 +13,8 @@
 #
 # Steps:
 #   env       GPU, driver and package versions
-#   verify    the kernel and cache tests on the GPU (tests/kernels tests/sparse tests/cache/test_kernel_attention.py)
+#   verify    the kernel and cache tests on the GPU (tests/kernels tests/sparse and the cache's kernel, graph and
+#             atomic-step tests)
 #   backends  greedy generate with the torch vs triton cache backends (same tokens? decode tokens/s)
 #   decode    bench kernels: the decode-attention table (graph-replayed device time, eager beside it)
 #   prefill   bench kernels: prefill quantization and decode append (eager and static)
@@ -23,6 +24,7 @@
 #   gen7bg    the same with every decode step replayed from a CUDA graph (fp16 in StaticCache)
 #   qgen      bench generate on a real model (Qwen2.5-Coder-1.5B by default, Wikitext-2 prompts)
 #   cap       bench capacity on the random-weight 7B shape (run it on an otherwise idle GPU)
+#   coldstart the first generate of a fresh process vs the same call warm, calibrated and not (random:1b by default)
 #   qcal      kvquant calibrate on the real model (fisher, 8 x 2048 tokens), into $RES_ROOT/qcal
 #   qppl      eval ppl on the real model with the qcal calibration (8 windows of 2048 tokens)
 #   qlong     eval longctx on the real model with the qcal calibration: passkey and RULER at 4K-32K, kvquant beside
@@ -48,7 +50,7 @@ run() {
 'transformers', transformers.__version__, torch.cuda.get_device_name())" ;;
     verify)
       timeout "${TO:-540}" python3 -m pytest -q -x -p no:cacheprovider \
-        ${TESTS:-tests/kernels tests/sparse tests/cache/test_kernel_attention.py} ;;
+        ${TESTS:-tests/kernels tests/sparse tests/cache/test_kernel_attention.py tests/cache/test_graphs.py tests/cache/test_atomic_steps.py} ;;
     backends)
       timeout "${TO:-540}" python3 -m kvquant.bench.backends --dtypes float32,float16 --new-tokens 64 \
         --out "$RES/backends.json" ;;
@@ -81,6 +83,9 @@ run() {
     cap)
       timeout "${TO:-540}" $KV bench capacity --model "$MODEL" --datatypes fp16,nuq4,nuq3,nuq2 \
         --contexts 4K,32K,128K --max-probes 5 --out "$RES" ;;
+    coldstart)
+      timeout "${TO:-420}" python3 scripts/first_generate.py --model "${MODEL/random:7b/random:1b}" \
+        --out "$RES/first_generate.json" ;;
     qcal)
       timeout "${TO:-900}" $KV calibrate --model "$QWEN" --device cuda --dtype float32 --n-seqs 8 --seq-len 2048 \
         --sensitivity fisher --no-progress --out "$RES_ROOT/qcal/cal" ;;
