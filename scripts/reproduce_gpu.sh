@@ -84,7 +84,7 @@ run() {
       timeout "${TO:-540}" $KV bench capacity --model "$MODEL" --datatypes fp16,nuq4,nuq3,nuq2 \
         --contexts 4K,32K,128K --max-probes 5 --out "$RES" ;;
     coldstart)
-      timeout "${TO:-420}" python3 scripts/first_generate.py --model "${MODEL/random:7b/random:1b}" \
+      PYTHONPATH=$PWD timeout "${TO:-420}" python3 scripts/first_generate.py --model "${MODEL/random:7b/random:1b}" \
         --out "$RES/first_generate.json" ;;
     qcal)
       timeout "${TO:-900}" $KV calibrate --model "$QWEN" --device cuda --dtype float32 --n-seqs 8 --seq-len 2048 \

@@ -32,6 +32,7 @@ How it is wired (one mechanism, nothing global that two models or caches could s
 from __future__ import annotations
 
 import contextvars
+import inspect
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -77,19 +78,34 @@ def _base_function(base: str, module: torch.nn.Module) -> Callable:
 
 def _make_attention(base: str) -> Callable:
     def kvquant_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          attention_mask: torch.Tensor | None, scaling: float | None = None, **kwargs: Any
+                          attention_mask: torch.Tensor | None, *args: Any, **kwargs: Any
                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``query [B, Hq, s, D]``, ``key/value [B, Hkv, kv, D]`` -> ``([B, s, Hq, D], None)``."""
+        """``query [B, Hq, s, D]``, ``key/value [B, Hkv, kv, D]`` -> ``([B, s, Hq, D], None)``. Arguments after the
+        mask are the base function's own (transformers passes them by name; a wrapper such as kvpress's passes
+        ``dropout`` by position) and reach it unchanged."""
         cache = ACTIVE_CACHE.get()
         layer_idx = getattr(module, "layer_idx", None)
+        fn = _base_function(base, module)
         if cache is not None and layer_idx is not None:
             layer = cache.layers[layer_idx]
             if layer.has_pending_decode(key):
+                scaling = kwargs["scaling"] if "scaling" in kwargs or not args else _bound_scaling(
+                    fn, module, query, key, value, attention_mask, args, kwargs)
                 return layer.kernel_decode(query, scaling), None
-        return _base_function(base, module)(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        return fn(module, query, key, value, attention_mask, *args, **kwargs)
 
     kvquant_attention.__name__ = f"{PREFIX}{base}_attention"
     return kvquant_attention
+
+
+def _bound_scaling(fn: Callable, *call: Any) -> float | None:
+    """The ``scaling`` a call of ``fn`` with positional arguments gets (None when it has none)."""
+    module, query, key, value, mask, args, kwargs = call
+    try:
+        bound = inspect.signature(fn).bind(module, query, key, value, mask, *args, **kwargs)
+    except TypeError:
+        return kwargs.get("scaling")
+    return bound.arguments.get("scaling")
 
 
 def register(base: str) -> str:

@@ -195,3 +195,23 @@ def test_gpu_realistic_greedy_and_logits(seed: int) -> None:
                                                                                             backend="triton"), **kw)
     assert torch.equal(a, b)
     kernel_attention.uninstall_kernel_attention(model)
+
+
+def test_positional_arguments_after_the_mask_reach_the_base_function(seed: int) -> None:
+    """A wrapper that passes ``dropout`` by position (kvpress patches every registered attention function so) must
+    not collide with ``scaling``, and the scaling the kernel path would use is the call's own."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    from kvquant.cache.kernel_attention import _bound_scaling, _make_attention
+
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, 2, 5, 16, generator=g) for _ in range(3))
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups, module.training = True, 1, False
+    attn = _make_attention("sdpa")
+    got, _ = attn(module, q, k, v, None, 0.0, scaling=0.3)  # dropout by position, as kvpress passes it
+    want, _ = sdpa_attention_forward(module, q, k, v, None, dropout=0.0, scaling=0.3)
+    torch.testing.assert_close(got, want)
+    assert _bound_scaling(sdpa_attention_forward, module, q, k, v, None, (0.0, 0.25), {}) == 0.25
+    assert _bound_scaling(eager_attention_forward, module, q, k, v, None, (0.5,), {"dropout": 0.0}) == 0.5
