@@ -88,7 +88,7 @@ FIELDS: list[str] = [
     "prefill_s", "decode_s", "total_s", "decode_steps", "decode_ms_per_step",
     "prefill_tokens_per_s", "decode_tokens_per_s", "e2e_tokens_per_s", "generated_tokens",
     "weights_bytes", "peak_memory_bytes", "peak_memory_note",
-    "kv_tokens", "kv_elements", "kv_bytes", "kv_bytes_allocated", "kv_fp16_bytes", "bits_per_element",
+    "kv_tokens", "kv_elements", "kv_bytes", "kv_bytes_allocated", "kv_bytes_used", "kv_fp16_bytes", "bits_per_element",
     "compression_vs_fp16", "logits_finite",
     *ENERGY_FIELDS,
 ]

@@ -94,20 +94,16 @@ def _dynamic_kv_tensors(cache: Any) -> list[torch.Tensor]:
 
 
 def cache_memory(cache: Any) -> dict[str, Any]:
-    """KV bytes held / allocated, fp16-equivalent bytes, elements and bits per element of a cache."""
+    """KV bytes held (every tensor the cache keeps, capacity reserved ahead included; also ``kv_bytes_allocated``)
+    and in use, fp16-equivalent bytes, elements and bits per element (of the bytes held) of a cache."""
     if hasattr(cache, "memory_report") and hasattr(cache, "quantizer_for"):  # KVQuantCache
         rep = cache.memory_report()
         if not rep:
             return {}
-        allocated = 0
-        for layer in cache.layers:
-            for store in (getattr(layer, "qkeys", None), getattr(layer, "qvalues", None)):
-                if store is not None and hasattr(store, "nbytes_allocated"):
-                    allocated += int(store.nbytes_allocated())
         elements = int(rep["key_elements"] + rep["value_elements"])
-        return {"kv_bytes": int(rep["total_bytes"]), "kv_bytes_allocated": allocated or None,
-                "kv_fp16_bytes": int(rep["fp16_bytes"]), "kv_elements": elements,
-                "bits_per_element": float(rep["bits_per_element"]),
+        return {"kv_bytes": int(rep["total_bytes"]), "kv_bytes_allocated": int(rep["total_bytes"]),
+                "kv_bytes_used": int(rep["used_bytes"]), "kv_fp16_bytes": int(rep["fp16_bytes"]),
+                "kv_elements": elements, "bits_per_element": float(rep["bits_per_element"]),
                 "compression_vs_fp16": float(rep["compression_vs_fp16"])}
     tensors = _dynamic_kv_tensors(cache)
     if not tensors:

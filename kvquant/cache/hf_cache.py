@@ -67,8 +67,8 @@ class KVQuantCache(Cache):
             >= 32 and the attention is sdpa/eager; else torch). Decided once, here, into :attr:`ops`
             (:mod:`kvquant.kernels.ops`), which the layers and every store of the cache use.
         reserve_tokens: after the prefill, allocate the pages for this many more tokens per sequence at once
-            and exactly (e.g. ``max_new_tokens``); otherwise the page pools grow by doubling, which can hold
-            up to twice the bytes in use.
+            and exactly (e.g. ``max_new_tokens``); otherwise the page pools grow by a quarter at a time, which
+            can leave up to a fifth of what is held unused (counted in :meth:`memory_report`).
         check_model: refuse a calibration whose weights fingerprint is another model's
             (:func:`~kvquant.cache.identity.check_calibration_model`); ``False`` skips the check, for a calibration
             you know fits (e.g. a fine-tuned copy of the calibrated model).
@@ -317,19 +317,30 @@ class KVQuantCache(Cache):
             layer.cumulative_length = cum0 + steps
 
     def memory_report(self) -> dict[str, float]:
-        """Bytes held by component over all layers, the fp16 equivalent, and bits per element."""
+        """What the cache holds, over all layers: every component's bytes in use (``key_*``/``value_*``), the
+        bytes held (``total_bytes``: in use, capacity reserved ahead and the layers' masks and position buffers,
+        every tensor the cache keeps) and the bytes in use (``used_bytes``), the fp16 equivalent, and bits per
+        element of each (``bits_per_element`` is the held one, the headline; ``bits_per_element_used``)."""
         total: dict[str, float] = {}
         for layer in self.layers:
             for k, v in layer.memory_report().items():
-                if not k.endswith(("bits_per_element", "outlier_fraction")):
+                if not k.endswith(("bits_per_element", "bits_per_element_allocated", "outlier_fraction")):
                     total[k] = total.get(k, 0) + v
         if not total:
             return {}
-        held = total["key_total"] + total["value_total"]
+        buffers = {}  # layers may share one mask tensor: each storage once
+        for layer in self.layers:
+            for t in layer.buffers():
+                buffers[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        total["layer_buffers"] = sum(buffers.values())
+        used = total["key_total"] + total["value_total"]
+        held = total["key_allocated"] + total["value_allocated"] + total["layer_buffers"]
         elements = total["key_elements"] + total["value_elements"]
         total["total_bytes"] = held
+        total["used_bytes"] = used
         total["fp16_bytes"] = 2 * elements
         total["bits_per_element"] = 8 * held / elements if elements else float("nan")
+        total["bits_per_element_used"] = 8 * used / elements if elements else float("nan")
         total["compression_vs_fp16"] = 2 * elements / held if held else float("nan")
         return total
 

@@ -208,4 +208,10 @@ class KVQuantLayer(CacheLayerMixin):
         if self.qkeys is None:
             return {}
         rk, rv = self.qkeys.memory_report(), self.qvalues.memory_report()
-        return {f"key_{k}": v for k, v in rk.items()} | {f"value_{k}": v for k, v in rv.items()}
+        buffers = sum(t.untyped_storage().nbytes() for t in self.buffers())
+        return ({f"key_{k}": v for k, v in rk.items()} | {f"value_{k}": v for k, v in rv.items()}
+                | {"layer_buffers": buffers})
+
+    def buffers(self) -> list[torch.Tensor]:
+        """The layer's own tensors besides its stores: the padding mask ``[B, S]`` and position offsets ``[B]``."""
+        return [t for t in (self.seen_mask, self.pos_offset, self._pos_offset_i32) if t is not None]

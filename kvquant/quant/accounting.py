@@ -70,7 +70,14 @@ def nbytes_allocated(store: QuantizedKVCache) -> int:
         extra += store.open.numel() * store.open.element_size()
     if store.channel_scale is not None:
         extra += 2 * store.channel_scale.numel() * 4
-    if store.outliers is not None and store.keep_outliers:
+    if store.outliers is not None:  # its counts and starts exist even when no outlier is kept
         extra += store.outliers.nbytes_allocated()
-    return pools + extra + store.pages.table.numel() * 4
+    return pools + extra + store.pages.table.numel() * 4 + bookkeeping_bytes(store)
+
+
+def bookkeeping_bytes(store: QuantizedKVCache) -> int:
+    """Bytes of the store's small per-sequence state: lengths, pages per sequence and its code lookup table (the
+    codebook itself belongs to the calibration, shared by the stores of a layer, and is not counted)."""
+    small = (store.q_len, store.sink_len, store.res_len, store.pages.pages_per_seq, getattr(store, "lut", None))
+    return sum(t.numel() * t.element_size() for t in small if t is not None)
 

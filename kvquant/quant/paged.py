@@ -2,12 +2,14 @@
 
 Tokens of every sequence are stored compactly in fixed-size pages drawn from one pool (as in paged
 attention): padding takes no space, and a sequence wastes at most the unused tail of its last page.
-The pool and the per-sequence page table grow by doubling, so appends are amortised O(1).
+The pool and the per-sequence page table grow geometrically by a quarter, so appends are amortised O(1).
 """
 
 from __future__ import annotations
 
 import torch
+
+from kvquant.sparse.growth import grown_capacity
 
 
 class PageTable:
@@ -37,7 +39,7 @@ class PageTable:
     def _grow_pool(self, need: int, exact: bool = False) -> None:
         if need <= self.capacity:
             return
-        cap = need if exact else max(need, 2 * self.capacity)
+        cap = need if exact else grown_capacity(self.capacity, need)
         for name, t in self.pools.items():
             new = torch.zeros((cap, *t.shape[1:]), dtype=t.dtype, device=t.device)
             new[: self.n_pages] = t[: self.n_pages]
@@ -47,8 +49,8 @@ class PageTable:
     def reserve(self, lengths: torch.Tensor, exact: bool = False) -> torch.Tensor:
         """Allocate pages so that sequence ``b`` can hold ``lengths[b]`` tokens.
 
-        The pools grow by doubling (amortised O(1) appends) unless ``exact``, which sizes them to what is
-        asked (a known budget, e.g. ``max_new_tokens``: no doubling slack).
+        The pools grow by a quarter (amortised O(1) appends) unless ``exact``, which sizes them to what is
+        asked (a known budget, e.g. ``max_new_tokens``: no slack).
 
         Returns:
             ``[n_new]`` ids of the pages allocated now (fresh pages, all zero).
@@ -61,7 +63,7 @@ class PageTable:
         self._grow_pool(self.n_pages + total, exact)
         width = int(need_pages.max())
         if width > self.table.shape[1]:
-            grown = torch.full((self.batch, max(width, 2 * self.table.shape[1])), -1, dtype=torch.int32,
+            grown = torch.full((self.batch, grown_capacity(self.table.shape[1], width)), -1, dtype=torch.int32,
                                device=self.device)
             grown[:, : self.table.shape[1]] = self.table
             self.table = grown

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from kvquant.sparse.common import _grow, index_dtype, largest_group
+from kvquant.sparse.growth import grown_capacity
 
 
 class BlockedCSCMatrix:
@@ -112,15 +113,15 @@ class BlockedCSCMatrix:
 
     # -- growth ---------------------------------------------------------------------------------------
     def reserve(self, nnz: int | None = None, slots: int | None = None, exact: bool = False) -> None:
-        """Room for ``nnz`` entries and ``slots`` slots in total (amortised: at least doubles unless ``exact``;
-        entries are allocated in whole blocks)."""
+        """Room for ``nnz`` entries and ``slots`` slots in total (amortised: grows by at least a quarter unless
+        ``exact``; entries are allocated in whole blocks)."""
         if nnz is not None and nnz > self.capacity_nnz:
-            want = nnz if exact else max(nnz, 2 * self.capacity_nnz)
+            want = nnz if exact else grown_capacity(self.capacity_nnz, nnz)
             want = -(-want // self.block_nnz) * self.block_nnz
             self.values = _grow(self.values[: self.nnz], want)
             self.indices = _grow(self.indices[: self.nnz], want)
         if slots is not None and slots > self.capacity_slots:
-            want = slots if exact else max(slots, 2 * self.capacity_slots)
+            want = slots if exact else grown_capacity(self.capacity_slots, slots)
             self.slot_start = _grow(self.slot_start, want)
             self.head_counts = _grow(self.head_counts, want)
 
@@ -213,7 +214,7 @@ class BlockedCSCMatrix:
 
         Reserves room for ``max_total`` more entries (a host upper bound, e.g. every element of the new tokens) and
         slots ``< top_bound``. Returns the device counters ``[3]`` int64 ``(nnz, n_slots, overflow)`` that the
-        caller's kernel advances in place. Capacity grows (doubling, one sync) only when the host bound would pass
+        caller's kernel advances in place. Capacity grows (by a quarter, one sync) only when the host bound would pass
         it.
         """
         self.reserve(slots=top_bound)

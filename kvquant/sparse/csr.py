@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from kvquant.sparse.common import _grow
+from kvquant.sparse.growth import grown_capacity
 
 
 class BlockedCSRMatrix:
@@ -63,10 +64,10 @@ class BlockedCSRMatrix:
         return (self.heads * self.channels, self.block_len * self.capacity_blocks)
 
     def reserve(self, blocks: int, exact: bool = False) -> None:
-        """Room for block ids ``< blocks`` (doubling unless ``exact``)."""
+        """Room for block ids ``< blocks`` (growing by a quarter unless ``exact``)."""
         if blocks <= self.capacity_blocks:
             return
-        want = blocks if exact else max(blocks, 2 * self.capacity_blocks)
+        want = blocks if exact else grown_capacity(self.capacity_blocks, blocks)
         for name in ("values", "tokens", "counts", "head_start"):
             setattr(self, name, _grow(getattr(self, name), want))
 

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -85,7 +87,7 @@ def test_csc_indices_are_compact_and_growth_amortised():
         m.append_token(torch.ones(2, dtype=torch.float16), torch.tensor([1, 4000]))
         if m.capacity_nnz != cap:
             reallocs, cap = reallocs + 1, m.capacity_nnz
-    assert m.nnz == 10_000 and reallocs <= 15
+    assert m.nnz == 10_000 and reallocs <= math.ceil(math.log(10_000, 1.25))  # geometric: logarithmically many
     # one block of entries x (2 B value + 1 B channel) + a slot x (4 B start + 32 head counts)
     m = BlockedCSCMatrix(4096, torch.float16, "cpu", block_nnz=8, group_size=128)
     m.append_token(torch.ones(3, dtype=torch.float16), torch.tensor([1, 2, 3]))
