@@ -22,6 +22,7 @@
 #   dprof     bench profile --kind decode: host vs GPU time of decode steps, fp16 vs nuq3
 #   gen7b     bench generate on the random-weight Llama-2-7B shape (memory, throughput, energy)
 #   gen7bg    the same with every decode step replayed from a CUDA graph (fp16 in StaticCache)
+#   atcap     bench generate --at-capacity: each datatype at its largest batch in an 80 GB budget (graph decode)
 #   qgen      bench generate on a real model (Qwen2.5-Coder-1.5B by default, Wikitext-2 prompts)
 #   cap       bench capacity on the random-weight 7B shape (run it on an otherwise idle GPU)
 #   coldstart the first generate of a fresh process vs the same call warm, calibrated and not (random:1b by default)
@@ -77,6 +78,10 @@ run() {
     gen7bg)
       timeout "${TO:-540}" $KV bench generate --model "$MODEL" --datatypes "${DT:-fp16,nuq4,nuq3,nuq2}" \
         --batch "${BATCH:-1,8}" --prompt-len "${PL:-4K,16K}" --gen 64 --warmup 1 --graph --no-progress --out "$RES" ;;
+    atcap)
+      timeout "${TO:-540}" $KV bench generate --model "$MODEL" --datatypes "${DT:-fp16,nuq3}" --at-capacity \
+        --memory-budget-gb "${BUDGET:-80}" --reserve-gb "${RESERVE:-12}" --prompt-len "${PL:-32K}" --gen 64 \
+        --warmup 1 --graph --no-progress --out "$RES" ;;
     qgen)
       timeout "${TO:-540}" $KV bench generate --model "$QWEN" --datatypes "${DT:-fp16,nuq4,nuq3,nuq2}" \
         --batch "${BATCH:-1,8}" --prompt-len "${PL:-1K,8K}" --gen 64 --warmup 1 --no-progress --out "$RES" ;;

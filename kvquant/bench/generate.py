@@ -30,6 +30,14 @@ uniform random token ids (``prompt_source``). A CUDA out-of-memory error is reco
 larger configurations of the same datatype (batch and length both >=) are then recorded as
 ``skipped`` without running (``--no-skip-after-oom`` runs them anyway).
 
+``--at-capacity`` runs each datatype at the largest batch that fits ``--memory-budget-gb`` (weights included, less
+``--reserve-gb``) at each prompt length plus the new tokens: the analytic capacity of ``kvquant bench capacity``,
+from bytes per token measured on real quantized caches of the model's shape. A batch that runs out of memory (the
+activations are not in the bytes model) is retried up to three times, 10 % smaller each; records carry
+``at_capacity``, ``memory_budget_gb``, ``capacity_batch`` (the analytic one) and ``capacity_tries``. On a GPU the
+process is capped at the budget (``torch.cuda.set_per_process_memory_fraction``), so an 80 GB budget behaves as an
+80 GB GPU. Every record says ``mode``: ``eager`` or ``graph``.
+
 Files in ``--out``: ``generate.jsonl`` (one JSON object per configuration, written as soon as it ends),
 ``generate.csv`` (same fields), ``energy/`` (the profiler's per-region power samples and summary).
 """
@@ -83,7 +91,8 @@ FIELDS: list[str] = [
     "schema", "kind", "run_id", "timestamp", "model", "model_source", "random_weights", "note",
     "device", "gpu_name", "torch_version", "dtype", "kv_dtype",
     "datatype", "batch", "prompt_len", "gen_tokens", "warmup", "prompt_source", "calibration",
-    "outlier_fraction", "n_sink", "residual_length", "cache_class", "cache_backend",
+    "outlier_fraction", "n_sink", "residual_length", "cache_class", "cache_backend", "mode",
+    "at_capacity", "memory_budget_gb", "capacity_batch", "capacity_tries",
     "status", "error",
     "prefill_s", "decode_s", "total_s", "decode_steps", "decode_ms_per_step",
     "prefill_tokens_per_s", "decode_tokens_per_s", "e2e_tokens_per_s", "generated_tokens",
@@ -115,6 +124,9 @@ class GenerateSettings:
     skip_after_oom: bool = True
     progress: bool = True
     graph: bool = False  # decode steps replayed from a CUDA graph (fp16: StaticCache)
+    at_capacity: bool = False  # each datatype at the largest batch that fits memory_budget_gb (see capacity_batches)
+    memory_budget_gb: float | None = None
+    reserve_gb: float = 0.0
 
     def __post_init__(self) -> None:
         if self.gen < 1:
@@ -125,6 +137,8 @@ class GenerateSettings:
             raise ValueError(f"energy must be auto, on or off, got {self.energy!r}")
         if not self.batches or min(self.batches) < 1 or not self.prompt_lens or min(self.prompt_lens) < 1:
             raise ValueError("batches and prompt lengths must be non-empty lists of positive integers")
+        if self.at_capacity and (self.memory_budget_gb is None or self.memory_budget_gb <= 0):
+            raise ValueError("--at-capacity needs a positive --memory-budget-gb")
 
 
 def measure_config(bm: BenchModel, settings: GenerateSettings, datatype: str, batch: int, prompt_len: int,
@@ -199,8 +213,30 @@ def _base_record(bm: BenchModel, s: GenerateSettings, run_id: str, datatype: str
         residual_length=s.quant.residual_length if datatype != "fp16" else None,
         weights_bytes=bm.weights_bytes,
         peak_memory_note=None if is_cuda(bm.device) else "unavailable: not a CUDA device",
+        mode="graph" if s.graph else "eager", at_capacity=s.at_capacity,
+        memory_budget_gb=s.memory_budget_gb if s.at_capacity else None,
     )
     return rec
+
+
+def capacity_batches(bm: BenchModel, settings: GenerateSettings) -> dict[tuple[str, int], int]:
+    """The largest batch of each (datatype, prompt length) that fits ``memory_budget_gb`` (weights included, less
+    ``reserve_gb`` for activations): :func:`~kvquant.bench.capacity_model.analytic_capacity` with each datatype's
+    bytes per token measured on real quantized caches of the model's shape, at the prompt length plus the new
+    tokens. 0 where not even one sequence fits."""
+    from kvquant.bench.capacity_model import ModelShape, analytic_capacity, measure_fit
+
+    shape = ModelShape.of(bm.model)
+    budget, reserve = settings.memory_budget_gb * 2**30, settings.reserve_gb * 2**30
+    fit_device = bm.device if is_cuda(bm.device) else torch.device("cpu")
+    out = {}
+    for dt in settings.datatypes:
+        fit = measure_fit(shape, dt, settings.quant, fit_device, bm.dtype, seed=settings.seed)
+        contexts = [s + settings.gen for s in settings.prompt_lens]
+        rows = analytic_capacity(shape, fit, budget, reserve, contexts)["rows"]
+        for s in settings.prompt_lens:
+            out[(dt, s)] = int(rows[s + settings.gen]["max_batch"])
+    return out
 
 
 def run_generate_benchmark(bm: BenchModel, settings: GenerateSettings, out_dir: str | Path) -> list[dict[str, Any]]:
@@ -223,8 +259,12 @@ def run_generate_benchmark(bm: BenchModel, settings: GenerateSettings, out_dir: 
         carbon = CarbonTracker(out_dir / "codecarbon", country_iso_code=settings.country or "USA",
                                region=settings.grid_region).start()
     run_id = uuid.uuid4().hex[:12]
-    # shape-major, datatypes innermost: a run stopped early still compares every datatype on the shapes it reached
-    configs = [(dt, b, s) for b in settings.batches for s in settings.prompt_lens for dt in settings.datatypes]
+    if settings.at_capacity:  # each datatype at its own largest batch per prompt length
+        capacity = capacity_batches(bm, settings)
+        configs = [(dt, capacity[(dt, s)], s) for s in settings.prompt_lens for dt in settings.datatypes]
+        _limit_to_budget(bm.device, settings.memory_budget_gb)
+    else:  # shape-major, datatypes innermost: a run stopped early still compares every datatype on its shapes
+        configs = [(dt, b, s) for b in settings.batches for s in settings.prompt_lens for dt in settings.datatypes]
     records: list[dict[str, Any]] = []
     ooms: dict[str, list[tuple[int, int]]] = {}
     bar = tqdm(configs, desc="bench generate", disable=not settings.progress, file=sys.stderr)
@@ -234,25 +274,15 @@ def run_generate_benchmark(bm: BenchModel, settings: GenerateSettings, out_dir: 
             t_config = time.perf_counter()
             rec = _base_record(bm, settings, run_id, dt, b, s)
             smaller = [(ob, os_) for ob, os_ in ooms.get(dt, []) if ob <= b and os_ <= s]
-            if settings.skip_after_oom and smaller:
+            if settings.at_capacity:
+                rec["capacity_batch"] = b
+                _run_at_capacity(rec, bm, settings, dt, b, s, calibration, energy)
+            elif settings.skip_after_oom and smaller:
                 rec["status"] = "skipped"
                 rec["error"] = f"not run: batch {smaller[0][0]} x prompt {smaller[0][1]} already ran out of memory"
             else:
-                try:
-                    rec.update(measure_config(bm, settings, dt, b, s, calibration, energy))
-                    rec["status"] = "ok"
-                except Exception as exc:
-                    if is_oom(exc):
-                        rec["status"] = "OOM"
-                        rec["error"] = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "OOM"
-                        ooms.setdefault(dt, []).append((b, s))
-                    else:
-                        rec["status"] = "error"
-                        rec["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
-                        traceback.print_exc(file=sys.stderr)
-                free_memory(bm.device)
-                if rec["energy_note"] is None and not rec["energy_available"]:
-                    rec["energy_note"] = energy.note or "unavailable: configuration did not complete"
+                if _run_recorded(rec, bm, settings, dt, b, s, calibration, energy) == "OOM":
+                    ooms.setdefault(dt, []).append((b, s))
             writer.write(rec)
             records.append(rec)
             tqdm.write(f"[{i + 1}/{len(configs)}] {_config_line(rec)} ({time.perf_counter() - t_config:.1f} s)",
@@ -265,6 +295,61 @@ def run_generate_benchmark(bm: BenchModel, settings: GenerateSettings, out_dir: 
             write_json_atomic(out_dir / "codecarbon_run.json", {"run_id": run_id, **m.to_dict(),
                                                                "region": settings.grid_region})
     return records
+
+
+def _run_recorded(rec: dict[str, Any], bm: BenchModel, settings: GenerateSettings, dt: str, b: int, s: int,
+                  calibration: Any | None, energy: EnergyRegions) -> str:
+    """Measure one configuration into ``rec`` (its fields, or status OOM / error); returns the status."""
+    try:
+        rec.update(measure_config(bm, settings, dt, b, s, calibration, energy))
+        rec["status"], rec["error"] = "ok", None
+    except Exception as exc:
+        if is_oom(exc):
+            rec["status"] = "OOM"
+            rec["error"] = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "OOM"
+        else:
+            rec["status"] = "error"
+            rec["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
+            traceback.print_exc(file=sys.stderr)
+    free_memory(bm.device)
+    if rec["energy_note"] is None and not rec["energy_available"]:
+        rec["energy_note"] = energy.note or "unavailable: configuration did not complete"
+    return rec["status"]
+
+
+#: At capacity, a batch that runs out of memory (activations the bytes model does not count) is retried this many
+#: times, each 10 % smaller.
+CAPACITY_RETRIES = 3
+
+
+def _run_at_capacity(rec: dict[str, Any], bm: BenchModel, settings: GenerateSettings, dt: str, b: int, s: int,
+                     calibration: Any | None, energy: EnergyRegions) -> None:
+    """Run ``dt`` at its capacity batch ``b``, confirming it fits: on OOM retry smaller batches (recorded in
+    ``capacity_tries``); ``rec["batch"]`` is the batch that ran."""
+    tries: list[int] = []
+    if b < 1:
+        rec["status"], rec["error"] = "skipped", "not one sequence fits the memory budget"
+        rec["capacity_tries"] = tries
+        return
+    while True:
+        tries.append(b)
+        rec["batch"] = b
+        status = _run_recorded(rec, bm, settings, dt, b, s, calibration, energy)
+        if status != "OOM" or len(tries) > CAPACITY_RETRIES or b == 1:
+            break
+        b = max(1, int(b * 0.9))
+    rec["capacity_tries"] = tries
+
+
+def _limit_to_budget(device: torch.device, budget_gb: float | None) -> None:
+    """On a GPU, cap this process's allocations at the budget (an 80 GB GPU's run on a larger one)."""
+    if budget_gb is None or not is_cuda(device):
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    if budget_gb * 2**30 > total:
+        raise ValueError(f"--memory-budget-gb {budget_gb} is more than the device's {total / 2**30:.1f} GiB")
+    torch.cuda.set_per_process_memory_fraction(budget_gb * 2**30 / total, index)
 
 
 def _config_line(r: dict[str, Any]) -> str:
@@ -327,6 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replay every decode step from a CUDA graph (no host launch cost): quantized caches in "
                         "static mode (triton backend), fp16 in transformers' StaticCache, the speed-minded baseline; "
                         "needs CUDA")
+    p.add_argument("--at-capacity", action="store_true",
+                   help="run each datatype at the largest batch that fits --memory-budget-gb at each prompt length "
+                        "(bytes per token measured on real quantized caches; a batch that runs out of memory is "
+                        "retried smaller); --batch is ignored; on a GPU the process is capped at the budget")
     p.add_argument("--find-capacity", action="store_true",
                    help="instead of the throughput sweep, find the largest batch x context that fits "
                         "(same as kvquant bench capacity; --prompt-len gives the contexts)")
@@ -371,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
                                     energy=a.energy, gpu_id=a.gpu_id, country=a.country,
                                     grid_intensity=a.grid_intensity, grid_region=a.grid_region, seed=a.seed,
                                     skip_after_oom=not a.no_skip_after_oom, progress=not a.no_progress,
-                                    graph=a.graph)
+                                    graph=a.graph, at_capacity=a.at_capacity, memory_budget_gb=a.memory_budget_gb,
+                                    reserve_gb=a.reserve_gb)
     except ValueError as exc:
         p.error(str(exc))
     print(f"loading model {a.model or '(default)'} on {device} ...", file=sys.stderr)

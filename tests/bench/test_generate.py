@@ -184,3 +184,34 @@ def test_energy_numbers_with_mocked_nvml(tiny: BenchModel, tmp_path: Path, monke
     assert r["co2_g_per_1k_tokens"] == pytest.approx(r["co2_g"] / r["generated_tokens"] * 1000)
     summary = json.loads((tmp_path / "energy" / "energy_summary.json").read_text())
     assert [x["region"] for x in summary["regions"]] == ["nuq3_b2_s64_prefill", "nuq3_b2_s64_decode"]
+
+
+def test_at_capacity_runs_each_datatype_at_its_own_largest_batch(tiny: BenchModel, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--at-capacity``: the batch of each datatype is the analytic capacity at the budget; a batch that runs out of
+    memory is retried smaller and the tries are recorded."""
+    # the exact cache of one sequence: K and V, 2 KV heads x 16, in the model's dtype (float32 on the CPU)
+    itemsize = torch.empty(0, dtype=tiny.dtype).element_size()
+    fp16_seq = 2 * tiny.text_config.num_hidden_layers * 2 * 16 * (64 + 3) * itemsize
+    budget_gb = (tiny.weights_bytes + 12.5 * fp16_seq) / 2**30
+    s = _settings(at_capacity=True, memory_budget_gb=budget_gb, prompt_lens=[64], datatypes=["fp16", "nuq3"])
+    caps = gen.capacity_batches(tiny, s)
+    assert caps[("fp16", 64)] == 12 and caps[("nuq3", 64)] > caps[("fp16", 64)]
+    real = runs.forward_logits
+    limit = caps[("nuq3", 64)] - 2  # the bytes model leaves out activations: pretend the largest batches do not fit
+
+    def forward(model, input_ids, cache):
+        if type(cache).__name__ == "KVQuantCache" and input_ids.shape[0] > limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, input_ids, cache)
+
+    monkeypatch.setattr(runs, "forward_logits", forward)
+    records = {r["datatype"]: r for r in gen.run_generate_benchmark(tiny, s, tmp_path)}
+    f, q = records["fp16"], records["nuq3"]
+    assert f["status"] == q["status"] == "ok" and f["error"] is None and q["error"] is None
+    assert f["batch"] == f["capacity_batch"] == 12 and f["capacity_tries"] == [12]
+    assert q["capacity_batch"] == caps[("nuq3", 64)] and q["batch"] <= limit < q["capacity_tries"][0]
+    assert q["capacity_tries"][-1] == q["batch"] and len(q["capacity_tries"]) >= 2
+    assert all(r["at_capacity"] and r["memory_budget_gb"] == budget_gb and r["mode"] == "eager" for r in (f, q))
+    with pytest.raises(ValueError, match="--at-capacity needs a positive --memory-budget-gb"):
+        _settings(at_capacity=True)
