@@ -91,7 +91,7 @@ FIELDS: list[str] = [
     "schema", "kind", "run_id", "timestamp", "model", "model_source", "random_weights", "note",
     "device", "gpu_name", "torch_version", "dtype", "kv_dtype",
     "datatype", "batch", "prompt_len", "gen_tokens", "warmup", "prompt_source", "calibration",
-    "outlier_fraction", "n_sink", "residual_length", "cache_class", "cache_backend", "mode",
+    "outlier_fraction", "n_sink", "residual_length", "cache_class", "cache_backend", "mode", "prefill_chunk",
     "at_capacity", "memory_budget_gb", "capacity_batch", "capacity_tries",
     "status", "error",
     "prefill_s", "decode_s", "total_s", "decode_steps", "decode_ms_per_step",
@@ -127,6 +127,7 @@ class GenerateSettings:
     at_capacity: bool = False  # each datatype at the largest batch that fits memory_budget_gb (see capacity_batches)
     memory_budget_gb: float | None = None
     reserve_gb: float = 0.0
+    prefill_chunk: int | None = None  # prompt fed in forwards of this many tokens
 
     def __post_init__(self) -> None:
         if self.gen < 1:
@@ -137,6 +138,8 @@ class GenerateSettings:
             raise ValueError(f"energy must be auto, on or off, got {self.energy!r}")
         if not self.batches or min(self.batches) < 1 or not self.prompt_lens or min(self.prompt_lens) < 1:
             raise ValueError("batches and prompt lengths must be non-empty lists of positive integers")
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
+            raise ValueError(f"--prefill-chunk must be >= 1, got {self.prefill_chunk}")
         if self.at_capacity and (self.memory_budget_gb is None or self.memory_budget_gb <= 0):
             raise ValueError("--at-capacity needs a positive --memory-budget-gb")
 
@@ -153,7 +156,8 @@ def measure_config(bm: BenchModel, settings: GenerateSettings, datatype: str, ba
     for i in range(settings.warmup):  # full untimed rehearsals of this exact configuration
         w_prompt, _ = make_prompts(bm, batch, prompt_len, None, settings.seed + 1000 + i)
         run(bm.model, w_prompt, make_cache(bm, datatype, settings.quant, calibration, reserve_tokens=settings.gen,
-                                           static_len=static_len), settings.gen, dev)
+                                           static_len=static_len), settings.gen, dev,
+            prefill_chunk=settings.prefill_chunk)
         del w_prompt
     gc.collect()  # no empty_cache here: the timed run reuses the rehearsal's allocator blocks (steady state)
     prompt, source = make_prompts(bm, batch, prompt_len, settings.data, settings.seed)
@@ -163,7 +167,7 @@ def measure_config(bm: BenchModel, settings: GenerateSettings, datatype: str, ba
     store: dict[str, Any] = {}
     tag = f"{datatype}_b{batch}_s{prompt_len}"
     with energy.regions(tag, store) as region:
-        res = run(bm.model, prompt, cache, settings.gen, dev, region)
+        res = run(bm.model, prompt, cache, settings.gen, dev, region, prefill_chunk=settings.prefill_chunk)
     peak = torch.cuda.max_memory_allocated(dev) if is_cuda(dev) else None
     B, gen = batch, settings.gen
     generated = B * gen
@@ -213,7 +217,7 @@ def _base_record(bm: BenchModel, s: GenerateSettings, run_id: str, datatype: str
         residual_length=s.quant.residual_length if datatype != "fp16" else None,
         weights_bytes=bm.weights_bytes,
         peak_memory_note=None if is_cuda(bm.device) else "unavailable: not a CUDA device",
-        mode="graph" if s.graph else "eager", at_capacity=s.at_capacity,
+        mode="graph" if s.graph else "eager", prefill_chunk=s.prefill_chunk, at_capacity=s.at_capacity,
         memory_budget_gb=s.memory_budget_gb if s.at_capacity else None,
     )
     return rec
@@ -412,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replay every decode step from a CUDA graph (no host launch cost): quantized caches in "
                         "static mode (triton backend), fp16 in transformers' StaticCache, the speed-minded baseline; "
                         "needs CUDA")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="feed each prompt in forwards of this many tokens (activations of a chunk, not of the whole "
+                        "batch x prompt; default: one forward)")
     p.add_argument("--at-capacity", action="store_true",
                    help="run each datatype at the largest batch that fits --memory-budget-gb at each prompt length "
                         "(bytes per token measured on real quantized caches; a batch that runs out of memory is "
@@ -461,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
                                     grid_intensity=a.grid_intensity, grid_region=a.grid_region, seed=a.seed,
                                     skip_after_oom=not a.no_skip_after_oom, progress=not a.no_progress,
                                     graph=a.graph, at_capacity=a.at_capacity, memory_budget_gb=a.memory_budget_gb,
-                                    reserve_gb=a.reserve_gb)
+                                    reserve_gb=a.reserve_gb, prefill_chunk=a.prefill_chunk)
     except ValueError as exc:
         p.error(str(exc))
     print(f"loading model {a.model or '(default)'} on {device} ...", file=sys.stderr)

@@ -21,6 +21,7 @@ import torch
 
 from kvquant.bench.cuda import synchronize
 from kvquant.bench.model import BenchModel
+from kvquant.cache.graphs import prefill_chunks
 from kvquant.cache.hf_compat import cache_kwargs
 from kvquant.config import QuantConfig
 
@@ -133,20 +134,21 @@ def greedy_steps(model: torch.nn.Module, nxt: torch.Tensor, cache: Any, steps: i
 
 
 def run_generation_graph(model: torch.nn.Module, prompt: torch.Tensor, cache: Any, gen: int, device: torch.device,
-                         region: Any = None) -> dict[str, Any]:
+                         region: Any = None, prefill_chunk: int | None = None) -> dict[str, Any]:
     """:func:`run_generation` with every decode step replayed from a CUDA graph
     (:func:`kvquant.cache.graphs.generate`: a ``KVQuantCache`` in static mode or a ``StaticCache``); the same
     fields. Two eager steps before the capture compile and allocate; the rate is that of the replayed steps."""
     from kvquant.cache.graphs import generate
 
-    res = generate(model, prompt, None, cache, gen, graph=True, region=region)
+    res = generate(model, prompt, None, cache, gen, graph=True, region=region, prefill_chunk=prefill_chunk)
     return {"prefill_s": res.prefill_s, "decode_s": res.decode_s, "decode_steps": gen - 1, "logits": res.logits}
 
 
 @torch.no_grad()
 def run_generation(model: torch.nn.Module, prompt: torch.Tensor, cache: Any, gen: int, device: torch.device,
-                   region: Any = None) -> dict[str, Any]:
-    """Prefill ``prompt`` then ``gen - 1`` greedy decode steps; timings (s) and the last logits.
+                   region: Any = None, prefill_chunk: int | None = None) -> dict[str, Any]:
+    """Prefill ``prompt`` (in forwards of ``prefill_chunk`` tokens when given) then ``gen - 1`` greedy decode
+    steps; timings (s) and the last logits.
 
     ``region(name, tokens)`` is an optional context-manager factory (energy regions) wrapped around the
     prefill and the decode loop; the timed windows are inside it.
@@ -156,7 +158,8 @@ def run_generation(model: torch.nn.Module, prompt: torch.Tensor, cache: Any, gen
     with region("prefill", B * S):
         synchronize(device)
         t0 = time.perf_counter()
-        logits = forward_logits(model, prompt, cache)
+        for start, end in prefill_chunks(S, prefill_chunk):
+            logits = forward_logits(model, prompt[:, start:end], cache)
         nxt = logits.argmax(-1, keepdim=True)
         synchronize(device)
         t1 = time.perf_counter()

@@ -65,6 +65,19 @@ def _static_mask_len(cache) -> int | None:
     return int(length)
 
 
+def prefill_chunks(length: int, chunk: int | None, mask: torch.Tensor | None = None) -> list[tuple[int, int]]:
+    """``[start, end)`` of the prefill forwards of a ``length``-token prompt, ``chunk`` tokens each (one forward
+    when ``None``). ``mask [B, length]``: every row needs a real token in the first chunk."""
+    if chunk is None or chunk >= length:
+        return [(0, length)]
+    if chunk < 1:
+        raise ValueError(f"prefill_chunk must be >= 1, got {chunk}")
+    if mask is not None and not bool(mask[:, :chunk].any(1).all()):
+        raise ValueError(f"a row's padding is longer than prefill_chunk={chunk}: every row needs a real token in the "
+                         "first chunk")
+    return [(s, min(s + chunk, length)) for s in range(0, length, chunk)]
+
+
 def generate(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -75,6 +88,7 @@ def generate(
     warmup_steps: int = 2,
     static: bool | None = None,
     region: Callable[[str, int], Any] | None = None,
+    prefill_chunk: int | None = None,
 ) -> GenerateResult:
     """Greedy generation of ``max_new_tokens`` per sequence.
 
@@ -89,6 +103,9 @@ def generate(
             static=True`` runs exactly the captured step's code eagerly (tests without CUDA).
         region: optional ``region(name, tokens)`` context-manager factory (energy regions) around the prefill
             (``"prefill"``) and the timed decode steps (``"decode"``).
+        prefill_chunk: feed the prompt in forwards of at most this many tokens (the activations of one chunk, not
+            of the whole ``[B, S]`` prompt: what lets a large batch of long prompts fit); each chunk attends to the
+            cache's past. Every row needs a real token in the first chunk (left padding shorter than a chunk).
 
     Returns:
         :class:`GenerateResult`.
@@ -113,9 +130,10 @@ def generate(
         torch.cuda.synchronize(dev) if dev.type == "cuda" else None
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                        cache_position=torch.arange(S, device=dev), use_cache=True, logits_to_keep=1,
-                        **cache_kwargs(model, cache))
+            for start, end in prefill_chunks(S, prefill_chunk, mask):
+                out = model(input_ids=input_ids[:, start:end], attention_mask=mask[:, :end],
+                            position_ids=positions[:, start:end], cache_position=torch.arange(start, end, device=dev),
+                            use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
         tokens = torch.empty(B, max_new_tokens, dtype=torch.long, device=dev)
         last = out.logits[:, -1].float()
         tokens[:, 0] = last.argmax(-1)

@@ -108,9 +108,9 @@ def test_warmup_rehearses_the_exact_configuration_and_order_is_shape_major(
     calls: list[tuple[int, int, int, bool]] = []
     real = gen.run_generation
 
-    def spy(model, prompt, cache, n_new, device, region=None):
+    def spy(model, prompt, cache, n_new, device, region=None, prefill_chunk=None):
         calls.append((prompt.shape[0], prompt.shape[1], n_new, region is not None))
-        return real(model, prompt, cache, n_new, device, region)
+        return real(model, prompt, cache, n_new, device, region, prefill_chunk)
 
     monkeypatch.setattr(gen, "run_generation", spy)
     recs = gen.run_generate_benchmark(tiny, _settings(batches=[1, 2], prompt_lens=[48, 96], gen=4, warmup=1),
@@ -215,3 +215,35 @@ def test_at_capacity_runs_each_datatype_at_its_own_largest_batch(tiny: BenchMode
     assert all(r["at_capacity"] and r["memory_budget_gb"] == budget_gb and r["mode"] == "eager" for r in (f, q))
     with pytest.raises(ValueError, match="--at-capacity needs a positive --memory-budget-gb"):
         _settings(at_capacity=True)
+
+
+def test_chunked_prefill_gives_the_unchunked_result(tiny: BenchModel) -> None:
+    """``--prefill-chunk``: the prompt in several forwards, each attending to the cache's past, ends where one forward
+    does (exact cache: the same logits; nuq3: the same tokens stored, keys ranged on the first chunk)."""
+    from kvquant.cache.graphs import prefill_chunks
+    from kvquant.config import QuantConfig
+
+    assert prefill_chunks(10, None) == [(0, 10)] and prefill_chunks(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :5] = 0
+    with pytest.raises(ValueError, match="padding is longer than prefill_chunk=4"):
+        prefill_chunks(10, 4, mask)
+    prompt, _ = runs.make_prompts(tiny, 2, 37, None, seed=5)
+    whole = runs.run_generation(tiny.model, prompt, runs.make_cache(tiny, "fp16", QuantConfig(), None), 4, tiny.device)
+    parts = runs.run_generation(tiny.model, prompt, runs.make_cache(tiny, "fp16", QuantConfig(), None), 4, tiny.device,
+                                prefill_chunk=10)
+    torch.testing.assert_close(parts["logits"], whole["logits"], rtol=1e-4, atol=1e-4)
+    cache = runs.make_cache(tiny, "nuq3", QuantConfig(), None)
+    runs.run_generation(tiny.model, prompt, cache, 4, tiny.device, prefill_chunk=16)
+    assert all(layer.cumulative_length == 37 + 3 for layer in cache.layers)
+
+
+def test_graph_generation_prefills_in_chunks(tiny: BenchModel) -> None:
+    from transformers import DynamicCache
+
+    from kvquant.cache.graphs import generate
+
+    prompt, _ = runs.make_prompts(tiny, 2, 29, None, seed=9)
+    whole = generate(tiny.model, prompt, None, DynamicCache(), 5, graph=False)
+    parts = generate(tiny.model, prompt, None, DynamicCache(), 5, graph=False, prefill_chunk=8)
+    assert torch.equal(parts.tokens, whole.tokens)
