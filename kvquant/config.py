@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from kvquant.datatypes import parse_datatype
@@ -28,6 +29,13 @@ class QuantConfig:
         page_size: tokens per storage page (multiple of 32). Padding costs at most one partial page
             per sequence.
         block_nnz: allocation granularity (entries) of the sparse outlier stores.
+        min_range_tokens: keys without calibrated (or explicit) ranges take their per-channel ranges from the
+            tokens themselves, per sequence, once it has this many tokens past its sinks; until then its tokens
+            (keys and values alike, so both stores keep one layout) are held exactly in the residual window, then
+            the ranges are set from all of them and they are quantized. Estimating the ``f/2`` quantile from ``M``
+            tokens leaves about ``f + 2/M`` of later tokens outside the range, so ``0`` (the default) means
+            ``ceil(4 / outlier_fraction)`` (about ``1.5 f`` stored; 400 tokens at 1 %), or 64 without outliers.
+            ``1`` sets the ranges from whatever the first append brings.
         backend: the kernels the cache runs, chosen once when it is built. ``"triton"``: the fused
             quantize-append kernel for appends, decode attention straight over the packed cache and the RoPE
             inversion in one launch (:mod:`kvquant.kernels.ops`); ``"torch"``: the PyTorch reference everywhere;
@@ -43,6 +51,7 @@ class QuantConfig:
     page_size: int = 64
     block_nnz: int = 1024
     backend: str = "auto"
+    min_range_tokens: int = 0
 
     def __post_init__(self) -> None:
         parse_datatype(self.datatype)
@@ -56,6 +65,8 @@ class QuantConfig:
             raise ValueError(f"page_size must be a positive multiple of 32, got {self.page_size}")
         if self.block_nnz <= 0:
             raise ValueError(f"block_nnz must be positive, got {self.block_nnz}")
+        if self.min_range_tokens < 0:
+            raise ValueError(f"min_range_tokens must be >= 0 (0: automatic), got {self.min_range_tokens}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
 
@@ -63,6 +74,14 @@ class QuantConfig:
     def bits(self) -> int:
         """Bits per dense code (16 for ``fp16``)."""
         return parse_datatype(self.datatype).bits
+
+    @property
+    def range_tokens(self) -> int:
+        """Tokens past the sinks a sequence holds exactly before its key ranges are set from them (the resolved
+        :attr:`min_range_tokens`)."""
+        if self.min_range_tokens:
+            return self.min_range_tokens
+        return math.ceil(4.0 / self.outlier_fraction - 1e-9) if self.outlier_fraction > 0 else 64
 
     @property
     def is_quantized(self) -> bool:

@@ -2,8 +2,8 @@
 
 * :func:`add_quant_config_args` / :func:`quant_config_from_args`: one flag per :class:`~kvquant.config.QuantConfig`
   field (``--outlier-fraction``, ``--n-sink``, ``--residual-length``, ``--pre-rope/--post-rope``, ``--page-size``,
-  ``--block-nnz``, ``--backend``), derived from the dataclass fields, with the help text of the field's docs and
-  its default. The datatype is each command's own flag (``--datatype`` or ``--datatypes``).
+  ``--block-nnz``, ``--backend``, ``--min-range-tokens``), derived from the dataclass fields, with the help text of
+  the field's docs and its default. The datatype is each command's own flag (``--datatype`` or ``--datatypes``).
 * :func:`add_device_arg` / :func:`resolve_device`: ``--device``.
 * :func:`add_model_args`: ``--model``, ``--device``, ``--dtype``, ``--seed`` of the benchmarks.
 * :func:`parse_size`, :func:`parse_size_list`, :func:`parse_datatypes`: sizes (``4K``, ``1K..32K``) and datatype lists.

@@ -93,7 +93,7 @@ def test_every_command_that_builds_a_quant_config_takes_the_same_flags(capsys: p
     from kvquant.cli.main import build_parser
 
     flags = ["--outlier-fraction", "--n-sink", "--residual-length", "--pre-rope", "--post-rope", "--page-size",
-             "--block-nnz", "--backend"]
+             "--block-nnz", "--backend", "--min-range-tokens"]
     top = build_parser()
     sub = top._subparsers._group_actions[0].choices
     helps = {"demo": sub["demo"].format_help(), "calibrate": sub["calibrate"].format_help(),

@@ -166,7 +166,7 @@ class CacheProber:
         kq = quantizer.quantize_keys(x, key_ranges=self.key_ranges)
         del x
         x = self.sampler.sample(batch, first)
-        vq = quantizer.quantize_values(x)
+        vq = quantizer.quantize_values(x, hold_tokens=kq.hold_tokens)
         del x
         for store in (kq, vq):
             store.reserve(length - first)  # pages, and the values' per-page outlier blocks

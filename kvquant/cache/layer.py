@@ -88,7 +88,7 @@ class KVQuantLayer(CacheLayerMixin):
                 raise ValueError("a prompt in the batch is all padding: every row needs a real token")
             quantizer = self.owner.quantizer_for(self.layer_idx)
             self.qkeys = quantizer.quantize_keys(k_store, step_mask)
-            self.qvalues = quantizer.quantize_values(value_states, step_mask)
+            self.qvalues = quantizer.quantize_values(value_states, step_mask, hold_tokens=self.qkeys.hold_tokens)
             if self.owner.reserve_tokens:  # the decode budget, allocated once and exactly
                 self.qkeys.reserve(self.owner.reserve_tokens)
                 self.qvalues.reserve(self.owner.reserve_tokens)

@@ -78,6 +78,7 @@ def nbytes_allocated(store: QuantizedKVCache) -> int:
 def bookkeeping_bytes(store: QuantizedKVCache) -> int:
     """Bytes of the store's small per-sequence state: lengths, pages per sequence and its code lookup table (the
     codebook itself belongs to the calibration, shared by the stores of a layer, and is not counted)."""
-    small = (store.q_len, store.sink_len, store.res_len, store.pages.pages_per_seq, getattr(store, "lut", None))
+    small = (store.q_len, store.sink_len, store.res_len, store.ranged, store.pages.pages_per_seq,
+             getattr(store, "lut", None))
     return sum(t.numel() * t.element_size() for t in small if t is not None)
 

@@ -37,7 +37,7 @@ class StoreCheckpoint:
     flag_clean: bool
 
 
-_REBOUND = ("sink", "residual", "sink_len", "q_len", "res_len")
+_REBOUND = ("sink", "residual", "sink_len", "q_len", "res_len", "ranged", "channel_scale", "channel_zero")
 
 
 def checkpoint(store: QuantizedKVCache, tokens_per_seq: int) -> StoreCheckpoint:

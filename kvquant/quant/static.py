@@ -17,9 +17,12 @@ def begin_static(store: QuantizedKVCache, extra_tokens: int, outlier_headroom: f
     captured CUDA graph replays): pages, outlier slots and value blocks are reserved now; key outliers get room
     for ``outlier_headroom`` times the configured fraction of the new keys (writes past it are dropped and
     reported as an error when the cache is next read on the host). Every sequence must be past its sinks and
-    residual window. :meth:`end_static` returns to normal appends."""
+    residual window. A sequence still holding its tokens exactly (``hold_tokens``) ends its hold first
+    (:meth:`~kvquant.quant.store.QuantizedKVCache.settle`: keys take their ranges from the tokens seen so far).
+    :meth:`end_static` returns to normal appends."""
     if extra_tokens < 0:
         raise ValueError(f"extra_tokens must be >= 0, got {extra_tokens}")
+    store.settle()
     store._host_stale = True
     if not store._fast_path_ready(1):
         raise ValueError("static decode needs every sequence past its sinks and residual window (prefill first)")

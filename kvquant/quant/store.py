@@ -9,7 +9,9 @@ A sequence's tokens, in order, are ``[sinks | quantized | residual]``:
   [P, H, T]``), per-channel ranges for keys (``[B, H, D]`` float32); the exact outliers in a
   :class:`~kvquant.sparse.blocked.BlockedCSCMatrix` (keys, a column per token slot ``page * T + offset``) or a
   :class:`~kvquant.sparse.blocked.BlockedCSRMatrix` (values, a block per page);
-* up to ``residual_length`` most recent tokens, kept exactly (``residual [B, H, R, D]``).
+* up to ``residual_length`` most recent tokens, kept exactly (``residual [B, H, R, D]``); a sequence whose key
+  ranges come from its own tokens holds all of them here until it has ``hold_tokens`` past its sinks (the window is
+  then wider than ``R``, for keys and values alike), see :meth:`QuantizedKVCache.settle` and ``hold_tokens``.
 
 Keys are quantized token by token as they arrive. Values are quantized a page at a time: a sequence's last,
 incomplete page of values (its *open page*, fewer than ``T`` tokens) is kept exactly in ``open [B, H, T, D]`` and
@@ -30,13 +32,14 @@ from kvquant.config import QuantConfig
 from kvquant.quant.accounting import memory_report, nbytes_allocated
 from kvquant.quant.backend import store_ops
 from kvquant.quant.codebook import Codebook
-from kvquant.quant.encode import values_per_side
+from kvquant.quant.encode import range_to_scale_zero, values_per_side
 from kvquant.quant.journal import StoreCheckpoint, checkpoint, restore
 from kvquant.quant.open_pages import append_open_steady, write_open
 from kvquant.quant.packing import lut_words
 from kvquant.quant.paged import PageTable
 from kvquant.quant.read import dequantize_pages, page_codes
 from kvquant.quant.static import append_static, begin_static, end_static
+from kvquant.quant.stats import channel_ranges
 from kvquant.quant.validate import check_kv, check_mask, compact_order
 from kvquant.sparse.blocked import BlockedCSCMatrix, BlockedCSRMatrix
 
@@ -67,6 +70,11 @@ class QuantizedKVCache:
             ``config.backend`` and ``device``. Triton ops that cannot write this store's shape or dtype fall back to
             the torch writes for ``backend="auto"`` and are an error for ``backend="triton"``; an ``fp16`` store is
             always written by torch (a copy).
+        hold_tokens: ``M > 0``: a sequence holds its tokens past the sinks exactly in the residual window until it
+            has ``M`` of them (or :meth:`settle`); then keys set their per-channel ranges from all of them (no
+            ``channel_scale``/``channel_zero`` is given) and the window is quantized down to ``residual_length``
+            tokens. The key and value stores of one layer take the same ``M``: the decode kernel reads both with one
+            layout. ``0``: quantize from the first token (the ranges are given).
     """
 
     def __init__(
@@ -82,6 +90,7 @@ class QuantizedKVCache:
         channel_scale: torch.Tensor | None = None,
         channel_zero: torch.Tensor | None = None,
         ops: Any | None = None,
+        hold_tokens: int = 0,
     ) -> None:
         if kind not in ("key", "value"):
             raise ValueError(f"kind must be 'key' or 'value', got {kind!r}")
@@ -115,9 +124,15 @@ class QuantizedKVCache:
         else:
             self.pages.add_pool("raw", (num_heads, T, head_dim), dtype)
         self.channel_scale = self.channel_zero = None
+        if hold_tokens < 0:
+            raise ValueError(f"hold_tokens must be >= 0, got {hold_tokens}")
+        self.hold_tokens = hold_tokens if self.quantized else 0
         if kind == "key" and self.quantized:
             if channel_scale is None or channel_zero is None:
-                raise ValueError("quantized keys need per-channel scale and zero [B, H, D]")
+                if not self.hold_tokens:
+                    raise ValueError("quantized keys need per-channel scale and zero [B, H, D]")
+                # placeholders: each sequence's ranges are set from its own tokens (_set_ranges)
+                channel_scale, channel_zero = torch.ones(()), torch.zeros(())
             # [B, H, D] contiguous: the kernels read them every step
             self.channel_scale = channel_scale.to(self.device, torch.float32).expand(batch, num_heads, head_dim
                                                                                      ).contiguous()
@@ -142,6 +157,8 @@ class QuantizedKVCache:
         self.sink_len = torch.zeros(batch, dtype=torch.int64, device=self.device)
         self.q_len = torch.zeros(batch, dtype=torch.int64, device=self.device)
         self.res_len = torch.zeros(batch, dtype=torch.int64, device=self.device)
+        # [B] whether a sequence is past its exact hold (keys: its channel ranges are set)
+        self.ranged = torch.full((batch,), self.hold_tokens == 0, dtype=torch.bool, device=self.device)
         # what the host knows, for appends without a device sync (see _append_steady)
         self._host_stale = True  # the fields below must be re-read from the device
         self._steady = False  # every sequence has all its sinks and a full residual window
@@ -186,6 +203,16 @@ class QuantizedKVCache:
         """Back to normal appends (see :func:`kvquant.quant.static.end_static`)."""
         end_static(self)
 
+    def settle(self) -> None:
+        """End the exact hold of every sequence still in it (see ``hold_tokens``): keys set their ranges from the
+        tokens seen so far (past the sinks; the sinks when there are none), and the residual window is quantized
+        down to ``residual_length`` tokens. The key and value stores of a layer must settle together (one layout).
+        Nothing to do when every sequence is past its hold."""
+        if self.hold_tokens and not bool(self.ranged.all()):
+            self._host_stale = True
+            x = self.residual.new_zeros(self.batch, self.num_heads, 0, self.head_dim)
+            self._append_tokens(x, torch.zeros(self.batch, 0, dtype=torch.bool, device=self.device), force=True)
+
     def grow_outliers(self) -> None:
         """The outlier stores follow the page pool: a slot per page position (keys), a block per page (values)."""
         if isinstance(self.outliers, BlockedCSCMatrix):
@@ -222,7 +249,12 @@ class QuantizedKVCache:
             raise ValueError(f"{self.kind}s have batch {x.shape[0]} but the cache holds {self.batch}")
         n = x.shape[2]
         mask = check_mask(attention_mask, self.batch, n, x.device, allow_empty_rows=True)
-        x = x.to(self.dtype)
+        self._append_tokens(x.to(self.dtype), mask)
+
+    def _append_tokens(self, x: torch.Tensor, mask: torch.Tensor, force: bool = False) -> None:
+        """:meth:`append` of checked tokens ``x [B, H, n, D]`` (the store's dtype) with ``mask [B, n]``; ``force``
+        ends every exact hold (:meth:`settle`)."""
+        n = x.shape[2]
         if not bool(mask.all()):  # move each row's real tokens to the front, in order
             order = compact_order(mask)
             x = x.gather(2, order[:, None, :, None].expand_as(x))
@@ -242,23 +274,36 @@ class QuantizedKVCache:
                 self.sink = torch.where(fill[:, None, :, None], got, self.sink)
             self.sink_len = self.sink_len + take  # (rebound, never written in place: see kvquant.quant.journal)
 
-        # 2. the rest passes through the residual window; what overflows it is quantized, oldest first.
+        # 2. the rest passes through the residual window; what overflows it is quantized, oldest first. A sequence
+        # in its exact hold keeps everything in the window until it has hold_tokens tokens past its sinks; then
+        # (keys) its ranges are set from all of them and the window overflows as usual.
         R = self.config.residual_length
+        Rb = self.residual.shape[2]  # the window's width: R, or more while a sequence holds
         rest = n_new - take
         pend_len = self.res_len + rest
         evict = (pend_len - R).clamp_min(0)
-        pending = torch.cat([self.residual, x], dim=2) if R else x  # [B, H, R + n, D]
+        newly = None
+        if self.hold_tokens:
+            newly = ~self.ranged & ((pend_len >= self.hold_tokens) | force)
+            ranged = self.ranged | newly
+            evict = torch.where(ranged, evict, torch.zeros_like(evict))
+        pending = torch.cat([self.residual, x], dim=2) if Rb else x  # [B, H, Rb + n, D]
 
         def pending_index(seq: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
             """Index in ``pending`` of position ``i`` of sequence ``seq``'s stream [residual, rest]."""
             res = self.res_len[seq]
-            return torch.where(i < res, i, R + take[seq] + i - res)
+            return torch.where(i < res, i, Rb + take[seq] + i - res)
+
+        if newly is not None:
+            if self.kind == "key" and bool(newly.any()):
+                self._set_ranges(newly, pending, pend_len, pending_index)
+            self.ranged = ranged
 
         n_ev = int(evict.sum())
         if n_ev:
             seq = torch.repeat_interleave(arange_b, evict)
             j = torch.arange(n_ev, device=self.device) - (torch.cumsum(evict, 0) - evict)[seq]
-            if R == 0:  # each sequence's new tokens after its sinks, in order: views of x, no gather
+            if Rb == 0:  # each sequence's new tokens after its sinks, in order: views of x, no gather
                 t0, cnt = take.tolist(), evict.tolist()
                 parts = [x[b, :, t0[b]: t0[b] + cnt[b]].transpose(0, 1) for b in range(self.batch) if cnt[b]]
                 tokens = parts[0] if len(parts) == 1 else torch.cat(parts)  # [N, H, D]
@@ -266,13 +311,39 @@ class QuantizedKVCache:
                 tokens = pending[seq, :, pending_index(seq, j), :]  # [N, H, D]
             self._write(seq, self.q_len[seq] + j, tokens, evict)
             self.q_len = self.q_len + evict
-        if R:
-            i = evict[:, None] + torch.arange(R, device=self.device)[None, :]
+        W = R
+        if self.hold_tokens:  # the window holds what every sequence keeps (R once none holds)
+            W = max(R, int((pend_len - evict).max()) if self.batch else 0)
+        if W and Rb + n:
+            i = evict[:, None] + torch.arange(W, device=self.device)[None, :]
             keep = i < pend_len[:, None]
-            src = pending_index(arange_b[:, None], i).clamp(0, R + n - 1)
+            src = pending_index(arange_b[:, None], i).clamp(0, Rb + n - 1)
             got = pending.gather(2, src[:, None, :, None].expand(-1, self.num_heads, -1, self.head_dim))
             self.residual = torch.where(keep[:, None, :, None], got, torch.zeros_like(got))
             self.res_len = pend_len - evict
+        elif Rb:  # the window empties (R = 0 and the last hold ended)
+            self.residual = self.residual.new_zeros(self.batch, self.num_heads, 0, self.head_dim)  # (no old storage)
+            self.res_len = pend_len - evict
+
+    def _set_ranges(self, rows: torch.Tensor, pending: torch.Tensor, pend_len: torch.Tensor, pending_index) -> None:
+        """Per-channel key ranges of sequences ``rows [B]`` (bool) from their stream (held window and new tokens,
+        ``pend_len`` of them), or from their sinks when the stream is empty: the ``f/2`` and ``1-f/2`` quantiles
+        (:func:`~kvquant.quant.stats.channel_ranges`), the same as a prefill of all those tokens at once."""
+        L = int(pend_len[rows].max())
+        H, D = self.num_heads, self.head_dim
+        i = torch.arange(L, device=self.device)[None, :]
+        arange_b = torch.arange(self.batch, device=self.device)[:, None]
+        src = pending_index(arange_b, i).clamp(0, max(pending.shape[2] - 1, 0))
+        stream = pending.gather(2, src[:, None, :, None].expand(-1, H, -1, D)) if L else pending[:, :, :0]
+        counted = rows[:, None] & (i < pend_len[:, None])
+        j = torch.arange(self.sink.shape[2], device=self.device)[None, :]
+        from_sinks = (rows & (pend_len == 0))[:, None] & (j < self.sink_len[:, None])
+        lo, hi = channel_ranges(torch.cat([self.sink, stream], 2), torch.cat([from_sinks, counted], 1),
+                                self.config.outlier_fraction)
+        scale, zero = range_to_scale_zero(lo.nan_to_num(0.0), hi.nan_to_num(0.0))  # (no token at all: 0)
+        pick = rows[:, None, None]
+        self.channel_scale = torch.where(pick, scale, self.channel_scale).contiguous()
+        self.channel_zero = torch.where(pick, zero, self.channel_zero).contiguous()
 
     def _fast_path_ready(self, n: int) -> bool:
         """Whether an all-real append of ``n`` tokens per sequence can take :meth:`_append_steady` (reads the
@@ -282,6 +353,7 @@ class QuantizedKVCache:
         if self._host_stale:
             T = self.config.page_size
             full = (self.sink_len == self.config.n_sink) & (self.res_len == self.config.residual_length)
+            full = full & self.ranged
             room = self.pages.pages_per_seq * T - self.q_len
             checks = [full.all().long()[None], room.min()[None], self.q_len]
             if self._nonfinite is not None:
@@ -293,7 +365,7 @@ class QuantizedKVCache:
             self._steady, self._headroom = bool(got[0]), int(got[1])
             self._q_host = [int(v) for v in got[2:]]
             self._host_stale = False
-        return self._steady
+        return self._steady and self.residual.shape[2] == self.config.residual_length
 
     def check_readable(self) -> None:
         """Raise if the store holds NaN/Inf that a sync-free append has not reported yet (one device read, only
@@ -442,7 +514,7 @@ class QuantizedKVCache:
             new.outliers.tokens[: old_ids.numel()] = self.outliers.tokens[old_ids]
             new.outliers.counts[: old_ids.numel()] = self.outliers.counts[old_ids]
             new.outliers.head_start[: old_ids.numel()] = self.outliers.head_start[old_ids]
-        for name in ("sink", "residual", "sink_len", "q_len", "res_len"):
+        for name in ("sink", "residual", "sink_len", "q_len", "res_len", "ranged"):
             setattr(new, name, getattr(self, name)[index])
         if self.open is not None:
             new.open = self.open[index]

@@ -30,7 +30,8 @@ def test_seven_b_shape() -> None:
 def test_analytic_capacity_is_monotone() -> None:
     shape = _shape("7b")
     dts = ["fp16", "nuq4", "nuq3", "nuq2"]
-    fits = {dt: measure_fit(shape, dt, QuantConfig(), "cpu", torch.float16, (64, 128)) for dt in dts}
+    # (toy lengths, shorter than the default exact hold of uncalibrated keys: ranges from the first tokens)
+    fits = {dt: measure_fit(shape, dt, QuantConfig(min_range_tokens=1), "cpu", torch.float16, (64, 128)) for dt in dts}
     assert fits["fp16"].bits_per_element == 16.0
     bits = [fits[dt].bits_per_element for dt in dts]
     assert bits == sorted(bits, reverse=True)  # more bits -> more bytes
@@ -68,7 +69,8 @@ def test_search_max_batch() -> None:
 
 def test_prober_builds_caches_and_catches_oom(monkeypatch: pytest.MonkeyPatch) -> None:
     shape = _shape("small")
-    s = cap.CapacitySettings(datatypes=["nuq3"], contexts=[200], chunk_mib=0.05)
+    s = cap.CapacitySettings(datatypes=["nuq3"], contexts=[200], chunk_mib=0.05,
+                             quant=QuantConfig(min_range_tokens=1))  # the prober's keys have ranges: no hold
     fits = {"nuq3": measure_fit(shape, "nuq3", s.quant, "cpu", torch.float16, (64, 128))}
     prober = cap.CacheProber(shape, s, torch.device("cpu"), torch.float16, fits)
     assert prober("nuq3", 3, 200)

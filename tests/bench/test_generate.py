@@ -13,6 +13,7 @@ import torch
 from kvquant.bench import generate as gen
 from kvquant.bench import runs
 from kvquant.bench.model import BenchModel, load_bench_model
+from kvquant.config import QuantConfig
 from kvquant.models.random import RANDOM_WEIGHTS_NOTE
 
 
@@ -22,7 +23,9 @@ def tiny() -> BenchModel:
 
 
 def _settings(**kw) -> gen.GenerateSettings:
-    base = dict(datatypes=["fp16", "nuq3"], batches=[2], prompt_lens=[64, 128], gen=3, warmup=0, progress=False)
+    # toy prompts, shorter than the default exact hold of uncalibrated keys: ranges from the prompt
+    base = dict(datatypes=["fp16", "nuq3"], batches=[2], prompt_lens=[64, 128], gen=3, warmup=0, progress=False,
+                quant=QuantConfig(min_range_tokens=1))
     base.update(kw)
     return gen.GenerateSettings(**base)
 

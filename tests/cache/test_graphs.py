@@ -24,7 +24,7 @@ from kvquant.models import tiny_llama  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CFG = QuantConfig(datatype="nuq4", outlier_fraction=0.02, n_sink=1, residual_length=2, page_size=32,
-                  backend="triton")
+                  backend="triton", min_range_tokens=1)
 
 
 @pytest.fixture(autouse=True)

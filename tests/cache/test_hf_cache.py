@@ -31,7 +31,7 @@ def test_quantized_generate_runs_and_stays_close(model, seed):
     ref = greedy_generate(model, ids, mask, DynamicCache(config=model.config))
     errs = {}
     for dt in ("nuq4", "nuq2"):
-        cache = KVQuantCache(model, QuantConfig(datatype=dt, page_size=32))
+        cache = KVQuantCache(model, QuantConfig(datatype=dt, page_size=32, min_range_tokens=1))
         got = greedy_generate(model, ids, mask, cache)
         assert got.sequences.shape == ref.sequences.shape
         # teacher-forced: prefill, then 8 more tokens reading the quantized cache (no divergence between runs)
@@ -39,7 +39,7 @@ def test_quantized_generate_runs_and_stays_close(model, seed):
         fmask = torch.cat([mask, torch.ones(ids.shape[0], 8, dtype=mask.dtype)], 1)
         with torch.no_grad():
             exact = model(input_ids=full, attention_mask=fmask).logits[:, -8:]
-            qc = KVQuantCache(model, QuantConfig(datatype=dt, page_size=32))
+            qc = KVQuantCache(model, QuantConfig(datatype=dt, page_size=32, min_range_tokens=1))
             model(input_ids=ids, attention_mask=mask, past_key_values=qc)
             quant = model(input_ids=full[:, -8:], attention_mask=fmask, past_key_values=qc).logits
         errs[dt] = float((quant - exact).abs().mean())

@@ -23,7 +23,8 @@ from kvquant.models import tiny_llama  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-CFG = QuantConfig(datatype="nuq3", outlier_fraction=0.03, n_sink=1, residual_length=3, page_size=32)
+CFG = QuantConfig(datatype="nuq3", outlier_fraction=0.03, n_sink=1, residual_length=3, page_size=32,
+                  min_range_tokens=1)
 
 
 @pytest.fixture(autouse=True)
@@ -178,7 +179,8 @@ def test_gpu_realistic_greedy_and_logits(seed: int) -> None:
     """fp16, head size 128, GQA 8/2, prompts of ~600 tokens (left padded), 12 greedy tokens."""
     model = _model(dtype=torch.float16, num_layers=3, hidden=512, heads=8, kv_heads=2, head_dim=128, vocab=512,
                    max_pos=2048)
-    cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.01, n_sink=1, residual_length=16, page_size=64)
+    cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.01, n_sink=1, residual_length=16, page_size=64,
+                      min_range_tokens=1)
     ids, mask = _batch(seed, model.config.vocab_size, B=4, S=640, pads=(0, 37, 150, 401))
     g = torch.Generator().manual_seed(seed + 1)
     steps = [torch.randint(3, 512, (4, 1), generator=g).to(DEVICE) for _ in range(6)]

@@ -136,7 +136,8 @@ class Driver:
 
     def new_episode(self) -> None:
         dt = self.rng.choice(DATATYPES)
-        cfg = QuantConfig(datatype=dt, backend="torch")
+        # the exact hold: none, ended within an episode, or longer than one
+        cfg = QuantConfig(datatype=dt, backend="torch", min_range_tokens=self.rng.choice((1, 12, 400)))
         B = self.rng.randint(1, 4)
         self.ep = Episode(dt, B, KVQuantCache(self.model, cfg), KVQuantCache(self.model, cfg),
                           values=[[] for _ in _layers(self.model)])
@@ -293,7 +294,7 @@ def test_soak_memory_report_is_the_bytes_held(model, seed):
 def test_a_poisoned_store_is_never_read(seed):
     from kvquant.quant.quantizer import BatchedKVQuantizer
 
-    q = BatchedKVQuantizer(QuantConfig(datatype="nuq3"))
+    q = BatchedKVQuantizer(QuantConfig(datatype="nuq3", min_range_tokens=1))
     g = torch.Generator().manual_seed(seed)
     store = q.quantize_values(torch.randn(2, 2, 16, 16, generator=g), torch.ones(2, 16, dtype=torch.bool))
     bad = torch.randn(2, 2, 1, 16, generator=g)

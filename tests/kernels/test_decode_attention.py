@@ -42,14 +42,16 @@ def check(seed: int, B: int, Hkv: int, G: int, D: int, S: int, cfg: QuantConfig,
 @pytest.mark.parametrize("bits,G,dtype", [(2, 1, torch.float16), (3, 2, torch.float32), (4, 4, torch.float16),
                                           (3, 4, torch.bfloat16)])
 def test_decode_bits_gqa(seed: int, bits: int, G: int, dtype: torch.dtype) -> None:
-    cfg = QuantConfig(datatype=f"nuq{bits}", outlier_fraction=0.02, n_sink=1, residual_length=4, page_size=32)
+    cfg = QuantConfig(min_range_tokens=1,
+                      datatype=f"nuq{bits}", outlier_fraction=0.02, n_sink=1, residual_length=4, page_size=32)
     check(seed, B=3, Hkv=2, G=G, D=64, S=83, cfg=cfg, dtype=dtype, use_rope=bits != 2)
 
 
 @pytest.mark.parametrize("use_rope", [False, True])
 def test_decode_extra_token(seed: int, use_rope: bool) -> None:
     """Without and with RoPE, and the extra exact token (``extra_kv``)."""
-    cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.05, n_sink=1, residual_length=3, page_size=64)
+    cfg = QuantConfig(min_range_tokens=1,
+                      datatype="nuq3", outlier_fraction=0.05, n_sink=1, residual_length=3, page_size=64)
     check(seed, B=2, Hkv=2, G=2, D=64, S=90, cfg=cfg, dtype=torch.float16, use_rope=use_rope, extra=True)
 
 
@@ -66,7 +68,8 @@ def heavy_key_tokens(gen: torch.Generator, B: int, H: int, n: int, D: int) -> to
 def test_decode_outlier_heavy_heads(seed: int) -> None:
     """Key slots with entries in many heads, several heads with none, and whole heads of outliers; values with a
     fifth of every token's elements kept exact."""
-    cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.02, n_sink=1, residual_length=3, page_size=32)
+    cfg = QuantConfig(min_range_tokens=1,
+                      datatype="nuq3", outlier_fraction=0.02, n_sink=1, residual_length=3, page_size=32)
     B, Hkv, G, D, S, n = 2, 4, 2, 64, 70, 40
     kc, _ = build_caches(torch.Generator().manual_seed(seed), B, Hkv, D, S, cfg, torch.float32, n_decode=0)
     _, vc = build_caches(torch.Generator().manual_seed(seed), B, Hkv, D, S, replace(cfg, outlier_fraction=0.2),
@@ -85,7 +88,8 @@ def test_decode_outlier_heavy_heads(seed: int) -> None:
 
 
 def test_decode_bad_extra_and_tables(seed: int) -> None:
-    cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.01, n_sink=1, residual_length=0, page_size=32)
+    cfg = QuantConfig(min_range_tokens=1,
+                      datatype="nuq3", outlier_fraction=0.01, n_sink=1, residual_length=0, page_size=32)
     gen = torch.Generator().manual_seed(seed)
     kc, vc = build_caches(gen, 2, 2, 64, 40, cfg, torch.float32)
     q = torch.randn(2, 4, 64, generator=gen).to(DEVICE)
@@ -107,20 +111,23 @@ def test_decode_bad_extra_and_tables(seed: int) -> None:
     [(0.0, 0, 0), (0.05, 0, 0), (0.0, 3, 0), (0.0, 0, 7), (0.05, 2, 5)],
 )
 def test_decode_parts(seed: int, outliers: float, n_sink: int, residual: int) -> None:
-    cfg = QuantConfig(datatype="int3", outlier_fraction=outliers, n_sink=n_sink, residual_length=residual,
+    cfg = QuantConfig(min_range_tokens=1,
+                      datatype="int3", outlier_fraction=outliers, n_sink=n_sink, residual_length=residual,
                       page_size=64)
     check(seed, B=2, Hkv=2, G=2, D=64, S=101, cfg=cfg, dtype=torch.float16, use_rope=True)
 
 
 def test_decode_many_splits(seed: int) -> None:
     """One page per split (empty splits for the shorter rows) and a row whose quantized part is empty."""
-    cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.03, n_sink=1, residual_length=16, page_size=32)
+    cfg = QuantConfig(min_range_tokens=1,
+                      datatype="nuq3", outlier_fraction=0.03, n_sink=1, residual_length=16, page_size=32)
     check(seed, B=3, Hkv=1, G=2, D=64, S=130, cfg=cfg, dtype=torch.float16, use_rope=False, pages_per_split=1)
 
 
 def test_decode_only_exact_tokens(seed: int) -> None:
     """Everything fits in sink + residual: no quantized token at all."""
-    cfg = QuantConfig(datatype="nuq2", outlier_fraction=0.01, n_sink=2, residual_length=64, page_size=32)
+    cfg = QuantConfig(min_range_tokens=1,
+                      datatype="nuq2", outlier_fraction=0.01, n_sink=2, residual_length=64, page_size=32)
     check(seed, B=2, Hkv=2, G=1, D=64, S=40, cfg=cfg, dtype=torch.float32, use_rope=True, n_decode=1)
 
 
@@ -130,7 +137,8 @@ def test_decode_only_exact_tokens(seed: int) -> None:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_decode_gpu_realistic(seed: int, G: int, dtype: torch.dtype) -> None:
     """Llama-like heads (128 dims, 8 KV heads), a few thousand tokens, 3-bit with 1 % outliers."""
-    cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.01, n_sink=4, residual_length=32, page_size=64)
+    cfg = QuantConfig(min_range_tokens=1,
+                      datatype="nuq3", outlier_fraction=0.01, n_sink=4, residual_length=32, page_size=64)
     check(seed, B=4, Hkv=8, G=G, D=128, S=3000, cfg=cfg, dtype=dtype, use_rope=True)
 
 
@@ -138,5 +146,6 @@ def test_decode_gpu_realistic(seed: int, G: int, dtype: torch.dtype) -> None:
 @gpu
 @pytest.mark.parametrize("bits", [2, 4])
 def test_decode_gpu_fp32_bits(seed: int, bits: int) -> None:
-    cfg = QuantConfig(datatype=f"nuq{bits}", outlier_fraction=0.01, n_sink=1, residual_length=16, page_size=128)
+    cfg = QuantConfig(min_range_tokens=1,
+                      datatype=f"nuq{bits}", outlier_fraction=0.01, n_sink=1, residual_length=16, page_size=128)
     check(seed, B=3, Hkv=4, G=2, D=128, S=1500, cfg=cfg, dtype=torch.float32, use_rope=True)

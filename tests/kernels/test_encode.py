@@ -29,7 +29,9 @@ def storage(c: QuantizedKVCache) -> dict[str, torch.Tensor]:
     P = c.pages.n_pages
     out = {f"pool.{k}": v[:P] for k, v in c.pages.pools.items()}
     out.update({"table": c.pages.table, "sink": c.sink, "residual": c.residual, "q_len": c.q_len,
-                "res_len": c.res_len, "sink_len": c.sink_len})
+                "res_len": c.res_len, "sink_len": c.sink_len, "ranged": c.ranged})
+    if c.channel_scale is not None:
+        out.update({"channel_scale": c.channel_scale, "channel_zero": c.channel_zero})
     o = c.outliers
     if c.kind == "key" and o is not None:
         n, s = o.nnz, o.n_slots
@@ -103,10 +105,20 @@ CASES = [  # datatype, outliers, sinks, residual, page, dtype
 
 @pytest.mark.parametrize("datatype,frac,n_sink,residual,page,dtype", CASES)
 def test_writers_store_the_same_bytes(seed: int, datatype, frac, n_sink, residual, page, dtype):
-    cfg = QuantConfig(datatype=datatype, outlier_fraction=frac, n_sink=n_sink, residual_length=residual,
+    cfg = QuantConfig(min_range_tokens=1,
+                      datatype=datatype, outlier_fraction=frac, n_sink=n_sink, residual_length=residual,
                       page_size=page)
     # rows 0 and 1 seal a value page within the decode steps; row 2 starts inside its sinks/residual window
     run_both(seed, cfg, B=3, H=2, D=64, S=90, lengths=[90, 60, 2], n_decode=10, dtype=dtype)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_exact_hold_and_its_end_store_the_same_bytes(seed: int, static: bool):
+    """Rows held exactly until they have 8 tokens past their sinks, ending their hold at different steps (eagerly),
+    or all at once when a static run begins: the same ranges and bytes on both ops."""
+    cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.1, n_sink=1, residual_length=1, page_size=32,
+                      min_range_tokens=8)
+    run_both(seed, cfg, B=3, H=2, D=64, S=12, lengths=[12, 5, 2], n_decode=6, dtype=torch.float16, static=static)
 
 
 def test_prefill_thresholds_from_topk_store_the_same_bytes(seed: int, monkeypatch: pytest.MonkeyPatch):
@@ -114,14 +126,15 @@ def test_prefill_thresholds_from_topk_store_the_same_bytes(seed: int, monkeypatc
     import importlib
 
     monkeypatch.setattr(importlib.import_module("kvquant.kernels.encode"), "LARGE_THRESHOLDS", 0)
-    cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.05, n_sink=1, page_size=32)
+    cfg = QuantConfig(min_range_tokens=1, datatype="nuq3", outlier_fraction=0.05, n_sink=1, page_size=32)
     run_both(seed, cfg, B=2, H=2, D=64, S=100, lengths=[100, 70], n_decode=0, dtype=torch.float16)
 
 
 @pytest.mark.parametrize("residual", [0, 2])
 def test_static_steps_store_what_eager_steps_store(seed: int, residual: int):
     """A static (graph-capturable) decode run writes what eager appends write, on both ops, across page seals."""
-    cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.05, n_sink=1, residual_length=residual, page_size=32)
+    cfg = QuantConfig(min_range_tokens=1,
+                      datatype="nuq3", outlier_fraction=0.05, n_sink=1, residual_length=residual, page_size=32)
     run_both(seed, cfg, B=2, H=2, D=64, S=70, lengths=[70, 61], n_decode=12, dtype=torch.float16, static=True)
     triton_ops = resolve_ops("triton", DEVICE, [])
     x = heavy_tailed_kv((2, 2, 70, 64), seed, dtype=torch.float16).to(DEVICE)
@@ -142,7 +155,7 @@ def test_static_steps_store_what_eager_steps_store(seed: int, residual: int):
 def test_static_key_outlier_overflow_is_reported(seed: int):
     """A static run whose key outliers outgrow the reserved headroom raises at ``end_static`` (never silently
     drops them)."""
-    cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.01, page_size=32)
+    cfg = QuantConfig(min_range_tokens=1, datatype="nuq3", outlier_fraction=0.01, page_size=32)
     qz = BatchedKVQuantizer(cfg, ops=resolve_ops("triton", DEVICE, []))
     store = qz.quantize_keys(heavy_tailed_kv((1, 2, 40, 64), seed, dtype=torch.float16).to(DEVICE))
     room = store.outliers.capacity_nnz - store.outliers.nnz
@@ -158,5 +171,5 @@ def test_static_key_outlier_overflow_is_reported(seed: int):
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_writers_store_the_same_bytes_at_model_shapes(seed: int, dtype):
-    cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.01, n_sink=1, page_size=64)
+    cfg = QuantConfig(min_range_tokens=1, datatype="nuq3", outlier_fraction=0.01, n_sink=1, page_size=64)
     run_both(seed, cfg, B=4, H=8, D=128, S=3000, lengths=[3000, 2500, 17, 1200], n_decode=70, dtype=dtype)

@@ -15,7 +15,8 @@ from tests.kernels.caches import DEVICE, build_caches, rope_tables  # noqa: E402
 
 
 def test_torch_ops_decode_attention_is_the_reference(seed: int) -> None:
-    cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.01, n_sink=1, residual_length=0, page_size=32)
+    cfg = QuantConfig(min_range_tokens=1,
+                      datatype="nuq3", outlier_fraction=0.01, n_sink=1, residual_length=0, page_size=32)
     gen = torch.Generator().manual_seed(seed)
     kc, vc = build_caches(gen, 2, 2, 64, 50, cfg, torch.float32)
     q = torch.randn(2, 4, 64, generator=gen).to(DEVICE)
@@ -32,7 +33,8 @@ def test_torch_ops_decode_attention_is_the_reference(seed: int) -> None:
 
 
 def test_triton_ops_decode_attention_matches_torch_ops(seed: int) -> None:
-    cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.02, n_sink=1, residual_length=2, page_size=32)
+    cfg = QuantConfig(min_range_tokens=1,
+                      datatype="nuq3", outlier_fraction=0.02, n_sink=1, residual_length=2, page_size=32)
     gen = torch.Generator().manual_seed(seed)
     kc, vc = build_caches(gen, 2, 2, 64, 45, cfg, torch.float32, n_decode=1)
     q = torch.randn(2, 4, 64, generator=gen).to(DEVICE)
@@ -62,7 +64,7 @@ def test_stores_resolve_their_ops_once_when_built() -> None:
     cb = create_heuristic_codebook("nuq3")
 
     def store(backend: str, D: int = 64, datatype: str = "nuq3", ops=None) -> QuantizedKVCache:
-        cfg = QuantConfig(datatype=datatype, backend=backend)
+        cfg = QuantConfig(min_range_tokens=1, datatype=datatype, backend=backend)
         return QuantizedKVCache("value", cfg, 1, 2, D, torch.float32, DEVICE, cb if datatype != "fp16" else None,
                                 ops=ops)
 

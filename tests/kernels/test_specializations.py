@@ -76,7 +76,8 @@ def _calibration(model, codebooks: list[tuple[list[float], list[float]]]) -> Cal
 
 
 def _run(model, calibration: Calibration) -> None:
-    cfg = QuantConfig(datatype="nuq2", outlier_fraction=0.02, n_sink=1, residual_length=0, page_size=32,
+    cfg = QuantConfig(min_range_tokens=1,
+                      datatype="nuq2", outlier_fraction=0.02, n_sink=1, residual_length=0, page_size=32,
                       backend="triton")
     cache = KVQuantCache(model, cfg, calibration=calibration)
     g = torch.Generator().manual_seed(0)

@@ -34,7 +34,7 @@ def test_padding_invariance(datatype, B, H, S, D, frac, seed):
     g = torch.Generator().manual_seed(seed)
     x = heavy_tailed_kv((B, H, S, D), seed)
     mask = random_mask(B, S, g, "left")
-    q = BatchedKVQuantizer(datatype=datatype, outlier_fraction=frac, page_size=32)
+    q = BatchedKVQuantizer(datatype=datatype, outlier_fraction=frac, page_size=32, min_range_tokens=1)
     # Re-pad the same real tokens on the right, with garbage in the padding.
     lengths = mask.sum(1)
     order = torch.sort((~mask).int(), dim=1, stable=True).indices
@@ -61,7 +61,7 @@ def test_round_trip_error_bound_and_exact_outliers(datatype, S, D, frac, seed):
     """Inliers land within half a level gap (times their scale); outliers, sinks and the values' open page come
     back exactly."""
     x = heavy_tailed_kv((2, 2, S, D), seed, dtype=torch.float16)
-    q = BatchedKVQuantizer(datatype=datatype, outlier_fraction=frac, n_sink=1, page_size=32)
+    q = BatchedKVQuantizer(datatype=datatype, outlier_fraction=frac, n_sink=1, page_size=32, min_range_tokens=1)
     bound = level_error_bound(datatype)
     kc, vc = q.quantize_keys(x), q.quantize_values(x)
     T = 32
@@ -136,8 +136,8 @@ def test_decode_appends_match_direct_quantization(kind, seed):
 @pytest.mark.parametrize("R", [1, 5, 64])
 def test_residual_window_and_sinks(R, seed):
     x = heavy_tailed_kv((2, 2, 50, 8), seed)
-    base = BatchedKVQuantizer(datatype="nuq2", n_sink=2, residual_length=0, page_size=32)
-    win = BatchedKVQuantizer(datatype="nuq2", n_sink=2, residual_length=R, page_size=32)
+    base = BatchedKVQuantizer(datatype="nuq2", n_sink=2, residual_length=0, page_size=32, min_range_tokens=1)
+    win = BatchedKVQuantizer(datatype="nuq2", n_sink=2, residual_length=R, page_size=32, min_range_tokens=1)
     mask = torch.ones(2, 50, dtype=torch.bool)
     mask[1, :9] = False
     a = win.quantize_values(x, mask)
@@ -270,6 +270,7 @@ def test_decode_fast_path_equals_the_general_path(seed: int, residual: int, n_si
     gen = torch.Generator().manual_seed(seed)
     B, H, D = 3, 2, 32
     cfg = QuantConfig(datatype="nuq3", outlier_fraction=frac, n_sink=n_sink, residual_length=residual, page_size=32,
+                      min_range_tokens=1,
                       backend="torch")
     x = torch.randn(B, H, 20, D, generator=gen)
     mask = torch.ones(B, 20, dtype=torch.bool)
@@ -292,7 +293,8 @@ def test_decode_fast_path_equals_the_general_path(seed: int, residual: int, n_si
 def test_decode_fast_path_reports_nan_within_the_check_interval():
     from kvquant.quant.store import DEFERRED_CHECK_EVERY
 
-    c = BatchedKVQuantizer(QuantConfig(datatype="nuq4", backend="torch")).quantize_values(torch.randn(2, 2, 8, 16))
+    cfg = QuantConfig(datatype="nuq4", backend="torch", min_range_tokens=1)
+    c = BatchedKVQuantizer(cfg).quantize_values(torch.randn(2, 2, 8, 16))
     c.append(torch.randn(2, 2, 1, 16))
     bad = torch.randn(2, 2, 1, 16)
     bad[1, 0, 0, 3] = float("nan")
@@ -303,6 +305,6 @@ def test_decode_fast_path_reports_nan_within_the_check_interval():
     with pytest.raises(ValueError, match="cannot be used further"):
         c.append(torch.randn(2, 2, 1, 16))
     # the general path (a mask given) still checks at once
-    c2 = BatchedKVQuantizer(QuantConfig(datatype="nuq4", backend="torch")).quantize_values(torch.randn(2, 2, 8, 16))
+    c2 = BatchedKVQuantizer(cfg).quantize_values(torch.randn(2, 2, 8, 16))
     with pytest.raises(ValueError, match="NaN"):
         c2.append(torch.full((2, 2, 1, 16), float("inf")), torch.ones(2, 1))
