@@ -504,7 +504,13 @@ class QuantizedKVCache:
         if isinstance(self.outliers, BlockedCSCMatrix):
             T = self.config.page_size
             old_slots = (old_ids[:, None] * T + torch.arange(T, device=self.device)).reshape(-1)
-            new.outliers = self.outliers.select_slots(old_slots)
+            # only the slots of tokens each sequence holds: an undone append may have left entries past them
+            counts = new.pages.pages_per_seq
+            seq = torch.repeat_interleave(torch.arange(counts.numel(), device=self.device), counts)
+            rank = torch.arange(seq.numel(), device=self.device) - (counts.cumsum(0) - counts)[seq]
+            held = (self.q_len[index][seq] - rank * T).clamp(0, T)
+            keep = torch.arange(T, device=self.device)[None, :] < held[:, None]
+            new.outliers = self.outliers.select_slots(old_slots, keep)
         elif isinstance(self.outliers, BlockedCSRMatrix):
             new.outliers = BlockedCSRMatrix(self.num_heads, self.head_dim, self.config.page_size,
                                             self.outliers.per_token, self.outliers.dtype, self.device,

@@ -280,11 +280,15 @@ class BlockedCSCMatrix:
         val, idx, ptr = self.to_standard_csc(n_cols)
         return torch.sparse_csc_tensor(ptr, idx, val, size=(self.n_inner, ptr.numel() - 1), check_invariants=True)
 
-    def select_slots(self, slots: torch.Tensor) -> BlockedCSCMatrix:
-        """A new matrix whose slot ``i`` holds the entries of ``slots[i]`` (compacted copy)."""
+    def select_slots(self, slots: torch.Tensor, keep: torch.Tensor | None = None) -> BlockedCSCMatrix:
+        """A new matrix whose slot ``i`` holds the entries of ``slots[i]`` (compacted copy); with ``keep`` (bool,
+        like ``slots``) a slot whose ``keep`` is False comes out empty."""
         new = type(self)(self.n_inner, self.dtype, self.device, self.block_nnz, slots.numel(),
                          group_size=self.group_size)
         owner, rows, val = self.entries_of(slots)
+        if keep is not None:
+            kept = keep.reshape(-1).to(self.device)[owner]
+            owner, rows, val = owner[kept], rows[kept], val[kept]
         counts = torch.bincount(owner, minlength=slots.numel())
         new.append_slots(torch.arange(slots.numel(), device=self.device), counts, val, rows)
         return new
