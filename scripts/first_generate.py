@@ -22,18 +22,12 @@ import time
 from pathlib import Path
 
 
-def _sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def _case(a: argparse.Namespace) -> None:
     """One case, in this (fresh) process: prints one JSON line."""
     import torch
 
     from kvquant import QuantConfig
+    from kvquant.bench.cuda import synchronize
     from kvquant.bench.model import load_bench_model
     from kvquant.cache.hf_cache import KVQuantCache
     from kvquant.cache.hf_compat import cache_kwargs
@@ -42,7 +36,7 @@ def _case(a: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     model = load_bench_model(a.model, a.dtype, a.device).model
     cal = Calibration.load(a.calibration) if a.calibration else None
-    _sync(a.device)
+    synchronize(a.device)
     t_load = time.perf_counter() - t0
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 1000, (1, a.prompt_len), generator=g).to(a.device)
@@ -53,7 +47,7 @@ def _case(a: argparse.Namespace) -> None:
         with torch.no_grad():
             model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache),
                            max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, do_sample=False)
-        _sync(a.device)
+        synchronize(a.device)
         times.append(time.perf_counter() - t)
     print(json.dumps({"datatype": a.datatype, "calibrated": bool(a.calibration), "first_s": round(times[0], 3),
                       "warm_s": round(times[1], 3), "model_load_s": round(t_load, 3)}))

@@ -208,9 +208,7 @@ class KVQuantLayer(CacheLayerMixin):
         if self.qkeys is None:
             return {}
         rk, rv = self.qkeys.memory_report(), self.qvalues.memory_report()
-        buffers = sum(t.untyped_storage().nbytes() for t in self.buffers())
-        return ({f"key_{k}": v for k, v in rk.items()} | {f"value_{k}": v for k, v in rv.items()}
-                | {"layer_buffers": buffers})
+        return {f"key_{k}": v for k, v in rk.items()} | {f"value_{k}": v for k, v in rv.items()}
 
     def buffers(self) -> list[torch.Tensor]:
         """The layer's own tensors besides its stores: the padding mask ``[B, S]`` and position offsets ``[B]``."""

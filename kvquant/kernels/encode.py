@@ -83,14 +83,12 @@ def write_keys(store, seq: torch.Tensor, pos: torch.Tensor, tokens: torch.Tensor
     out = bool(store.keep_outliers)
     if out and small:
         cap = n_elem
-        counter = torch.zeros(1, dtype=torch.int32, device=dev)
     elif out:
         f = store.config.outlier_fraction
         cap = n_elem if n_elem <= 1 << 22 else min(n_elem, max(1 << 22, int(1.5 * f * n_elem) + 4 * N))
-        counter = torch.zeros(1, dtype=torch.int32, device=dev)
     else:
         cap = 1
-        counter = torch.zeros(1, dtype=torch.int32, device=dev)
+    counter = torch.zeros(1, dtype=torch.int32, device=dev)
     cnt = torch.empty(N, H, dtype=torch.int32, device=dev)
     sst = torch.empty(N, H, dtype=torch.int32, device=dev)
     slot = torch.empty(N, dtype=torch.int64, device=dev)
