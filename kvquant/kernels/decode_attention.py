@@ -33,6 +33,9 @@ LOG2E = 1.4426950408889634
 PROGRAMS_PER_SM = 8  # split-K target: about this many page programs per multiprocessor
 MAX_TILE = 64  # tokens per tile of the page kernel (smaller pages: the page size)
 CORR_BLOCK = 128  # tokens per program of the key-outlier correction kernel
+CORR_ENTRIES = 4  # entries per token and step of the key-outlier correction kernel
+OUTLIER_PAGES = 4  # pages per step of the value-outlier kernel
+OUTLIER_ENTRIES = 64  # entries per page and step of the value-outlier kernel
 
 
 def unsupported_reason(q: torch.Tensor, key_cache: QuantizedKVCache, value_cache: QuantizedKVCache,
@@ -179,7 +182,8 @@ def decode_attention(
         key_corr_kernel[(B * Hkv, triton.cdiv(Lmax, CORR_BLOCK))](
             qs, corr, ktab, ktab.stride(0), kout.slot_start, kout.head_counts, kout.values, kout.indices,
             _key_dense_at_zero(kc, klev), kc.q_len, kc.sink_len, pos, cos, sin,
-            Hkv, Hq, Lmax, G=G, GQ=GQ, HKP=hkp, D=D, T=T, BLK=CORR_BLOCK, ROPE=rope is not None, num_warps=4,
+            Hkv, Hq, Lmax, G=G, GQ=GQ, HKP=hkp, D=D, T=T, BLK=CORR_BLOCK, J=CORR_ENTRIES, ROPE=rope is not None,
+            num_warps=4,
         )
     else:
         corr = mpart
@@ -215,6 +219,7 @@ def decode_attention(
     value_outliers_kernel[(B * Hkv, n_splits)](
         out, mfin, lfin, scores, Lmax, vc.pages.pools["scale"], vc.pages.pools["zero"], vtab, vtab.stride(0),
         vout.values, vout.tokens, vout.counts, vout.head_start, vout.block_cap, _zero_level(vc, vlev),
-        kc.q_len, Hkv, Hq, pages_per_split, G=G, GQ=GQ, D=D, T=T, num_warps=4,
+        kc.q_len, Hkv, Hq, pages_per_split, G=G, GQ=GQ, D=D, T=T, PP=OUTLIER_PAGES, BE=OUTLIER_ENTRIES,
+        num_warps=4,
     )
     return out.to(q.dtype)

@@ -16,6 +16,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed: the kern
 from kvquant.config import QuantConfig  # noqa: E402
 from kvquant.kernels.decode_attention import decode_attention  # noqa: E402
 from kvquant.kernels.reference import decode_attention_reference  # noqa: E402
+from kvquant.quant.quantizer import BatchedKVQuantizer  # noqa: E402
 from tests.kernels.caches import DEVICE, TOL, build_caches, gpu, rel_err, rope_tables  # noqa: E402
 
 
@@ -84,6 +85,26 @@ def test_decode_outlier_heavy_heads(seed: int) -> None:
     for rope in (None, (*rope_tables(S + n + 64, D, True), torch.randint(0, 60, (B,), generator=gen).to(DEVICE))):
         out = decode_attention(q, kc, vc, rope=rope)
         ref = decode_attention_reference(q, kc, vc, rope=rope)
+        assert rel_err(out, ref) < TOL[torch.float32]
+
+
+def test_decode_value_outliers_skewed(seed: int) -> None:
+    """Value outliers piled into two channels of every head (dozens of entries per channel and page) over many
+    pages and splits, beside pages whose entries spread over every channel."""
+    cfg = QuantConfig(min_range_tokens=1,
+                      datatype="nuq3", outlier_fraction=0.1, n_sink=1, residual_length=0, page_size=32)
+    B, Hkv, G, D, S = 2, 2, 2, 64, 300
+    gen = torch.Generator().manual_seed(seed)
+    kc, _ = build_caches(gen, B, Hkv, D, S, cfg, torch.float32, n_decode=0, pad=False)
+    v = torch.randn(B, Hkv, S, D, generator=gen)
+    hot = torch.randint(0, D, (Hkv, 2), generator=gen)
+    gain = torch.ones(Hkv, D).scatter_(1, hot, 30.0)
+    v[:, :, : S // 2] *= gain[None, :, None, :]  # first half skewed, second half spread
+    vc = BatchedKVQuantizer(cfg).quantize_values(v.to(DEVICE))
+    q = torch.randn(B, Hkv * G, D, generator=gen).to(DEVICE)
+    for pps in (None, 3):
+        out = decode_attention(q, kc, vc, pages_per_split=pps)
+        ref = decode_attention_reference(q, kc, vc)
         assert rel_err(out, ref) < TOL[torch.float32]
 
 

@@ -44,7 +44,7 @@ if triton is not None:
         Q, CORR, KTAB, k_tab_stride, KSS, KHC, KOV, KOI, KDZ, QLEN, SLEN, POS, COS, SIN,
         Hkv, Hq, Lmax,
         G: tl.constexpr, GQ: tl.constexpr, HKP: tl.constexpr, D: tl.constexpr, T: tl.constexpr,
-        BLK: tl.constexpr, ROPE: tl.constexpr,
+        BLK: tl.constexpr, J: tl.constexpr, ROPE: tl.constexpr,
     ):
         """Score corrections of the key outliers, a lane per quantized token: ``CORR[b, hq, i] = q_hq . R(p_i)
         (x - dense)`` summed over token ``i``'s stored entries (zero for a token without any); ``[B, Hq, Lmax]``."""
@@ -67,23 +67,25 @@ if triton is not None:
         cb = (b * Hkv + hk) * D
         ptok = (tl.load(POS + b) + tl.load(SLEN + b) + i).to(tl.int64)
         corr = tl.zeros([BLK, GQ], tl.float32)
-        for j in range(0, tl.max(cnt, axis=0)):
-            has = j < cnt
-            e = first + j
+        jj = tl.arange(0, J)
+        for j0 in range(0, tl.max(cnt, axis=0), J):  # J entries of every token at a time (independent loads)
+            has = (j0 + jj)[None, :] < cnt[:, None]  # [BLK, J]
+            e = first[:, None] + j0 + jj[None, :]
             c = tl.load(KOI + e, mask=has, other=0).to(tl.int32)
             x = tl.load(KOV + e, mask=has, other=0.0).to(tl.float32)
             delta = tl.where(has, x - tl.load(KDZ + cb + c, mask=has, other=0.0), 0.0)
-            qc = tl.load(Q + qrow[None, :] + c[:, None], mask=has[:, None] & gm, other=0.0)
+            m3 = has[:, :, None] & gm[None, :, :]
+            qc = tl.load(Q + qrow[None, None, :] + c[:, :, None], mask=m3, other=0.0)  # [BLK, J, GQ]
             if ROPE:
                 low = c < DH
                 partner = tl.where(low, c + DH, c - DH)
                 fi = tl.where(low, c, partner)
-                cs_ = tl.load(COS + ptok * DH + fi, mask=has, other=1.0)
-                sn_ = tl.load(SIN + ptok * DH + fi, mask=has, other=0.0)
+                cs_ = tl.load(COS + ptok[:, None] * DH + fi, mask=has, other=1.0)
+                sn_ = tl.load(SIN + ptok[:, None] * DH + fi, mask=has, other=0.0)
                 sn_ = tl.where(low, sn_, -sn_)
-                qp = tl.load(Q + qrow[None, :] + partner[:, None], mask=has[:, None] & gm, other=0.0)
-                qc = qc * cs_[:, None] + qp * sn_[:, None]
-            corr += qc * delta[:, None]
+                qp = tl.load(Q + qrow[None, None, :] + partner[:, :, None], mask=m3, other=0.0)
+                qc = qc * cs_[:, :, None] + qp * sn_[:, :, None]
+            corr += tl.sum(qc * delta[:, :, None], axis=1)
         crow = (b * Hq + hk * G + g).to(tl.int64) * Lmax
         tl.store(CORR + crow[None, :] + i[:, None], corr, mask=gm & (i < Lmax)[:, None])
 
@@ -228,11 +230,13 @@ if triton is not None:
     def value_outliers_kernel(
         OUT, MF, LF, SC, Lmax, VSC, VZR, VTAB, v_tab_stride, VOV, VOT, VOC, VOH, v_block_cap, v_zero_level,
         QLEN, Hkv, Hq, pages_per_split,
-        G: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, T: tl.constexpr,
+        G: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, T: tl.constexpr, PP: tl.constexpr, BE: tl.constexpr,
     ):
-        """Value outliers of the sealed pages of one split, a lane per channel: ``OUT[b, hq] += sum p * (x -
-        dense)`` with the final probabilities ``exp2(s - MF) / LF`` (after :func:`reduce_kernel`); one atomic add
-        per (channel, query head) and program."""
+        """Value outliers of the sealed pages of one split: ``OUT[b, hq] += sum p * (x - dense)`` with the final
+        probabilities ``exp2(s - MF) / LF`` (after :func:`reduce_kernel`). A lane per stored entry, ``PP`` pages
+        at a time: a page's entries are sorted by channel, so a channel's sum is the difference of the prefix sums
+        of ``p * (x - dense)`` at its two ends (no per-channel loop, whatever the skew between channels); one atomic
+        add per (channel, query head) and program."""
         pid = tl.program_id(0)
         split = tl.program_id(1)
         b = pid // Hkv
@@ -242,28 +246,45 @@ if triton is not None:
         p1 = tl.minimum(p0 + pages_per_split, sealed)
         dd = tl.arange(0, D)
         g = tl.arange(0, GQ)
-        gm = (g < G)[None, :]
+        gm = g < G
         hq = (b * Hq + hk * G + g).to(tl.int64)
-        mf = tl.load(MF + hq, mask=g < G, other=0.0)
-        inv_l = 1.0 / tl.load(LF + hq, mask=g < G, other=1.0)
+        mf = tl.load(MF + hq, mask=gm, other=0.0)
+        inv_l = 1.0 / tl.load(LF + hq, mask=gm, other=1.0)
+        pp = tl.arange(0, PP)
+        jj = tl.arange(0, BE)
         acc = tl.zeros([D, GQ], tl.float32)
-        for pi in range(p0, p1):
-            vpage = tl.load(VTAB + b * v_tab_stride + pi).to(tl.int64)
-            cnt = tl.load(VOC + (vpage * Hkv + hk) * D + dd).to(tl.int32)
-            first = vpage * v_block_cap + tl.load(VOH + vpage * Hkv + hk) + tl.cumsum(cnt, axis=0) - cnt
-            for j in range(0, tl.max(cnt, axis=0)):
-                has = j < cnt
-                e = first + j
-                tok = tl.load(VOT + e, mask=has, other=0).to(tl.int32)
-                x = tl.load(VOV + e, mask=has, other=0.0).to(tl.float32)
-                so = (vpage * Hkv + hk) * T + tok
+        for q0 in range(p0, p1, PP):
+            pi = q0 + pp
+            pok = pi < p1
+            vpage = tl.load(VTAB + b * v_tab_stride + pi, mask=pok, other=0).to(tl.int64)
+            ph = vpage * Hkv + hk
+            cnt = tl.load(VOC + ph[:, None] * D + dd[None, :], mask=pok[:, None], other=0).to(tl.int32)  # [PP, D]
+            end = tl.cumsum(cnt, axis=1)
+            start = end - cnt
+            total = tl.sum(cnt, axis=1)
+            base = vpage * v_block_cap + tl.load(VOH + ph, mask=pok, other=0)
+            for e0 in range(0, tl.max(total, axis=0), BE):
+                e = e0 + jj
+                has = e[None, :] < total[:, None]  # [PP, BE]
+                eidx = base[:, None] + e[None, :]
+                tok = tl.load(VOT + eidx, mask=has, other=0).to(tl.int32)
+                x = tl.load(VOV + eidx, mask=has, other=0.0).to(tl.float32)
+                so = ph[:, None] * T + tok
                 dense = tl.load(VSC + so, mask=has, other=0.0).to(tl.float32) * v_zero_level + \
                     tl.load(VZR + so, mask=has, other=0.0).to(tl.float32)
-                s = tl.load(SC + hq[None, :] * Lmax + (pi * T + tok)[:, None], mask=has[:, None] & gm,
-                            other=float("-inf"))
-                acc += tl.exp2(s - mf[None, :]) * inv_l[None, :] * tl.where(has, x - dense, 0.0)[:, None]
+                col = pi[:, None] * T + tok
+                s = tl.load(SC + hq[None, None, :] * Lmax + col[:, :, None], mask=has[:, :, None] & gm[None, None, :],
+                            other=float("-inf"))  # [PP, BE, GQ]
+                w = tl.exp2(s - mf[None, None, :]) * inv_l[None, None, :] * tl.where(has, x - dense, 0.0)[:, :, None]
+                csum = tl.cumsum(w, axis=1)  # entries e0 .. e0 + j, inclusive
+                hi = tl.minimum(tl.maximum(end - e0, 0), BE)  # [PP, D]: the channel's entries in this chunk
+                lo = tl.minimum(tl.maximum(start - e0, 0), BE)
+                at_hi = tl.gather(csum, tl.broadcast_to(tl.maximum(hi - 1, 0)[:, :, None], [PP, D, GQ]), axis=1)
+                at_lo = tl.gather(csum, tl.broadcast_to(tl.maximum(lo - 1, 0)[:, :, None], [PP, D, GQ]), axis=1)
+                part = tl.where((hi > 0)[:, :, None], at_hi, 0.0) - tl.where((lo > 0)[:, :, None], at_lo, 0.0)
+                acc += tl.sum(part, axis=0)
         if p1 > p0:
-            tl.atomic_add(OUT + hq[None, :] * D + dd[:, None], acc, mask=(dd[:, None] < D) & gm)
+            tl.atomic_add(OUT + hq[None, :] * D + dd[:, None], acc, mask=(dd[:, None] < D) & gm[None, :])
 
     @triton.jit
     def _rope(xa, xb, COS, SIN, pos, ok, DH: tl.constexpr):

@@ -1,0 +1,101 @@
+"""Where a decode-attention call's device time goes: per-kernel device time (torch.profiler) of
+``kvquant.kernels.decode_attention`` over synthetic nuq caches, with and without outliers, beside fp16 SDPA.
+
+    PYTHONPATH=$PWD python scripts/profile_decode.py --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from kvquant.bench.cuda import graph_bench
+from kvquant.bench.kernels_decode import SHAPES, rope_tables, synthetic_caches
+from kvquant.config import QuantConfig
+from kvquant.kernels.decode_attention import decode_attention
+from kvquant.kernels.reference import decode_attention_reference
+
+
+def kernel_times(fn, iters: int = 20) -> dict[str, float]:
+    """Mean device microseconds per call of every kernel ``fn`` launches."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    acc: dict[str, float] = defaultdict(float)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            acc[ev.name[:60]] += ev.device_time / iters
+    return dict(sorted(acc.items(), key=lambda kv: -kv[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="profile_decode.json")
+    ap.add_argument("--cases", nargs="*", default=["mha:1:32768", "gqa:8:32768", "mha:8:32768"])
+    ap.add_argument("--variants", nargs="*", default=[],
+                    help="page-kernel launches to time as WARPS:BLOCK_T:STAGES (graph-replayed, 1 %% outliers)")
+    args = ap.parse_args()
+    rows = []
+    for case in args.cases:
+        shape, B, L = case.split(":")
+        B, L = int(B), int(L)
+        Hq, Hkv, D = SHAPES[shape]
+        cos, sin = rope_tables(L + 64, D, "cuda")
+        for f in (0.01, 0.0):
+            cfg = QuantConfig(datatype="nuq3", outlier_fraction=f, residual_length=0, min_range_tokens=1)
+            kc, vc = synthetic_caches(B, Hkv, D, L, cfg, torch.float16, "cuda")
+            q = torch.randn(B, Hq, D, device="cuda", dtype=torch.float16)
+            rope = (cos, sin, torch.zeros(B, dtype=torch.int32, device="cuda"))
+            t = kernel_times(partial(decode_attention, q, kc, vc, rope=rope))
+            row = {"shape": shape, "batch": B, "context": L, "outliers": f, "kernels_us": t,
+                   "total_us": sum(t.values())}
+            if B * Hkv * L * D * 48 < 0.5 * torch.cuda.mem_get_info()[0]:
+                out = decode_attention(q, kc, vc, rope=rope).float()
+                ref = decode_attention_reference(q, kc, vc, rope=rope).float()
+                row["rel_err"] = float((out - ref).norm() / ref.norm())
+                del out, ref
+            for v in args.variants if f > 0 else []:
+                w, bt, st = (int(x) for x in v.split(":"))
+                fn = partial(decode_attention, q, kc, vc, rope=rope, num_warps=w, block_t=bt, num_stages=st)
+                fn()
+                row.setdefault("variants_ms", {})[v] = graph_bench(fn)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del kc, vc
+            torch.cuda.empty_cache()
+        k = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.float16)
+        v = torch.randn_like(k)
+        q4 = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.float16)
+        t = kernel_times(partial(F.scaled_dot_product_attention, q4, k, v, enable_gqa=Hq != Hkv))
+        rows.append({"shape": shape, "batch": B, "context": L, "fp16_sdpa_us": sum(t.values())})
+        print(json.dumps(rows[-1]), flush=True)
+        del k, v
+        torch.cuda.empty_cache()
+    from kvquant.kernels.jit import decode_attention as jit
+    for name in ("pages_kernel", "key_corr_kernel", "value_outliers_kernel", "exact_kernel", "reduce_kernel"):
+        fn = getattr(jit, name)
+        try:
+            for cache in fn.device_caches.values():
+                for ker in cache[0].values():
+                    ker._init_handles()
+                    info = {"kernel": name, "n_regs": ker.n_regs, "n_spills": ker.n_spills,
+                            "shared": ker.metadata.shared, "num_warps": ker.metadata.num_warps}
+                    rows.append(info)
+                    print(json.dumps(info), flush=True)
+        except Exception as exc:  # best effort: Triton's internals move
+            print(name, "no resource report:", exc)
+    with open(args.out, "w") as fh:
+        json.dump(rows, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
