@@ -14,6 +14,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+import kvquant.kernels.decode_attention as da
 from kvquant.bench.cuda import graph_bench
 from kvquant.bench.kernels_decode import SHAPES, rope_tables, synthetic_caches
 from kvquant.config import QuantConfig
@@ -42,7 +43,8 @@ def main() -> None:
     ap.add_argument("--out", default="profile_decode.json")
     ap.add_argument("--cases", nargs="*", default=["mha:1:32768", "gqa:8:32768", "mha:8:32768"])
     ap.add_argument("--variants", nargs="*", default=[],
-                    help="page-kernel launches to time as WARPS:BLOCK_T:STAGES (graph-replayed, 1 %% outliers)")
+                    help="variants to time (graph-replayed, 1 %% outliers), e.g. w=2,bt=32,st=2,OUTLIER_SPLIT=16: "
+                         "page-kernel warps/tile/stages and module constants of kvquant.kernels.decode_attention")
     args = ap.parse_args()
     rows = []
     for case in args.cases:
@@ -64,10 +66,21 @@ def main() -> None:
                 row["rel_err"] = float((out - ref).norm() / ref.norm())
                 del out, ref
             for v in args.variants if f > 0 else []:
-                w, bt, st = (int(x) for x in v.split(":"))
-                fn = partial(decode_attention, q, kc, vc, rope=rope, num_warps=w, block_t=bt, num_stages=st)
-                fn()
-                row.setdefault("variants_ms", {})[v] = graph_bench(fn)
+                kw, saved = {}, {}
+                for item in v.split(","):
+                    name, val = item.split("=")
+                    if name.isupper():
+                        saved[name] = getattr(da, name)
+                        setattr(da, name, int(val))
+                    else:
+                        kw[{"w": "num_warps", "bt": "block_t", "st": "num_stages"}[name]] = int(val)
+                fn = partial(decode_attention, q, kc, vc, rope=rope, **kw)
+                out = fn().float()
+                ref = decode_attention_reference(q, kc, vc, rope=rope).float()
+                err = float((out - ref).norm() / ref.norm())
+                row.setdefault("variants_ms", {})[v] = (graph_bench(fn), err)
+                for name, val in saved.items():
+                    setattr(da, name, val)
             rows.append(row)
             print(json.dumps(row), flush=True)
             del kc, vc
@@ -81,7 +94,8 @@ def main() -> None:
         del k, v
         torch.cuda.empty_cache()
     from kvquant.kernels.jit import decode_attention as jit
-    for name in ("pages_kernel", "key_corr_kernel", "value_outliers_kernel", "exact_kernel", "reduce_kernel"):
+    for name in ("keys_kernel", "values_kernel", "key_corr_kernel", "value_outliers_kernel", "exact_kernel",
+                 "reduce_kernel"):
         fn = getattr(jit, name)
         try:
             for cache in fn.device_caches.values():

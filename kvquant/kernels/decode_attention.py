@@ -22,9 +22,10 @@ from kvquant.kernels.encode import unsupported_reason as store_problem
 from kvquant.kernels.jit.decode_attention import (
     exact_kernel,
     key_corr_kernel,
-    pages_kernel,
+    keys_kernel,
     reduce_kernel,
     value_outliers_kernel,
+    values_kernel,
 )
 from kvquant.kernels.reference import Rope, check_decode_inputs
 from kvquant.quant.store import QuantizedKVCache
@@ -32,10 +33,11 @@ from kvquant.quant.store import QuantizedKVCache
 LOG2E = 1.4426950408889634
 PROGRAMS_PER_SM = 8  # split-K target: about this many page programs per multiprocessor
 MAX_TILE = 64  # tokens per tile of the page kernel (smaller pages: the page size)
-CORR_BLOCK = 128  # tokens per program of the key-outlier correction kernel
-CORR_ENTRIES = 4  # entries per token and step of the key-outlier correction kernel
+CORR_ELEMENTS = 8192  # tokens x KV heads (head-count rows) per program of the key-outlier correction kernel
+CORR_ENTRIES = 1  # entries per token and step of the key-outlier correction kernel
 OUTLIER_PAGES = 4  # pages per step of the value-outlier kernel
 OUTLIER_ENTRIES = 64  # entries per page and step of the value-outlier kernel
+OUTLIER_SPLIT = 0  # pages per program of the value-outlier kernel (0: the page kernel's split)
 
 
 def unsupported_reason(q: torch.Tensor, key_cache: QuantizedKVCache, value_cache: QuantizedKVCache,
@@ -176,26 +178,27 @@ def decode_attention(
     VOUT = bool(vc.keep_outliers)
     klev, vlev = _levels(kc, dt), _levels(vc, dt)
     Lmax = max_pages * T
-    hkp = max(2, triton.next_power_of_2(Hkv))
+    scores = torch.empty(B, Hq, Lmax, dtype=torch.float32, device=dev)
+    keys_kernel[(B * Hkv, n_splits)](
+        qs, scores, Lmax, kc.pages.pools["codes"], kc.lut, klev, kc.channel_scale, kc.channel_zero, ktab,
+        ktab.stride(0), kc.q_len, kc.sink_len, pos, cos, sin, rc, rs, Hkv, Hq, pages_per_split,
+        G=G, GP=GP, D=D, T=T, BT=BT, KBITS=kc.bits, ROPE=rope is not None, USE_ASM=use_asm, DT=DT, PREC=prec,
+        num_warps=num_warps, num_stages=num_stages,
+    )
     if KOUT:
-        corr = torch.empty(B, Hq, Lmax, dtype=torch.float32, device=dev)
-        key_corr_kernel[(B * Hkv, triton.cdiv(Lmax, CORR_BLOCK))](
-            qs, corr, ktab, ktab.stride(0), kout.slot_start, kout.head_counts, kout.values, kout.indices,
+        hkp = max(2, triton.next_power_of_2(Hkv))
+        blk = max(16, min(512, CORR_ELEMENTS // hkp))
+        key_corr_kernel[(B * Hkv, triton.cdiv(Lmax, blk))](
+            qs, scores, ktab, ktab.stride(0), kout.slot_start, kout.head_counts, kout.values, kout.indices,
             _key_dense_at_zero(kc, klev), kc.q_len, kc.sink_len, pos, cos, sin,
-            Hkv, Hq, Lmax, G=G, GQ=GQ, HKP=hkp, D=D, T=T, BLK=CORR_BLOCK, J=CORR_ENTRIES, ROPE=rope is not None,
+            Hkv, Hq, Lmax, G=G, GQ=GQ, HKP=hkp, D=D, T=T, BLK=blk, J=CORR_ENTRIES, ROPE=rope is not None,
             num_warps=4,
         )
-    else:
-        corr = mpart
-    scores = torch.empty(B, Hq, Lmax, dtype=torch.float32, device=dev) if VOUT else mpart
-    pages_kernel[(B * Hkv, n_splits)](
-        qs, opart, mpart, lpart, scores, corr, Lmax,
-        kc.pages.pools["codes"], kc.lut, klev, kc.channel_scale, kc.channel_zero, ktab, ktab.stride(0),
-        vc.pages.pools["codes"], vc.lut, vlev, vc.pages.pools["scale"], vc.pages.pools["zero"], vtab, vtab.stride(0),
-        vc.open, kc.q_len, kc.sink_len, pos, cos, sin, rc, rs,
-        Hkv, Hq, pages_per_split, NS1,
-        G=G, GP=GP, D=D, T=T, BT=BT, KBITS=kc.bits, VBITS=vc.bits, KOUT=KOUT, VOUT=VOUT, ROPE=rope is not None,
-        USE_ASM=use_asm, DT=DT, PREC=prec, num_warps=num_warps, num_stages=num_stages,
+    values_kernel[(B * Hkv, n_splits)](
+        opart, mpart, lpart, scores, Lmax, vc.pages.pools["codes"], vc.lut, vlev, vc.pages.pools["scale"],
+        vc.pages.pools["zero"], vtab, vtab.stride(0), vc.open, kc.q_len, Hkv, Hq, pages_per_split, NS1,
+        G=G, GP=GP, D=D, T=T, BT=BT, VBITS=vc.bits, USE_ASM=use_asm, DT=DT, PREC=prec,
+        num_warps=num_warps, num_stages=num_stages,
     )
     ksink, vsink = kc.sink.contiguous(), vc.sink.contiguous()
     kres, vres = kc.residual.contiguous(), vc.residual.contiguous()
@@ -216,10 +219,11 @@ def decode_attention(
                              NSP=triton.next_power_of_2(NS1), EXTRA=extra_kv is not None, num_warps=4)
     if not VOUT:
         return out
-    value_outliers_kernel[(B * Hkv, n_splits)](
+    vo_split = OUTLIER_SPLIT or pages_per_split
+    value_outliers_kernel[(B * Hkv, -(-max_pages // vo_split))](
         out, mfin, lfin, scores, Lmax, vc.pages.pools["scale"], vc.pages.pools["zero"], vtab, vtab.stride(0),
         vout.values, vout.tokens, vout.counts, vout.head_start, vout.block_cap, _zero_level(vc, vlev),
-        kc.q_len, Hkv, Hq, pages_per_split, G=G, GQ=GQ, D=D, T=T, PP=OUTLIER_PAGES, BE=OUTLIER_ENTRIES,
+        kc.q_len, Hkv, Hq, vo_split, G=G, GQ=GQ, D=D, T=T, PP=OUTLIER_PAGES, BE=OUTLIER_ENTRIES,
         num_warps=4,
     )
     return out.to(q.dtype)

@@ -104,7 +104,7 @@ def test_calibrated_layers_share_every_kernel_specialisation(launches: dict[str,
     launches.clear()
     _run(model, _calibration(model, [a, a]))
     shared = {k: set(v) for k, v in launches.items()}
-    assert {"key_tokens_kernel", "value_pages_kernel", "pages_kernel"} <= set(mixed)
+    assert {"key_tokens_kernel", "value_pages_kernel", "keys_kernel", "values_kernel"} <= set(mixed)
     for name in mixed:
         extra = mixed[name] - shared.get(name, set())
         assert not extra, f"{name}: {len(extra)} specialisation(s) only the per-layer codebooks need: {extra}"

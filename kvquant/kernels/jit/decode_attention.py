@@ -1,19 +1,21 @@
 """The ``@triton.jit`` bodies of the decode attention (launched from :mod:`kvquant.kernels.decode_attention`).
 
-* :func:`pages_kernel`, grid ``(B * Hkv, splits)``: one program per (sequence, KV head, range of pages) serves
-  the ``G`` query heads of that KV head (each K/V byte is read once). Per tile of ``BT`` tokens:
+Each (sequence, KV head, range of pages) is one program serving the ``G`` query heads of that KV head (each K/V
+byte is read once), in two passes that keep each program's registers few:
 
-  - keys: codes -> levels (:func:`~kvquant.kernels.lut.unit_levels`), per-channel affine map, rotation by the
-    tile's in-page offsets ``R(tau)`` (constant tables; the query is rotated by the tile's base position instead,
-    ``R(p0 + tau) = R(p0) R(tau)``), then ``S^T = K . Q^T`` on the tensor cores;
-  - key outliers as score corrections, a lane per token: ``q . R(p)(x - dense)`` for each stored entry;
-  - online softmax over the tile;
-  - values: codes -> levels, the per-token scale folded into the probabilities (``p * scale``, plus
-    ``sum(p * zero)``), ``O^T += V^T . P^T``; the open (last, incomplete) page is read exactly;
-  - value outliers, a lane per channel: the page's block lists each channel's entries, whose ``p[token] *
-    (x - dense)`` go to a per-channel accumulator (probabilities read back from a small per-program scratch).
+* :func:`keys_kernel`, grid ``(B * Hkv, splits)``: per tile of ``BT`` tokens, codes -> levels
+  (:func:`~kvquant.kernels.lut.unit_levels`), per-channel affine map, rotation by the tile's in-page offsets
+  ``R(tau)`` (constant tables; the query is rotated by the tile's base position instead, ``R(p0 + tau) = R(p0)
+  R(tau)``), then ``S^T = K . Q^T``; the scores go to a ``[B, Hq, Lmax]`` buffer.
+* :func:`key_corr_kernel`, grid ``(B * Hkv, token blocks)``: key outliers as score corrections, a lane per token:
+  ``q . R(p)(x - dense)`` for each stored entry, added to the token's score.
+* :func:`values_kernel`, grid ``(B * Hkv, splits)``: online softmax over the scores; values: codes -> levels, the
+  per-token scale folded into the probabilities (``p * scale``, plus ``sum(p * zero)``), ``O^T += V^T . P^T``;
+  the open (last, incomplete) page is read exactly.
 * :func:`exact_kernel`, grid ``(B * Hkv,)``: the exact sink and residual tokens, as one more split.
 * :func:`reduce_kernel`, grid ``(B * Hq,)``: log-sum-exp combination of the splits and of the step's own token.
+* :func:`value_outliers_kernel`, grid ``(B * Hkv, splits)``: value outliers, a lane per stored entry, with the final
+  probabilities; per-channel sums from prefix sums over the page's channel-sorted entries, added atomically.
 
 Scores are in the log2 domain (queries pre-scaled by ``softmax_scale * log2(e)``).
 """
@@ -46,8 +48,9 @@ if triton is not None:
         G: tl.constexpr, GQ: tl.constexpr, HKP: tl.constexpr, D: tl.constexpr, T: tl.constexpr,
         BLK: tl.constexpr, J: tl.constexpr, ROPE: tl.constexpr,
     ):
-        """Score corrections of the key outliers, a lane per quantized token: ``CORR[b, hq, i] = q_hq . R(p_i)
-        (x - dense)`` summed over token ``i``'s stored entries (zero for a token without any); ``[B, Hq, Lmax]``."""
+        """Score corrections of the key outliers, a lane per quantized token: ``q_hq . R(p_i) (x - dense)`` summed
+        over token ``i``'s stored entries, added to its score ``CORR[b, hq, i]`` (``[B, Hq, Lmax]``, written by
+        :func:`keys_kernel`) where it has any."""
         DH: tl.constexpr = D // 2
         pid = tl.program_id(0)
         b = pid // Hkv
@@ -87,15 +90,16 @@ if triton is not None:
                 qc = qc * cs_[:, :, None] + qp * sn_[:, :, None]
             corr += tl.sum(qc * delta[:, :, None], axis=1)
         crow = (b * Hq + hk * G + g).to(tl.int64) * Lmax
-        tl.store(CORR + crow[None, :] + i[:, None], corr, mask=gm & (i < Lmax)[:, None])
+        at = CORR + crow[None, :] + i[:, None]
+        add = gm & (ok & (cnt > 0))[:, None]
+        tl.store(at, tl.load(at, mask=add, other=0.0) + corr, mask=add)
 
     @triton.jit
     def _scores(KC, kbase, tofs, U, KLUT, KLEV, csa, csb, cza, czb, qaT, qbT, rc, rs, COS, SIN, p_tile,
-                CORR, crow, i, ok, GP: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, KBITS: tl.constexpr,
-                KOUT: tl.constexpr, ROPE: tl.constexpr, USE_ASM: tl.constexpr, DT: tl.constexpr,
-                PREC: tl.constexpr):
-        """Scores ``S^T [BT, GP]`` of a tile of quantized keys (log2 domain), key outliers included (their
-        corrections come from :func:`key_corr_kernel`). Keys are ``R(p0 + tau)(cs * level + cz)``: the levels take
+                ok, GP: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, KBITS: tl.constexpr,
+                ROPE: tl.constexpr, USE_ASM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+        """Scores ``S^T [BT, GP]`` of a tile of quantized keys (log2 domain), dense part. Keys are
+        ``R(p0 + tau)(cs * level + cz)``: the levels take
         the per-channel map and the in-tile rotation ``R(tau)`` (constant tables), the query the tile's base
         rotation ``R(p0)^T``."""
         DH: tl.constexpr = D // 2
@@ -112,23 +116,17 @@ if triton is not None:
             s += tl.dot(kb * rc + ka * rs, qb, input_precision=PREC)
         else:
             s = tl.dot(ka, qaT.to(DT), input_precision=PREC) + tl.dot(kb, qbT.to(DT), input_precision=PREC)
-        if KOUT:
-            s += tl.load(CORR + crow[None, :] + i[:, None], mask=ok[:, None], other=0.0)
         return tl.where(ok[:, None], s, float("-inf"))
 
     @triton.jit
-    def pages_kernel(
-        Q, OP, MP, LP, SC, CORR, Lmax,
-        KC, KLUT, KLEV, KCS, KCZ, KTAB, k_tab_stride,
-        VC, VLUT, VLEV, VSC, VZR, VTAB, v_tab_stride, VOPEN,
-        QLEN, SLEN, POS, COS, SIN, RC, RS,
-        Hkv, Hq, pages_per_split, NS1,
+    def keys_kernel(
+        Q, SC, Lmax, KC, KLUT, KLEV, KCS, KCZ, KTAB, k_tab_stride, QLEN, SLEN, POS, COS, SIN, RC, RS,
+        Hkv, Hq, pages_per_split,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, T: tl.constexpr, BT: tl.constexpr,
-        KBITS: tl.constexpr, VBITS: tl.constexpr, KOUT: tl.constexpr, VOUT: tl.constexpr, ROPE: tl.constexpr,
-        USE_ASM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+        KBITS: tl.constexpr, ROPE: tl.constexpr, USE_ASM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
     ):
-        """Dense part of one split (see the module docstring); with ``VOUT`` the scores go to ``SC [B, Hq, Lmax]``
-        for :func:`value_outliers_kernel`."""
+        """First pass of one split: the dense scores of its quantized keys (``-inf`` past the sequence's length)
+        to ``SC [B, Hq, Lmax]`` (log2 domain)."""
         DH: tl.constexpr = D // 2
         NU: tl.constexpr = D // 32  # units per token
         NH: tl.constexpr = DH // 32  # units per half
@@ -139,7 +137,6 @@ if triton is not None:
         hk = pid % Hkv
         qlen = tl.load(QLEN + b)
         n_pages = (qlen + T - 1) // T
-        sealed = qlen // T  # values of page `sealed` (if any) are in the open page, exact
         p0 = split * pages_per_split
         p1 = tl.minimum(p0 + pages_per_split, n_pages)
         g = tl.arange(0, GP)
@@ -164,23 +161,54 @@ if triton is not None:
             rc = tl.zeros([BT, DH], DT)
             rs = rc
         pos_base = tl.load(POS + b) + tl.load(SLEN + b)  # position of quantized token 0
+        for pi in range(p0, p1):
+            kpage = tl.load(KTAB + b * k_tab_stride + pi).to(tl.int64)
+            for sub in tl.static_range(T // BT):
+                i = pi * T + sub * BT + tt
+                s = _scores(KC, (kpage * Hkv + hk) * KBITS * U + sub * BT * NU, tofs, U, KLUT, KLEV,
+                            csa, csb, cza, czb, qaT, qbT, rc, rs, COS, SIN, (pos_base + pi * T + sub * BT).to(tl.int64),
+                            i < qlen, GP, D, BT, KBITS, ROPE, USE_ASM, DT, PREC)
+                tl.store(SC + crow[None, :] + i[:, None], s, mask=gm[None, :])
+
+    @triton.jit
+    def values_kernel(
+        OP, MP, LP, SC, Lmax, VC, VLUT, VLEV, VSC, VZR, VTAB, v_tab_stride, VOPEN, QLEN,
+        Hkv, Hq, pages_per_split, NS1,
+        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, T: tl.constexpr, BT: tl.constexpr,
+        VBITS: tl.constexpr, USE_ASM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    ):
+        """Second pass of one split: online softmax over its scores ``SC`` (outlier corrections included) and the
+        probability-weighted values; the partial output, max and sum go to ``OP``/``MP``/``LP``."""
+        DH: tl.constexpr = D // 2
+        NU: tl.constexpr = D // 32
+        NH: tl.constexpr = DH // 32
+        U: tl.constexpr = T * D // 32
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        b = pid // Hkv
+        hk = pid % Hkv
+        qlen = tl.load(QLEN + b)
+        n_pages = (qlen + T - 1) // T
+        sealed = qlen // T  # values of page `sealed` (if any) are in the open page, exact
+        p0 = split * pages_per_split
+        p1 = tl.minimum(p0 + pages_per_split, n_pages)
+        g = tl.arange(0, GP)
+        gm = g < G
+        dcol = tl.arange(0, DH)
+        crow = (b * Hq + hk * G + g).to(tl.int64) * Lmax
+        tt = tl.arange(0, BT)
+        tofs = tt[:, None] * NU + tl.arange(0, NH)[None, :]
         m = tl.full([GP], float("-inf"), tl.float32)
         lsum = tl.zeros([GP], tl.float32)
         acc_a = tl.zeros([DH, GP], tl.float32)
         acc_b = tl.zeros([DH, GP], tl.float32)
         zacc = tl.zeros([GP], tl.float32)
         ph = b * Hkv + hk
-        for pi in range(p0, tl.minimum(p1, sealed)):  # pages of quantized keys and values
-            kpage = tl.load(KTAB + b * k_tab_stride + pi).to(tl.int64)
+        for pi in range(p0, tl.minimum(p1, sealed)):  # pages of quantized values
             vpage = tl.load(VTAB + b * v_tab_stride + pi).to(tl.int64)
             for sub in tl.static_range(T // BT):
                 t = sub * BT + tt
-                i = pi * T + t
-                s = _scores(KC, (kpage * Hkv + hk) * KBITS * U + sub * BT * NU, tofs, U, KLUT, KLEV,
-                            csa, csb, cza, czb, qaT, qbT, rc, rs, COS, SIN, (pos_base + pi * T + sub * BT).to(tl.int64),
-                            CORR, crow, i, i < qlen, GP, D, BT, KBITS, KOUT, ROPE, USE_ASM, DT, PREC)
-                if VOUT:
-                    tl.store(SC + crow[None, :] + i[:, None], s, mask=gm[None, :])
+                s = tl.load(SC + crow[None, :] + (pi * T + t)[:, None], mask=gm[None, :], other=float("-inf"))
                 m_new = tl.maximum(m, tl.max(s, axis=0))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 alpha = tl.exp2(m - m_safe)
@@ -197,16 +225,12 @@ if triton is not None:
                 acc_a = acc_a * alpha[None, :] + tl.dot(tl.trans(va), pt, input_precision=PREC)
                 acc_b = acc_b * alpha[None, :] + tl.dot(tl.trans(vb), pt, input_precision=PREC)
                 m = m_new
-        if (sealed >= p0) & (sealed < p1):  # the open page: quantized keys, exact values
-            kpage = tl.load(KTAB + b * k_tab_stride + sealed).to(tl.int64)
+        if (sealed >= p0) & (sealed < p1):  # the open page: exact values
             for sub in tl.static_range(T // BT):
                 t = sub * BT + tt
                 i = sealed * T + t
                 ok = i < qlen
-                s = _scores(KC, (kpage * Hkv + hk) * KBITS * U + sub * BT * NU, tofs, U, KLUT, KLEV,
-                            csa, csb, cza, czb, qaT, qbT, rc, rs, COS, SIN,
-                            (pos_base + sealed * T + sub * BT).to(tl.int64),
-                            CORR, crow, i, ok, GP, D, BT, KBITS, KOUT, ROPE, USE_ASM, DT, PREC)
+                s = tl.load(SC + crow[None, :] + i[:, None], mask=gm[None, :] & ok[:, None], other=float("-inf"))
                 m_new = tl.maximum(m, tl.max(s, axis=0))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 alpha = tl.exp2(m - m_safe)
