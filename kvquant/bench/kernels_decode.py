@@ -94,7 +94,7 @@ def rope_tables(L: int, D: int, device: str, base: float = 10000.0) -> tuple[tor
 
 
 def bench_decode(args, bw: float, rows: list, out_path: Path | None, launch: dict | None = None) -> None:
-    """Decode rows for every (shape, context, batch) of ``args``; ``launch``: the page kernel's launch settings
+    """Decode rows for every (shape, context, batch) of ``args``; ``launch``: the key and value passes' launch settings
     (default: :mod:`kvquant.kernels.decode_attention`'s)."""
     from kvquant.kernels.decode_attention import decode_attention
     from kvquant.kernels.reference import decode_attention_reference
@@ -193,7 +193,7 @@ def sweep(args, bw: float, rows: list, out_path: Path | None) -> dict:
             kc, vc = synthetic_caches(B, Hkv, D, L, cfg, torch.float16, dev)
             q = torch.randn(B, Hq, D, device=dev, dtype=torch.float16)
             rope = (cos, sin, torch.zeros(B, dtype=torch.int32, device=dev))
-            for w, bt, st in [(4, 64, 2), (4, 64, 3), (8, 64, 2), (4, 32, 2)]:
+            for w, bt, st in [(2, 32, 2), (2, 32, 3), (1, 16, 2), (4, 64, 2)]:
                 fn = partial(da.decode_attention, q, kc, vc, rope=rope, num_warps=w, block_t=bt, num_stages=st)
                 fn()
                 ms = graph_bench(fn)

@@ -32,7 +32,7 @@ from kvquant.quant.store import QuantizedKVCache
 
 LOG2E = 1.4426950408889634
 PROGRAMS_PER_SM = 8  # split-K target: about this many page programs per multiprocessor
-MAX_TILE = 64  # tokens per tile of the page kernel (smaller pages: the page size)
+MAX_TILE = 32  # tokens per tile of the key and value passes (smaller pages: the page size)
 CORR_ELEMENTS = 8192  # tokens x KV heads (head-count rows) per program of the key-outlier correction kernel
 CORR_ENTRIES = 1  # entries per token and step of the key-outlier correction kernel
 OUTLIER_PAGES = 4  # pages per step of the value-outlier kernel
@@ -98,7 +98,7 @@ def decode_attention(
     rope: Rope | None = None,
     extra_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     pages_per_split: int | None = None,
-    num_warps: int = 4,
+    num_warps: int = 2,
     block_t: int | None = None,
     num_stages: int = 2,
 ) -> torch.Tensor:
@@ -116,8 +116,8 @@ def decode_attention(
             attended after the cached ones.
         pages_per_split: pages per program of the split pass (default: about :data:`PROGRAMS_PER_SM` programs per
             multiprocessor).
-        num_warps, num_stages: warps and software-pipelining depth of the page program. block_t: tokens per tile
-            (default ``min(page_size, 64)``).
+        num_warps, num_stages: warps and software-pipelining depth of the key and value programs. block_t: tokens
+            per tile (default ``min(page_size, 32)``).
 
     Returns:
         ``[B, Hq, D]`` in ``q.dtype`` (zeros for a sequence with no token and no extra token on the triton path).
