@@ -72,7 +72,7 @@ def check_calibration_fits(cal: Calibration | None, model: torch.nn.Module, name
 
 def check_datatypes(names: list[str], extra: tuple[str, ...] = ()) -> None:
     """Every name is a kvquant datatype, a baseline or one of ``extra`` (exit code 2 naming the first that is not)."""
-    from kvquant.datatypes import DATATYPES, parse_datatype
+    from kvquant.datatypes import parse_datatype
     from kvquant.eval.baselines import parse_baseline
 
     if not names:
@@ -82,9 +82,9 @@ def check_datatypes(names: list[str], extra: tuple[str, ...] = ()) -> None:
             continue
         try:
             parse_datatype(name)
-        except ValueError:
-            raise CLIError(f"--datatypes: unknown datatype {name!r}; expected {', '.join(DATATYPES)}, "
-                           f"{', '.join(extra)} or a baseline (quanto2/4, quanto2k/4k, hqq2/4)") from None
+        except ValueError as exc:
+            others = f"{', '.join(extra)} or " if extra else ""
+            raise CLIError(f"--datatypes: {exc}, {others}a baseline (quanto2/4, quanto2k/4k, hqq2/4)") from None
 
 
 def check_positive(**values: int | None) -> None:
