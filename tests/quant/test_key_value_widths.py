@@ -30,7 +30,7 @@ def test_names(name, canonical, kind, kb, vb):
         assert cfg.bits == kb
     else:  # one width is ambiguous for these: say so
         with pytest.raises(ValueError, match="key_bits / value_bits"):
-            cfg.bits
+            _ = cfg.bits
 
 
 @pytest.mark.parametrize("bad,why", [
@@ -52,7 +52,7 @@ def test_per_layer_datatype_needs_a_layer():
     cfg = QuantConfig(datatype="nuq-alloc")
     assert cfg.per_layer and cfg.is_quantized
     with pytest.raises(ValueError, match="per-layer widths"):
-        cfg.key_bits
+        _ = cfg.key_bits
     with pytest.raises(ValueError, match="per-layer widths"):
         BatchedKVQuantizer(cfg)
     assert cfg.with_widths(4, 2).datatype == "k4v2" and cfg.with_widths(3, 3).datatype == "nuq3"
@@ -72,7 +72,8 @@ def _kv(seed: int, B: int = 2, H: int = 3, S: int = 150, D: int = 32):
 @pytest.mark.parametrize("kind", ["nuq", "int"])
 @pytest.mark.parametrize("kb,vb", [(4, 2), (3, 2), (2, 4)])
 def test_each_side_is_the_single_width_datatype(seed, kind, kb, vb):
-    """``k<K>v<V>`` keys are exactly ``<kind><K>``'s, its values exactly ``<kind><V>``'s: same bytes, same round trip."""
+    """``k<K>v<V>`` keys are exactly ``<kind><K>``'s, its values exactly ``<kind><V>``'s: same bytes, same round
+    trip."""
     k, v, mask = _kv(seed)
     base = dict(outlier_fraction=0.02, n_sink=1, page_size=32, min_range_tokens=1)
     mixed = BatchedKVQuantizer(QuantConfig(datatype=datatype_name(kind, kb, vb), **base))
