@@ -111,9 +111,10 @@ def cmd_eval_longctx(a: argparse.Namespace) -> None:
     if not runnable:
         raise _fail("none of --caches can run here")
     cfg = quant_config_from_args(a)
-    from kvquant.cli.inputs import check_calibration_fits, read_calibration
+    from kvquant.cli.inputs import check_calibration_fits, check_calibration_widths, read_calibration
 
     cal = read_calibration(a.calibration, cfg)  # before the model: a wrong file is one line at once
+    check_calibration_widths([s.match or s.name for s in runnable], cal)
 
     import torch
 
