@@ -7,7 +7,7 @@ The names here are the library. Tools built on it live in their own packages: th
 
 from kvquant.attention import PrefillQuantizedAttention
 from kvquant.config import QuantConfig
-from kvquant.datatypes import DATATYPES, parse_datatype
+from kvquant.datatypes import DATATYPES, datatype_name, parse_datatype
 from kvquant.kernels import ops as _ops  # noqa: F401  (provides the stores' write backends)
 from kvquant.quant.calibration_file import Calibration
 from kvquant.quant.codebook import (
@@ -52,6 +52,7 @@ __all__ = [
     "compute_nuq_codebook",
     "create_heuristic_codebook",
     "create_uniform_codebook",
+    "datatype_name",
     "pack_units",
     "pack_bits",
     "parse_datatype",

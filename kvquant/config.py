@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
-from kvquant.datatypes import parse_datatype
+from kvquant.datatypes import DataType, datatype_name, parse_datatype
 
 BACKENDS = ("auto", "torch", "triton")
 """Values of :attr:`QuantConfig.backend` (see :func:`kvquant.kernels.ops.resolve_ops`)."""
@@ -17,7 +17,11 @@ class QuantConfig:
 
     Attributes:
         datatype: ``fp16`` (no quantization: the plumbing baseline), ``nuq2|nuq3|nuq4`` (non-uniform
-            codebooks, heuristic or calibrated) or ``int2|int3|int4`` (uniform baseline at equal bits).
+            codebooks, heuristic or calibrated) or ``int2|int3|int4`` (uniform baseline at equal bits), keys and
+            values at the same width; ``k<K>v<V>`` (``k4v2``: NUQ, ``K``-bit keys, ``V``-bit values) or
+            ``int-k<K>v<V>`` (uniform) for different widths; ``nuq-alloc``: NUQ with per-layer widths from the
+            calibration's bit allocation (a :class:`~kvquant.cache.hf_cache.KVQuantCache` gives each layer its
+            :meth:`with_widths` config). See :mod:`kvquant.datatypes`.
         outlier_fraction: fraction of values kept exactly in sparse storage (dense-and-sparse). Keys:
             per-channel thresholds at the ``f/2`` and ``1-f/2`` quantiles; values: per-token thresholds
             over all heads. ``0`` disables the sparse part (out-of-range values are clamped).
@@ -71,9 +75,61 @@ class QuantConfig:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
 
     @property
+    def dtype_info(self) -> DataType:
+        """The parsed :attr:`datatype`."""
+        return parse_datatype(self.datatype)
+
+    @property
     def bits(self) -> int:
-        """Bits per dense code (16 for ``fp16``)."""
-        return parse_datatype(self.datatype).bits
+        """Bits per dense code when keys and values share one width (16 for ``fp16``); a ``ValueError`` for
+        datatypes with different key and value widths (``k4v2``: use :attr:`key_bits` / :attr:`value_bits`) or
+        per-layer widths (``nuq-alloc``)."""
+        return self.dtype_info.bits
+
+    @property
+    def key_bits(self) -> int:
+        """Bits per dense key code (16 for ``fp16``; a ``ValueError`` for ``nuq-alloc``)."""
+        return self.bits_for("key")
+
+    @property
+    def value_bits(self) -> int:
+        """Bits per dense value code (16 for ``fp16``; a ``ValueError`` for ``nuq-alloc``)."""
+        return self.bits_for("value")
+
+    @property
+    def mean_bits(self) -> float:
+        """Average dense code width of a key and a value element, what a bit budget counts."""
+        return self.dtype_info.mean_bits
+
+    def bits_for(self, kind: str) -> int:
+        """Bits per dense code of the ``"key"`` or ``"value"`` side."""
+        dt = self.dtype_info
+        if kind not in ("key", "value"):
+            raise ValueError(f"kind must be 'key' or 'value', got {kind!r}")
+        bits = dt.key_bits if kind == "key" else dt.value_bits
+        if bits is None:
+            raise ValueError(f"datatype {self.datatype} has per-layer widths chosen by the calibration's bit "
+                             "allocation: build the cache with KVQuantCache and a calibration that holds one")
+        return bits
+
+    def side_datatype(self, kind: str) -> str:
+        """The single-width datatype the ``"key"`` or ``"value"`` side is stored in (``k4v2``: ``nuq4`` keys,
+        ``nuq2`` values)."""
+        self.bits_for(kind)  # the clear error for per-layer widths
+        return self.dtype_info.side(kind)
+
+    @property
+    def per_layer(self) -> bool:
+        """Whether the widths are chosen per layer by a calibration (``nuq-alloc``)."""
+        return self.dtype_info.per_layer
+
+    def with_widths(self, key_bits: int, value_bits: int) -> QuantConfig:
+        """This config with keys at ``key_bits`` and values at ``value_bits`` (same kind of codes; ``nuq-alloc``
+        becomes NUQ): what one layer of a per-layer allocation runs with."""
+        dt = self.dtype_info
+        if dt.kind == "fp":
+            raise ValueError("datatype fp16 has no code widths to set")
+        return replace(self, datatype=datatype_name(dt.kind, key_bits, value_bits))
 
     @property
     def range_tokens(self) -> int:

@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 import torch
 
 from kvquant.config import BACKENDS, QuantConfig
-from kvquant.datatypes import DATATYPES, parse_datatype
+from kvquant.datatypes import DATATYPE_HELP, parse_datatype
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*$")
 
@@ -207,14 +207,14 @@ def parse_size_list(text: str) -> list[int]:
 
 
 def parse_datatypes(text: str) -> list[str]:
-    """Comma list of kvquant datatypes (``fp16,nuq4,nuq3,nuq2``), validated, order kept, no duplicates.
+    """Comma list of kvquant datatypes (``fp16,nuq4,nuq3,k4v2``), validated, order kept, no duplicates.
 
     Raises:
         ValueError: an unknown datatype (the message lists the known ones) or an empty list.
     """
     names = [t.strip().lower() for t in text.split(",") if t.strip()]
     if not names:
-        raise ValueError(f"no datatype given; choose from {', '.join(DATATYPES)}")
+        raise ValueError(f"no datatype given; choose from {DATATYPE_HELP}")
     for n in names:
         parse_datatype(n)
     return list(dict.fromkeys(names))

@@ -380,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of ``kvquant bench capacity``."""
     p = ArgumentParser(prog="kvquant bench capacity", description=__doc__.split("\n")[0])
     add_model_args(p)
-    p.add_argument("--datatypes", default="fp16,nuq4,nuq3,nuq2", help="comma list of fp16, nuq2-4, int2-4")
+    p.add_argument("--datatypes", default="fp16,nuq4,nuq3,nuq2",
+                   help="comma list of fp16, nuq2-4, int2-4, k<K>v<V> (k4v2: 4-bit keys, 2-bit values), int-k<K>v<V>")
     add_quant_config_args(p)
     p.add_argument("--contexts", default="1K..128K", help="contexts: list (4096,32768) or doubling range")
     p.add_argument("--out", type=Path, default=Path("results/bench"), help="results folder")

@@ -392,7 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of ``kvquant bench generate``."""
     p = ArgumentParser(prog="kvquant bench generate", description=__doc__.split("\n")[0])
     add_model_args(p)
-    p.add_argument("--datatypes", default="fp16,nuq4,nuq3,nuq2", help="comma list of fp16, nuq2-4, int2-4")
+    p.add_argument("--datatypes", default="fp16,nuq4,nuq3,nuq2",
+                   help="comma list of fp16, nuq2-4, int2-4, k<K>v<V> (k4v2: 4-bit keys, 2-bit values), "
+                        "int-k<K>v<V>, nuq-alloc (with a --calibration made with --bit-budget)")
     add_quant_config_args(p)
     p.add_argument("--batch", default="1,8,32", help="batch sizes: list (1,8,32) or doubling range (1..32)")
     p.add_argument("--prompt-len", default="1K..32K", help="prompt lengths: list (1024,4096) or doubling range")

@@ -108,7 +108,8 @@ def bench_decode(args, bw: float, rows: list, out_path: Path | None, launch: dic
             for B in args.batches:
                 torch.cuda.empty_cache()
                 free = torch.cuda.mem_get_info()[0]
-                qbytes = int(2 * B * Hkv * L * D * (cfg.bits + 1) / 8)  # an estimate, replaced by the measured one
+                # an estimate, replaced by the measured one
+                qbytes = int(B * Hkv * L * D * (cfg.key_bits + cfg.value_bits + 2) / 8)
                 fbytes = 2 * B * Hkv * L * D * 2
                 row = {"kind": "decode", "shape": shape, "Hq": Hq, "Hkv": Hkv, "D": D, "context": L, "batch": B,
                        "datatype": cfg.datatype, "outliers": cfg.outlier_fraction, "rope": args.rope,

@@ -40,7 +40,7 @@ from kvquant.cache.layer import KVQuantLayer
 from kvquant.cache.rope import RotaryTables, find_rotary_embedding
 from kvquant.config import QuantConfig
 from kvquant.kernels.ops import TorchOps, TritonOps, resolve_ops
-from kvquant.quant.calibration_file import Calibration
+from kvquant.quant.calibration_file import Calibration, CalibrationError
 from kvquant.quant.quantizer import BatchedKVQuantizer
 from kvquant.quant.validate import same_device
 
@@ -102,7 +102,20 @@ class KVQuantCache(Cache):
                                          self.config.outlier_fraction, self.config.pre_rope)
             if check_model:
                 check_calibration_model(calibration, model)
+        if self.config.per_layer:
+            if calibration is None:
+                raise ValueError(f"datatype {self.config.datatype} takes its per-layer widths from a calibration "
+                                 "file: pass calibration= (made with kvquant calibrate --bit-budget)")
+            if calibration.allocation is None:
+                raise ValueError(f"datatype {self.config.datatype} needs a calibration with a bit allocation; this "
+                                 "one has none (make it with kvquant calibrate --bit-budget)")
         self.calibration = calibration
+        if calibration is not None:  # every width this cache will store is calibrated: refuse now, not mid-prefill
+            for i in range(self.num_layers):
+                cfg = self.layer_config(i)
+                if cfg.is_quantized and cfg.dtype_info.kind == "nuq":
+                    for side in ("key", "value"):
+                        _calibrated_codebook(calibration, cfg, side, i)
         self._quantizers: dict[int, BatchedKVQuantizer] = {}
         self._step: dict[str, Any] = {}
         self._rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -177,19 +190,29 @@ class KVQuantCache(Cache):
             self._rope_tables = have = (cos, sin)
         return have
 
+    def layer_config(self, layer_idx: int) -> QuantConfig:
+        """The config layer ``layer_idx`` stores its keys and values with: :attr:`config`, except for the
+        ``nuq-alloc`` datatype, where each layer takes the (key bits, value bits) the calibration allocated to it."""
+        if not self.config.per_layer:
+            return self.config
+        if not 0 <= layer_idx < self.num_layers:
+            raise IndexError(f"layer {layer_idx} out of range (the model has {self.num_layers} layers)")
+        kb, vb = self.calibration.allocation[layer_idx]
+        return self.config.with_widths(kb, vb)
+
     def quantizer_for(self, layer_idx: int) -> BatchedKVQuantizer:
-        """The quantizer of a layer, with its calibrated codebooks and key ranges when available."""
+        """The quantizer of a layer (with :meth:`layer_config`), with its calibrated codebooks (each side at its
+        own width) and key ranges when available."""
         if layer_idx not in self._quantizers:
+            cfg = self.layer_config(layer_idx)
             kcb = vcb = ranges = None
-            if self.calibration is not None and self.config.is_quantized:
+            if self.calibration is not None and cfg.is_quantized:
                 lc = self.calibration.layers[layer_idx]
-                bits = self.config.bits
-                if self.config.datatype.startswith("nuq"):
-                    if bits not in lc.key_codebooks:
-                        raise ValueError(f"calibration has no {bits}-bit codebooks (has {sorted(lc.key_codebooks)})")
-                    kcb, vcb = lc.key_codebooks[bits], lc.value_codebooks[bits]
+                if cfg.dtype_info.kind == "nuq":
+                    kcb = _calibrated_codebook(self.calibration, cfg, "key", layer_idx)
+                    vcb = _calibrated_codebook(self.calibration, cfg, "value", layer_idx)
                 ranges = (lc.key_lo, lc.key_hi)
-            self._quantizers[layer_idx] = BatchedKVQuantizer(self.config, key_codebook=kcb, value_codebook=vcb,
+            self._quantizers[layer_idx] = BatchedKVQuantizer(cfg, key_codebook=kcb, value_codebook=vcb,
                                                              key_ranges=ranges, ops=self.ops)
         return self._quantizers[layer_idx]
 
@@ -343,6 +366,19 @@ class KVQuantCache(Cache):
         total["bits_per_element_used"] = 8 * used / elements if elements else float("nan")
         total["compression_vs_fp16"] = 2 * elements / held if held else float("nan")
         return total
+
+
+def _calibrated_codebook(calibration: Calibration, cfg: QuantConfig, side: str, layer_idx: int) -> Any:
+    """The calibrated codebook ``side`` (``"key"``/``"value"``) of layer ``layer_idx`` stores with under ``cfg``; a
+    :class:`CalibrationError` naming the widths when the calibration has none of that width."""
+    lc = calibration.layers[layer_idx]
+    codebooks = lc.key_codebooks if side == "key" else lc.value_codebooks
+    bits = cfg.bits_for(side)
+    if bits not in codebooks:
+        raise CalibrationError(f"calibration has no {bits}-bit codebooks for the {side}s (it was calibrated for "
+                               f"{sorted(codebooks)}-bit codes): datatype {cfg.datatype} stores {side}s at {bits} "
+                               f"bits (layer {layer_idx}); recalibrate with that width")
+    return codebooks[bits]
 
 
 def install_step_hook(model: torch.nn.Module) -> None:

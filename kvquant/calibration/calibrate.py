@@ -14,7 +14,7 @@ from kvquant.cache.hf_compat import cache_kwargs
 from kvquant.cache.identity import model_identity
 from kvquant.config import QuantConfig
 from kvquant.quant.calibration_file import SENSITIVITIES, Calibration, LayerCalibration
-from kvquant.quant.codebook import compute_nuq_codebook
+from kvquant.quant.codebook import Codebook, compute_nuq_codebook
 from kvquant.quant.encode import normalize_value_tokens, range_to_scale_zero
 from kvquant.quant.rope import invert_rope
 from kvquant.quant.stats import masked_quantile_pair
@@ -76,24 +76,43 @@ def _fit_layer(keys: torch.Tensor, values: torch.Tensor, kw: torch.Tensor | None
     ``query_energy``: ``[H, D]`` logit sensitivity of each key channel (the ``"query"`` sensitivity): a key
     error ``e`` moves the logits by ``q·R e``; averaged over relative rotations ``R`` its square is
     ``1/2 sum_pairs |q_pair|^2 |e_pair|^2``, so a normalised error in channel ``c`` weighs
-    ``E|q_pair(c)|^2 * scale_c^2``."""
+    ``E|q_pair(c)|^2 * scale_c^2``.
+
+    Also measures, per width, each side's squared quantization error with the fitted codebook (in the units of the
+    activations, outliers exact, summed over the tokens), weighted by the Fisher weights ``kw``/``vw`` when given:
+    the errors the bit allocation compares (:mod:`kvquant.quant.allocation`)."""
     f = config.outlier_fraction
     N, H, D = keys.shape
     lo, hi = masked_quantile_pair(keys.permute(1, 2, 0), None, f / 2, 1 - f / 2)  # [H, D]
     scale, zero = range_to_scale_zero(lo, hi)
     kn = (keys - zero) / scale
     k_in = (kn >= -1) & (kn <= 1)
-    vn, v_out, _, _ = normalize_value_tokens(values, f, torch.float16)
+    vn, v_out, vscale, _ = normalize_value_tokens(values, f, torch.float16)
     v_in = ~v_out
+    # error weights of a normalised error: the activation's scale squared, times its Fisher weight when known
+    k_err_w = (scale.float() ** 2).expand(N, H, D)[k_in]
+    v_err_w = (vscale.float()[..., None] ** 2).expand(N, H, D)[v_in]
+    if kw is not None:
+        k_err_w = k_err_w * kw[k_in]
+    if vw is not None:
+        v_err_w = v_err_w * vw[v_in]
     if key_magnitude:
         kw = kn.abs()
     if query_energy is not None:
         kw = (query_energy * scale.float() ** 2).expand(N, H, D)
-    kcb, vcb = {}, {}
+    kcb, vcb, kerr, verr = {}, {}, {}, {}
     for bits in bits_list:
         kcb[bits] = compute_nuq_codebook(kn[k_in], bits, None if kw is None else kw[k_in], seed, max_samples)
         vcb[bits] = compute_nuq_codebook(vn[v_in], bits, None if vw is None else vw[v_in], seed, max_samples)
-    return LayerCalibration(lo, hi, kcb, vcb)
+        kerr[bits] = _weighted_error(kn[k_in], kcb[bits], k_err_w)
+        verr[bits] = _weighted_error(vn[v_in], vcb[bits], v_err_w)
+    return LayerCalibration(lo, hi, kcb, vcb, kerr, verr)
+
+
+def _weighted_error(x: torch.Tensor, codebook: Codebook, weights: torch.Tensor) -> float:
+    """``sum weights * (x - Q(x))^2`` of normalised data ``x`` quantized with ``codebook`` (float64 sum)."""
+    q = codebook.decode(codebook.encode(x.float()))
+    return float((weights.double() * (x.double() - q.double()) ** 2).sum())
 
 
 def calibrate(
@@ -108,6 +127,7 @@ def calibrate(
     model_id: str = "",
     dataset: str = "",
     progress: bool = True,
+    bit_budget: float | None = None,
 ) -> Calibration:
     """Calibrate kvquant for ``model``.
 
@@ -128,6 +148,11 @@ def calibrate(
             (``NAME@weights:HEX``, :func:`~kvquant.cache.identity.model_identity`), which
             :class:`~kvquant.cache.hf_cache.KVQuantCache` checks against the model it is used with.
         progress: show tqdm progress bars.
+        bit_budget: also choose each layer's (key bits, value bits) among the pairs of ``bits`` so that the average
+            width is at most this budget with least measured error (:meth:`Calibration.with_allocation`): the
+            widths of the ``nuq-alloc`` datatype. Each side's error at each width is its squared quantization error
+            on the calibration activations, Fisher-weighted with ``sensitivity="fisher"`` (recommended: the other
+            sensitivities compare plain squared errors).
 
     Returns:
         A :class:`Calibration`; ``.save(path)`` writes it.
@@ -139,6 +164,11 @@ def calibrate(
         raise ValueError(f"sequences must be [n, L] with L > n_sink, got {tuple(sequences.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    bits = tuple(sorted(set(bits)))
+    if not bits or any(b not in (2, 3, 4) for b in bits):
+        raise ValueError(f"bits must be widths among 2, 3, 4, got {bits}")
+    if bit_budget is not None and not (min(bits) <= bit_budget):
+        raise ValueError(f"bit budget {bit_budget} is below the narrowest width calibrated ({min(bits)} bits)")
     want_grads = sensitivity == "fisher"
     rec = _RecordingCache(model, replace_datatype(config), want_grads)
     queries = _QueryEnergy(model, rec.num_layers) if sensitivity == "query" else None
@@ -211,9 +241,10 @@ def calibrate(
         layers.append(_fit_layer(keys, vals, kw, vw, config, bits, max_samples, seed,
                                  key_magnitude=sensitivity == "magnitude", query_energy=qe))
         layer.keys = layer.values = []
-    return Calibration(layers, model_identity(model_id, model), config.outlier_fraction, config.n_sink,
-                       config.pre_rope, rec.num_kv_heads, rec.head_dim, sensitivity, int(sequences.numel()), dataset,
-                       __version__)
+    cal = Calibration(layers, model_identity(model_id, model), config.outlier_fraction, config.n_sink,
+                      config.pre_rope, rec.num_kv_heads, rec.head_dim, sensitivity, int(sequences.numel()), dataset,
+                      __version__)
+    return cal if bit_budget is None else cal.with_allocation(bit_budget)
 
 
 class _QueryEnergy:
@@ -297,4 +328,4 @@ def replace_datatype(config: QuantConfig) -> QuantConfig:
     """The recording cache must un-rotate keys like a quantized cache would: use a lossy datatype."""
     from dataclasses import replace
 
-    return replace(config, datatype="nuq4") if not config.is_quantized else config
+    return replace(config, datatype="nuq4") if not config.is_quantized or config.per_layer else config

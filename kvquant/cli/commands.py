@@ -12,6 +12,7 @@ import time
 from kvquant.cli.errors import CLIError, ExitCode
 from kvquant.cli.inputs import (
     check_calibration_fits,
+    check_calibration_widths,
     check_datatypes,
     check_positive,
     check_writable,
@@ -58,6 +59,8 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
 
     cfg = quant_config_from_args(a)
     check_positive(n_seqs=a.n_seqs, seq_len=a.seq_len, batch_size=a.batch_size)
+    if a.bit_budget is not None and a.bit_budget < 2.0:
+        raise CLIError(f"--bit-budget must be at least 2 (the narrowest width), got {a.bit_budget}")
     _check_dtype(a.dtype)
     check_writable(calibration_path(a.out))
     text = read_text(a.data, (a.split,))[a.split]
@@ -65,9 +68,12 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
     seqs = sample_calibration_sequences(_ids(text, tok, spec), a.n_seqs, a.seq_len, a.seed)
     t0 = time.perf_counter()
     cal = calibrate(model, seqs, cfg, sensitivity=a.sensitivity, batch_size=a.batch_size, model_id=spec.name,
-                    dataset=f"{a.data}:{a.split}", progress=a.progress)
+                    dataset=f"{a.data}:{a.split}", progress=a.progress, bit_budget=a.bit_budget)
     tensors, sidecar = save_calibration(cal, a.out)
     print(f"calibration written to {tensors} and {sidecar} ({time.perf_counter() - t0:.1f} s, {seqs.numel()} tokens)")
+    if cal.allocation is not None:
+        widths = " ".join(f"k{k}v{v}" for k, v in cal.allocation)
+        print(f"bit allocation (budget {a.bit_budget}, mean {cal.allocation_mean_bits:.3f} bits): {widths}")
 
 
 def cmd_eval_ppl(a: argparse.Namespace) -> None:
@@ -89,6 +95,7 @@ def cmd_eval_ppl(a: argparse.Namespace) -> None:
     if a.calibration is not None:
         a.calibration = str(find_calibration(a.calibration))
     cal = read_calibration(a.calibration, cfg)
+    check_calibration_widths(names, cal)
     text = read_text(a.data, ("test",))["test"]
     datatypes, skipped = [], {}
     for name in names:

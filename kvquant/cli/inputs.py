@@ -53,6 +53,35 @@ def read_calibration(path: str | Path | None, config: QuantConfig) -> Calibratio
     return cal
 
 
+def check_calibration_widths(names: list[str], cal: Calibration | None) -> None:
+    """Every NUQ datatype of ``names`` has its widths in ``cal`` (codebooks of each side's width; a bit allocation
+    for ``nuq-alloc``, which also needs a calibration): exit code 2 naming the datatype and what is missing. Names
+    that are not kvquant datatypes are skipped."""
+    from kvquant.datatypes import parse_datatype
+
+    for name in names:
+        try:
+            dt = parse_datatype(name)
+        except ValueError:
+            continue
+        if dt.kind != "nuq":
+            continue
+        if dt.per_layer:
+            if cal is None:
+                raise CLIError(f"datatype {name} takes per-layer widths from a calibration: give --calibration (a "
+                               "file made with kvquant calibrate --bit-budget)")
+            if cal.allocation is None:
+                raise CLIError(f"datatype {name}: the --calibration file has no bit allocation (make it with "
+                               "kvquant calibrate --bit-budget)")
+            continue
+        if cal is None:
+            continue
+        for side, bits in (("key", dt.key_bits), ("value", dt.value_bits)):
+            if bits not in cal.widths:
+                raise CLIError(f"datatype {name} stores {side}s at {bits} bits but the --calibration file has "
+                               f"codebooks for {cal.widths}-bit codes only")
+
+
 def check_calibration_fits(cal: Calibration | None, model: torch.nn.Module, name: str, config: QuantConfig) -> None:
     """Once the model is loaded: the calibration's shape and weights fingerprint are this model's (exit code 2)."""
     from kvquant.cache.identity import check_calibration_model
@@ -72,7 +101,7 @@ def check_calibration_fits(cal: Calibration | None, model: torch.nn.Module, name
 
 def check_datatypes(names: list[str], extra: tuple[str, ...] = ()) -> None:
     """Every name is a kvquant datatype, a baseline or one of ``extra`` (exit code 2 naming the first that is not)."""
-    from kvquant.datatypes import DATATYPES, parse_datatype
+    from kvquant.datatypes import parse_datatype
     from kvquant.eval.baselines import parse_baseline
 
     if not names:
@@ -82,9 +111,9 @@ def check_datatypes(names: list[str], extra: tuple[str, ...] = ()) -> None:
             continue
         try:
             parse_datatype(name)
-        except ValueError:
-            raise CLIError(f"--datatypes: unknown datatype {name!r}; expected {', '.join(DATATYPES)}, "
-                           f"{', '.join(extra)} or a baseline (quanto2/4, quanto2k/4k, hqq2/4)") from None
+        except ValueError as exc:
+            others = f"{', '.join(extra)} or " if extra else ""
+            raise CLIError(f"--datatypes: {exc}, {others}a baseline (quanto2/4, quanto2k/4k, hqq2/4)") from None
 
 
 def check_positive(**values: int | None) -> None:

@@ -39,7 +39,8 @@ def add_parser(esub: argparse._SubParsersAction, model_args, progress_arg) -> No
     p.add_argument("--depths", default=DEFAULT_DEPTHS, help="needle depths in percent of the haystack")
     p.add_argument("--n", type=int, default=4, help="samples per (task, length, depth) cell")
     p.add_argument("--caches", default=DEFAULT_CACHES,
-                   help="comma list: fp16 (DynamicCache), nuq2-4/int2-4 (kvquant), quanto2/4[k]/hqq2/4 "
+                   help="comma list: fp16 (DynamicCache), nuq2-4/int2-4/k<K>v<V>/int-k<K>v<V>/nuq-alloc (kvquant), "
+                        "quanto2/4[k]/hqq2/4 "
                         "(transformers' KIVI-style QuantizedCache), PRESS@DATATYPE or PRESS:RATIO (kvpress eviction "
                         "at the bytes of a kvquant datatype or a fixed ratio: snapkv@nuq3, knorm:0.75)")
     p.add_argument("--batch", type=int, default=4, help="prompts per left-padded batch (presses run one at a time)")
@@ -110,9 +111,10 @@ def cmd_eval_longctx(a: argparse.Namespace) -> None:
     if not runnable:
         raise _fail("none of --caches can run here")
     cfg = quant_config_from_args(a)
-    from kvquant.cli.inputs import check_calibration_fits, read_calibration
+    from kvquant.cli.inputs import check_calibration_fits, check_calibration_widths, read_calibration
 
     cal = read_calibration(a.calibration, cfg)  # before the model: a wrong file is one line at once
+    check_calibration_widths([s.match or s.name for s in runnable], cal)
 
     import torch
 

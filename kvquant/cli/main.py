@@ -87,6 +87,11 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = ArgumentParser) -
                    help="k-means weights: none, fisher (squared loss gradients, KVQuant), magnitude (keys by |k|), "
                         "query (keys by the logit error they cause: query energy x channel scale^2)")
     c.add_argument("--seed", type=int, default=0, help="seed of the sequence sampling and k-means")
+    c.add_argument("--bit-budget", type=float, default=None,
+                   help="also allocate each layer's (key bits, value bits) among 2-4 bits so that the average code "
+                        "width is at most this many bits with least measured (Fisher-weighted with --sensitivity "
+                        "fisher) quantization error; run the cache with --datatypes nuq-alloc (default: no "
+                        "allocation)")
     _progress_arg(c)
     c.add_argument("--out", type=Path, required=True,
                    help="calibration file; .safetensors is added when missing, and a .json sidecar written beside")
@@ -102,8 +107,9 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = ArgumentParser) -
                           "(checked before the model is loaded; default: none, key ranges from each prompt)")
     ppl.add_argument("--data", default="wikitext2-raw", help="dataset name or text file; its test split is scored")
     ppl.add_argument("--datatypes", default=DEFAULT_DATATYPES,
-                     help="comma list: fp16 (the exact cache, shown as exact (fp32/fp16)), nuq2-4, int2-4, plain, "
-                          "quanto2/4, quanto2k/4k, hqq2/4")
+                     help="comma list: fp16 (the exact cache, shown as exact (fp32/fp16)), nuq2-4, int2-4, k<K>v<V> "
+                          "(NUQ, K-bit keys, V-bit values: k4v2, k3v2), int-k<K>v<V>, nuq-alloc (per-layer widths "
+                          "of a --calibration made with --bit-budget), plain, quanto2/4, quanto2k/4k, hqq2/4")
     ppl.add_argument("--ctx", type=int, default=2048, help="tokens per window")
     ppl.add_argument("--prefill", type=int, default=None, help="tokens prefilled per window (default: ctx // 2)")
     ppl.add_argument("--chunk", type=int, default=32, help="tokens fed per step after the prefill")

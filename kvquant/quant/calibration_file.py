@@ -6,6 +6,7 @@ The file format lives here, below the cache that reads it; :mod:`kvquant.calibra
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from kvquant.quant.allocation import allocate_bits, mean_bits
 from kvquant.quant.codebook import Codebook
 
 SENSITIVITIES = ("none", "fisher", "magnitude", "query")
@@ -35,12 +37,18 @@ class LayerCalibration:
         key_lo, key_hi: ``[H_kv, D]`` per-channel key range (pre-RoPE if ``pre_rope``), the outlier
             thresholds at the ``f/2`` and ``1-f/2`` quantiles of the calibration keys.
         key_codebooks, value_codebooks: ``{bits: Codebook}`` k-means NUQ codebooks of normalised data.
+        key_errors, value_errors: ``{bits: error}``: the squared quantization error of the layer's calibration keys
+            / values with that width's codebook (outliers exact), summed over the calibration tokens and weighted by
+            the Fisher information when calibrated with ``sensitivity="fisher"`` (what the bit allocation
+            minimises, :mod:`kvquant.quant.allocation`); empty in files written before they were measured.
     """
 
     key_lo: torch.Tensor
     key_hi: torch.Tensor
     key_codebooks: dict[int, Codebook] = field(default_factory=dict)
     value_codebooks: dict[int, Codebook] = field(default_factory=dict)
+    key_errors: dict[int, float] = field(default_factory=dict)
+    value_errors: dict[int, float] = field(default_factory=dict)
 
 
 def calibration_digest(path: str | Path) -> str:
@@ -55,7 +63,11 @@ def calibration_digest(path: str | Path) -> str:
 
 @dataclass
 class Calibration:
-    """Everything ``kvquant calibrate`` produces for one model."""
+    """Everything ``kvquant calibrate`` produces for one model.
+
+    ``allocation``: per layer, the ``(key bits, value bits)`` the ``nuq-alloc`` datatype stores that layer with,
+    chosen under ``bit_budget`` by :meth:`with_allocation` (``None``: no allocation).
+    """
 
     layers: list[LayerCalibration]
     model_id: str
@@ -68,10 +80,36 @@ class Calibration:
     n_tokens: int = 0
     dataset: str = ""
     kvquant_version: str = ""
+    allocation: list[tuple[int, int]] | None = None
+    bit_budget: float | None = None
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    @property
+    def widths(self) -> list[int]:
+        """The code widths the file has codebooks for (every layer, keys and values)."""
+        return sorted(self.layers[0].key_codebooks) if self.layers else []
+
+    def with_allocation(self, budget: float, candidates: list[tuple[int, int]] | None = None) -> Calibration:
+        """This calibration with a per-layer ``(key bits, value bits)`` allocation of average width at most
+        ``budget`` and least measured error (:func:`~kvquant.quant.allocation.allocate_bits`; ``candidates``
+        default: every pair of :attr:`widths`). A ``CalibrationError`` when the file has no measured errors."""
+        if any(not (lc.key_errors and lc.value_errors) for lc in self.layers):
+            raise CalibrationError("this calibration has no measured quantization errors to allocate bits with "
+                                   "(made by an older kvquant): recalibrate")
+        try:
+            alloc = allocate_bits([lc.key_errors for lc in self.layers], [lc.value_errors for lc in self.layers],
+                                  budget, candidates)
+        except ValueError as exc:
+            raise CalibrationError(f"bit allocation: {exc}") from exc
+        return dataclasses.replace(self, allocation=alloc, bit_budget=float(budget))
+
+    @property
+    def allocation_mean_bits(self) -> float | None:
+        """Average dense code width of :attr:`allocation` (``None`` without one)."""
+        return None if self.allocation is None else mean_bits(self.allocation)
 
     def metadata(self) -> dict:
         return {
@@ -80,6 +118,10 @@ class Calibration:
             "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
             "bits": sorted(self.layers[0].key_codebooks) if self.layers else [], "sensitivity": self.sensitivity,
             "n_tokens": self.n_tokens, "dataset": self.dataset, "kvquant_version": self.kvquant_version,
+            "errors": {"key": [{str(b): e for b, e in sorted(lc.key_errors.items())} for lc in self.layers],
+                       "value": [{str(b): e for b, e in sorted(lc.value_errors.items())} for lc in self.layers]},
+            "allocation": None if self.allocation is None else [list(p) for p in self.allocation],
+            "bit_budget": self.bit_budget, "allocation_mean_bits": self.allocation_mean_bits,
         }
 
     def save(self, path: str | Path) -> Path:
@@ -128,8 +170,10 @@ class Calibration:
         if missing:
             raise CalibrationError(f"{path}: metadata lacks {missing}")
         H, D = int(meta["num_kv_heads"]), int(meta["head_dim"])
+        n_layers = int(meta["num_layers"])
+        key_err, value_err = _read_errors(path, meta.get("errors"), n_layers)
         layers = []
-        for i in range(int(meta["num_layers"])):
+        for i in range(n_layers):
             try:
                 lo, hi = tensors[f"layer{i}.key_lo"], tensors[f"layer{i}.key_hi"]
                 kcb = {b: Codebook(tensors[f"layer{i}.key_codebook.{b}"], f"nuq{b}-kmeans") for b in meta["bits"]}
@@ -142,10 +186,13 @@ class Calibration:
                 raise CalibrationError(f"{path}: layer {i} key ranges have shape {tuple(lo.shape)}, expected {(H, D)}")
             if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()) or (hi < lo).any():
                 raise CalibrationError(f"{path}: layer {i} key ranges are not finite with hi >= lo")
-            layers.append(LayerCalibration(lo, hi, kcb, vcb))
+            layers.append(LayerCalibration(lo, hi, kcb, vcb, key_err[i], value_err[i]))
+        allocation = _read_allocation(path, meta.get("allocation"), n_layers, [int(b) for b in meta["bits"]])
+        budget = meta.get("bit_budget")
         return cls(layers, meta["model_id"], float(meta["outlier_fraction"]), int(meta["n_sink"]),
                    bool(meta["pre_rope"]), H, D, meta.get("sensitivity", "none"), int(meta.get("n_tokens", 0)),
-                   meta.get("dataset", ""), meta.get("kvquant_version", ""))
+                   meta.get("dataset", ""), meta.get("kvquant_version", ""), allocation,
+                   None if budget is None else float(budget))
 
     def check_compatible(self, num_layers: int, num_kv_heads: int, head_dim: int, outlier_fraction: float,
                          pre_rope: bool, model_id: str | None = None) -> None:
@@ -162,3 +209,37 @@ class Calibration:
             problems.append(f"pre_rope {self.pre_rope} != {pre_rope}")
         if problems:
             raise CalibrationError("calibration does not match: " + "; ".join(problems))
+
+
+def _read_errors(path: Path, errors: object, n_layers: int) -> tuple[list[dict[int, float]], list[dict[int, float]]]:
+    """The per-layer measured errors of the metadata (empty tables when the file has none)."""
+    if errors is None:
+        return [{} for _ in range(n_layers)], [{} for _ in range(n_layers)]
+    out = []
+    for side in ("key", "value"):
+        tables = errors.get(side) if isinstance(errors, dict) else None
+        if not isinstance(tables, list) or len(tables) != n_layers:
+            raise CalibrationError(f"{path}: metadata 'errors.{side}' must be a list of {n_layers} tables")
+        try:
+            out.append([{int(b): float(e) for b, e in t.items()} for t in tables])
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise CalibrationError(f"{path}: metadata 'errors.{side}' is malformed: {exc}") from exc
+    return out[0], out[1]
+
+
+def _read_allocation(path: Path, alloc: object, n_layers: int, widths: list[int]) -> list[tuple[int, int]] | None:
+    """The per-layer ``(key bits, value bits)`` of the metadata, checked against the layers and the codebooks."""
+    if alloc is None:
+        return None
+    if not isinstance(alloc, list) or len(alloc) != n_layers:
+        raise CalibrationError(f"{path}: the bit allocation must list (key bits, value bits) for each of the "
+                               f"{n_layers} layers")
+    out = []
+    for i, pair in enumerate(alloc):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(b, int) for b in pair)):
+            raise CalibrationError(f"{path}: layer {i} of the bit allocation is {pair!r}, not [key bits, value bits]")
+        if pair[0] not in widths or pair[1] not in widths:
+            raise CalibrationError(f"{path}: layer {i} is allocated {pair[0]}-bit keys and {pair[1]}-bit values but "
+                                   f"the file has codebooks for {widths} bits only")
+        out.append((pair[0], pair[1]))
+    return out

@@ -20,7 +20,8 @@ class BatchedKVQuantizer:
 
     Args:
         config: a :class:`QuantConfig`; keyword overrides (``datatype="nuq4"``, …) are applied on top.
-        key_codebook, value_codebook: calibrated NUQ codebooks (default: the heuristic one).
+        key_codebook, value_codebook: calibrated NUQ codebooks, each at its side's width
+            (``config.key_bits`` / ``config.value_bits``; default: the heuristic one).
         key_ranges: calibrated per-channel key ranges ``(lo, hi)``, each ``[H, D]``; default: computed
             from each sequence's own tokens (padding and sink tokens excluded) once it has
             ``config.range_tokens`` of them, its tokens held exactly until then (see
@@ -42,8 +43,9 @@ class BatchedKVQuantizer:
     ) -> None:
         config = config or QuantConfig()
         self.config = replace(config, **overrides) if overrides else config
-        self.key_codebook = codebook_for(self.config.datatype, key_codebook)
-        self.value_codebook = codebook_for(self.config.datatype, value_codebook)
+        # each side at its own width (k4v2: 4-bit key codes, 2-bit value codes)
+        self.key_codebook = codebook_for(self.config.side_datatype("key"), key_codebook)
+        self.value_codebook = codebook_for(self.config.side_datatype("value"), value_codebook)
         self.key_ranges = key_ranges
         self.ops = ops
 

@@ -100,13 +100,14 @@ class QuantizedKVCache:
         self.dtype = dtype
         self.device = torch.device(device)
         self.quantized = config.is_quantized
-        self.bits = config.bits
+        self.bits = config.bits_for(kind) if self.quantized else 16
         T = config.page_size
         if self.quantized:
             if codebook is None:
                 raise ValueError(f"datatype {config.datatype} needs a codebook")
             if codebook.bits != self.bits:
-                raise ValueError(f"codebook has {codebook.bits} bits but datatype {config.datatype} has {self.bits}")
+                raise ValueError(f"{kind} codebook has {codebook.bits} bits but datatype {config.datatype} stores "
+                                 f"{kind}s at {self.bits}")
             if (T * head_dim) % 32:
                 raise ValueError(f"page_size * head_dim must be a multiple of 32, got {T} * {head_dim}")
             self.codebook = codebook.to(self.device)

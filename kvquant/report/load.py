@@ -26,11 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvquant.datatypes import EXACT_DATATYPE, exact_label
+from kvquant.datatypes import EXACT_DATATYPE, exact_label, parse_datatype
 
 _KERNEL_KINDS = {"decode", "prefill", "decode_append", "device", "sweep", "tuning"}
 _BACKEND_PARTS = {"e2e", "e2e_breakdown", "device"}
-_DT_ORDER = ("fp16", "nuq4", "nuq3", "nuq2", "int4", "int3", "int2")
 
 
 def row_label(row: dict[str, Any]) -> str:
@@ -50,9 +49,20 @@ def row_label(row: dict[str, Any]) -> str:
 
 
 def datatype_key(name: Any) -> tuple[int, str]:
-    """Sort key: fp16, nuq4, nuq3, nuq2, int4, int3, int2, then anything else alphabetically."""
+    """Sort key: fp16, then the NUQ datatypes and then the uniform ones, each by average bits, most first, and at
+    equal average by key bits, most first (nuq4, k4v3, k3v4, k4v2, nuq3, k3v2, k2v3, nuq2, int4, ...), ``nuq-alloc``
+    after the NUQ ones, then anything else alphabetically."""
     s = str(name)
-    return (_DT_ORDER.index(s), s) if s in _DT_ORDER else (len(_DT_ORDER), s)
+    try:
+        dt = parse_datatype(s)
+    except (TypeError, ValueError):
+        return (10_000, s)
+    if dt.kind == "fp":
+        return (0, s)
+    family = 100 if dt.kind == "nuq" else 1_000
+    if dt.per_layer:
+        return (family + 99, s)
+    return (family + int(round((4 - dt.mean_bits) * 20)) + (4 - dt.key_bits), s)
 
 
 @dataclass

@@ -193,3 +193,25 @@ def test_calibrate_oom_at_batch_one_says_what_to_change(model, monkeypatch, caps
     assert not any(layer.self_attn.q_proj._forward_hooks for layer in model.model.layers)
     with pytest.raises(ValueError, match="batch_size"):
         calibrate(model, seqs, QuantConfig(), batch_size=0, progress=False)
+
+
+def test_separate_widths_take_each_sides_codebook(model, tmp_path, seed):
+    """A k4v2 cache stores keys with the calibrated 4-bit key codebooks and values with the 2-bit value codebooks;
+    a file calibrated without one of those widths is refused up front, naming the width and the side."""
+    seqs = torch.randint(0, model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(seed))
+    cal = calibrate(model, seqs, QuantConfig(), bits=(2, 4), progress=False)
+    loaded = Calibration.load(cal.save(tmp_path / "cal.safetensors"))
+    assert loaded.widths == [2, 4]
+    cache = KVQuantCache(model, QuantConfig(datatype="k4v2"), calibration=loaded)
+    for i, lc in enumerate(loaded.layers):
+        q = cache.quantizer_for(i)
+        assert torch.equal(q.key_codebook.levels, lc.key_codebooks[4].levels)
+        assert torch.equal(q.value_codebook.levels, lc.value_codebooks[2].levels)
+    ids, mask = padded_batch(seed, model.config.vocab_size)
+    greedy_generate(model, ids, mask, cache)
+    assert (cache.layers[0].qkeys.bits, cache.layers[0].qvalues.bits) == (4, 2)
+    with pytest.raises(CalibrationError, match=r"no 3-bit codebooks for the keys .*\[2, 4\]-bit codes.*k3v2"):
+        KVQuantCache(model, QuantConfig(datatype="k3v2"), calibration=loaded)
+    with pytest.raises(CalibrationError, match=r"no 3-bit codebooks for the values .*k4v3"):
+        KVQuantCache(model, QuantConfig(datatype="k4v3"), calibration=loaded)
+    KVQuantCache(model, QuantConfig(datatype="int-k3v2"), calibration=loaded)  # uniform codes need no codebook

@@ -1,5 +1,6 @@
 """``kvquant calibrate`` and ``kvquant eval ppl`` from the command line."""
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -106,3 +107,39 @@ def test_calibrate_cli_out_without_suffix_names_the_files_it_wrote(shared_dir, t
     assert sorted(p.name for p in tmp_path.iterdir()) == [tensors.name, sidecar.name]
     assert f"calibration written to {tensors} and {sidecar}" in capsys.readouterr().out
     assert stat.S_IMODE(tensors.stat().st_mode) == stat.S_IMODE(sidecar.stat().st_mode) == 0o644
+
+
+def test_calibrate_bit_budget_and_eval_per_layer_widths(shared_dir, tmp_path, capsys, monkeypatch):
+    """`kvquant calibrate --bit-budget 3` writes a per-layer allocation that `--datatypes nuq-alloc` runs; the rows
+    of k4v2 and nuq-alloc measure their bits per element; a file without the widths a datatype needs is refused
+    before the model is loaded."""
+    from kvquant.calibration import Calibration
+    from kvquant.cli.main import main
+
+    monkeypatch.setenv("KVQUANT_SHARED", str(shared_dir))
+    common = ["--model", "stories260k", "--data", "tinystories"]
+    cal = tmp_path / "cal.safetensors"
+    main(["calibrate", *common, "--n-seqs", "2", "--seq-len", "64", "--batch-size", "2", "--sensitivity", "fisher",
+          "--bit-budget", "3", "--out", str(cal), "--no-progress"])
+    printed = capsys.readouterr().out
+    loaded = Calibration.load(cal)
+    assert loaded.allocation_mean_bits <= 3.0 and loaded.bit_budget == 3.0
+    assert " ".join(f"k{k}v{v}" for k, v in loaded.allocation) in printed
+    out = tmp_path / "ppl.json"
+    main(["eval", "ppl", *common, "--ctx", "64", "--chunk", "16", "--max-windows", "1", "--min-range-tokens", "1",
+          "--datatypes", "nuq2,k4v2,nuq4,nuq-alloc", "--calibration", str(cal), "--out", str(out), "--no-progress"])
+    rows = {r["datatype"]: r for r in json.loads(out.read_text())["results"]}
+    bits = {d: r["bits_per_element"] for d, r in rows.items()}
+    assert bits["nuq2"] < bits["k4v2"] < bits["nuq4"] and bits["nuq2"] < bits["nuq-alloc"] < bits["nuq4"]
+    assert rows["k4v2"]["config"]["datatype"] == "k4v2"
+
+    plain = tmp_path / "plain.safetensors"
+    dataclasses.replace(loaded, allocation=None, bit_budget=None).save(plain)
+    for datatypes, cal_path, needle in (("nuq-alloc", plain, "has no bit allocation"),
+                                        ("fp16,nuq-alloc", None, "give --calibration")):
+        argv = ["eval", "ppl", *common, "--datatypes", datatypes, "--out", str(tmp_path / "x.json")]
+        if cal_path is not None:
+            argv += ["--calibration", str(cal_path)]
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2 and needle in capsys.readouterr().err

@@ -104,6 +104,9 @@ def test_nan_in_a_calibration_file_or_a_flag_is_code_2(no_model, capsys, text, t
     (["bench", "profile", "--kind", "decode", "--datatype", "nuq9"], "unknown datatype 'nuq9'"),
     (["bench", "roundtrip", "--shape", "1", "0", "8", "8"], "--shape sizes must be >= 1"),
     (["bench", "generate", "--datatypes", "fp16,int9"], "unknown datatype 'int9'"),
+    (["eval", "ppl", "--datatypes", "fp16,k5v2"], "key and value widths must be 2, 3 or 4 bits"),
+    (["bench", "generate", "--datatypes", "k4v"], "unknown datatype 'k4v'"),
+    (["calibrate", "--out", "x", "--bit-budget", "1.5"], "--bit-budget must be at least 2"),
 ])
 def test_usage_errors_are_code_2_and_one_line(argv, needle, no_model, capsys, text):
     if argv[:2] == ["eval", "ppl"]:

@@ -48,6 +48,18 @@ def test_decode_bits_gqa(seed: int, bits: int, G: int, dtype: torch.dtype) -> No
     check(seed, B=3, Hkv=2, G=G, D=64, S=83, cfg=cfg, dtype=dtype, use_rope=bits != 2)
 
 
+@pytest.mark.parametrize("datatype,dtype", [("k4v2", torch.float32), ("k2v4", torch.float16),
+                                            ("int-k4v3", torch.float32)])
+def test_decode_separate_key_value_widths(seed: int, datatype: str, dtype: torch.dtype) -> None:
+    """Keys and values at different widths: the kernel reads each store at its own width (KBITS, VBITS)."""
+    cfg = QuantConfig(min_range_tokens=1,
+                      datatype=datatype, outlier_fraction=0.02, n_sink=1, residual_length=4, page_size=32)
+    B, Hkv, D = 2, 2, 64
+    kc, vc = build_caches(torch.Generator().manual_seed(seed), B, Hkv, D, 75, cfg, dtype, n_decode=2)
+    assert (kc.bits, vc.bits) == (cfg.key_bits, cfg.value_bits) and kc.bits != vc.bits
+    check(seed, B=B, Hkv=Hkv, G=2, D=D, S=75, cfg=cfg, dtype=dtype, use_rope=True)
+
+
 @pytest.mark.parametrize("use_rope", [False, True])
 def test_decode_extra_token(seed: int, use_rope: bool) -> None:
     """Without and with RoPE, and the extra exact token (``extra_kv``)."""

@@ -1,7 +1,8 @@
 """The caches a long-context run compares, by name.
 
 * ``fp16``: transformers' ``DynamicCache`` in the model's dtype (the reference);
-* ``nuq2|3|4``, ``int2|3|4``: :class:`~kvquant.cache.hf_cache.KVQuantCache` with that datatype (calibrated when a
+* ``nuq2|3|4``, ``int2|3|4``, ``k<K>v<V>``, ``int-k<K>v<V>``, ``nuq-alloc``:
+  :class:`~kvquant.cache.hf_cache.KVQuantCache` with that datatype (:mod:`kvquant.datatypes`; calibrated when a
   calibration is given);
 * ``quanto2|4[k]``, ``hqq2|4``: transformers' KIVI-style ``QuantizedCache`` (:mod:`kvquant.eval.baselines`;
   ``quanto4k``/``quanto2k`` group keys per channel, as KIVI does);
@@ -25,7 +26,7 @@ import torch
 
 from kvquant.cache.hf_cache import KVQuantCache
 from kvquant.config import QuantConfig
-from kvquant.datatypes import DATATYPES
+from kvquant.datatypes import DATATYPE_HELP, parse_datatype
 from kvquant.eval.baselines import (
     baseline_available,
     baseline_memory,
@@ -64,7 +65,7 @@ def parse_cache(name: str) -> CacheSpec:
     key = name.strip().lower()
     if key == "fp16":
         return CacheSpec(key, "dynamic")
-    if key in DATATYPES:
+    if _is_datatype(key):
         return CacheSpec(key, "kvquant")
     if parse_baseline(key) is not None:
         return CacheSpec(key, "baseline")
@@ -74,9 +75,9 @@ def parse_cache(name: str) -> CacheSpec:
             if not press:
                 break
             if sep == "@":
-                if arg not in DATATYPES or arg == "fp16":
+                if not _is_datatype(arg) or arg == "fp16":
                     raise ValueError(f"cache {name!r}: {arg!r} after '@' must be a quantized datatype "
-                                     f"({', '.join(d for d in DATATYPES if d != 'fp16')})")
+                                     f"({DATATYPE_HELP.removeprefix('fp16, ')})")
                 return CacheSpec(key, "press", press=press, match=arg)
             try:
                 ratio = float(arg)
@@ -85,9 +86,18 @@ def parse_cache(name: str) -> CacheSpec:
             if not 0.0 <= ratio < 1.0:
                 raise ValueError(f"cache {name!r}: the ratio after ':' must be a number in [0, 1)")
             return CacheSpec(key, "press", press=press, ratio=ratio)
-    raise ValueError(f"unknown cache {name!r}: expected fp16, a kvquant datatype ({', '.join(DATATYPES[1:])}), a "
+    kinds = DATATYPE_HELP.removeprefix("fp16, ")
+    raise ValueError(f"unknown cache {name!r}: expected fp16, a kvquant datatype ({kinds}), a "
                      "baseline (quanto2, quanto4, quanto2k, quanto4k, hqq2, hqq4) or a kvpress press as PRESS@DATATYPE "
                      "or PRESS:RATIO (snapkv@nuq3, knorm:0.75)")
+
+
+def _is_datatype(name: str) -> bool:
+    try:
+        parse_datatype(name)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_caches(text: str) -> list[CacheSpec]:
