@@ -38,6 +38,13 @@ activations are not in the bytes model) is retried up to three times, 10 % small
 process is capped at the budget (``torch.cuda.set_per_process_memory_fraction``), so an 80 GB budget behaves as an
 80 GB GPU. Every record says ``mode``: ``eager`` or ``graph``.
 
+Several GPUs (``docs/multi_gpu.md``): ``--device-map auto`` spreads the layers over the GPUs (accelerate); peak
+memory is then summed over the GPUs the model uses and ``kv_bytes_by_device`` splits the cache's bytes by device.
+Under ``torchrun`` (``WORLD_SIZE`` > 1, or ``--nproc N``, which relaunches the command under
+``torch.distributed.run``) the model is loaded with ``tp_plan="auto"``; every rank measures its own GPU and
+:func:`kvquant.bench.parallel.merge_rank_records` merges the ranks' records (per-rank memory, KV bytes and energy;
+totals summed over the ranks; the slowest rank's times); rank 0 alone writes them.
+
 Files in ``--out``: ``generate.jsonl`` (one JSON object per configuration, written as soon as it ends),
 ``generate.csv`` (same fields), ``energy/`` (the profiler's per-region power samples and summary).
 """
@@ -62,6 +69,7 @@ from kvquant.bench.capacity import CapacitySettings, add_capacity_args, run_capa
 from kvquant.bench.cuda import free_memory, gpu_name, is_cuda, is_oom
 from kvquant.bench.energy_regions import ENERGY_FIELDS, EnergyRegions
 from kvquant.bench.model import BenchModel, load_bench_model
+from kvquant.bench.parallel import merged, torchrun_command, world_from_env
 from kvquant.bench.results import ResultWriter
 from kvquant.bench.runs import (
     cache_memory,
@@ -100,6 +108,7 @@ FIELDS: list[str] = [
     "kv_tokens", "kv_elements", "kv_bytes", "kv_bytes_allocated", "kv_bytes_used", "kv_fp16_bytes", "bits_per_element",
     "compression_vs_fp16", "logits_finite",
     *ENERGY_FIELDS,
+    "device_map", "world_size", "kv_bytes_by_device", "rank_peak_memory_bytes", "rank_kv_bytes", "rank_energy_j",
 ]
 
 
@@ -128,6 +137,9 @@ class GenerateSettings:
     memory_budget_gb: float | None = None
     reserve_gb: float = 0.0
     prefill_chunk: int | None = None  # prompt fed in forwards of this many tokens
+    device_map: str | None = None  # the model was loaded with from_pretrained(device_map=...)
+    world_size: int = 1  # tensor-parallel ranks (torchrun); records are merged over them
+    rank: int = 0
 
     def __post_init__(self) -> None:
         if self.gen < 1:
@@ -162,13 +174,14 @@ def measure_config(bm: BenchModel, settings: GenerateSettings, datatype: str, ba
     gc.collect()  # no empty_cache here: the timed run reuses the rehearsal's allocator blocks (steady state)
     prompt, source = make_prompts(bm, batch, prompt_len, settings.data, settings.seed)
     cache = make_cache(bm, datatype, settings.quant, calibration, reserve_tokens=settings.gen, static_len=static_len)
-    if is_cuda(dev):
-        torch.cuda.reset_peak_memory_stats(dev)
+    gpus = _cuda_devices(bm)
+    for d in gpus:
+        torch.cuda.reset_peak_memory_stats(d)
     store: dict[str, Any] = {}
     tag = f"{datatype}_b{batch}_s{prompt_len}"
     with energy.regions(tag, store) as region:
         res = run(bm.model, prompt, cache, settings.gen, dev, region, prefill_chunk=settings.prefill_chunk)
-    peak = torch.cuda.max_memory_allocated(dev) if is_cuda(dev) else None
+    peak = sum(torch.cuda.max_memory_allocated(d) for d in gpus) if gpus else None
     B, gen = batch, settings.gen
     generated = B * gen
     prefill_s, decode_s = res["prefill_s"], res["decode_s"]
@@ -191,9 +204,32 @@ def measure_config(bm: BenchModel, settings: GenerateSettings, datatype: str, ba
         "logits_finite": bool(torch.isfinite(res["logits"]).all()),
     }
     rec.update(cache_memory(cache))
+    rec["kv_bytes_by_device"] = _kv_bytes_by_device(cache)
     rec.update(energy.fields(store, generated))
     del res, cache, prompt
     return rec
+
+
+def _cuda_devices(bm: BenchModel) -> list[torch.device]:
+    """The CUDA devices the model's weights are on (several under ``device_map``; none on the CPU)."""
+    devs = {p.device for p in bm.model.parameters() if p.device.type == "cuda"}
+    if is_cuda(bm.device):
+        devs.add(torch.device(bm.device))
+    return sorted(devs, key=str)
+
+
+def _kv_bytes_by_device(cache: Any) -> dict[str, int] | None:
+    """The cache's bytes held per device (``memory_report()["by_device"]``; a DynamicCache's K/V tensors)."""
+    if hasattr(cache, "memory_report") and hasattr(cache, "quantizer_for"):
+        by = cache.memory_report().get("by_device")
+        return {k: int(v) for k, v in by.items()} if by else None
+    from kvquant.bench.runs import _dynamic_kv_tensors
+    from kvquant.cache.parallel import device_key
+
+    out: dict[str, int] = {}
+    for t in _dynamic_kv_tensors(cache):
+        out[device_key(t.device)] = out.get(device_key(t.device), 0) + t.numel() * t.element_size()
+    return out or None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -218,7 +254,8 @@ def _base_record(bm: BenchModel, s: GenerateSettings, run_id: str, datatype: str
         weights_bytes=bm.weights_bytes,
         peak_memory_note=None if is_cuda(bm.device) else "unavailable: not a CUDA device",
         mode="graph" if s.graph else "eager", prefill_chunk=s.prefill_chunk, at_capacity=s.at_capacity,
-        memory_budget_gb=s.memory_budget_gb if s.at_capacity else None,
+        memory_budget_gb=s.memory_budget_gb if s.at_capacity else None, device_map=s.device_map,
+        world_size=s.world_size,
     )
     return rec
 
@@ -246,7 +283,8 @@ def capacity_batches(bm: BenchModel, settings: GenerateSettings) -> dict[tuple[s
 def run_generate_benchmark(bm: BenchModel, settings: GenerateSettings, out_dir: str | Path) -> list[dict[str, Any]]:
     """Run every configuration, writing each record to ``out_dir`` as soon as it ends; returns the records."""
     out_dir = Path(out_dir)
-    writer = ResultWriter(out_dir, "generate", FIELDS)
+    lead = settings.rank == 0  # under torchrun only rank 0 writes and reports
+    writer = ResultWriter(out_dir, "generate", FIELDS) if lead else None
     calibration = None
     if settings.calibration:
         from kvquant.calibration import Calibration
@@ -255,7 +293,9 @@ def run_generate_benchmark(bm: BenchModel, settings: GenerateSettings, out_dir: 
     for dt in settings.datatypes:  # fail fast on an incompatible calibration, before any measurement
         if dt != "fp16":
             make_cache(bm, dt, settings.quant, calibration)
-    energy = EnergyRegions(settings, bm.device, out_dir)
+    # (each rank measures its own GPU, into its own folder)
+    energy_dir = out_dir if settings.world_size == 1 else out_dir / f"rank{settings.rank}"
+    energy = EnergyRegions(settings, bm.device, energy_dir)
     carbon = None
     if settings.grid_region and energy.profiler is not None:
         from kvquant.energy import CarbonTracker
@@ -271,7 +311,7 @@ def run_generate_benchmark(bm: BenchModel, settings: GenerateSettings, out_dir: 
         configs = [(dt, b, s) for b in settings.batches for s in settings.prompt_lens for dt in settings.datatypes]
     records: list[dict[str, Any]] = []
     ooms: dict[str, list[tuple[int, int]]] = {}
-    bar = tqdm(configs, desc="bench generate", disable=not settings.progress, file=sys.stderr)
+    bar = tqdm(configs, desc="bench generate", disable=not (settings.progress and lead), file=sys.stderr)
     try:
         for i, (dt, b, s) in enumerate(bar):
             bar.set_postfix_str(f"{dt} B={b} S={s}")
@@ -285,12 +325,15 @@ def run_generate_benchmark(bm: BenchModel, settings: GenerateSettings, out_dir: 
                 rec["status"] = "skipped"
                 rec["error"] = f"not run: batch {smaller[0][0]} x prompt {smaller[0][1]} already ran out of memory"
             else:
-                if _run_recorded(rec, bm, settings, dt, b, s, calibration, energy) == "OOM":
-                    ooms.setdefault(dt, []).append((b, s))
-            writer.write(rec)
+                _run_recorded(rec, bm, settings, dt, b, s, calibration, energy)
+            rec = merged(rec, settings.world_size)  # every rank's, gathered (the same on every rank)
+            if rec["status"] == "OOM" and not settings.at_capacity:
+                ooms.setdefault(dt, []).append((b, s))
             records.append(rec)
-            tqdm.write(f"[{i + 1}/{len(configs)}] {_config_line(rec)} ({time.perf_counter() - t_config:.1f} s)",
-                       file=sys.stderr)
+            if writer is not None:
+                writer.write(rec)
+                tqdm.write(f"[{i + 1}/{len(configs)}] {_config_line(rec)} ({time.perf_counter() - t_config:.1f} s)",
+                           file=sys.stderr)
     finally:
         bar.close()
         energy.close()
@@ -395,6 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datatypes", default="fp16,nuq4,nuq3,nuq2",
                    help="comma list of fp16, nuq2-4, int2-4, k<K>v<V> (k4v2: 4-bit keys, 2-bit values), "
                         "int-k<K>v<V>, nuq-alloc (with a --calibration made with --bit-budget)")
+    p.add_argument("--device-map", default=None, metavar="auto",
+                   help="passed to from_pretrained(device_map=...): 'auto' spreads the layers over the GPUs "
+                        "(--device is then ignored; docs/multi_gpu.md)")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="tensor parallelism over N local GPUs: relaunches this command under torch.distributed.run "
+                        "(tp_plan='auto'; the same as running it with torchrun --nproc-per-node N)")
     add_quant_config_args(p)
     p.add_argument("--batch", default="1,8,32", help="batch sizes: list (1,8,32) or doubling range (1..32)")
     p.add_argument("--prompt-len", default="1K..32K", help="prompt lengths: list (1024,4096) or doubling range")
@@ -436,6 +485,20 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``kvquant bench generate``. Returns a process exit code."""
     p = build_parser()
     a = p.parse_args(argv)
+    rank, world, local_rank = world_from_env()
+    if a.nproc is not None and a.nproc < 1:
+        p.error(f"--nproc must be >= 1, got {a.nproc}")
+    if a.nproc is not None and a.nproc > 1 and world == 1:  # relaunch on N ranks; they run the lines below
+        import subprocess
+
+        return subprocess.call(torchrun_command(a.nproc, sys.argv[1:] if argv is None else argv))
+    if world > 1:
+        for flag, on in (("--device-map", a.device_map), ("--graph", a.graph), ("--at-capacity", a.at_capacity),
+                         ("--find-capacity", a.find_capacity)):
+            if on:
+                p.error(f"{flag} does not run under tensor parallelism (torchrun, --nproc)")
+    if a.device_map is not None and (a.graph or a.find_capacity):
+        p.error("--device-map runs the eager benchmark only (no --graph, no --find-capacity)")
     try:
         datatypes = parse_datatypes(a.datatypes)
         batches = parse_size_list(a.batch)
@@ -444,6 +507,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         p.error(str(exc))
     device = resolve_device(a.device)
+    if world > 1 and torch.cuda.is_available():  # each rank on its own GPU
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(local_rank)
+    elif world > 1:
+        device = "cpu"
     if a.graph and not is_cuda(device):
         p.error("--graph needs a CUDA device (CUDA graphs)")
     if a.find_capacity:
@@ -470,11 +538,20 @@ def main(argv: list[str] | None = None) -> int:
                                     grid_intensity=a.grid_intensity, grid_region=a.grid_region, seed=a.seed,
                                     skip_after_oom=not a.no_skip_after_oom, progress=not a.no_progress,
                                     graph=a.graph, at_capacity=a.at_capacity, memory_budget_gb=a.memory_budget_gb,
-                                    reserve_gb=a.reserve_gb, prefill_chunk=a.prefill_chunk)
+                                    reserve_gb=a.reserve_gb, prefill_chunk=a.prefill_chunk, device_map=a.device_map,
+                                    world_size=world, rank=rank)
     except ValueError as exc:
         p.error(str(exc))
-    print(f"loading model {a.model or '(default)'} on {device} ...", file=sys.stderr)
-    bm = load_bench_model(a.model, a.dtype, device, a.seed)
+    where = f"device_map={a.device_map}" if a.device_map else (f"{world} ranks, tp_plan=auto" if world > 1 else device)
+    print(f"loading model {a.model or '(default)'} on {where} ...", file=sys.stderr)
+    try:
+        bm = load_bench_model(a.model, a.dtype, device, a.seed, device_map=a.device_map,
+                              tp_plan="auto" if world > 1 else None)
+    except ValueError as exc:
+        p.error(str(exc))
+    if rank:  # the other ranks measure; rank 0 writes and prints
+        run_generate_benchmark(bm, settings, a.out)
+        return 0
     print(f"model: {bm.name} ({bm.source}), {bm.weights_bytes / 2**30:.2f} GiB of weights, dtype "
           f"{str(bm.dtype).removeprefix('torch.')}", file=sys.stderr)
     if bm.random_weights:

@@ -39,19 +39,28 @@ class BenchModel:
         return sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
 
 
-def load_bench_model(name: str | None, dtype: str | torch.dtype | None, device: str, seed: int = 0) -> BenchModel:
+def load_bench_model(name: str | None, dtype: str | torch.dtype | None, device: str, seed: int = 0,
+                     device_map: str | dict[str, Any] | None = None, tp_plan: str | None = None) -> BenchModel:
     """Load ``name``: ``random:<preset>`` (random weights) or anything :func:`kvquant.models.load_model`
-    accepts. ``dtype`` None picks :func:`default_dtype`."""
+    accepts. ``dtype`` None picks :func:`default_dtype`. ``device_map`` (e.g. ``"auto"``: layers spread over the
+    GPUs) and ``tp_plan`` (``"auto"`` under ``torchrun``: tensor parallelism) go to ``from_pretrained``; the
+    :attr:`BenchModel.device` is then where the inputs go (the input embeddings' device)."""
     from kvquant.models.loading import parse_dtype
 
     dt = parse_dtype(dtype) if dtype is not None else default_dtype(device)
     if dt == "auto":
         dt = default_dtype(device)
     if is_random_model(name):
+        if device_map is not None or tp_plan is not None:
+            raise ValueError(f"{name}: random models are built on one device (no --device-map, no torchrun)")
         model = build_random_model(name, dt, device, seed)
         return BenchModel(model, None, name, "random init from config", True, dt, torch.device(device))
     from kvquant.models import load_model
 
-    model, tok, spec = load_model(name, dtype=dt, device=device)
+    model, tok, spec = load_model(name, dtype=dt, device=device, device_map=device_map, tp_plan=tp_plan)
+    where = torch.device(device)
+    if device_map is not None or tp_plan is not None:
+        emb = model.get_input_embeddings().weight
+        where = getattr(emb, "to_local", lambda: emb)().device
     return BenchModel(model, tok, spec.name, f"{spec.source}: {spec.path}", False, next(model.parameters()).dtype,
-                      torch.device(device), spec.bos_id)
+                      where, spec.bos_id)

@@ -37,6 +37,7 @@ from kvquant.cache import kernel_attention
 from kvquant.cache.hf_compat import cache_in
 from kvquant.cache.identity import check_calibration_model
 from kvquant.cache.layer import KVQuantLayer
+from kvquant.cache.parallel import device_key, kv_head_slice, resolve_tp, tensors_bytes_by_device
 from kvquant.cache.rope import RotaryTables, find_rotary_embedding
 from kvquant.config import QuantConfig
 from kvquant.kernels.ops import TorchOps, TritonOps, resolve_ops
@@ -72,11 +73,19 @@ class KVQuantCache(Cache):
         check_model: refuse a calibration whose weights fingerprint is another model's
             (:func:`~kvquant.cache.identity.check_calibration_model`); ``False`` skips the check, for a calibration
             you know fits (e.g. a fine-tuned copy of the calibrated model).
+        tp_rank, tp_size: this process's tensor-parallel rank and number of ranks (both or neither). Default: from
+            the model (``model.tp_size``, set by transformers under ``tp_plan``) and ``torch.distributed``
+            (``get_rank() % tp_size``). A layer that receives ``num_key_value_heads / tp_size`` KV heads uses its
+            rank's block of the calibration's heads (:func:`~kvquant.cache.parallel.kv_head_slice`).
+
+    Multi-GPU (see ``docs/multi_gpu.md`` and :mod:`kvquant.cache.parallel`): with ``device_map`` each layer's
+    store lives on the device of the K/V the layer receives and its calibration is copied there at first use;
+    :meth:`memory_report` adds ``by_device``.
     """
 
     def __init__(self, model: torch.nn.Module, config: QuantConfig | None = None,
                  calibration: Calibration | str | None = None, reserve_tokens: int = 0, check_model: bool = True,
-                 **overrides: Any) -> None:
+                 tp_rank: int | None = None, tp_size: int | None = None, **overrides: Any) -> None:
         config = config or QuantConfig()
         if reserve_tokens < 0:
             raise ValueError(f"reserve_tokens must be >= 0, got {reserve_tokens}")
@@ -116,9 +125,11 @@ class KVQuantCache(Cache):
                 if cfg.is_quantized and cfg.dtype_info.kind == "nuq":
                     for side in ("key", "value"):
                         _calibrated_codebook(calibration, cfg, side, i)
-        self._quantizers: dict[int, BatchedKVQuantizer] = {}
+        self.tp_rank, self.tp_size = resolve_tp(model, tp_rank, tp_size)
+        # (layer, device, heads) -> quantizer with that layer's calibration on that device, sliced to those heads
+        self._quantizers: dict[tuple[int, str, int], BatchedKVQuantizer] = {}
         self._step: dict[str, Any] = {}
-        self._rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rope_tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # per device
         self.ops: TorchOps | TritonOps = self._resolve_ops(self.config.backend, model)
         self.static = False  # begin_static: decode steps with no host work (what a CUDA graph captures)
         # per forward: each layer's state before its first write, to undo a step that fails (see _end_step)
@@ -173,13 +184,14 @@ class KVQuantCache(Cache):
 
         Built once with the model's rotary module and grown by doubling (rebuilt every step for rotary types
         whose tables change with the sequence length, e.g. ``dynamic``/``longrope``; in static mode the tables
-        :meth:`begin_static` built)."""
+        :meth:`begin_static` built). One set per device (layers spread over GPUs each read their own)."""
+        key = device_key(device)
         if self.static:
-            return self._rope_tables
+            return self._rope_tables[key]
         need = int(self._step.get("max_pos", 0))
         rope_type = str(getattr(self.rotary.rotary_emb, "rope_type", "default"))
         dynamic = "dynamic" in rope_type or "longrope" in rope_type
-        have = self._rope_tables
+        have = self._rope_tables.get(key)
         if have is None or dynamic or have[0].shape[0] < need or not same_device(have[0].device, device):
             n = need if dynamic else max(need, 2 * (have[0].shape[0] if have is not None else 0), 1024)
             cos, sin = self.rotary(torch.arange(n, device=device)[None])
@@ -187,7 +199,7 @@ class KVQuantCache(Cache):
             h = cos.shape[-1] // 2
             if torch.equal(cos[:, :h], cos[:, h:]) and torch.equal(sin[:, :h], sin[:, h:]):
                 cos, sin = cos[:, :h].contiguous(), sin[:, :h].contiguous()
-            self._rope_tables = have = (cos, sin)
+            self._rope_tables[key] = have = (cos, sin)
         return have
 
     def layer_config(self, layer_idx: int) -> QuantConfig:
@@ -200,10 +212,23 @@ class KVQuantCache(Cache):
         kb, vb = self.calibration.allocation[layer_idx]
         return self.config.with_widths(kb, vb)
 
-    def quantizer_for(self, layer_idx: int) -> BatchedKVQuantizer:
-        """The quantizer of a layer (with :meth:`layer_config`), with its calibrated codebooks (each side at its
-        own width) and key ranges when available."""
-        if layer_idx not in self._quantizers:
+    def quantizer_for(self, layer_idx: int, device: torch.device | str | None = None,
+                      num_heads: int | None = None) -> BatchedKVQuantizer:
+        """The quantizer of a layer (with :meth:`layer_config`), with its calibrated codebooks (each side at its own
+        width) and key ranges when available.
+
+        Args:
+            layer_idx: the decoder layer.
+            device: where the layer's K/V are (its key ranges ``[heads, D]`` and codebooks are copied there once, the
+                first time the layer asks: layers on different GPUs each get their own copy); ``None``: where the
+                calibration is.
+            num_heads: the KV heads the layer receives (``key_states.shape[1]``); fewer than the model's under tensor
+                parallelism, then the ranges are this rank's heads (:func:`~kvquant.cache.parallel.kv_head_slice`).
+                ``None``: all of them.
+        """
+        heads = self.num_kv_heads if num_heads is None else int(num_heads)
+        key = (layer_idx, "" if device is None else device_key(device), heads)
+        if key not in self._quantizers:
             cfg = self.layer_config(layer_idx)
             kcb = vcb = ranges = None
             if self.calibration is not None and cfg.is_quantized:
@@ -211,10 +236,21 @@ class KVQuantCache(Cache):
                 if cfg.dtype_info.kind == "nuq":
                     kcb = _calibrated_codebook(self.calibration, cfg, "key", layer_idx)
                     vcb = _calibrated_codebook(self.calibration, cfg, "value", layer_idx)
-                ranges = (lc.key_lo, lc.key_hi)
-            self._quantizers[layer_idx] = BatchedKVQuantizer(cfg, key_codebook=kcb, value_codebook=vcb,
-                                                             key_ranges=ranges, ops=self.ops)
-        return self._quantizers[layer_idx]
+                try:
+                    heads_of = kv_head_slice(self.num_kv_heads, heads, self.tp_rank, self.tp_size)
+                except ValueError as e:
+                    raise ValueError(f"layer {layer_idx}: {e}") from None
+                ranges = (lc.key_lo[heads_of], lc.key_hi[heads_of])
+                if device is not None:
+                    ranges = tuple(r.to(device) for r in ranges)
+                    kcb, vcb = (None if cb is None else cb.to(device) for cb in (kcb, vcb))
+            quantizer = BatchedKVQuantizer(cfg, key_codebook=kcb, value_codebook=vcb, key_ranges=ranges,
+                                           ops=self.ops)
+            if device is not None:  # (heuristic codebooks: also once per device)
+                quantizer.key_codebook, quantizer.value_codebook = (
+                    None if cb is None else cb.to(device) for cb in (quantizer.key_codebook, quantizer.value_codebook))
+            self._quantizers[key] = quantizer
+        return self._quantizers[key]
 
     def _set_step(self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None) -> None:
         self._step = {"attention_mask": attention_mask, "position_ids": position_ids}
@@ -251,7 +287,8 @@ class KVQuantCache(Cache):
                      if store is not None and store._unchecked_appends and store._nonfinite is not None]
         if not unchecked:
             return
-        bad = torch.cat([store._nonfinite for _, store in unchecked]).isnan().tolist()
+        dev = unchecked[0][1]._nonfinite.device  # (layers may be on several devices: one read of all flags)
+        bad = torch.cat([store._nonfinite.to(dev) for _, store in unchecked]).isnan().tolist()
         for _, store in unchecked:
             store._unchecked_appends = 0
         if any(bad):
@@ -315,7 +352,8 @@ class KVQuantCache(Cache):
                 raise ValueError(f"static decode does not support {rope_type!r} RoPE (its tables change per step)")
             first = layers[0]
             self._step["max_pos"] = int((first.pos_offset + first.qkeys.lengths).max()) + max_new_tokens + 1
-            self.kernel_rope_tables(first.qkeys.device)
+            for dev in dict.fromkeys(device_key(layer.qkeys.device) for layer in layers):
+                self.kernel_rope_tables(dev)
         for layer in layers:
             layer.qkeys.begin_static(max_new_tokens, outlier_headroom)
             layer.qvalues.begin_static(max_new_tokens, outlier_headroom)
@@ -339,23 +377,32 @@ class KVQuantCache(Cache):
             layer.seen_mask = torch.cat([mask, mask.new_ones(mask.shape[0], steps)], 1)
             layer.cumulative_length = cum0 + steps
 
-    def memory_report(self) -> dict[str, float]:
+    def memory_report(self) -> dict[str, Any]:
         """What the cache holds, over all layers: every component's bytes in use (``key_*``/``value_*``), the
         bytes held (``total_bytes``: in use, capacity reserved ahead and the layers' masks and position buffers,
         every tensor the cache keeps) and the bytes in use (``used_bytes``), the fp16 equivalent, and bits per
-        element of each (``bits_per_element`` is the held one, the headline; ``bits_per_element_used``)."""
-        total: dict[str, float] = {}
+        element of each (``bits_per_element`` is the held one, the headline; ``bits_per_element_used``).
+
+        ``by_device``: ``{"cuda:0": bytes, "cuda:1": bytes, ...}``, the bytes held on each device (a layer's stores
+        live on the device of its K/V, e.g. under ``device_map="auto"``); its values sum to ``total_bytes``. Every
+        other value is a number."""
+        total: dict[str, Any] = {}
+        by_device: dict[str, float] = {}
         for layer in self.layers:
-            for k, v in layer.memory_report().items():
+            rep = layer.memory_report()
+            for k, v in rep.items():
                 if not k.endswith(("bits_per_element", "bits_per_element_allocated", "outlier_fraction")):
                     total[k] = total.get(k, 0) + v
+            if rep:
+                dev = device_key(layer.qkeys.device)
+                by_device[dev] = by_device.get(dev, 0) + rep["key_allocated"] + rep["value_allocated"]
         if not total:
             return {}
-        buffers = {}  # layers may share one mask tensor: each storage once
-        for layer in self.layers:
-            for t in layer.buffers():
-                buffers[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        # layers may share one mask tensor: each storage once
+        buffers = tensors_bytes_by_device(t for layer in self.layers for t in layer.buffers())
         total["layer_buffers"] = sum(buffers.values())
+        for dev, n in buffers.items():
+            by_device[dev] = by_device.get(dev, 0) + n
         used = total["key_total"] + total["value_total"]
         held = total["key_allocated"] + total["value_allocated"] + total["layer_buffers"]
         elements = total["key_elements"] + total["value_elements"]
@@ -365,6 +412,7 @@ class KVQuantCache(Cache):
         total["bits_per_element"] = 8 * held / elements if elements else float("nan")
         total["bits_per_element_used"] = 8 * used / elements if elements else float("nan")
         total["compression_vs_fp16"] = 2 * elements / held if held else float("nan")
+        total["by_device"] = dict(sorted(by_device.items()))
         return total
 
 

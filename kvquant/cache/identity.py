@@ -30,7 +30,8 @@ _SEP = "@weights:"
 
 def model_fingerprint(model: torch.nn.Module) -> str:
     """The fingerprint of ``model``'s weights (:data:`FINGERPRINT_BITS` bits as hex), or ``""`` when the model has
-    no weight matrix in memory (e.g. every parameter on the ``meta`` device)."""
+    no weight matrix in memory (e.g. every parameter on the ``meta`` device). A model sharded with ``tp_plan`` is
+    fingerprinted whole (its sampled ``DTensor`` weights are gathered: call it on every rank)."""
     params = [p for p in model.parameters() if p.ndim >= 2 and p.numel() > 0 and p.device.type != "meta"]
     if not params:
         return ""
@@ -40,11 +41,18 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     signs = []
     with torch.no_grad():
         for p in picks:
-            flat = p.detach().reshape(-1)
+            flat = _whole(p.detach()).reshape(-1)
             signs.append((flat[sample_indices(flat.numel(), per).to(flat.device)] > 0).cpu())
     bits = torch.cat(signs)[:FINGERPRINT_BITS].tolist()
     value = sum(1 << i for i, b in enumerate(bits) if b)
     return f"{value:0{FINGERPRINT_BITS // 4}x}"
+
+
+def _whole(p: torch.Tensor) -> torch.Tensor:
+    """The whole weight of a tensor-parallel ``DTensor`` (an all-gather: every rank fingerprints the same, full
+    model, in the same order), else the tensor itself."""
+    full = getattr(p, "full_tensor", None)
+    return full() if callable(full) else p
 
 
 def sample_indices(numel: int, count: int) -> torch.Tensor:

@@ -86,7 +86,8 @@ class KVQuantLayer(CacheLayerMixin):
         if self.qkeys is None:  # prefill: quantize the whole padded batch at once
             if not bool(step_mask.any(1).all()):
                 raise ValueError("a prompt in the batch is all padding: every row needs a real token")
-            quantizer = self.owner.quantizer_for(self.layer_idx)
+            # this layer's calibration on its own device, for the heads it receives (tensor parallelism: a slice)
+            quantizer = self.owner.quantizer_for(self.layer_idx, key_states.device, key_states.shape[1])
             self.qkeys = quantizer.quantize_keys(k_store, step_mask)
             self.qvalues = quantizer.quantize_values(value_states, step_mask, hold_tokens=self.qkeys.hold_tokens)
             if self.owner.reserve_tokens:  # the decode budget, allocated once and exactly

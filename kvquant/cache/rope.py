@@ -20,10 +20,11 @@ class RotaryTables:
         self.rotary_emb = rotary_emb
 
     def __call__(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``position_ids [B, S]`` -> ``(cos, sin)`` each ``[B, S, D]`` float32."""
+        """``position_ids [B, S]`` -> ``(cos, sin)`` each ``[B, S, D]`` float32, on ``position_ids``' device."""
         probe = torch.empty(0, dtype=torch.float32, device=position_ids.device)
         cos, sin = self.rotary_emb(probe, position_ids)
-        return cos.float(), sin.float()
+        # (under device_map the rotary module may run on another GPU than the layer asking: its tables go there)
+        return cos.to(position_ids.device, torch.float32), sin.to(position_ids.device, torch.float32)
 
 
 def find_rotary_embedding(model: torch.nn.Module) -> torch.nn.Module | None:

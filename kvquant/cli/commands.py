@@ -34,12 +34,12 @@ def _check_dtype(dtype: str | None) -> None:
         raise CLIError(f"--dtype: {exc}") from None
 
 
-def _load(model: str | None, dtype: str | None, device: str):
+def _load(model: str | None, dtype: str | None, device: str, device_map: str | None = None):
     from kvquant.models import load_model
 
     device = resolve_device(device)
     print(f"loading model {model or '(default)'} ...", file=sys.stderr)
-    m, tok, spec = load_model(model, dtype=dtype, device=device)
+    m, tok, spec = load_model(model, dtype=dtype, device=device, device_map=device_map)
     print(f"model: {spec.name} from {spec.source}", file=sys.stderr)
     return m, tok, spec
 
@@ -105,7 +105,7 @@ def cmd_eval_ppl(a: argparse.Namespace) -> None:
         else:
             skipped[name] = why
             print(f"skipping {name}: {why}", file=sys.stderr)
-    model, tok, spec = _load(a.model, a.dtype, a.device)
+    model, tok, spec = _load(a.model, a.dtype, a.device, getattr(a, "device_map", None))
     check_calibration_fits(cal, model, spec.name, cfg)
     windows = torch.stack(make_windows(_ids(text, tok, spec), a.ctx, max_windows=a.max_windows))
     meta = {"model": spec.name, "data": a.data, "calibration": a.calibration,

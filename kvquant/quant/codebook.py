@@ -66,7 +66,14 @@ class Codebook:
         return int(self.levels.abs().argmin())
 
     def to(self, device: torch.device | str) -> Codebook:
-        return Codebook(self.levels.to(device), self.name)
+        """This codebook on ``device`` (itself when it is there already). The levels were checked when it was made:
+        not again (no device sync), and a computed :attr:`zero_code` comes along."""
+        if self.levels.device == torch.device(device):
+            return self
+        moved = object.__new__(Codebook)
+        moved.__dict__.update(self.__dict__)
+        moved.levels = self.levels.to(device)
+        return moved
 
     def encode(self, x_norm: torch.Tensor) -> torch.Tensor:
         """Nearest level of each normalised value. ``x_norm [...]`` float -> codes ``[...]`` uint8."""
