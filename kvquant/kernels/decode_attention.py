@@ -2,7 +2,8 @@
 
 One query token per sequence attends over ``[sinks | quantized pages | open page | residual]`` of a key and a
 value :class:`~kvquant.quant.store.QuantizedKVCache` without writing dequantized K/V anywhere (the kernels are in
-:mod:`kvquant.kernels.decode_jit`): a page kernel per (sequence, KV head, range of pages), an exact kernel for
+:mod:`kvquant.kernels.jit.decode_attention`): a keys pass and a values pass per (sequence, KV head, range of
+pages), the outlier corrections, an exact kernel for
 sinks and residual tokens, and a reduction that also takes the step's own token (``extra_kv``).
 
 The kernels need a quantized datatype, head size 64/128/256, a power-of-two page size, and RoPE tables with equal
@@ -37,7 +38,7 @@ CORR_ELEMENTS = 8192  # tokens x KV heads (head-count rows) per program of the k
 CORR_ENTRIES = 1  # entries per token and step of the key-outlier correction kernel
 OUTLIER_PAGES = 4  # pages per step of the value-outlier kernel
 OUTLIER_ENTRIES = 64  # entries per page and step of the value-outlier kernel
-OUTLIER_SPLIT = 0  # pages per program of the value-outlier kernel (0: the page kernel's split)
+OUTLIER_SPLIT = 0  # pages per program of the value-outlier kernel (0: the key and value passes' split)
 
 
 def unsupported_reason(q: torch.Tensor, key_cache: QuantizedKVCache, value_cache: QuantizedKVCache,
