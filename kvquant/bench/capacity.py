@@ -56,6 +56,7 @@ from kvquant.bench.capacity_model import (
 from kvquant.bench.cuda import free_memory, gpu_name, is_cuda, is_oom
 from kvquant.bench.model import BenchModel, load_bench_model
 from kvquant.config import QuantConfig
+from kvquant.datatypes import parse_datatype
 from kvquant.files import write_json_atomic
 from kvquant.flags import (
     ArgumentParser,
@@ -93,6 +94,10 @@ class CapacitySettings:
     def __post_init__(self) -> None:
         if not self.datatypes or not self.contexts or min(self.contexts) < 1:
             raise ValueError("datatypes and contexts must be non-empty (contexts positive)")
+        per_layer = [d for d in self.datatypes if parse_datatype(d).per_layer]
+        if per_layer:
+            raise ValueError(f"the capacity fit builds one width for every layer; {', '.join(per_layer)} sets widths "
+                             "per layer (use the allocated widths' average, e.g. k4v2, or drop it)")
         if self.budget_gb is not None and self.budget_gb <= 0:
             raise ValueError(f"--memory-budget-gb must be positive, got {self.budget_gb}")
         if self.reserve_gb < 0 or self.max_probes < 1 or self.chunk_mib <= 0:

@@ -79,6 +79,7 @@ from kvquant.bench.runs import (
     run_generation_graph,
 )
 from kvquant.config import QuantConfig
+from kvquant.datatypes import parse_datatype
 from kvquant.files import write_json_atomic
 from kvquant.flags import (
     ArgumentParser,
@@ -154,6 +155,9 @@ class GenerateSettings:
             raise ValueError(f"--prefill-chunk must be >= 1, got {self.prefill_chunk}")
         if self.at_capacity and (self.memory_budget_gb is None or self.memory_budget_gb <= 0):
             raise ValueError("--at-capacity needs a positive --memory-budget-gb")
+        if self.at_capacity and any(parse_datatype(d).per_layer for d in self.datatypes):
+            raise ValueError("--at-capacity sizes the batch from one width for every layer; nuq-alloc sets widths "
+                             "per layer")
 
 
 def measure_config(bm: BenchModel, settings: GenerateSettings, datatype: str, batch: int, prompt_len: int,

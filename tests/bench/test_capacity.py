@@ -138,3 +138,14 @@ def test_empirical_frontier_updates_rows(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert got == {"fp16": (2, True), "nuq2": (4, True)}
     assert all(p["fits"] == (p["batch"] <= 4) for p in doc["rows"][1]["probes"])
     assert json.loads((tmp_path / "c.json").read_text())["rows"][1]["empirical_max_batch"] == 4
+
+
+def test_per_layer_widths_refused_where_capacity_needs_one_width() -> None:
+    """The capacity fit and --at-capacity size batches from one width for every layer: nuq-alloc is refused up
+    front, naming the reason, not when the run starts."""
+    with pytest.raises(ValueError, match="per layer"):
+        cap.CapacitySettings(datatypes=["nuq3", "nuq-alloc"], contexts=[64])
+    with pytest.raises(ValueError, match="per layer"):
+        gen.GenerateSettings(datatypes=["nuq-alloc"], batches=[1], prompt_lens=[64], gen=2, warmup=0, progress=False,
+                             at_capacity=True, memory_budget_gb=1.0)
+    gen.GenerateSettings(datatypes=["nuq-alloc"], batches=[1], prompt_lens=[64], gen=2, warmup=0, progress=False)
