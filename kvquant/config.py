@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 
 from kvquant.datatypes import DataType, datatype_name, parse_datatype
+from kvquant.quant.rotation import check_rotation
 
 BACKENDS = ("auto", "torch", "triton")
 """Values of :attr:`QuantConfig.backend` (see :func:`kvquant.kernels.ops.resolve_ops`)."""
@@ -45,6 +46,13 @@ class QuantConfig:
             inversion in one launch (:mod:`kvquant.kernels.ops`); ``"torch"``: the PyTorch reference everywhere;
             ``"auto"``: triton when it imports, the tensors are on CUDA and nothing else stops it, else torch.
             Both write byte-identical storage.
+        rotation: an orthogonal rotation of every head's channels before quantization (:mod:`kvquant.quant.rotation`):
+            ``"none"``, ``"hadamard"`` (randomized Walsh–Hadamard, head size a power of two) or ``"random"`` (random
+            orthogonal). Keys (pre-RoPE with ``pre_rope``) and values are stored as ``x R`` (codebooks, key ranges and
+            outlier thresholds all in the rotated basis: a calibration must be fitted with the same rotation) and read
+            back as ``x R^T``. It spreads outlier channels over all channels. The Triton decode kernel does not read
+            rotated caches (the torch path runs). Only meaningful for lossy datatypes.
+        rotation_seed: seed of the rotation's random signs (``hadamard``) or Gaussian matrix (``random``).
     """
 
     datatype: str = "nuq3"
@@ -56,6 +64,8 @@ class QuantConfig:
     block_nnz: int = 1024
     backend: str = "auto"
     min_range_tokens: int = 0
+    rotation: str = "none"
+    rotation_seed: int = 0
 
     def __post_init__(self) -> None:
         parse_datatype(self.datatype)
@@ -73,6 +83,7 @@ class QuantConfig:
             raise ValueError(f"min_range_tokens must be >= 0 (0: automatic), got {self.min_range_tokens}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        check_rotation(self.rotation)
 
     @property
     def dtype_info(self) -> DataType:
@@ -142,6 +153,11 @@ class QuantConfig:
     @property
     def is_quantized(self) -> bool:
         return parse_datatype(self.datatype).kind != "fp"
+
+    @property
+    def rotated(self) -> bool:
+        """Whether stored tokens are rotated (:attr:`rotation` set and a lossy datatype)."""
+        return self.rotation != "none" and self.is_quantized
 
     def to_dict(self) -> dict:
         return asdict(self)

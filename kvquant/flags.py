@@ -2,8 +2,9 @@
 
 * :func:`add_quant_config_args` / :func:`quant_config_from_args`: one flag per :class:`~kvquant.config.QuantConfig`
   field (``--outlier-fraction``, ``--n-sink``, ``--residual-length``, ``--pre-rope/--post-rope``, ``--page-size``,
-  ``--block-nnz``, ``--backend``, ``--min-range-tokens``), derived from the dataclass fields, with the help text of
-  the field's docs and its default. The datatype is each command's own flag (``--datatype`` or ``--datatypes``).
+  ``--block-nnz``, ``--backend``, ``--min-range-tokens``, ``--rotation``, ``--rotation-seed``), derived from the
+  dataclass fields, with the help text of the field's docs and its default. The datatype is each command's own
+  flag (``--datatype`` or ``--datatypes``).
 * :func:`add_device_arg` / :func:`resolve_device`: ``--device``.
 * :func:`add_model_args`: ``--model``, ``--device``, ``--dtype``, ``--seed`` of the benchmarks.
 * :func:`parse_size`, :func:`parse_size_list`, :func:`parse_datatypes`: sizes (``4K``, ``1K..32K``) and datatype lists.
@@ -23,6 +24,7 @@ import torch
 
 from kvquant.config import BACKENDS, QuantConfig
 from kvquant.datatypes import DATATYPE_HELP, parse_datatype
+from kvquant.quant.rotation import ROTATIONS
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*$")
 
@@ -105,6 +107,8 @@ def add_quant_config_args(parser: argparse.ArgumentParser, *, defaults: Mapping[
                                   "help": f"{help_text} (default: %(default)s)"}
         if f.name == "backend":
             kwargs["choices"] = BACKENDS
+        if f.name == "rotation":
+            kwargs["choices"] = ROTATIONS
         group.add_argument(*names, **kwargs)
     return group
 

@@ -108,7 +108,8 @@ class KVQuantCache(Cache):
             calibration = Calibration.load(calibration)
         if calibration is not None:
             calibration.check_compatible(self.num_layers, self.num_kv_heads, self.head_dim,
-                                         self.config.outlier_fraction, self.config.pre_rope)
+                                         self.config.outlier_fraction, self.config.pre_rope,
+                                         rotation=self.config.rotation, rotation_seed=self.config.rotation_seed)
             if check_model:
                 check_calibration_model(calibration, model)
         if self.config.per_layer:
@@ -151,6 +152,8 @@ class KVQuantCache(Cache):
             problems.append(f"datatype {self.config.datatype} is not quantized")
         if D not in (64, 128, 256):
             problems.append(f"head size {D} (the kernels take 64, 128 or 256)")
+        if self.config.rotated:
+            problems.append(f"rotation {self.config.rotation!r} (the decode kernel reads un-rotated keys and values)")
         if backend != "torch" and not kernel_attention.can_install(model):
             problems.append(f"attention {kernel_attention.current_implementation(model)!r} is not sdpa/eager")
         param = next(model.parameters(), None)

@@ -212,5 +212,8 @@ class KVQuantLayer(CacheLayerMixin):
         return {f"key_{k}": v for k, v in rk.items()} | {f"value_{k}": v for k, v in rv.items()}
 
     def buffers(self) -> list[torch.Tensor]:
-        """The layer's own tensors besides its stores: the padding mask ``[B, S]`` and position offsets ``[B]``."""
-        return [t for t in (self.seen_mask, self.pos_offset, self._pos_offset_i32) if t is not None]
+        """The layer's own tensors besides its stores: the padding mask ``[B, S]``, position offsets ``[B]`` and the
+        channel rotation ``[D, D]`` its stores read back with (one tensor per device shared by every layer: counted
+        once by :meth:`KVQuantCache.memory_report`)."""
+        rot = None if self.qkeys is None else self.qkeys.rotation
+        return [t for t in (self.seen_mask, self.pos_offset, self._pos_offset_i32, rot) if t is not None]

@@ -17,16 +17,20 @@ from kvquant.quant.calibration_file import SENSITIVITIES, Calibration, LayerCali
 from kvquant.quant.codebook import Codebook, compute_nuq_codebook
 from kvquant.quant.encode import normalize_value_tokens, range_to_scale_zero
 from kvquant.quant.rope import invert_rope
+from kvquant.quant.rotation import rotate, rotation_matrix
 from kvquant.quant.stats import masked_quantile_pair
 from kvquant.version import __version__
 
 
 class _RecordingLayer(KVQuantLayer):
-    """Stands in for a cache layer during calibration: records pre-RoPE keys, values (and their grads)."""
+    """Stands in for a cache layer during calibration: records pre-RoPE keys, values (and their grads), in the basis
+    the cache stores them in (rotated by ``rotation [D, D]`` when the config has one)."""
 
-    def __init__(self, owner: _RecordingCache, layer_idx: int, want_grads: bool) -> None:
+    def __init__(self, owner: _RecordingCache, layer_idx: int, want_grads: bool,
+                 rotation: torch.Tensor | None = None) -> None:
         super().__init__(owner, layer_idx)
         self.want_grads = want_grads
+        self.rotation = rotation
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.live: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -40,8 +44,8 @@ class _RecordingLayer(KVQuantLayer):
             k = invert_rope(key_states.detach(), cos, sin)
         else:
             k = key_states.detach().float()
-        self.keys.append(k.cpu())
-        self.values.append(value_states.detach().float().cpu())
+        self.keys.append(rotate(k.cpu(), self.rotation))
+        self.values.append(rotate(value_states.detach().float().cpu(), self.rotation))
         if self.want_grads and key_states.requires_grad:
             key_states.retain_grad()
             value_states.retain_grad()
@@ -49,14 +53,15 @@ class _RecordingLayer(KVQuantLayer):
         return key_states, value_states
 
     def collect_grads(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Squared gradients (diagonal Fisher information) w.r.t. pre-RoPE keys and values."""
+        """Squared gradients (diagonal Fisher information) w.r.t. pre-RoPE keys and values (w.r.t. the rotated
+        ones with a rotation: ``x' = x R`` with ``R`` orthogonal has the gradient ``g R``)."""
         kg, vg = [], []
         for k, v, cos, sin in self.live:
             gk = k.grad.float()
             if cos is not None:  # the rotation is orthogonal: pull the gradient back through it
                 gk = invert_rope(gk, cos, sin) * (cos * cos + sin * sin)[:, None]
-            kg.append((gk**2).cpu())
-            vg.append((v.grad.float() ** 2).cpu())
+            kg.append(rotate(gk.cpu(), self.rotation) ** 2)
+            vg.append(rotate(v.grad.float().cpu(), self.rotation) ** 2)
         self.live = []
         return kg, vg
 
@@ -65,7 +70,8 @@ class _RecordingLayer(KVQuantLayer):
 class _RecordingCache(KVQuantCache):
     def __init__(self, model: torch.nn.Module, config: QuantConfig, want_grads: bool) -> None:
         super().__init__(model, config)
-        self.layers = [_RecordingLayer(self, i, want_grads) for i in range(self.num_layers)]
+        rot = rotation_matrix(config.rotation, self.head_dim, config.rotation_seed) if config.rotated else None
+        self.layers = [_RecordingLayer(self, i, want_grads, rot) for i in range(self.num_layers)]
 
 
 def _fit_layer(keys: torch.Tensor, values: torch.Tensor, kw: torch.Tensor | None, vw: torch.Tensor | None,
@@ -133,7 +139,9 @@ def calibrate(
 
     Args:
         sequences: ``[n, L]`` token ids (no padding), e.g. random crops of Wikitext-2 train/valid.
-        config: outlier fraction, sink count and pre-RoPE setting the calibration is for.
+        config: outlier fraction, sink count, pre-RoPE setting and channel rotation the calibration is for (with a
+            rotation, ranges, codebooks and errors are fitted to the rotated keys and values, Fisher weights to the
+            gradients w.r.t. them; the file records it and caches with another rotation refuse it).
         bits: codebook widths to fit.
         sensitivity: ``"none"`` (plain k-means), ``"fisher"`` (k-means weighted by squared gradients of
             the language-model loss w.r.t. each K/V activation, as in KVQuant) or ``"magnitude"`` (keys
@@ -160,6 +168,9 @@ def calibrate(
     config = config or QuantConfig()
     if sensitivity not in SENSITIVITIES:
         raise ValueError(f"sensitivity must be one of {SENSITIVITIES}, got {sensitivity!r}")
+    if sensitivity == "query" and config.rotation != "none":
+        raise ValueError(f"sensitivity 'query' weights key channels by their rotary pairs, which a channel rotation "
+                         f"({config.rotation!r}) mixes: use fisher, magnitude or none with a rotation")
     if sequences.ndim != 2 or sequences.shape[1] <= config.n_sink:
         raise ValueError(f"sequences must be [n, L] with L > n_sink, got {tuple(sequences.shape)}")
     if batch_size < 1:
@@ -243,7 +254,7 @@ def calibrate(
         layer.keys = layer.values = []
     cal = Calibration(layers, model_identity(model_id, model), config.outlier_fraction, config.n_sink,
                       config.pre_rope, rec.num_kv_heads, rec.head_dim, sensitivity, int(sequences.numel()), dataset,
-                      __version__)
+                      __version__, rotation=config.rotation, rotation_seed=config.rotation_seed)
     return cal if bit_budget is None else cal.with_allocation(bit_budget)
 
 

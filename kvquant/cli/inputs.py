@@ -47,7 +47,8 @@ def read_calibration(path: str | Path | None, config: QuantConfig) -> Calibratio
         raise CLIError(f"--calibration {path}: no such file", ExitCode.MISSING)
     try:
         cal = Calibration.load(path)
-        cal.check_compatible(cal.num_layers, cal.num_kv_heads, cal.head_dim, config.outlier_fraction, config.pre_rope)
+        cal.check_compatible(cal.num_layers, cal.num_kv_heads, cal.head_dim, config.outlier_fraction, config.pre_rope,
+                             rotation=config.rotation, rotation_seed=config.rotation_seed)
     except CalibrationError as exc:
         raise CLIError(f"--calibration {path}: {exc}") from exc
     return cal
@@ -93,7 +94,8 @@ def check_calibration_fits(cal: Calibration | None, model: torch.nn.Module, name
     heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
     try:
-        cal.check_compatible(int(cfg.num_hidden_layers), heads, head_dim, config.outlier_fraction, config.pre_rope)
+        cal.check_compatible(int(cfg.num_hidden_layers), heads, head_dim, config.outlier_fraction, config.pre_rope,
+                             rotation=config.rotation, rotation_seed=config.rotation_seed)
         check_calibration_model(cal, model, name=name)
     except CalibrationError as exc:
         raise CLIError(f"--calibration: {exc}") from exc

@@ -7,7 +7,8 @@ pages), the outlier corrections, an exact kernel for
 sinks and residual tokens, and a reduction that also takes the step's own token (``extra_kv``).
 
 The kernels need a quantized datatype, head size 64/128/256, a power-of-two page size, and RoPE tables with equal
-halves (Llama's ``rotate_half`` layout) when keys are stored pre-RoPE; :func:`unsupported_reason` says why not, and
+halves (Llama's ``rotate_half`` layout) when keys are stored pre-RoPE, and stores without a channel rotation
+(``QuantConfig.rotation``); :func:`unsupported_reason` says why not, and
 the torch reference (``TorchOps``, :func:`~kvquant.kernels.reference.decode_attention_reference`) covers the rest.
 """
 
@@ -50,6 +51,11 @@ def unsupported_reason(q: torch.Tensor, key_cache: QuantizedKVCache, value_cache
             return why
     if key_cache.config.page_size != value_cache.config.page_size:
         return "key and value caches have different page sizes"
+    rotated = [c.kind for c in (key_cache, value_cache) if getattr(c, "rotation", None) is not None]
+    if rotated:
+        return (f"{' and '.join(rotated)} caches are stored rotated (rotation={key_cache.config.rotation!r}); the "
+                "kernel reads un-rotated codes (it applies RoPE to the stored keys): the torch path "
+                "(dequantize, rotate back, attend) serves them")
     if rope is not None and rope[0].shape[-1] != q.shape[-1] // 2:
         return "RoPE tables without equal halves (the kernel takes [max_pos, D/2] tables)"
     return None

@@ -18,11 +18,15 @@ from safetensors.torch import save_file
 
 from kvquant.quant.allocation import allocate_bits, mean_bits
 from kvquant.quant.codebook import Codebook
+from kvquant.quant.rotation import ROTATIONS
 
 SENSITIVITIES = ("none", "fisher", "magnitude", "query")
 """How ``kvquant calibrate`` weights the k-means points (see :func:`kvquant.calibration.calibrate.calibrate`)."""
 
 FORMAT_VERSION = 1
+ROTATED_FORMAT_VERSION = 2
+"""The format version of a file fitted after a channel rotation: a kvquant that predates rotations (reads only
+:data:`FORMAT_VERSION`) refuses it instead of using rotated ranges and codebooks on unrotated keys and values."""
 
 
 class CalibrationError(ValueError):
@@ -67,6 +71,10 @@ class Calibration:
 
     ``allocation``: per layer, the ``(key bits, value bits)`` the ``nuq-alloc`` datatype stores that layer with,
     chosen under ``bit_budget`` by :meth:`with_allocation` (``None``: no allocation).
+
+    ``rotation``, ``rotation_seed``: the channel rotation (:attr:`kvquant.config.QuantConfig.rotation`) the ranges
+    and codebooks were fitted after (they are in the rotated basis); a cache with another rotation is refused
+    (:meth:`check_compatible`). Files written before rotations existed read as ``"none"``.
     """
 
     layers: list[LayerCalibration]
@@ -82,6 +90,8 @@ class Calibration:
     kvquant_version: str = ""
     allocation: list[tuple[int, int]] | None = None
     bit_budget: float | None = None
+    rotation: str = "none"
+    rotation_seed: int = 0
 
     @property
     def num_layers(self) -> int:
@@ -112,7 +122,9 @@ class Calibration:
         return None if self.allocation is None else mean_bits(self.allocation)
 
     def metadata(self) -> dict:
-        return {
+        """The JSON metadata of the file (``rotation``/``rotation_seed`` only for a rotated calibration: an unrotated
+        one writes the same bytes as before rotations existed)."""
+        meta = {
             "format": "kvquant-calibration", "format_version": FORMAT_VERSION, "model_id": self.model_id,
             "outlier_fraction": self.outlier_fraction, "n_sink": self.n_sink, "pre_rope": self.pre_rope,
             "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
@@ -123,6 +135,10 @@ class Calibration:
             "allocation": None if self.allocation is None else [list(p) for p in self.allocation],
             "bit_budget": self.bit_budget, "allocation_mean_bits": self.allocation_mean_bits,
         }
+        if self.rotation != "none":
+            meta |= {"format_version": ROTATED_FORMAT_VERSION, "rotation": self.rotation,
+                     "rotation_seed": self.rotation_seed}
+        return meta
 
     def save(self, path: str | Path) -> Path:
         """Write ``path`` (``.safetensors``) and ``path.json`` (the same metadata, human readable)."""
@@ -161,9 +177,9 @@ class Calibration:
             raise CalibrationError(f"{path}: metadata is not valid JSON: {e}") from e
         if meta.get("format") != "kvquant-calibration":
             raise CalibrationError(f"{path} is not a kvquant calibration file")
-        if meta.get("format_version") != FORMAT_VERSION:
+        if meta.get("format_version") not in (FORMAT_VERSION, ROTATED_FORMAT_VERSION):
             raise CalibrationError(f"{path} has format version {meta.get('format_version')}, "
-                                   f"this kvquant reads {FORMAT_VERSION}")
+                                   f"this kvquant reads {FORMAT_VERSION} and {ROTATED_FORMAT_VERSION}")
         required = ("model_id", "outlier_fraction", "n_sink", "pre_rope", "num_layers", "num_kv_heads",
                     "head_dim", "bits")
         missing = [k for k in required if k not in meta]
@@ -189,14 +205,23 @@ class Calibration:
             layers.append(LayerCalibration(lo, hi, kcb, vcb, key_err[i], value_err[i]))
         allocation = _read_allocation(path, meta.get("allocation"), n_layers, [int(b) for b in meta["bits"]])
         budget = meta.get("bit_budget")
+        rotation = meta.get("rotation", "none")
+        if rotation not in ROTATIONS:
+            raise CalibrationError(f"{path}: metadata rotation {rotation!r} is not one of {ROTATIONS}")
+        try:
+            rotation_seed = int(meta.get("rotation_seed", 0))
+        except (TypeError, ValueError) as exc:
+            raise CalibrationError(f"{path}: metadata rotation_seed is not an integer: {exc}") from exc
         return cls(layers, meta["model_id"], float(meta["outlier_fraction"]), int(meta["n_sink"]),
                    bool(meta["pre_rope"]), H, D, meta.get("sensitivity", "none"), int(meta.get("n_tokens", 0)),
                    meta.get("dataset", ""), meta.get("kvquant_version", ""), allocation,
-                   None if budget is None else float(budget))
+                   None if budget is None else float(budget), rotation, rotation_seed)
 
     def check_compatible(self, num_layers: int, num_kv_heads: int, head_dim: int, outlier_fraction: float,
-                         pre_rope: bool, model_id: str | None = None) -> None:
-        """Refuse, with the reason, a calibration made for another model or configuration."""
+                         pre_rope: bool, model_id: str | None = None, rotation: str = "none",
+                         rotation_seed: int = 0) -> None:
+        """Refuse, with the reason, a calibration made for another model or configuration (``rotation``,
+        ``rotation_seed``: the cache's channel rotation, which must be the one the calibration was fitted with)."""
         problems = []
         if model_id is not None and self.model_id != model_id:
             problems.append(f"model {self.model_id!r} != {model_id!r}")
@@ -207,6 +232,10 @@ class Calibration:
             problems.append(f"outlier_fraction {self.outlier_fraction} != {outlier_fraction}")
         if self.pre_rope != pre_rope:
             problems.append(f"pre_rope {self.pre_rope} != {pre_rope}")
+        if self.rotation != rotation or (rotation != "none" and self.rotation_seed != rotation_seed):
+            problems.append(f"rotation {self.rotation!r} (seed {self.rotation_seed}) != {rotation!r} (seed "
+                            f"{rotation_seed}): the calibration's ranges and codebooks are in the basis of its "
+                            "rotation; calibrate with the cache's --rotation")
         if problems:
             raise CalibrationError("calibration does not match: " + "; ".join(problems))
 

@@ -38,6 +38,7 @@ from kvquant.quant.open_pages import append_open_steady, write_open
 from kvquant.quant.packing import lut_words
 from kvquant.quant.paged import PageTable
 from kvquant.quant.read import dequantize_pages, page_codes
+from kvquant.quant.rotation import rotate, rotation_matrix, unrotate
 from kvquant.quant.static import append_static, begin_static, end_static
 from kvquant.quant.stats import channel_ranges
 from kvquant.quant.validate import check_kv, check_mask, compact_order
@@ -75,6 +76,11 @@ class QuantizedKVCache:
             ``channel_scale``/``channel_zero`` is given) and the window is quantized down to ``residual_length``
             tokens. The key and value stores of one layer take the same ``M``: the decode kernel reads both with one
             layout. ``0``: quantize from the first token (the ranges are given).
+        rotation: the orthogonal ``R [D, D]`` (float32) tokens are stored rotated by (``x R``, every part: sinks,
+            quantized pages, open page, residual window; :meth:`dequantize` returns ``x R^T``); default: the matrix of
+            ``config.rotation`` (:func:`~kvquant.quant.rotation.rotation_matrix`), ``None`` when unrotated. Ranges
+            and codebooks given here must be those of the rotated tokens. Readers of the raw storage (:meth:`codes`,
+            the decode kernels) see the rotated basis.
     """
 
     def __init__(
@@ -91,6 +97,7 @@ class QuantizedKVCache:
         channel_zero: torch.Tensor | None = None,
         ops: Any | None = None,
         hold_tokens: int = 0,
+        rotation: torch.Tensor | None = None,
     ) -> None:
         if kind not in ("key", "value"):
             raise ValueError(f"kind must be 'key' or 'value', got {kind!r}")
@@ -101,6 +108,15 @@ class QuantizedKVCache:
         self.device = torch.device(device)
         self.quantized = config.is_quantized
         self.bits = config.bits_for(kind) if self.quantized else 16
+        if rotation is None and config.rotated:
+            rotation = rotation_matrix(config.rotation, head_dim, config.rotation_seed, self.device)
+        if rotation is not None:
+            if not self.quantized:
+                raise ValueError(f"datatype {config.datatype} is not quantized: nothing to rotate")
+            if tuple(rotation.shape) != (head_dim, head_dim):
+                raise ValueError(f"rotation must be [D, D] = [{head_dim}, {head_dim}], got {tuple(rotation.shape)}")
+            rotation = rotation.to(self.device, torch.float32)
+        self.rotation: torch.Tensor | None = rotation
         T = config.page_size
         if self.quantized:
             if codebook is None:
@@ -236,6 +252,8 @@ class QuantizedKVCache:
         """
         if self._failed is not None:
             raise ValueError(self._failed)
+        if self.rotation is not None and isinstance(x, torch.Tensor) and x.ndim == 4 and x.shape[-1] == self.head_dim:
+            x = rotate(x, self.rotation)  # (a malformed x is refused below, with its own shape)
         if self.static:
             if attention_mask is not None or x.ndim != 4 or x.shape[0] != self.batch or x.shape[2] != 1:
                 raise ValueError("a static cache takes one real token per sequence per append (end_static first)")
@@ -469,6 +487,7 @@ class QuantizedKVCache:
         mask = j < lengths[:, None]
         src = torch.where(mask, src, torch.zeros_like(src))
         x = full.gather(2, src[:, None, :, None].expand(-1, self.num_heads, -1, self.head_dim))
+        x = unrotate(x, self.rotation)
         return x * mask[:, None, :, None].to(x.dtype), mask
 
     def dequantize_aligned(self, attention_mask: torch.Tensor) -> torch.Tensor:
