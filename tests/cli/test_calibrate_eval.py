@@ -143,3 +143,28 @@ def test_calibrate_bit_budget_and_eval_per_layer_widths(shared_dir, tmp_path, ca
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_calibrate_and_eval_with_a_rotation(shared_dir, tmp_path, capsys, monkeypatch):
+    """`--rotation hadamard` on both commands: the calibration records it, the rows run with it (their config says
+    so), and the file is refused, naming the rotation, by a run without it."""
+    from kvquant.calibration import Calibration
+    from kvquant.cli.main import main
+
+    monkeypatch.setenv("KVQUANT_SHARED", str(shared_dir))
+    common = ["--model", "stories260k", "--data", "tinystories", "--no-progress"]
+    cal = tmp_path / "rot.safetensors"
+    main(["calibrate", *common, "--n-seqs", "2", "--seq-len", "64", "--batch-size", "2", "--sensitivity", "fisher",
+          "--rotation", "hadamard", "--rotation-seed", "3", "--out", str(cal)])
+    assert (Calibration.load(cal).rotation, Calibration.load(cal).rotation_seed) == ("hadamard", 3)
+    out = tmp_path / "ppl.json"
+    main(["eval", "ppl", *common, "--ctx", "64", "--chunk", "16", "--max-windows", "1", "--datatypes",
+          "fp16,int4,nuq3", "--calibration", str(cal), "--rotation", "hadamard", "--rotation-seed", "3",
+          "--out", str(out)])
+    rows = {r["datatype"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["nuq3"]["config"]["rotation"] == "hadamard" and rows["int4"]["config"]["rotation_seed"] == 3
+    assert rows["int4"]["ppl"] < 1.5 * rows["fp16"]["ppl"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "ppl", *common, "--datatypes", "nuq3", "--calibration", str(cal), "--out", str(out)])
+    assert exc.value.code == 2 and "rotation 'hadamard'" in capsys.readouterr().err
