@@ -9,7 +9,7 @@ import math
 from pathlib import PurePosixPath
 from typing import Any
 
-from kvquant.report.load import datatype_key, rows_agree
+from kvquant.report.load import datatype_key, row_label, rows_agree
 
 #: ``meta`` keys that must agree for ΔPPL to be comparable across files (same model, same scored tokens).
 COMPARABLE = ("model", "data", "ctx", "prefill", "chunk", "windows")
@@ -44,7 +44,11 @@ def across_groups(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     configurations' names), plus ``_files`` (one per configuration), ``_names`` (the configurations' names) and
     ``meta`` (the comparable keys). Rows of the same datatype that agree (PPL within
     :data:`~kvquant.report.load.PPL_AGREE_RTOL`, same bits/element) in several configurations are one point,
-    labelled by the datatype alone when every configuration agrees (fp16, typically)."""
+    labelled by the datatype alone when every configuration agrees (fp16, typically); a row stored with a channel
+    rotation is labelled with it (``"int4 + hadamard · <configuration>"``, :func:`~kvquant.report.load.row_label`).
+    A file without an fp16 row (a run of the quantized datatypes alone) takes its rows' ΔPPL against the fp16 row of
+    the other files (the same model, text and windows score the same exact perplexity), and the group's
+    ``_notes`` say so; with no fp16 row in the group, or fp16 rows that disagree, such rows keep what they have."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for doc in docs:
         key = _key(doc.get("meta"))
@@ -57,11 +61,21 @@ def across_groups(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         files = [str(d.get("_file") or (d.get("_files") or ["?"])[0]).split(" + ")[0] for d in members]
         names = _where(files)
         kept: dict[str, list[dict[str, Any]]] = {}
+        exact = [float(r["ppl"]) for d in members for r in d.get("results", [])
+                 if r.get("datatype") == "fp16" and isinstance(r.get("ppl"), (int, float))]
+        ref = exact[0] if exact and all(math.isclose(e, exact[0], rel_tol=1e-9) for e in exact) else None
+        notes = []
         for name, doc in zip(names, members):
+            own = any(r.get("datatype") == "fp16" for r in doc.get("results", []))
+            if not own and ref is not None:
+                notes.append(f"{name} has no fp16 row: its ΔPPL is against the fp16 PPL {ref:.4f} of the other files")
             for r in doc.get("results", []):
                 dt = str(r.get("datatype"))
                 if dt == "plain":
                     continue
+                if not own and ref is not None and isinstance(r.get("ppl"), (int, float)):
+                    r = {**r, "delta_ppl": r["ppl"] - ref, "delta_ppl_pct": 100 * (r["ppl"] - ref) / ref}
+                dt = row_label(r) if dt != "fp16" else dt
                 same = next((k for k in kept.get(dt, []) if _same_point(k, r)), None)
                 if same is not None:
                     same["_configs"].append(name)
@@ -76,5 +90,5 @@ def across_groups(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 rows.append(r)
         rows.sort(key=lambda r: (datatype_key(r.get("datatype")), str(r.get("_config"))))
         meta = {k: members[0].get("meta", {}).get(k) for k in COMPARABLE}
-        out.append({"meta": meta, "results": rows, "_files": files, "_names": names})
+        out.append({"meta": meta, "results": rows, "_files": files, "_names": names, "_notes": notes})
     return out

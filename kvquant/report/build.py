@@ -218,6 +218,8 @@ def _across_sections(res: Results, figs: _Figures) -> list[str]:
                 "Configurations: " + "; ".join(f"{n} = `{f}`" for n, f in zip(g["_names"], g["_files"])) + ".", ""]
         points, notes = tradeoff_points(g)
         out += [tables.tradeoff_table(points), ""]
+        if g.get("_notes"):
+            out += ["Note: " + "; ".join(g["_notes"]) + ".", ""]
         if notes:
             out += ["Not placed: " + "; ".join(notes) + ".", ""]
         best = [p.datatype for p in points if p.pareto_bits]

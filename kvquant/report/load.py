@@ -36,12 +36,16 @@ def row_label(row: dict[str, Any]) -> str:
     """What tables call a ``kvquant eval ppl`` row: its ``label`` (``exact (fp32)`` for the unquantized ``fp16``
     cache of an fp32 run, see :func:`kvquant.datatypes.result_label`); for files written before rows had labels,
     the ``fp16`` row is ``exact (fp32)`` when it measured more than 24 bits per element, ``exact (fp16)`` when
-    fewer, ``exact`` without a measurement; other rows are their datatype."""
+    fewer, ``exact`` without a measurement; other rows are their datatype. A row whose cache rotated its channels
+    (``config.rotation``) says so: ``int4 + hadamard``."""
+    config = row.get("config")
+    rotation = config.get("rotation", "none") if isinstance(config, dict) else "none"
+    suffix = f" + {rotation}" if rotation not in ("none", None) and row.get("datatype") != EXACT_DATATYPE else ""
     if row.get("label"):
-        return str(row["label"])
+        return str(row["label"]) + suffix
     dt = str(row.get("datatype"))
     if dt != EXACT_DATATYPE:
-        return dt
+        return dt + suffix
     bits = row.get("bits_per_element")
     if not _num(bits):
         return "exact"

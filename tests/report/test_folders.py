@@ -69,6 +69,27 @@ def test_one_pareto_front_across_configurations(tmp_path: Path) -> None:
     assert "across configurations" not in build_report(tmp_path).read_text()
 
 
+def test_rows_without_fp16_and_rotated_rows_join_the_front(tmp_path: Path) -> None:
+    """A run of quantized datatypes alone (no fp16 row) is placed against the fp16 row of the comparable files; a
+    row whose cache rotated its channels is labelled with the rotation."""
+    _ppl(tmp_path / "ppl/plain/ppl.json", "a.safetensors", {"fp16": (10.0, 16.0), "int4": (10.4, 4.5)})
+    _ppl(tmp_path / "ppl/rot/ppl.json", "b.safetensors", {"fp16": (10.0, 16.0), "int4": (10.2, 4.5)})
+    doc = json.loads((tmp_path / "ppl/rot/ppl.json").read_text())
+    doc["meta"]["config"]["rotation"] = "hadamard"
+    doc["results"] = [{**r, "delta_ppl": None, "config": {"datatype": "int4", "rotation": "hadamard"}}
+                      for r in doc["results"] if r["datatype"] != "fp16"]
+    (tmp_path / "ppl/rot/ppl.json").write_text(json.dumps(doc))
+    (group,) = across_groups(group_ppl(load_results(tmp_path).ppl))
+    rows = {r["_label"]: r for r in group["results"]}
+    assert sorted(rows) == ["fp16 · plain", "int4 + hadamard · rot", "int4 · plain"]
+    assert rows["int4 + hadamard · rot"]["delta_ppl"] == pytest.approx(0.2)
+    assert rows["int4 + hadamard · rot"]["delta_ppl_pct"] == pytest.approx(2.0)
+    assert group["_notes"] == ["rot has no fp16 row: its ΔPPL is against the fp16 PPL 10.0000 of the other files"]
+    section = build_report(tmp_path).read_text()
+    assert "**Pareto-optimal across configurations (bits/element vs ΔPPL):** fp16 · plain, int4 + hadamard · rot." \
+        in section and "rot has no fp16 row" in section
+
+
 def test_a_sweeps_unfinished_jobs_are_listed(tmp_path: Path) -> None:
     from kvquant.sweep import Job, JobState, SweepDir
     from kvquant.sweep.state import write_state
