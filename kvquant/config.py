@@ -6,10 +6,12 @@ import math
 from dataclasses import asdict, dataclass, replace
 
 from kvquant.datatypes import DataType, datatype_name, parse_datatype
-from kvquant.quant.rotation import check_rotation
 
 BACKENDS = ("auto", "torch", "triton")
 """Values of :attr:`QuantConfig.backend` (see :func:`kvquant.kernels.ops.resolve_ops`)."""
+
+ROTATIONS = ("none", "hadamard", "random")
+"""Values of :attr:`QuantConfig.rotation` (the matrices: :func:`kvquant.quant.rotation.rotation_matrix`)."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,8 @@ class QuantConfig:
             raise ValueError(f"min_range_tokens must be >= 0 (0: automatic), got {self.min_range_tokens}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        check_rotation(self.rotation)
+        if self.rotation not in ROTATIONS:
+            raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
 
     @property
     def dtype_info(self) -> DataType:

@@ -22,9 +22,8 @@ from typing import Any, NoReturn
 
 import torch
 
-from kvquant.config import BACKENDS, QuantConfig
+from kvquant.config import BACKENDS, ROTATIONS, QuantConfig
 from kvquant.datatypes import DATATYPE_HELP, parse_datatype
-from kvquant.quant.rotation import ROTATIONS
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*$")
 

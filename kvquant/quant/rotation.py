@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import torch
 
-ROTATIONS = ("none", "hadamard", "random")
-"""Values of :attr:`kvquant.config.QuantConfig.rotation`."""
+from kvquant.config import ROTATIONS
 
 _CACHE: dict[tuple[str, int, int, str], torch.Tensor] = {}
 
