@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -22,12 +23,22 @@ def _key(meta: Any) -> str | None:
 
 
 def _where(files: list[str]) -> list[str]:
-    """Short, distinct names for files: their folder's last part, else the folder, else the file."""
-    for pick in (lambda f: PurePosixPath(f).parent.name, lambda f: str(PurePosixPath(f).parent), str):
-        names = [pick(f) or f for f in files]
+    """Short, distinct names for files: their folder's last part, else the folder, else what tells the file names
+    apart (``smollm2_ppl.json``, ``smollm2_ppl_int.json``: ``smollm2_ppl``, ``int``), else the file."""
+    stems = _distinct_stems(files)
+    for pick in (lambda f: PurePosixPath(f).parent.name, lambda f: str(PurePosixPath(f).parent).strip(".")):
+        names = [pick(f) or stem for f, stem in zip(files, stems)]
         if len(set(names)) == len(names):
             return names
-    return files
+    return stems if len(set(stems)) == len(stems) else files
+
+
+def _distinct_stems(files: list[str]) -> list[str]:
+    """File names without their suffix and without the prefix they all share (``_`` and ``-`` trimmed); a name
+    that is all prefix keeps its stem."""
+    stems = [PurePosixPath(f).stem for f in files]
+    common = os.path.commonprefix(stems) if len(stems) > 1 else ""
+    return [s[len(common):].strip("_-") or s for s in stems]
 
 
 def _same_point(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -60,6 +71,13 @@ def across_groups(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         files = [str(d.get("_file") or (d.get("_files") or ["?"])[0]).split(" + ")[0] for d in members]
         names = _where(files)
+        # a protocol merged from several files of one folder: named by all of them (alloc+int)
+        every = [str(f) for d in members for f in (d.get("_files") or [])]
+        stem_of = dict(zip(every, _distinct_stems(every))) if len(set(every)) == len(every) else {}
+        for i, d in enumerate(members):
+            own = [str(f) for f in d.get("_files") or []]
+            if len(own) > 1 and stem_of and names[i] == stem_of.get(files[i]):
+                names[i] = "+".join(stem_of[f] for f in own)
         kept: dict[str, list[dict[str, Any]]] = {}
         exact = [float(r["ppl"]) for d in members for r in d.get("results", [])
                  if r.get("datatype") == "fp16" and isinstance(r.get("ppl"), (int, float))]

@@ -104,3 +104,12 @@ def test_a_sweeps_unfinished_jobs_are_listed(tmp_path: Path) -> None:
     text = build_report(tmp_path).read_text()
     assert "Grid `g`: 2 jobs, 1 completed, 1 failed." in text
     assert "| `ppl/ctx=128` | failed | 1 | out of memory: x |" in text and "`ppl/ctx=64` |" not in text
+
+
+def test_files_of_one_folder_are_named_by_what_sets_them_apart() -> None:
+    from kvquant.report.across import _where
+
+    assert _where(["smollm2_ppl.json", "smollm2_ppl_int.json", "smollm2_ppl_kv-widths.json"]) == [
+        "smollm2_ppl", "int", "kv-widths"]
+    assert _where(["a/x/ppl.json", "b/y/ppl.json"]) == ["x", "y"]
+    assert _where(["r/ppl.json", "r/ppl.json"]) == ["r/ppl.json", "r/ppl.json"]  # nothing sets them apart
