@@ -132,13 +132,16 @@ class KVQuantLayer(CacheLayerMixin):
             rank = (mask.long().cumsum(1) - 1).clamp_min(0)
             cos, sin = self.owner.rotary(self.pos_offset[:, None] + rank)
         step = max(1, min(H, READ_GROUP_ELEMENTS // max(1, B * Lp * D)))
+        kent = self.qkeys.outlier_entries() if step < H else None  # found once for every group
+        vent = self.qvalues.outlier_entries() if step < H else None
         for h0 in range(0, H, step):
             heads = (h0, min(H, h0 + step))
-            past_k = self.qkeys.dequantize_aligned(mask, heads, checked=True)
+            past_k = self.qkeys.dequantize_aligned(mask, heads, checked=True, entries=kent)
             if cos is not None:
                 past_k = apply_rope(past_k, cos, sin)
             out_k[:, heads[0]:heads[1], :Lp] = past_k
-            out_v[:, heads[0]:heads[1], :Lp] = self.qvalues.dequantize_aligned(mask, heads, checked=True)
+            out_v[:, heads[0]:heads[1], :Lp] = self.qvalues.dequantize_aligned(mask, heads, checked=True,
+                                                                               entries=vent)
         out_k[:, :, Lp:] = key_states
         out_v[:, :, Lp:] = value_states
         return out_k, out_v

@@ -20,10 +20,9 @@ def gather_pages(store: QuantizedKVCache, name: str, length: torch.Tensor,
     npg = -(-qmax // store.config.page_size)
     tbl = store.pages.table[:, :npg].long().clamp_min(0)
     pool = store.pages.pools[name]
-    if heads is None:
-        return pool[tbl], qmax
-    h = torch.arange(heads[0], heads[1], device=pool.device)
-    return pool[tbl[:, :, None], h[None, None, :]], qmax
+    if heads is not None:
+        pool = pool[:, heads[0]:heads[1]]  # a view: only the slice is gathered
+    return pool[tbl], qmax
 
 
 def page_codes(store: QuantizedKVCache) -> torch.Tensor:
@@ -37,10 +36,30 @@ def page_codes(store: QuantizedKVCache) -> torch.Tensor:
     return c.permute(0, 2, 1, 3, 4).reshape(B, H, npg * T, D)[:, :, :qmax]
 
 
-def dequantize_pages(store: QuantizedKVCache, heads: tuple[int, int] | None = None) -> torch.Tensor:
+def outlier_entries(store: QuantizedKVCache) -> tuple[torch.Tensor, ...]:
+    """The exact outliers of the quantized part, one row per entry: ``(sequence, head, position in the quantized
+    part, channel, value)`` (keys: every quantized token; values: the sealed pages)."""
+    T, D = store.config.page_size, store.head_dim
+    if store.kind == "key":
+        i = torch.arange(int(store.q_len.max()) if store.batch else 0, device=store.device)
+        b_idx, i_idx = (i[None, :] < store.q_len[:, None]).nonzero(as_tuple=True)
+        page, off = store.pages.locate(b_idx, i_idx)
+        owner, ch, v = store.outliers.entries_of(page * T + off)
+        return b_idx[owner], ch // D, i_idx[owner], ch % D, v
+    sealed = store.sealed_len
+    npg = -(-(int(sealed.max()) if store.batch else 0) // T)
+    pi = torch.arange(npg, device=store.device)
+    b_idx, p_idx = (pi[None, :] * T < sealed[:, None]).nonzero(as_tuple=True)
+    owner, head, chan, tok, v = store.outliers.entries(store.pages.table[b_idx, p_idx])
+    return b_idx[owner], head, p_idx[owner] * T + tok, chan, v
+
+
+def dequantize_pages(store: QuantizedKVCache, heads: tuple[int, int] | None = None,
+                     entries: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """The quantized part as ``[B, H, Q, D]`` in ``store.dtype`` (``Q`` = longest ``q_len``; zeros past a
     sequence's end; values of an open page come from ``store.open``, exact). ``heads=(h0, h1)``: only those heads
-    (``[B, h1 - h0, Q, D]``, the same numbers as the slice of the whole), whose temporaries are that much smaller."""
+    (``[B, h1 - h0, Q, D]``, the same numbers as the slice of the whole), whose temporaries are that much smaller;
+    ``entries``: :func:`outlier_entries` of the store, when a caller reading several head groups found them once."""
     T = store.config.page_size
     B, D = store.batch, store.head_dim
     h0, h1 = (0, store.num_heads) if heads is None else heads
@@ -62,24 +81,11 @@ def dequantize_pages(store: QuantizedKVCache, heads: tuple[int, int] | None = No
         vals = levels * sc.float()[..., None] + zr.float()[..., None]
     out = vals.permute(0, 2, 1, 3, 4).reshape(B, H, npg * T, D).to(store.dtype)
     if store.keep_outliers and smax:
-        if store.kind == "key":
-            i = torch.arange(smax, device=store.device)
-            b_idx, i_idx = (i[None, :] < store.q_len[:, None]).nonzero(as_tuple=True)
-            page, off = store.pages.locate(b_idx, i_idx)
-            owner, ch, v = store.outliers.entries_of(page * T + off)
-            head, chan = ch // D, ch % D
-            if heads is not None:
-                keep = (head >= h0) & (head < h1)
-                owner, head, chan, v = owner[keep], head[keep], chan[keep], v[keep]
-            out[b_idx[owner], head - h0, i_idx[owner], chan] = v.to(store.dtype)
-        else:
-            pi = torch.arange(npg, device=store.device)
-            b_idx, p_idx = (pi[None, :] * T < sealed[:, None]).nonzero(as_tuple=True)
-            owner, head, chan, tok, v = store.outliers.entries(store.pages.table[b_idx, p_idx])
-            if heads is not None:
-                keep = (head >= h0) & (head < h1)
-                owner, head, chan, tok, v = owner[keep], head[keep], chan[keep], tok[keep], v[keep]
-            out[b_idx[owner], head - h0, p_idx[owner] * T + tok, chan] = v.to(store.dtype)
+        b_idx, head, pos, chan, v = outlier_entries(store) if entries is None else entries
+        if heads is not None:
+            keep = ((head >= h0) & (head < h1)).nonzero().squeeze(1)
+            b_idx, head, pos, chan, v = (t.index_select(0, keep) for t in (b_idx, head, pos, chan, v))
+        out[b_idx, head - h0, pos, chan] = v.to(store.dtype)
     if out.shape[2] < qmax:
         out = torch.cat([out, out.new_zeros(B, H, qmax - out.shape[2], D)], 2)
     out = out[:, :, :qmax]

@@ -37,7 +37,7 @@ from kvquant.quant.journal import StoreCheckpoint, checkpoint, restore
 from kvquant.quant.open_pages import append_open_steady, write_open
 from kvquant.quant.packing import lut_words
 from kvquant.quant.paged import PageTable
-from kvquant.quant.read import dequantize_pages, page_codes
+from kvquant.quant.read import dequantize_pages, outlier_entries, page_codes
 from kvquant.quant.static import append_static, begin_static, end_static
 from kvquant.quant.stats import channel_ranges
 from kvquant.quant.validate import check_kv, check_mask, compact_order
@@ -449,12 +449,14 @@ class QuantizedKVCache:
         """Codes of the quantized pages: ``[B, H, Q, D]`` uint8 (values: the sealed pages only)."""
         return page_codes(self)
 
-    def dequantize(self, heads: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def dequantize(self, heads: tuple[int, int] | None = None, entries: tuple[torch.Tensor, ...] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """All stored tokens, compact and right-padded.
 
         Args:
             heads: ``(h0, h1)``: only heads ``h0 <= h < h1`` (the same numbers as that slice of the whole, with
                 temporaries that much smaller); ``None``: all.
+            entries: :meth:`outlier_entries`, found once by a caller that reads several head groups.
 
         Returns:
             ``x [B, H, L, D]`` in the input dtype (zeros past each sequence's end) and ``mask [B, L]`` bool, with
@@ -462,7 +464,7 @@ class QuantizedKVCache:
         """
         self.check_readable()
         h0, h1 = self._head_range(heads)
-        quant = dequantize_pages(self, heads)
+        quant = dequantize_pages(self, heads, entries)
         qmax = quant.shape[2]
         full = torch.cat([self.sink[:, h0:h1], quant, self.residual[:, h0:h1]], dim=2)
         lengths = self.lengths
@@ -475,6 +477,14 @@ class QuantizedKVCache:
         src = torch.where(mask, src, torch.zeros_like(src))
         x = full.gather(2, src[:, None, :, None].expand(-1, h1 - h0, -1, self.head_dim))
         return x * mask[:, None, :, None].to(x.dtype), mask
+
+    def outlier_entries(self) -> tuple[torch.Tensor, ...] | None:
+        """The exact outliers of the quantized part, ``(sequence, head, position, channel, value)`` per entry
+        (:func:`~kvquant.quant.read.outlier_entries`); ``None`` when the store keeps none."""
+        self.check_readable()
+        if not (self.quantized and self.keep_outliers):
+            return None
+        return outlier_entries(self)
 
     def check_aligned(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """``attention_mask [B, S]`` as a bool mask on the store's device, after checking that row ``b`` has exactly
@@ -494,21 +504,21 @@ class QuantizedKVCache:
         return h0, h1
 
     def dequantize_aligned(self, attention_mask: torch.Tensor, heads: tuple[int, int] | None = None,
-                           checked: bool = False) -> torch.Tensor:
+                           checked: bool = False, entries: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         """Tokens placed at the real positions of a padded layout.
 
         Args:
             attention_mask: ``[B, S]``; row ``b`` must have exactly ``lengths[b]`` ones.
             heads: ``(h0, h1)``: only those heads (see :meth:`dequantize`).
             checked: the mask was already checked against the store (a caller reading it a head group at a time
-                checks once).
+                checks once). entries: see :meth:`dequantize`.
 
         Returns:
             ``[B, H, S, D]``: token ``k`` of sequence ``b`` at the ``k``-th real position, zeros at padding.
         """
         h0, h1 = self._head_range(heads)
         mask = attention_mask if checked else self.check_aligned(attention_mask)
-        x, _ = self.dequantize(heads)
+        x, _ = self.dequantize(heads, entries)
         rank = (mask.long().cumsum(1) - 1).clamp_min(0)
         if x.shape[2] == 0:
             return x.new_zeros(self.batch, h1 - h0, mask.shape[1], self.head_dim)
