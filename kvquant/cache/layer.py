@@ -19,7 +19,8 @@ from kvquant.quant.rope import apply_rope
 from kvquant.quant.store import QuantizedKVCache
 
 #: Elements (batch x context x head size) per head group when a multi-token step reads the quantized past back:
-#: the dequantization's temporaries (about 24 bytes per element: codes, levels, float32 maps) stay near 0.8 GB.
+#: the dequantization's temporaries (int64 code unpacking, float32 levels and maps: up to about 24 bytes per element,
+#: counted from the code) stay near 0.8 GB.
 READ_GROUP_ELEMENTS = 1 << 25
 
 if TYPE_CHECKING:
