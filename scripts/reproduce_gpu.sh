@@ -18,6 +18,7 @@
 #   backends  greedy generate with the torch vs triton cache backends (same tokens? decode tokens/s)
 #   decode    bench kernels: the decode-attention table (graph-replayed device time, eager beside it)
 #   prefill   bench kernels: prefill quantization and decode append (eager and static)
+#   kprof     scripts/profile_decode.py: per-kernel device time of the decode attention at 32K and its launch variants
 #   pprof     bench profile: where a whole prefill append spends its time (MHA and GQA, keys and values, 32K)
 #   dprof     bench profile --kind decode: host vs GPU time of decode steps, fp16 vs nuq3
 #   gen7b     bench generate on the random-weight Llama-2-7B shape (memory, throughput, energy)
@@ -67,6 +68,9 @@ run() {
       for h in 32 8; do for k in keys values; do
         timeout "${TO:-120}" $KV bench profile --kind $k --heads $h --tokens "${PL:-32K}" --out "$RES/profile_${k}_h$h.json"
       done; done ;;
+    kprof)
+      timeout "${TO:-540}" python scripts/profile_decode.py --out "$RES/decode_profile.json" \
+        --variants w=1,bt=16 w=2,bt=16 w=1,bt=32 w=2,bt=32 w=4,bt=32 w=2,bt=64 w=4,bt=64 w=8,bt=64 ;;
     dprof)
       for bp in ${BP:-1:4K 8:16K}; do
         timeout "${TO:-240}" $KV bench profile --kind decode --model "$MODEL" --datatype "${DT:-fp16,nuq3}" \

@@ -18,6 +18,11 @@ from transformers.cache_utils import CacheLayerMixin
 from kvquant.quant.rope import apply_rope
 from kvquant.quant.store import QuantizedKVCache
 
+#: Elements (batch x context x head size) per head group when a multi-token step reads the quantized past back:
+#: the dequantization's temporaries (int64 code unpacking, float32 levels and maps: up to about 24 bytes per element,
+#: counted from the code) stay near 0.8 GB.
+READ_GROUP_ELEMENTS = 1 << 25
+
 if TYPE_CHECKING:
     from kvquant.cache.hf_cache import KVQuantCache
 
@@ -99,12 +104,7 @@ class KVQuantLayer(CacheLayerMixin):
             out_k, out_v = key_states, value_states
         else:
             past_mask = self.seen_mask
-            past_k = self.qkeys.dequantize_aligned(past_mask)
-            past_v = self.qvalues.dequantize_aligned(past_mask)
-            if pre_rope:
-                rank = (past_mask.long().cumsum(1) - 1).clamp_min(0)
-                cos, sin = self.owner.rotary(self.pos_offset[:, None] + rank)
-                past_k = apply_rope(past_k, cos, sin)
+            out_k, out_v = self._read_past(key_states, value_states, past_mask)
             # check that new real tokens continue each sequence's positions (re-rotation relies on it)
             rank_new = self.qkeys.lengths[:, None] + step_mask.long().cumsum(1) - 1
             expect = self.pos_offset[:, None] + rank_new
@@ -112,10 +112,39 @@ class KVQuantLayer(CacheLayerMixin):
                 raise ValueError("position ids of the new tokens do not continue the cached sequences")
             self.qkeys.append(k_store, step_mask)
             self.qvalues.append(value_states, step_mask)
-            out_k = torch.cat([past_k.to(key_states.dtype), key_states], dim=2)
-            out_v = torch.cat([past_v.to(value_states.dtype), value_states], dim=2)
         self.seen_mask = step_mask if self.seen_mask is None else torch.cat([self.seen_mask, step_mask], 1)
         self.cumulative_length += s
+        return out_k, out_v
+
+    def _read_past(self, key_states: torch.Tensor, value_states: torch.Tensor, past_mask: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[past | new]`` keys and values ``[B, H_kv, past + s, D]`` in the model's dtype for a multi-token step:
+        the stored past dequantized (and re-rotated) a group of heads at a time straight into the output, so the
+        float32 temporaries of the dequantization stay within :data:`READ_GROUP_ELEMENTS` elements whatever the
+        batch and context (the same numbers as dequantizing every head at once)."""
+        B, H, s, D = key_states.shape
+        Lp = past_mask.shape[1]
+        mask = self.qkeys.check_aligned(past_mask)
+        self.qvalues.check_aligned(past_mask)
+        out_k = key_states.new_empty(B, H, Lp + s, D)
+        out_v = value_states.new_empty(B, H, Lp + s, D)
+        cos = sin = None
+        if self.owner.pre_rope:
+            rank = (mask.long().cumsum(1) - 1).clamp_min(0)
+            cos, sin = self.owner.rotary(self.pos_offset[:, None] + rank)
+        step = max(1, min(H, READ_GROUP_ELEMENTS // max(1, B * Lp * D)))
+        kent = self.qkeys.outlier_entries() if step < H else None  # found once for every group
+        vent = self.qvalues.outlier_entries() if step < H else None
+        for h0 in range(0, H, step):
+            heads = (h0, min(H, h0 + step))
+            past_k = self.qkeys.dequantize_aligned(mask, heads, checked=True, entries=kent)
+            if cos is not None:
+                past_k = apply_rope(past_k, cos, sin)
+            out_k[:, heads[0]:heads[1], :Lp] = past_k
+            out_v[:, heads[0]:heads[1], :Lp] = self.qvalues.dequantize_aligned(mask, heads, checked=True,
+                                                                               entries=vent)
+        out_k[:, :, Lp:] = key_states
+        out_v[:, :, Lp:] = value_states
         return out_k, out_v
 
     def checkpoint(self, tokens: int) -> tuple:

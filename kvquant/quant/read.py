@@ -12,13 +12,17 @@ if TYPE_CHECKING:
     from kvquant.quant.store import QuantizedKVCache
 
 
-def gather_pages(store: QuantizedKVCache, name: str, length: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Pool ``name`` gathered per sequence for its first ``length[b]`` tokens: ``[B, npg, ...]`` and the longest
-    ``length``."""
+def gather_pages(store: QuantizedKVCache, name: str, length: torch.Tensor,
+                 heads: tuple[int, int] | None = None) -> tuple[torch.Tensor, int]:
+    """Pool ``name`` gathered per sequence for its first ``length[b]`` tokens: ``[B, npg, H, ...]`` (heads
+    ``h0 <= h < h1`` only with ``heads=(h0, h1)``) and the longest ``length``."""
     qmax = int(length.max()) if store.batch else 0
     npg = -(-qmax // store.config.page_size)
     tbl = store.pages.table[:, :npg].long().clamp_min(0)
-    return store.pages.pools[name][tbl], qmax
+    pool = store.pages.pools[name]
+    if heads is not None:
+        pool = pool[:, heads[0]:heads[1]]  # a view: only the slice is gathered
+    return pool[tbl], qmax
 
 
 def page_codes(store: QuantizedKVCache) -> torch.Tensor:
@@ -32,44 +36,62 @@ def page_codes(store: QuantizedKVCache) -> torch.Tensor:
     return c.permute(0, 2, 1, 3, 4).reshape(B, H, npg * T, D)[:, :, :qmax]
 
 
-def dequantize_pages(store: QuantizedKVCache) -> torch.Tensor:
+def outlier_entries(store: QuantizedKVCache) -> tuple[torch.Tensor, ...]:
+    """The exact outliers of the quantized part, one row per entry: ``(sequence, head, position in the quantized
+    part, channel, value)`` (keys: every quantized token; values: the sealed pages)."""
+    T, D = store.config.page_size, store.head_dim
+    if store.kind == "key":
+        i = torch.arange(int(store.q_len.max()) if store.batch else 0, device=store.device)
+        b_idx, i_idx = (i[None, :] < store.q_len[:, None]).nonzero(as_tuple=True)
+        page, off = store.pages.locate(b_idx, i_idx)
+        owner, ch, v = store.outliers.entries_of(page * T + off)
+        return b_idx[owner], ch // D, i_idx[owner], ch % D, v
+    sealed = store.sealed_len
+    npg = -(-(int(sealed.max()) if store.batch else 0) // T)
+    pi = torch.arange(npg, device=store.device)
+    b_idx, p_idx = (pi[None, :] * T < sealed[:, None]).nonzero(as_tuple=True)
+    owner, head, chan, tok, v = store.outliers.entries(store.pages.table[b_idx, p_idx])
+    return b_idx[owner], head, p_idx[owner] * T + tok, chan, v
+
+
+def dequantize_pages(store: QuantizedKVCache, heads: tuple[int, int] | None = None,
+                     entries: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """The quantized part as ``[B, H, Q, D]`` in ``store.dtype`` (``Q`` = longest ``q_len``; zeros past a
-    sequence's end; values of an open page come from ``store.open``, exact)."""
+    sequence's end; values of an open page come from ``store.open``, exact). ``heads=(h0, h1)``: only those heads
+    (``[B, h1 - h0, Q, D]``, the same numbers as the slice of the whole), whose temporaries are that much smaller;
+    ``entries``: :func:`outlier_entries` of the store, when a caller reading several head groups found them once."""
     T = store.config.page_size
-    B, H, D = store.batch, store.num_heads, store.head_dim
+    B, D = store.batch, store.head_dim
+    h0, h1 = (0, store.num_heads) if heads is None else heads
+    H = h1 - h0
     if not store.quantized:
-        raw, qmax = gather_pages(store, "raw", store.q_len)  # [B, npg, H, T, D]
+        raw, qmax = gather_pages(store, "raw", store.q_len, heads)  # [B, npg, H, T, D]
         return raw.permute(0, 2, 1, 3, 4).reshape(B, H, -1, D)[:, :, :qmax]
     qmax = int(store.q_len.max()) if B else 0
     sealed = store.sealed_len
-    words, smax = gather_pages(store, "codes", sealed)
+    words, smax = gather_pages(store, "codes", sealed, heads)
     npg = words.shape[1]
     levels = store.codebook.decode(unpack_units(words, store.bits)).reshape(B, npg, H, T, D)
     if store.kind == "key":
-        vals = levels * store.channel_scale[:, None, :, None, :] + store.channel_zero[:, None, :, None, :]
+        vals = (levels * store.channel_scale[:, None, h0:h1, None, :]
+                + store.channel_zero[:, None, h0:h1, None, :])
     else:
-        sc, _ = gather_pages(store, "scale", sealed)
-        zr, _ = gather_pages(store, "zero", sealed)
+        sc, _ = gather_pages(store, "scale", sealed, heads)
+        zr, _ = gather_pages(store, "zero", sealed, heads)
         vals = levels * sc.float()[..., None] + zr.float()[..., None]
     out = vals.permute(0, 2, 1, 3, 4).reshape(B, H, npg * T, D).to(store.dtype)
     if store.keep_outliers and smax:
-        if store.kind == "key":
-            i = torch.arange(smax, device=store.device)
-            b_idx, i_idx = (i[None, :] < store.q_len[:, None]).nonzero(as_tuple=True)
-            page, off = store.pages.locate(b_idx, i_idx)
-            owner, ch, v = store.outliers.entries_of(page * T + off)
-            out[b_idx[owner], ch // D, i_idx[owner], ch % D] = v.to(store.dtype)
-        else:
-            pi = torch.arange(npg, device=store.device)
-            b_idx, p_idx = (pi[None, :] * T < sealed[:, None]).nonzero(as_tuple=True)
-            owner, head, chan, tok, v = store.outliers.entries(store.pages.table[b_idx, p_idx])
-            out[b_idx[owner], head, p_idx[owner] * T + tok, chan] = v.to(store.dtype)
+        b_idx, head, pos, chan, v = outlier_entries(store) if entries is None else entries
+        if heads is not None:
+            keep = ((head >= h0) & (head < h1)).nonzero().squeeze(1)
+            b_idx, head, pos, chan, v = (t.index_select(0, keep) for t in (b_idx, head, pos, chan, v))
+        out[b_idx, head - h0, pos, chan] = v.to(store.dtype)
     if out.shape[2] < qmax:
         out = torch.cat([out, out.new_zeros(B, H, qmax - out.shape[2], D)], 2)
     out = out[:, :, :qmax]
     if store.deferred and qmax:  # the open pages, exact
         j = torch.arange(qmax, device=store.device)[None, :]
         in_open = (j >= sealed[:, None]) & (j < store.q_len[:, None])
-        ex = store.open.gather(2, (j % T).expand(B, -1)[:, None, :, None].expand(B, H, -1, D))
+        ex = store.open[:, h0:h1].gather(2, (j % T).expand(B, -1)[:, None, :, None].expand(B, H, -1, D))
         out = torch.where(in_open[:, None, :, None], ex, out)
     return out

@@ -37,7 +37,7 @@ from kvquant.quant.journal import StoreCheckpoint, checkpoint, restore
 from kvquant.quant.open_pages import append_open_steady, write_open
 from kvquant.quant.packing import lut_words
 from kvquant.quant.paged import PageTable
-from kvquant.quant.read import dequantize_pages, page_codes
+from kvquant.quant.read import dequantize_pages, outlier_entries, page_codes
 from kvquant.quant.rotation import rotate, rotation_matrix, unrotate
 from kvquant.quant.static import append_static, begin_static, end_static
 from kvquant.quant.stats import channel_ranges
@@ -467,17 +467,24 @@ class QuantizedKVCache:
         """Codes of the quantized pages: ``[B, H, Q, D]`` uint8 (values: the sealed pages only)."""
         return page_codes(self)
 
-    def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def dequantize(self, heads: tuple[int, int] | None = None, entries: tuple[torch.Tensor, ...] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """All stored tokens, compact and right-padded.
+
+        Args:
+            heads: ``(h0, h1)``: only heads ``h0 <= h < h1`` (the same numbers as that slice of the whole, with
+                temporaries that much smaller); ``None``: all.
+            entries: :meth:`outlier_entries`, found once by a caller that reads several head groups.
 
         Returns:
             ``x [B, H, L, D]`` in the input dtype (zeros past each sequence's end) and ``mask [B, L]`` bool, with
             ``L`` the longest sequence.
         """
         self.check_readable()
-        quant = dequantize_pages(self)
+        h0, h1 = self._head_range(heads)
+        quant = dequantize_pages(self, heads, entries)
         qmax = quant.shape[2]
-        full = torch.cat([self.sink, quant, self.residual], dim=2)
+        full = torch.cat([self.sink[:, h0:h1], quant, self.residual[:, h0:h1]], dim=2)
         lengths = self.lengths
         L = int(lengths.max()) if self.batch else 0
         j = torch.arange(L, device=self.device)[None, :]
@@ -486,28 +493,55 @@ class QuantizedKVCache:
         src = torch.where(j < s, j, torch.where(j < s + q, n_sink + j - s, n_sink + qmax + j - s - q))
         mask = j < lengths[:, None]
         src = torch.where(mask, src, torch.zeros_like(src))
-        x = full.gather(2, src[:, None, :, None].expand(-1, self.num_heads, -1, self.head_dim))
-        x = unrotate(x, self.rotation)
+        x = full.gather(2, src[:, None, :, None].expand(-1, h1 - h0, -1, self.head_dim))
+        x = unrotate(x, self.rotation)  # (the same R for every head: a head group rotates back on its own)
         return x * mask[:, None, :, None].to(x.dtype), mask
 
-    def dequantize_aligned(self, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Tokens placed at the real positions of a padded layout.
+    def outlier_entries(self) -> tuple[torch.Tensor, ...] | None:
+        """The exact outliers of the quantized part, ``(sequence, head, position, channel, value)`` per entry
+        (:func:`~kvquant.quant.read.outlier_entries`); ``None`` when the store keeps none."""
+        self.check_readable()
+        if not (self.quantized and self.keep_outliers):
+            return None
+        return outlier_entries(self)
 
-        Args:
-            attention_mask: ``[B, S]``; row ``b`` must have exactly ``lengths[b]`` ones.
-
-        Returns:
-            ``[B, H, S, D]``: token ``k`` of sequence ``b`` at the ``k``-th real position, zeros at padding.
-        """
+    def check_aligned(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``attention_mask [B, S]`` as a bool mask on the store's device, after checking that row ``b`` has exactly
+        ``lengths[b]`` real tokens (what :meth:`dequantize_aligned` needs)."""
         mask = check_mask(attention_mask, self.batch, attention_mask.shape[-1], self.device, allow_empty_rows=True)
         if not torch.equal(mask.sum(1), self.lengths):
             raise ValueError(f"attention_mask has {mask.sum(1).tolist()} real tokens per row but the cache "
                              f"holds {self.lengths.tolist()}")
-        x, _ = self.dequantize()
+        return mask
+
+    def _head_range(self, heads: tuple[int, int] | None) -> tuple[int, int]:
+        if heads is None:
+            return 0, self.num_heads
+        h0, h1 = (int(h) for h in heads)
+        if not 0 <= h0 < h1 <= self.num_heads:
+            raise ValueError(f"heads must be a range (h0, h1) with 0 <= h0 < h1 <= {self.num_heads}, got {heads}")
+        return h0, h1
+
+    def dequantize_aligned(self, attention_mask: torch.Tensor, heads: tuple[int, int] | None = None,
+                           checked: bool = False, entries: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """Tokens placed at the real positions of a padded layout.
+
+        Args:
+            attention_mask: ``[B, S]``; row ``b`` must have exactly ``lengths[b]`` ones.
+            heads: ``(h0, h1)``: only those heads (see :meth:`dequantize`).
+            checked: the mask was already checked against the store (a caller reading it a head group at a time
+                checks once). entries: see :meth:`dequantize`.
+
+        Returns:
+            ``[B, H, S, D]``: token ``k`` of sequence ``b`` at the ``k``-th real position, zeros at padding.
+        """
+        h0, h1 = self._head_range(heads)
+        mask = attention_mask if checked else self.check_aligned(attention_mask)
+        x, _ = self.dequantize(heads, entries)
         rank = (mask.long().cumsum(1) - 1).clamp_min(0)
         if x.shape[2] == 0:
-            return x.new_zeros(self.batch, self.num_heads, mask.shape[1], self.head_dim)
-        out = x.gather(2, rank[:, None, :, None].expand(-1, self.num_heads, -1, self.head_dim))
+            return x.new_zeros(self.batch, h1 - h0, mask.shape[1], self.head_dim)
+        out = x.gather(2, rank[:, None, :, None].expand(-1, h1 - h0, -1, self.head_dim))
         return out * mask[:, None, :, None].to(out.dtype)
 
     # -- batch reordering (beam search) ---------------------------------------------------------------

@@ -40,8 +40,8 @@ def check(seed: int, B: int, Hkv: int, G: int, D: int, S: int, cfg: QuantConfig,
     return err
 
 
-@pytest.mark.parametrize("bits,G,dtype", [(2, 1, torch.float16), (3, 2, torch.float32), (4, 4, torch.float16),
-                                          (3, 4, torch.bfloat16)])
+@pytest.mark.parametrize("bits,G,dtype", [(2, 1, torch.float16), (3, 1, torch.float16), (3, 2, torch.float32),
+                                          (4, 4, torch.float16), (3, 4, torch.bfloat16)])
 def test_decode_bits_gqa(seed: int, bits: int, G: int, dtype: torch.dtype) -> None:
     cfg = QuantConfig(min_range_tokens=1,
                       datatype=f"nuq{bits}", outlier_fraction=0.02, n_sink=1, residual_length=4, page_size=32)
