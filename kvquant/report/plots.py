@@ -141,9 +141,13 @@ def plot_capacity(doc: dict[str, Any], path: Path, title: str) -> Path | None:
     return _save(plt, fig, path)
 
 
+LABEL_ALL_POINTS = 8
+"""Up to this many points a Pareto figure names every point; past it only the front (report.md's table has all)."""
+
+
 def plot_pareto(points: list[TradeoffPoint], path: Path, title: str) -> Path | None:
-    """ΔPPL vs bits/element (and vs J/token when measured): Pareto points filled and joined, dominated
-    points hollow."""
+    """ΔPPL vs bits/element (and vs J/token when measured): Pareto points filled, joined and named, dominated
+    points hollow (named too when there are at most :data:`LABEL_ALL_POINTS`)."""
     panels: list[tuple[str, str, str]] = []
     if any(p.pareto_bits is not None for p in points):
         panels.append(("bits_per_element", "pareto_bits", "bits per element"))
@@ -159,12 +163,14 @@ def plot_pareto(points: list[TradeoffPoint], path: Path, title: str) -> Path | N
         if front:
             ax.step([getattr(p, xattr) for p in front], [p.delta_ppl for p in front], where="post", color="C0",
                     alpha=0.6, label="Pareto front")
+        label_all = len(pts) <= LABEL_ALL_POINTS  # many points: the front is labelled, the table names the rest
         for p in pts:
             on = bool(getattr(p, flag))
             ax.scatter(getattr(p, xattr), p.delta_ppl, s=50, color="C0" if on else "none",
                        edgecolors="C0" if on else "gray", zorder=3)
-            ax.annotate(p.datatype, (getattr(p, xattr), p.delta_ppl), textcoords="offset points", xytext=(4, 4),
-                        fontsize=8, color="black" if on else "gray")
+            if on or label_all:
+                ax.annotate(p.datatype, (getattr(p, xattr), p.delta_ppl), textcoords="offset points",
+                            xytext=(4, 4), fontsize=8, color="black" if on else "gray")
         ax.scatter([], [], s=50, color="none", edgecolors="gray", label="dominated")
         xs = [getattr(p, xattr) for p in pts]
         if xs and min(xs) > 0 and max(xs) / min(xs) > 4:  # bits from 2 to 32: a log axis keeps 2-4 bits apart
