@@ -17,6 +17,19 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(torch.device(device))
 
 
+def model_devices(model: torch.nn.Module, device: torch.device | str) -> list[torch.device]:
+    """Every CUDA device holding a parameter of ``model`` (a ``device_map`` pipeline spans several), else
+    ``[device]``: what a timer must synchronize so that no layer's work is still running."""
+    devs = sorted({p.device for p in model.parameters() if p.device.type == "cuda"}, key=str)
+    return devs or [torch.device(device)]
+
+
+def synchronize_all(devices: list[torch.device]) -> None:
+    """:func:`synchronize` each of ``devices``."""
+    for d in devices:
+        synchronize(d)
+
+
 def free_memory(device: torch.device | str) -> None:
     """Collect garbage and return cached blocks to the driver (after an OOM or between configs)."""
     gc.collect()

@@ -2,11 +2,11 @@
 
 Shared by ``kvquant bench generate`` and the decode-step profile (``kvquant bench profile --kind decode``).
 
-Timing (:func:`run_generation`): ``time.perf_counter`` between ``torch.cuda.synchronize()`` calls at the start
-of the prefill, the end of the prefill and the end of the decode loop. The prefill is one forward of the
-``[B, S]`` prompt with a fresh cache (``logits_to_keep=1``: only the last position's logits are computed, as
-``generate`` does), greedy pick of the first new token; the decode loop is ``gen - 1`` forwards of one token per
-sequence, greedy (argmax on the device, no host round trip per step). As in
+Timing (:func:`run_generation`): ``time.perf_counter`` between ``torch.cuda.synchronize()`` calls (on every GPU of
+the model) at the start of the prefill, the end of the prefill and the end of the decode loop. The prefill is one
+forward of the ``[B, S]`` prompt with a fresh cache (``logits_to_keep=1``: only the last position's logits are
+computed, as ``generate`` does), greedy pick of the first new token; the decode loop is ``gen - 1`` forwards of one
+token per sequence, greedy (argmax on the device, no host round trip per step). As in
 ``model.generate(max_new_tokens=gen)``, the first of the ``gen`` new tokens comes from the prefill logits.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from kvquant.bench.cuda import synchronize
+from kvquant.bench.cuda import model_devices, synchronize_all
 from kvquant.bench.model import BenchModel
 from kvquant.cache.graphs import prefill_chunks
 from kvquant.cache.hf_compat import cache_kwargs
@@ -155,20 +155,21 @@ def run_generation(model: torch.nn.Module, prompt: torch.Tensor, cache: Any, gen
     """
     region = region or (lambda name, tokens: contextlib.nullcontext())
     B, S = prompt.shape
+    devices = model_devices(model, device)  # every GPU of a device_map pipeline
     with region("prefill", B * S):
-        synchronize(device)
+        synchronize_all(devices)
         t0 = time.perf_counter()
         for start, end in prefill_chunks(S, prefill_chunk):
             logits = forward_logits(model, prompt[:, start:end], cache)
         nxt = logits.argmax(-1, keepdim=True)
-        synchronize(device)
+        synchronize_all(devices)
         t1 = time.perf_counter()
     steps = gen - 1
     with region("decode", B * steps):
-        synchronize(device)
+        synchronize_all(devices)
         t2 = time.perf_counter()
         _, last = greedy_steps(model, nxt, cache, steps)
-        synchronize(device)
+        synchronize_all(devices)
         t3 = time.perf_counter()
     return {"prefill_s": t1 - t0, "decode_s": t3 - t2, "decode_steps": steps,
             "logits": last if last is not None else logits}

@@ -250,3 +250,24 @@ def test_graph_generation_prefills_in_chunks(tiny: BenchModel) -> None:
     whole = generate(tiny.model, prompt, None, DynamicCache(), 5, graph=False)
     parts = generate(tiny.model, prompt, None, DynamicCache(), 5, graph=False, prefill_chunk=8)
     assert torch.equal(parts.tokens, whole.tokens)
+
+
+def test_timers_synchronize_every_gpu_of_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device_map pipeline spans several GPUs: the generation timers wait for each of them, not only the input's
+    (devices faked on a CPU model)."""
+    from kvquant.bench import cuda, runs
+
+    model = torch.nn.Linear(2, 2)
+    fake = [torch.device("cuda:1"), torch.device("cuda:0"), torch.device("cuda:1")]
+    monkeypatch.setattr(torch.nn.Linear, "parameters", lambda self: iter(
+        [type("P", (), {"device": d})() for d in fake]))
+    assert cuda.model_devices(model, "cuda:0") == [torch.device("cuda:0"), torch.device("cuda:1")]
+    monkeypatch.undo()
+    assert cuda.model_devices(model, "cpu") == [torch.device("cpu")]
+    seen: list[torch.device] = []
+    monkeypatch.setattr(runs, "synchronize_all", lambda devs: seen.extend(devs))
+    monkeypatch.setattr(runs, "model_devices", lambda m, d: [torch.device("cuda:0"), torch.device("cuda:1")])
+    monkeypatch.setattr(runs, "forward_logits", lambda m, p, c: torch.zeros(p.shape[0], 5))
+    monkeypatch.setattr(runs, "greedy_steps", lambda m, nxt, c, n: (None, None))
+    runs.run_generation(model, torch.zeros(2, 4, dtype=torch.long), None, 3, torch.device("cuda:0"))
+    assert seen == [torch.device("cuda:0"), torch.device("cuda:1")] * 4
