@@ -41,7 +41,7 @@ from kvquant.cache.parallel import device_key, kv_head_slice, resolve_tp, tensor
 from kvquant.cache.rope import RotaryTables, find_rotary_embedding
 from kvquant.config import QuantConfig
 from kvquant.kernels.ops import TorchOps, TritonOps, resolve_ops
-from kvquant.quant.calibration_file import Calibration, CalibrationError
+from kvquant.quant.calibration_file import Calibration, CalibrationError, require_allocation
 from kvquant.quant.quantizer import BatchedKVQuantizer
 from kvquant.quant.validate import same_device
 
@@ -113,12 +113,7 @@ class KVQuantCache(Cache):
             if check_model:
                 check_calibration_model(calibration, model)
         if self.config.per_layer:
-            if calibration is None:
-                raise ValueError(f"datatype {self.config.datatype} takes its per-layer widths from a calibration "
-                                 "file: pass calibration= (made with kvquant calibrate --bit-budget)")
-            if calibration.allocation is None:
-                raise ValueError(f"datatype {self.config.datatype} needs a calibration with a bit allocation; this "
-                                 "one has none (make it with kvquant calibrate --bit-budget)")
+            require_allocation(self.config.datatype, calibration)
         self.calibration = calibration
         if calibration is not None:  # every width this cache will store is calibrated: refuse now, not mid-prefill
             for i in range(self.num_layers):

@@ -59,6 +59,7 @@ def check_calibration_widths(names: list[str], cal: Calibration | None) -> None:
     for ``nuq-alloc``, which also needs a calibration): exit code 2 naming the datatype and what is missing. Names
     that are not kvquant datatypes are skipped."""
     from kvquant.datatypes import parse_datatype
+    from kvquant.quant.calibration_file import require_allocation
 
     for name in names:
         try:
@@ -68,12 +69,10 @@ def check_calibration_widths(names: list[str], cal: Calibration | None) -> None:
         if dt.kind != "nuq":
             continue
         if dt.per_layer:
-            if cal is None:
-                raise CLIError(f"datatype {name} takes per-layer widths from a calibration: give --calibration (a "
-                               "file made with kvquant calibrate --bit-budget)")
-            if cal.allocation is None:
-                raise CLIError(f"datatype {name}: the --calibration file has no bit allocation (make it with "
-                               "kvquant calibrate --bit-budget)")
+            try:
+                require_allocation(name, cal, "--calibration")
+            except ValueError as exc:
+                raise CLIError(str(exc)) from exc
             continue
         if cal is None:
             continue

@@ -55,6 +55,18 @@ class LayerCalibration:
     value_errors: dict[int, float] = field(default_factory=dict)
 
 
+def require_allocation(datatype: str, calibration: Calibration | None, source: str = "calibration=") -> None:
+    """A datatype with per-layer widths (``nuq-alloc``) needs a calibration that holds a bit allocation: a
+    ``ValueError`` naming what is missing otherwise (``source``: how the caller passes the calibration, e.g.
+    ``"--calibration"`` on the command line)."""
+    if calibration is None:
+        raise ValueError(f"datatype {datatype} takes its per-layer widths from a calibration file: give {source} "
+                         "(a file made with kvquant calibrate --bit-budget)")
+    if calibration.allocation is None:
+        raise ValueError(f"datatype {datatype} needs a calibration with a bit allocation; the {source} file has no "
+                         "bit allocation (make it with kvquant calibrate --bit-budget)")
+
+
 def calibration_digest(path: str | Path) -> str:
     """SHA-256 (first 16 hex digits) of a calibration file's tensors: what a results file records, so that runs
     with different calibrations saved under the same path are never taken for the same protocol."""
