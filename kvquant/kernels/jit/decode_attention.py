@@ -119,6 +119,25 @@ if triton is not None:
         return tl.where(ok[:, None], s, float("-inf"))
 
     @triton.jit
+    def _split_pages(QLEN, Hkv, pages_per_split, T: tl.constexpr):
+        """The (sequence, KV head) of this program, its sequence's quantized length and its pages ``[p0, p1)``."""
+        pid = tl.program_id(0)
+        b = pid // Hkv
+        hk = pid % Hkv
+        qlen = tl.load(QLEN + b)
+        p0 = tl.program_id(1) * pages_per_split
+        p1 = tl.minimum(p0 + pages_per_split, (qlen + T - 1) // T)
+        return b, hk, qlen, p0, p1
+
+    @triton.jit
+    def _softmax_step(s, m):
+        """Online softmax over a tile of scores ``s [BT, GP]`` (log2 domain) against the running max ``m [GP]``:
+        the new max, the factor ``alpha`` that rescales what was accumulated, and the tile's ``p``."""
+        m_new = tl.maximum(m, tl.max(s, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        return m_new, tl.exp2(m - m_safe), tl.exp2(s - m_safe[None, :])
+
+    @triton.jit
     def keys_kernel(
         Q, SC, Lmax, KC, KLUT, KLEV, KCS, KCZ, KTAB, k_tab_stride, QLEN, SLEN, POS, COS, SIN, RC, RS,
         Hkv, Hq, pages_per_split,
@@ -131,14 +150,7 @@ if triton is not None:
         NU: tl.constexpr = D // 32  # units per token
         NH: tl.constexpr = DH // 32  # units per half
         U: tl.constexpr = T * D // 32  # units per (page, head)
-        pid = tl.program_id(0)
-        split = tl.program_id(1)
-        b = pid // Hkv
-        hk = pid % Hkv
-        qlen = tl.load(QLEN + b)
-        n_pages = (qlen + T - 1) // T
-        p0 = split * pages_per_split
-        p1 = tl.minimum(p0 + pages_per_split, n_pages)
+        b, hk, qlen, p0, p1 = _split_pages(QLEN, Hkv, pages_per_split, T)
         g = tl.arange(0, GP)
         gm = g < G
         dcol = tl.arange(0, DH)
@@ -183,15 +195,8 @@ if triton is not None:
         NU: tl.constexpr = D // 32
         NH: tl.constexpr = DH // 32
         U: tl.constexpr = T * D // 32
-        pid = tl.program_id(0)
-        split = tl.program_id(1)
-        b = pid // Hkv
-        hk = pid % Hkv
-        qlen = tl.load(QLEN + b)
-        n_pages = (qlen + T - 1) // T
+        b, hk, qlen, p0, p1 = _split_pages(QLEN, Hkv, pages_per_split, T)
         sealed = qlen // T  # values of page `sealed` (if any) are in the open page, exact
-        p0 = split * pages_per_split
-        p1 = tl.minimum(p0 + pages_per_split, n_pages)
         g = tl.arange(0, GP)
         gm = g < G
         dcol = tl.arange(0, DH)
@@ -209,10 +214,7 @@ if triton is not None:
             for sub in tl.static_range(T // BT):
                 t = sub * BT + tt
                 s = tl.load(SC + crow[None, :] + (pi * T + t)[:, None], mask=gm[None, :], other=float("-inf"))
-                m_new = tl.maximum(m, tl.max(s, axis=0))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m - m_safe)
-                p = tl.exp2(s - m_safe[None, :])
+                m_new, alpha, p = _softmax_step(s, m)
                 lsum = lsum * alpha + tl.sum(p, axis=0)
                 soff = (vpage * Hkv + hk) * T + t
                 sc = tl.load(VSC + soff).to(tl.float32)
@@ -231,10 +233,7 @@ if triton is not None:
                 i = sealed * T + t
                 ok = i < qlen
                 s = tl.load(SC + crow[None, :] + i[:, None], mask=gm[None, :] & ok[:, None], other=float("-inf"))
-                m_new = tl.maximum(m, tl.max(s, axis=0))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m - m_safe)
-                p = tl.exp2(s - m_safe[None, :])
+                m_new, alpha, p = _softmax_step(s, m)
                 lsum = lsum * alpha + tl.sum(p, axis=0)
                 zacc = zacc * alpha
                 vrow = (ph * T + t).to(tl.int64)[None, :] * D
@@ -244,7 +243,7 @@ if triton is not None:
                 acc_a = acc_a * alpha[None, :] + tl.dot(va, pt, input_precision=PREC)
                 acc_b = acc_b * alpha[None, :] + tl.dot(vb, pt, input_precision=PREC)
                 m = m_new
-        orow = (b * Hq + hk * G + g).to(tl.int64) * NS1 + split
+        orow = (b * Hq + hk * G + g).to(tl.int64) * NS1 + tl.program_id(1)
         tl.store(MP + orow, m, mask=gm)
         tl.store(LP + orow, lsum, mask=gm)
         tl.store(OP + orow[None, :] * D + dcol[:, None], acc_a + zacc[None, :], mask=gm[None, :])
