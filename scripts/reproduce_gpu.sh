@@ -9,7 +9,8 @@
 #
 # Environment: MODEL (default random:7b; gen7b, cap, dprof), QWEN (a local path or alias, default qwen2.5-coder-1.5b;
 # qcal, qppl, qgen), TO (seconds, a step's own time limit), DT (datatypes), BATCH, PL (prompt lengths), TESTS
-# (verify), BP (dprof: batch:prompt pairs), TASKS and N (qlong: tasks, samples per cell).
+# (verify), BP (dprof: batch:prompt pairs), TASKS, DEPTHS, N and QDT (qlong: tasks, needle depths, samples per cell,
+# model dtype).
 #
 # Steps:
 #   env       GPU, driver and package versions
@@ -103,9 +104,9 @@ run() {
         --ctx 2048 --chunk 64 --max-windows 8 --datatypes "${DT:-fp16,nuq4,nuq3,int4,int3,nuq2,int2}" \
         --no-progress --out "$RES/ppl_qwen.json" ;;
     qlong)
-      timeout "${TO:-540}" $KV eval longctx --model "$QWEN" --device cuda --dtype float16 \
+      timeout "${TO:-540}" $KV eval longctx --model "$QWEN" --device cuda --dtype "${QDT:-bfloat16}" \
         --calibration "$RES_ROOT/qcal/cal" --tasks "${TASKS:-passkey,ruler}" --lengths "${PL:-4K..32K}" \
-        --depths 0,25,50,75,100 --n "${N:-8}" --batch "${BATCH:-4}" \
+        --depths "${DEPTHS:-0,25,50,75,100}" --n "${N:-8}" --batch "${BATCH:-4}" \
         --caches "${DT:-fp16,nuq4,nuq3,nuq2,quanto4k,quanto2k,snapkv@nuq3,snapkv@nuq2,expected_attention@nuq3}" \
         --no-progress --out "$RES/longctx_qwen.jsonl" ;;
     *) echo "unknown step $STEP (see the list at the top of $0)"; return 2 ;;

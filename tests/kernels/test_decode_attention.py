@@ -78,12 +78,13 @@ def heavy_key_tokens(gen: torch.Generator, B: int, H: int, n: int, D: int) -> to
     return torch.where(far, 40 * x.sign() + x, 0.3 * x).to(DEVICE)
 
 
-def test_decode_outlier_heavy_heads(seed: int) -> None:
+@pytest.mark.parametrize("Hkv,G", [(4, 2), (3, 3), (5, 1)])
+def test_decode_outlier_heavy_heads(seed: int, Hkv: int, G: int) -> None:
     """Key slots with entries in many heads, several heads with none, and whole heads of outliers; values with a
-    fifth of every token's elements kept exact."""
+    fifth of every token's elements kept exact. Head and group counts that are not powers of two too."""
     cfg = QuantConfig(min_range_tokens=1,
                       datatype="nuq3", outlier_fraction=0.02, n_sink=1, residual_length=3, page_size=32)
-    B, Hkv, G, D, S, n = 2, 4, 2, 64, 70, 40
+    B, D, S, n = 2, 64, 70, 40
     kc, _ = build_caches(torch.Generator().manual_seed(seed), B, Hkv, D, S, cfg, torch.float32, n_decode=0)
     _, vc = build_caches(torch.Generator().manual_seed(seed), B, Hkv, D, S, replace(cfg, outlier_fraction=0.2),
                          torch.float32, n_decode=0)
