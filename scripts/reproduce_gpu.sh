@@ -7,10 +7,10 @@
 # CUDA GPU and triton). Results go to $RES/STEP (default results/gpu/STEP) with the step's log; with $OUT set, the
 # log goes there and the results folder is also packed into $OUT/STEP.tgz.
 #
-# Environment: MODEL (default random:7b; gen7b, cap, dprof), QWEN (a local path or alias, default qwen2.5-coder-1.5b;
-# qcal, qppl, qgen), TO (seconds, a step's own time limit), DT (datatypes), BATCH, PL (prompt lengths), TESTS
-# (verify), BP (dprof: batch:prompt pairs), TASKS, DEPTHS, N and QDT (qlong: tasks, needle depths, samples per cell,
-# model dtype).
+# Environment: MODEL (default random:7b; gen7b, cap, dprof, cprof), QWEN (a local path or alias, default
+# qwen2.5-coder-1.5b; qcal, qppl, qgen), TO (seconds, a step's own time limit), DT (datatypes), BATCH, PL (prompt
+# lengths), TESTS (verify), BP (dprof: batch:prompt pairs), TASKS, DEPTHS, N and QDT (qlong: tasks, needle depths,
+# samples per cell, model dtype).
 #
 # Steps:
 #   env       GPU, driver and package versions
@@ -22,6 +22,8 @@
 #   kprof     scripts/profile_decode.py: per-kernel device time of the decode attention at 32K and its launch variants
 #   pprof     bench profile: where a whole prefill append spends its time (MHA and GQA, keys and values, 32K)
 #   dprof     bench profile --kind decode: host vs GPU time of decode steps, fp16 vs nuq3
+#   cprof     bench profile --kind chunk: where a chunked prefill's step goes (past read, attention, append), 4 x 32K
+#             in 4K chunks, fp16 vs nuq3
 #   gen7b     bench generate on the random-weight Llama-2-7B shape (memory, throughput, energy)
 #   gen7bg    the same with every decode step replayed from a CUDA graph (fp16 in StaticCache)
 #   atcap     bench generate --at-capacity: each datatype at its largest batch in an 80 GB budget (graph decode)
@@ -77,6 +79,9 @@ run() {
         timeout "${TO:-240}" $KV bench profile --kind decode --model "$MODEL" --datatype "${DT:-fp16,nuq3}" \
           --batch "${bp%%:*}" --tokens "${bp##*:}" --steps 8 --top 25 --out "$RES/profile_decode_b${bp%%:*}_s${bp##*:}.json"
       done ;;
+    cprof)
+      timeout "${TO:-540}" $KV bench profile --kind chunk --model "$MODEL" --datatype fp16,nuq3 --batch 4 \
+        --tokens 32K --chunk 4096 --steps 1 --top 25 --out "$RES/profile_chunk.json" ;;
     gen7b)
       timeout "${TO:-540}" $KV bench generate --model "$MODEL" --datatypes "${DT:-fp16,nuq4,nuq3,nuq2}" \
         --batch "${BATCH:-1,8}" --prompt-len "${PL:-1K,4K,16K,32K}" --gen 64 --warmup 1 --no-progress --out "$RES" ;;

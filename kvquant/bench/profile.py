@@ -13,8 +13,16 @@ each a labelled region: ``kvquant.update`` (the cache's ``update``: un-rotate ke
 ``kvquant.kernel_decode`` (attention over the packed cache, then both appends), ``kvquant.decode_attention``
 and ``kvquant.append`` (inside it). The model's own work is the rest.
 
+``--kind chunk`` profiles a chunked prefill (``generate(..., prefill_chunk=C)``): a ``[B, L]`` prompt fed in
+forwards of ``C`` tokens, each chunk after the first attending to the cache's past. Every chunk's forward is timed
+(synchronized: the growth with the past shows) and the last ``--steps`` chunks are profiled, with the parts of a
+multi-token step labelled: ``kvquant.update`` (the cache's whole ``update``), ``kvquant.read_past`` (the past
+dequantized into ``[B, H, past + s, D]``), ``kvquant.append`` (the chunk quantized and appended, keys and values)
+and ``kvquant.attention`` (the model's attention function over ``[past | chunk]``, also for ``fp16``).
+
 Run: ``kvquant bench profile --kind keys --heads 32 --tokens 32768 [--backend triton] [--out prof.json]``
 or ``kvquant bench profile --kind decode --model random:7b --datatype fp16,nuq3 --batch 1 --tokens 4K``
+or ``kvquant bench profile --kind chunk --model random:7b --datatype fp16,nuq3 --batch 4 --tokens 32K --chunk 4K``
 (on CPU too, with the torch backend or the Triton interpreter; the GPU time column is then empty).
 """
 
@@ -109,6 +117,7 @@ def op_rows(prof: Any) -> list[dict[str, Any]]:
 # decode steps of a model
 
 REGIONS = ("kvquant.update", "kvquant.kernel_decode", "kvquant.decode_attention", "kvquant.append")
+CHUNK_REGIONS = ("kvquant.update", "kvquant.read_past", "kvquant.attention", "kvquant.append")
 LAUNCH_OPS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
 
 
@@ -120,23 +129,41 @@ def _labelled(fn: Any, label: str) -> Any:
     return wrapper
 
 
+def _labelling_getter(get: Any, label: str) -> Any:
+    """``get`` returns a function: return it labelled (the attention function a model looks up per call)."""
+    @functools.wraps(get)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return _labelled(get(*args, **kwargs), label)
+    return wrapper
+
+
 @contextlib.contextmanager
-def labelled_regions() -> Iterator[None]:
-    """Wrap kvquant's decode-step parts in ``record_function`` labels (:data:`REGIONS`) while profiling only:
-    the classes are patched on entry and restored on exit."""
+def labelled_regions(kind: str = "decode") -> Iterator[None]:
+    """Wrap kvquant's decode-step parts (``kind`` ``decode``: :data:`REGIONS`) or a multi-token step's parts
+    (``chunk``: :data:`CHUNK_REGIONS`; the attention through transformers' ``AttentionInterface.get_interface``,
+    when it has one) in ``record_function`` labels while profiling only: patched on entry, restored on exit."""
     import importlib
 
     from kvquant.cache.hf_cache import KVQuantLayer
     from kvquant.quant.store import QuantizedKVCache
 
-    da = importlib.import_module("kvquant.kernels.decode_attention")  # the module (the package exports the function)
+    if kind == "decode":
+        # the module (the package exports the function)
+        da = importlib.import_module("kvquant.kernels.decode_attention")
+        targets = [(KVQuantLayer, "update", REGIONS[0]), (KVQuantLayer, "kernel_decode", REGIONS[1]),
+                   (da, "decode_attention", REGIONS[2]), (QuantizedKVCache, "append", REGIONS[3])]
+    else:
+        from transformers.modeling_utils import AttentionInterface
 
-    targets = [(KVQuantLayer, "update", REGIONS[0]), (KVQuantLayer, "kernel_decode", REGIONS[1]),
-               (da, "decode_attention", REGIONS[2]), (QuantizedKVCache, "append", REGIONS[3])]
+        targets = [(KVQuantLayer, "update", CHUNK_REGIONS[0]), (KVQuantLayer, "_read_past", CHUNK_REGIONS[1]),
+                   (QuantizedKVCache, "append", CHUNK_REGIONS[3])]
+        if "get_interface" in vars(AttentionInterface):  # transformers 5: the model looks its attention up per call
+            targets.append((AttentionInterface, "get_interface", CHUNK_REGIONS[2]))
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in targets]
     try:
         for owner, name, label in targets:
-            setattr(owner, name, _labelled(getattr(owner, name), label))
+            wrap = _labelling_getter if name == "get_interface" else _labelled
+            setattr(owner, name, wrap(getattr(owner, name), label))
         yield
     finally:
         for owner, name, fn in saved:
@@ -204,6 +231,74 @@ def profile_decode(bm: Any, datatype: str, batch: int, prompt_len: int, quant: Q
             "regions": regions, "rows": rows}
 
 
+def profile_chunks(bm: Any, datatype: str, batch: int, prompt_len: int, chunk: int, quant: QuantConfig,
+                   steps: int = 1, seed: int = 0) -> dict[str, Any]:
+    """Time every chunk forward of a ``[batch, prompt_len]`` prompt fed in ``chunk``-token forwards, profiling the
+    last ``steps`` of them (:data:`CHUNK_REGIONS` labelled).
+
+    First an untimed rehearsal of the first two chunks (another cache: compilation, first allocations), then every
+    chunk of a fresh cache timed (``chunk_ms``, synchronized; the last ``steps`` under the profiler, their times
+    included). ``datatype`` ``fp16`` runs transformers' ``DynamicCache`` (only its attention is labelled).
+
+    Returns ``{"chunk_ms": [n_chunks], "profiled_chunks": [indices], "tokens_per_s" (every chunk),
+    "phases": {label: {"calls_per_chunk", "host_ms_per_chunk" (children included), "device_ms_per_chunk"
+    (the spans of the label's device-side annotations, first kernel's start to last one's end; None without one,
+    as on CPU)}}, "device_busy_ms_per_chunk" (None on CPU),
+    "syncs_per_chunk", "rows": [...]}``, phases and rows over the profiled chunks.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    from kvquant.bench.cuda import synchronize
+    from kvquant.bench.runs import forward_logits, make_cache, make_prompts
+    from kvquant.cache.graphs import prefill_chunks
+
+    if not 1 <= chunk < prompt_len:
+        raise ValueError(f"chunk must be in [1, {prompt_len}) (the prompt length), got {chunk}")
+    spans = prefill_chunks(prompt_len, chunk)
+    if not 1 <= steps < len(spans):
+        raise ValueError(f"steps must be in [1, {len(spans) - 1}] (the chunks after the first), got {steps}")
+    dev = bm.device
+    prompt, _ = make_prompts(bm, batch, prompt_len, None, seed)
+    cuda = dev.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    chunk_ms: list[float] = []
+    with torch.no_grad():
+        rehearsal = make_cache(bm, datatype, quant, None)
+        for start, end in spans[:2]:
+            forward_logits(bm.model, prompt[:, start:end], rehearsal)
+        del rehearsal
+        cache = make_cache(bm, datatype, quant, None)
+        with contextlib.ExitStack() as stack:
+            for i, (start, end) in enumerate(spans):
+                if i == len(spans) - steps:
+                    stack.enter_context(labelled_regions("chunk"))
+                    prof = stack.enter_context(profile(activities=activities))
+                synchronize(dev)
+                t0 = time.perf_counter()
+                forward_logits(bm.model, prompt[:, start:end], cache)
+                synchronize(dev)
+                chunk_ms.append((time.perf_counter() - t0) * 1e3)
+    rows = op_rows(prof)
+    phases: dict[str, dict[str, Any]] = {}
+    for ev in prof.events():
+        if ev.name not in CHUNK_REGIONS:
+            continue
+        ph = phases.setdefault(ev.name, {"calls_per_chunk": 0.0, "host_ms_per_chunk": 0.0, "device_ms_per_chunk": None})
+        if str(getattr(ev, "device_type", "CPU")).endswith("CPU"):
+            ph["calls_per_chunk"] += 1 / steps
+            ph["host_ms_per_chunk"] += ev.cpu_time_total / 1e3 / steps
+        else:  # the device-side annotation: from the region's first kernel's start to its last one's end
+            ph["device_ms_per_chunk"] = (ph["device_ms_per_chunk"] or 0.0) + ev.time_range.elapsed_us() / 1e3 / steps
+    by_op = {r["op"]: r for r in rows}
+    busy = sum(r["device_self_ms"] for r in rows if r["on_device"] and r["op"] not in CHUNK_REGIONS) / steps \
+        if cuda else None
+    return {"datatype": datatype, "batch": batch, "prompt_len": prompt_len, "chunk": chunk, "steps": steps,
+            "chunk_ms": chunk_ms, "profiled_chunks": list(range(len(spans) - steps, len(spans))),
+            "tokens_per_s": batch * prompt_len / (sum(chunk_ms) / 1e3), "phases": phases,
+            "device_busy_ms_per_chunk": busy,
+            "syncs_per_chunk": sum(by_op[o]["count"] for o in SYNC_OPS if o in by_op) / steps, "rows": rows}
+
+
 def format_rows(rows: list[dict[str, Any]], top: int, device_times: bool = True) -> str:
     """The ``top`` rows by GPU time (when ``device_times``), then the ``top`` by host time (Markdown)."""
     out = []
@@ -232,6 +327,25 @@ def decode_summary(results: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def chunk_summary(results: list[dict[str, Any]]) -> str:
+    """One Markdown row per datatype: the whole chunked prefill, its first chunk's time, then per profiled chunk
+    its time and each labelled part's time (device time on CUDA, else host time; ``update`` holds
+    ``read_past`` and ``append``), and what is left of the chunk (the model's own work: projections, MLP, ...)."""
+    out = ["| datatype | chunks | prefill s | tokens/s | first chunk ms | profiled chunk ms | "
+           + " | ".join(f"{r.removeprefix('kvquant.')} ms" for r in CHUNK_REGIONS) + " | rest ms |",
+           "|---" * (7 + len(CHUNK_REGIONS)) + "|"]
+    for r in results:
+        ms = r["chunk_ms"]
+        timed = sum(ms[i] for i in r["profiled_chunks"]) / r["steps"]
+        key = "host_ms_per_chunk" if r["device_busy_ms_per_chunk"] is None else "device_ms_per_chunk"
+        part = {g: r["phases"][g][key] for g in CHUNK_REGIONS if r["phases"].get(g, {}).get(key) is not None}
+        rest = timed - part.get("kvquant.update", 0.0) - part.get("kvquant.attention", 0.0)
+        cells = [r["datatype"], str(len(ms)), f"{sum(ms) / 1e3:.2f}", f"{r['tokens_per_s']:.0f}", f"{ms[0]:.1f}",
+                 f"{timed:.1f}"] + [f"{part[g]:.1f}" if g in part else "-" for g in CHUNK_REGIONS] + [f"{rest:.1f}"]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def _main_decode(a: argparse.Namespace, device: str) -> dict[str, Any]:
     from dataclasses import replace
 
@@ -253,21 +367,49 @@ def _main_decode(a: argparse.Namespace, device: str) -> dict[str, Any]:
     return {"model": bm.name, "random_weights": bm.random_weights, "results": results}
 
 
+def _main_chunk(a: argparse.Namespace, device: str) -> dict[str, Any]:
+    from dataclasses import replace
+
+    from kvquant.bench.cuda import free_memory
+    from kvquant.bench.model import load_bench_model
+
+    bm = load_bench_model(a.model, a.dtype, device)
+    quant = quant_config_from_args(a, datatype="nuq3")  # fp16 ignores it (transformers' DynamicCache)
+    results = []
+    for dt in parse_datatypes(a.datatype):
+        res = profile_chunks(bm, dt, a.batch, a.tokens, a.chunk, quant if dt == "fp16" else replace(quant, datatype=dt),
+                             steps=a.steps)
+        results.append(res)
+        free_memory(device)  # the cache of this datatype is gone: give its blocks back before the next one
+        print(f"\nchunked prefill {dt}, {bm.name} ({'random weights' if bm.random_weights else bm.source}), "
+              f"B={a.batch}, {a.tokens} tokens in chunks of {a.chunk}, on {device}: {res['tokens_per_s']:.0f} tokens/s;"
+              f" chunk ms {' '.join(f'{t:.1f}' for t in res['chunk_ms'])} (last {a.steps} profiled)"
+              + format_rows(res["rows"], a.top, device_times=device.startswith("cuda")))
+    print("\n" + chunk_summary(results))
+    return {"model": bm.name, "random_weights": bm.random_weights, "results": results}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``kvquant bench profile``."""
     p = ArgumentParser(prog="kvquant bench profile", description=__doc__.split("\n\n")[0])
-    p.add_argument("--kind", choices=["keys", "values", "decode"], default="keys",
-                   help="keys / values: one prefill quantization; decode: decode steps of --model")
+    p.add_argument("--kind", choices=["keys", "values", "decode", "chunk"], default="keys",
+                   help="keys / values: one prefill quantization; decode: decode steps of --model; chunk: a chunked "
+                        "prefill of --model (--tokens in forwards of --chunk), every chunk timed, the last --steps "
+                        "profiled with the past read, attention and append labelled")
     p.add_argument("--batch", type=int, default=1, help="sequences")
     p.add_argument("--heads", type=int, default=32, help="KV heads (32: Llama-2-7B, 8: GQA); keys/values only")
     p.add_argument("--tokens", type=parse_size, default=32768, help="prompt length S (32K or 32768)")
     p.add_argument("--head-dim", type=int, default=128, help="keys/values only")
-    p.add_argument("--datatype", default="nuq3", help="decode: a comma list, fp16 = transformers' DynamicCache")
+    p.add_argument("--datatype", default="nuq3",
+                   help="decode, chunk: a comma list, fp16 = transformers' DynamicCache")
+    p.add_argument("--chunk", type=parse_size, default=None, help="chunk: tokens per prefill forward, < --tokens")
     add_quant_config_args(p)
     add_device_arg(p)
-    p.add_argument("--model", default="random:7b", help="decode: model name, path or random:<preset>")
-    p.add_argument("--dtype", default=None, help="decode: model dtype (default float16 on CUDA, float32 on CPU)")
-    p.add_argument("--steps", type=int, default=8, help="decode: steps timed, then as many profiled")
+    p.add_argument("--model", default="random:7b", help="decode, chunk: model name, path or random:<preset>")
+    p.add_argument("--dtype", default=None, help="decode, chunk: model dtype (default float16 on CUDA, float32 on CPU)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="decode: steps timed, then as many profiled (default 8); chunk: the last chunks profiled "
+                        "(default 1)")
     p.add_argument("--warmup-steps", type=int, default=4, help="decode: untimed steps after the prefill")
     p.add_argument("--top", type=int, default=15, help="rows printed per table")
     p.add_argument("--out", type=Path, default=None, help="JSON file for every row")
@@ -278,13 +420,20 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``kvquant bench profile``. Returns a process exit code."""
     p = build_parser()
     a = p.parse_args(argv)
+    if a.steps is None:
+        a.steps = 1 if a.kind == "chunk" else 8
     for name in ("batch", "heads", "tokens", "head_dim", "top", "steps"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if a.warmup_steps < 0:
         p.error("--warmup-steps must be >= 0")
+    if a.kind == "chunk":
+        if a.chunk is None or not 1 <= a.chunk < a.tokens:
+            p.error(f"--kind chunk needs 1 <= --chunk < --tokens ({a.tokens}), got {a.chunk}")
+        if a.steps >= -(-a.tokens // a.chunk):
+            p.error(f"--steps {a.steps}: only {-(-a.tokens // a.chunk) - 1} chunks follow the first")
     try:  # every value checked before a model is built
-        if a.kind == "decode":
+        if a.kind in ("decode", "chunk"):
             parse_datatypes(a.datatype)
             quant_config_from_args(a, datatype="nuq3")
         else:
@@ -294,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(a.device)
     if a.kind == "decode":
         doc = _main_decode(a, device)
+    elif a.kind == "chunk":
+        doc = _main_chunk(a, device)
     else:
         doc = profile_prefill(a.kind, a.batch, a.heads, a.tokens, a.head_dim, cfg, device)
         head = (f"prefill {a.kind} [{a.batch}, {a.heads}, {a.tokens}, {a.head_dim}] {a.datatype} on {device} "

@@ -70,3 +70,42 @@ def test_decode_profile_labels_kvquant_parts(tiny: BenchModel, tmp_path: Path,
     assert "\n| fp16 |" in table and "\n| nuq2 |" in table
     doc = json.loads(out.read_text())
     assert [r["datatype"] for r in doc["results"]] == ["fp16", "nuq2"] and doc["random_weights"] is True
+
+
+def test_chunk_profile_times_every_chunk_and_labels_its_parts(tiny: BenchModel, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    from transformers.modeling_utils import AttentionInterface
+
+    from kvquant.bench import profile as prof
+    from kvquant.cache.layer import KVQuantLayer
+
+    read_past, get_interface = KVQuantLayer._read_past, AttentionInterface.get_interface
+    out = tmp_path / "c.json"
+    assert prof.main(["--kind", "chunk", "--model", "random:tiny", "--device", "cpu", "--datatype", "fp16,nuq3",
+                      "--backend", "torch", "--batch", "2", "--tokens", "40", "--chunk", "16", "--steps", "2",
+                      "--top", "3", "--out", str(out)]) == 0
+    assert KVQuantLayer._read_past is read_past and AttentionInterface.get_interface is get_interface  # restored
+    table = capsys.readouterr().out.split("| datatype | chunks |")[1]
+    assert "\n| fp16 | 3 |" in table and "\n| nuq3 | 3 |" in table
+    doc = json.loads(out.read_text())
+    fp16, nuq3 = doc["results"]
+    layers = tiny.text_config.num_hidden_layers
+    for r in (fp16, nuq3):
+        assert len(r["chunk_ms"]) == 3 and all(t > 0 for t in r["chunk_ms"]) and r["profiled_chunks"] == [1, 2]
+        assert r["device_busy_ms_per_chunk"] is None and r["rows"]
+        assert r["phases"]["kvquant.attention"]["calls_per_chunk"] == pytest.approx(layers)
+        assert all(p["host_ms_per_chunk"] >= 0 and p["device_ms_per_chunk"] is None for p in r["phases"].values())
+    assert set(fp16["phases"]) == {"kvquant.attention"}  # DynamicCache: no kvquant parts
+    ph = nuq3["phases"]
+    assert set(ph) == set(prof.CHUNK_REGIONS)
+    assert ph["kvquant.read_past"]["calls_per_chunk"] == pytest.approx(layers)
+    assert ph["kvquant.append"]["calls_per_chunk"] == pytest.approx(2 * layers)  # keys and values
+    assert ph["kvquant.read_past"]["host_ms_per_chunk"] <= ph["kvquant.update"]["host_ms_per_chunk"]
+
+    for bad in (["--chunk", "40"], ["--chunk", "64"], ["--chunk", "0"], [], ["--chunk", "16", "--steps", "3"]):
+        with pytest.raises(SystemExit):
+            prof.main(["--kind", "chunk", "--model", "random:tiny", "--device", "cpu", "--tokens", "40", *bad])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("kvquant bench profile: error: ") and ("--chunk" in err or "--steps" in err)
+    with pytest.raises(ValueError, match="chunk must be"):
+        prof.profile_chunks(tiny, "nuq3", 1, 8, 8, QuantConfig(datatype="nuq3", backend="torch"))
