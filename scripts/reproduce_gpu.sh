@@ -9,7 +9,7 @@
 #
 # Environment: MODEL (default random:7b; gen7b, cap, dprof, cprof), QWEN (a local path or alias, default
 # qwen2.5-coder-1.5b; qcal, qppl, qgen), TO (seconds, a step's own time limit), DT (datatypes), BATCH, PL (prompt
-# lengths), TESTS (verify), BP (dprof: batch:prompt pairs), TASKS, DEPTHS, N and QDT (qlong: tasks, needle depths,
+# lengths), TESTS (verify), VARIANTS (kprof), BP (dprof: batch:prompt pairs), TASKS, DEPTHS, N and QDT (qlong: tasks, needle depths,
 # samples per cell, model dtype).
 #
 # Steps:
@@ -73,7 +73,7 @@ run() {
       done; done ;;
     kprof)
       timeout "${TO:-540}" python scripts/profile_decode.py --out "$RES/decode_profile.json" \
-        --variants w=1,bt=16 w=2,bt=16 w=1,bt=32 w=2,bt=32 w=4,bt=32 w=2,bt=64 w=4,bt=64 w=8,bt=64 ;;
+        --variants ${VARIANTS:-w=1,bt=16 w=2,bt=16 w=1,bt=32 w=2,bt=32 w=4,bt=32 w=2,bt=64 w=4,bt=64 w=8,bt=64} ;;
     dprof)
       for bp in ${BP:-1:4K 8:16K}; do
         timeout "${TO:-240}" $KV bench profile --kind decode --model "$MODEL" --datatype "${DT:-fp16,nuq3}" \
