@@ -35,10 +35,11 @@ from kvquant.quant.store import QuantizedKVCache
 LOG2E = 1.4426950408889634
 PROGRAMS_PER_SM = 8  # split-K target: about this many page programs per multiprocessor
 MAX_TILE = 32  # tokens per tile of the key and value passes (smaller pages: the page size)
-CORR_LANES = 2048  # (token, KV head) lanes per program of the key-outlier correction kernel
+CORR_ELEMENTS = 8192  # tokens x KV heads (head-count rows) per program of the key-outlier correction kernel
+CORR_ENTRIES = 1  # entries per token and step of the key-outlier correction kernel
 OUTLIER_PAGES = 4  # pages per step of the value-outlier kernel
 OUTLIER_ENTRIES = 64  # entries per page and step of the value-outlier kernel
-MHA_REDUCE = 1  # one query head per KV head: row/column reductions instead of one-column dots (0: dots)
+MHA_REDUCE = 1  # one query head per KV head: the keys pass sums rows instead of one-column dots (0: dots)
 OUTLIER_SPLIT = 0  # pages per program of the value-outlier kernel (0: the key and value passes' split)
 
 
@@ -195,17 +196,17 @@ def decode_attention(
     )
     if KOUT:
         hkp = max(2, triton.next_power_of_2(Hkv))
-        blk = max(1, CORR_LANES // (hkp * GQ))
-        key_corr_kernel[(B, triton.cdiv(Lmax, blk))](
+        blk = max(16, min(512, CORR_ELEMENTS // hkp))
+        key_corr_kernel[(B * Hkv, triton.cdiv(Lmax, blk))](
             qs, scores, ktab, ktab.stride(0), kout.slot_start, kout.head_counts, kout.values, kout.indices,
             _key_dense_at_zero(kc, klev), kc.q_len, kc.sink_len, pos, cos, sin,
-            Hkv, Hq, Lmax, G=G, GQ=GQ, HKP=hkp, D=D, T=T, BLK=blk, ROPE=rope is not None,
+            Hkv, Hq, Lmax, G=G, GQ=GQ, HKP=hkp, D=D, T=T, BLK=blk, J=CORR_ENTRIES, ROPE=rope is not None,
             num_warps=4,
         )
     values_kernel[(B * Hkv, n_splits)](
         opart, mpart, lpart, scores, Lmax, vc.pages.pools["codes"], vc.lut, vlev, vc.pages.pools["scale"],
         vc.pages.pools["zero"], vtab, vtab.stride(0), vc.open, kc.q_len, Hkv, Hq, pages_per_split, NS1,
-        G=G, GP=GP, D=D, T=T, BT=BT, VBITS=vc.bits, USE_ASM=use_asm, DT=DT, PREC=prec, RED=red,
+        G=G, GP=GP, D=D, T=T, BT=BT, VBITS=vc.bits, USE_ASM=use_asm, DT=DT, PREC=prec,
         num_warps=num_warps, num_stages=num_stages,
     )
     ksink, vsink = kc.sink.contiguous(), vc.sink.contiguous()

@@ -7,8 +7,8 @@ byte is read once), in two passes that keep each program's registers few:
   (:func:`~kvquant.kernels.lut.unit_levels`), per-channel affine map, rotation by the tile's in-page offsets
   ``R(tau)`` (constant tables; the query is rotated by the tile's base position instead, ``R(p0 + tau) = R(p0)
   R(tau)``), then ``S^T = K . Q^T``; the scores go to a ``[B, Hq, Lmax]`` buffer.
-* :func:`key_corr_kernel`, grid ``(B, token blocks)``: key outliers as score corrections, a lane per (token, KV
-  head): ``q . R(p)(x - dense)`` for each stored entry, added to the token's score.
+* :func:`key_corr_kernel`, grid ``(B * Hkv, token blocks)``: key outliers as score corrections, a lane per token:
+  ``q . R(p)(x - dense)`` for each stored entry, added to the token's score.
 * :func:`values_kernel`, grid ``(B * Hkv, splits)``: online softmax over the scores; values: codes -> levels, the
   per-token scale folded into the probabilities (``p * scale``, plus ``sum(p * zero)``), ``O^T += V^T . P^T``;
   the open (last, incomplete) page is read exactly.
@@ -46,51 +46,52 @@ if triton is not None:
         Q, CORR, KTAB, k_tab_stride, KSS, KHC, KOV, KOI, KDZ, QLEN, SLEN, POS, COS, SIN,
         Hkv, Hq, Lmax,
         G: tl.constexpr, GQ: tl.constexpr, HKP: tl.constexpr, D: tl.constexpr, T: tl.constexpr,
-        BLK: tl.constexpr, ROPE: tl.constexpr,
+        BLK: tl.constexpr, J: tl.constexpr, ROPE: tl.constexpr,
     ):
-        """Score corrections of the key outliers of ``BLK`` quantized tokens of one sequence, a lane per (token, KV
-        head): ``q_hq . R(p_i) (x - dense)`` summed over the lane's stored entries, added to the token's score
-        ``CORR[b, hq, i]`` (``[B, Hq, Lmax]``, written by :func:`keys_kernel`) where it has any. A token's entries
-        are contiguous, head after head, so the lanes of one token read neighbouring entries, and each token's
-        per-head counts are read once."""
+        """Score corrections of the key outliers, a lane per quantized token: ``q_hq . R(p_i) (x - dense)`` summed
+        over token ``i``'s stored entries, added to its score ``CORR[b, hq, i]`` (``[B, Hq, Lmax]``, written by
+        :func:`keys_kernel`) where it has any."""
         DH: tl.constexpr = D // 2
-        b = tl.program_id(0)
+        pid = tl.program_id(0)
+        b = pid // Hkv
+        hk = pid % Hkv
         i = tl.program_id(1) * BLK + tl.arange(0, BLK)
         qlen = tl.load(QLEN + b)
         ok = i < qlen
         page = tl.load(KTAB + b * k_tab_stride + i // T, mask=ok, other=0).to(tl.int64)
         slot = page * T + i % T
-        hk = tl.arange(0, HKP)[None, :]
-        lane = ok[:, None] & (hk < Hkv)  # [BLK, HKP]
-        cnt = tl.load(KHC + slot[:, None] * Hkv + hk, mask=lane, other=0).to(tl.int32)
-        first = tl.load(KSS + slot, mask=ok, other=0)[:, None] + tl.cumsum(cnt, axis=1) - cnt
-        g = tl.arange(0, GQ)[None, None, :]
-        gm = g < G
-        hq = b * Hq + hk[:, :, None] * G + g  # [1, HKP, GQ]
-        qrow = hq.to(tl.int64) * D
-        cb = (b * Hkv + hk) * D  # [1, HKP]
-        ptok = (tl.load(POS + b) + tl.load(SLEN + b) + i).to(tl.int64)[:, None]
-        corr = tl.zeros([BLK, HKP, GQ], tl.float32)
-        for j in range(0, tl.max(tl.max(cnt, axis=1), axis=0)):
-            has = j < cnt  # [BLK, HKP]
-            e = first + j
+        hsel = tl.arange(0, HKP)[None, :]
+        hrow = tl.load(KHC + slot[:, None] * Hkv + hsel, mask=(hsel < Hkv) & ok[:, None], other=0).to(tl.int32)
+        first = tl.load(KSS + slot, mask=ok, other=0) + tl.sum(tl.where(hsel < hk, hrow, 0), axis=1)
+        cnt = tl.sum(tl.where(hsel == hk, hrow, 0), axis=1)
+        g = tl.arange(0, GQ)
+        gm = (g < G)[None, :]
+        qrow = (b * Hq + hk * G + g).to(tl.int64) * D
+        cb = (b * Hkv + hk) * D
+        ptok = (tl.load(POS + b) + tl.load(SLEN + b) + i).to(tl.int64)
+        corr = tl.zeros([BLK, GQ], tl.float32)
+        jj = tl.arange(0, J)
+        for j0 in range(0, tl.max(cnt, axis=0), J):  # J entries of every token at a time (independent loads)
+            has = (j0 + jj)[None, :] < cnt[:, None]  # [BLK, J]
+            e = first[:, None] + j0 + jj[None, :]
             c = tl.load(KOI + e, mask=has, other=0).to(tl.int32)
             x = tl.load(KOV + e, mask=has, other=0.0).to(tl.float32)
             delta = tl.where(has, x - tl.load(KDZ + cb + c, mask=has, other=0.0), 0.0)
-            m3 = has[:, :, None] & gm
-            qc = tl.load(Q + qrow + c[:, :, None], mask=m3, other=0.0)  # [BLK, HKP, GQ]
+            m3 = has[:, :, None] & gm[None, :, :]
+            qc = tl.load(Q + qrow[None, None, :] + c[:, :, None], mask=m3, other=0.0)  # [BLK, J, GQ]
             if ROPE:
                 low = c < DH
                 partner = tl.where(low, c + DH, c - DH)
                 fi = tl.where(low, c, partner)
-                cs_ = tl.load(COS + ptok * DH + fi, mask=has, other=1.0)
-                sn_ = tl.load(SIN + ptok * DH + fi, mask=has, other=0.0)
+                cs_ = tl.load(COS + ptok[:, None] * DH + fi, mask=has, other=1.0)
+                sn_ = tl.load(SIN + ptok[:, None] * DH + fi, mask=has, other=0.0)
                 sn_ = tl.where(low, sn_, -sn_)
-                qp = tl.load(Q + qrow + partner[:, :, None], mask=m3, other=0.0)
+                qp = tl.load(Q + qrow[None, None, :] + partner[:, :, None], mask=m3, other=0.0)
                 qc = qc * cs_[:, :, None] + qp * sn_[:, :, None]
-            corr += qc * delta[:, :, None]
-        at = CORR + hq.to(tl.int64) * Lmax + i[:, None, None]
-        add = gm & (lane & (cnt > 0))[:, :, None]
+            corr += tl.sum(qc * delta[:, :, None], axis=1)
+        crow = (b * Hq + hk * G + g).to(tl.int64) * Lmax
+        at = CORR + crow[None, :] + i[:, None]
+        add = gm & (ok & (cnt > 0))[:, None]
         tl.store(at, tl.load(at, mask=add, other=0.0) + corr, mask=add)
 
     @triton.jit
@@ -190,20 +191,11 @@ if triton is not None:
                 tl.store(SC + crow[None, :] + i[:, None], s, mask=gm[None, :])
 
     @triton.jit
-    def _weighted(v, pt, RED: tl.constexpr, PREC: tl.constexpr):
-        """``V^T . P^T`` -> ``[DH, GP]`` for a tile of values ``v [BT, DH]`` and probabilities ``pt [BT, GP]``;
-        ``RED``: one query head, a column reduction in the tile's layout."""
-        if RED:
-            return tl.sum(v.to(tl.float32) * tl.sum(pt.to(tl.float32), axis=1)[:, None], axis=0)[:, None]
-        else:
-            return tl.dot(tl.trans(v), pt, input_precision=PREC)
-
-    @triton.jit
     def values_kernel(
         OP, MP, LP, SC, Lmax, VC, VLUT, VLEV, VSC, VZR, VTAB, v_tab_stride, VOPEN, QLEN,
         Hkv, Hq, pages_per_split, NS1,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, T: tl.constexpr, BT: tl.constexpr,
-        VBITS: tl.constexpr, USE_ASM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, RED: tl.constexpr,
+        VBITS: tl.constexpr, USE_ASM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
     ):
         """Second pass of one split: online softmax over its scores ``SC`` (outlier corrections included) and the
         probability-weighted values; the partial output, max and sum go to ``OP``/``MP``/``LP``."""
@@ -240,8 +232,8 @@ if triton is not None:
                 vbase = (vpage * Hkv + hk) * VBITS * U + sub * BT * NU
                 va = _tile_levels(VC, vbase + tofs, U, VLUT, VLEV, VBITS, BT, NH, USE_ASM, DT)
                 vb = _tile_levels(VC, vbase + tofs + NH, U, VLUT, VLEV, VBITS, BT, NH, USE_ASM, DT)
-                acc_a = acc_a * alpha[None, :] + _weighted(va, pt, RED, PREC)
-                acc_b = acc_b * alpha[None, :] + _weighted(vb, pt, RED, PREC)
+                acc_a = acc_a * alpha[None, :] + tl.dot(tl.trans(va), pt, input_precision=PREC)
+                acc_b = acc_b * alpha[None, :] + tl.dot(tl.trans(vb), pt, input_precision=PREC)
                 m = m_new
         if (sealed >= p0) & (sealed < p1):  # the open page: exact values
             for sub in tl.static_range(T // BT):
@@ -256,8 +248,8 @@ if triton is not None:
                 va = tl.load(VOPEN + vrow + dcol[:, None], mask=ok[None, :], other=0.0).to(DT)
                 vb = tl.load(VOPEN + vrow + DH + dcol[:, None], mask=ok[None, :], other=0.0).to(DT)
                 pt = p.to(DT)
-                acc_a = acc_a * alpha[None, :] + _weighted(tl.trans(va), pt, RED, PREC)
-                acc_b = acc_b * alpha[None, :] + _weighted(tl.trans(vb), pt, RED, PREC)
+                acc_a = acc_a * alpha[None, :] + tl.dot(va, pt, input_precision=PREC)
+                acc_b = acc_b * alpha[None, :] + tl.dot(vb, pt, input_precision=PREC)
                 m = m_new
         orow = (b * Hq + hk * G + g).to(tl.int64) * NS1 + tl.program_id(1)
         tl.store(MP + orow, m, mask=gm)
