@@ -15,13 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from kvquant.quant.rope import apply_rope
 from kvquant.quant.store import QuantizedKVCache
-
-#: Elements (batch x context x head size) per head group when a multi-token step reads the quantized past back:
-#: the dequantization's temporaries (int64 code unpacking, float32 levels and maps: up to about 24 bytes per element,
-#: counted from the code) stay near 0.8 GB.
-READ_GROUP_ELEMENTS = 1 << 25
 
 if TYPE_CHECKING:
     from kvquant.cache.hf_cache import KVQuantCache
@@ -119,30 +113,21 @@ class KVQuantLayer(CacheLayerMixin):
     def _read_past(self, key_states: torch.Tensor, value_states: torch.Tensor, past_mask: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``[past | new]`` keys and values ``[B, H_kv, past + s, D]`` in the model's dtype for a multi-token step:
-        the stored past dequantized (and re-rotated) a group of heads at a time straight into the output, so the
-        float32 temporaries of the dequantization stay within :data:`READ_GROUP_ELEMENTS` elements whatever the
-        batch and context (the same numbers as dequantizing every head at once)."""
+        the stored past read straight into the output by the cache's ops (keys re-rotated; the Triton backend in one
+        launch per store, the torch reference a group of heads at a time, see :func:`kvquant.quant.read.read_past`)."""
         B, H, s, D = key_states.shape
         Lp = past_mask.shape[1]
         mask = self.qkeys.check_aligned(past_mask)
         self.qvalues.check_aligned(past_mask)
         out_k = key_states.new_empty(B, H, Lp + s, D)
         out_v = value_states.new_empty(B, H, Lp + s, D)
-        cos = sin = None
+        rope = None
         if self.owner.pre_rope:
             rank = (mask.long().cumsum(1) - 1).clamp_min(0)
-            cos, sin = self.owner.rotary(self.pos_offset[:, None] + rank)
-        step = max(1, min(H, READ_GROUP_ELEMENTS // max(1, B * Lp * D)))
-        kent = self.qkeys.outlier_entries() if step < H else None  # found once for every group
-        vent = self.qvalues.outlier_entries() if step < H else None
-        for h0 in range(0, H, step):
-            heads = (h0, min(H, h0 + step))
-            past_k = self.qkeys.dequantize_aligned(mask, heads, checked=True, entries=kent)
-            if cos is not None:
-                past_k = apply_rope(past_k, cos, sin)
-            out_k[:, heads[0]:heads[1], :Lp] = past_k
-            out_v[:, heads[0]:heads[1], :Lp] = self.qvalues.dequantize_aligned(mask, heads, checked=True,
-                                                                               entries=vent)
+            rope = self.owner.rotary(self.pos_offset[:, None] + rank)
+        ops = self.owner.ops
+        ops.read_past(self.qkeys, mask, out_k[:, :, :Lp], rope)
+        ops.read_past(self.qvalues, mask, out_v[:, :, :Lp])
         out_k[:, :, Lp:] = key_states
         out_v[:, :, Lp:] = value_states
         return out_k, out_v

@@ -26,8 +26,8 @@ from kvquant.kernels.jit.encode import (
 from kvquant.quant.encode import value_thresholds
 from kvquant.quant.validate import same_device
 
-# appends of at most this many elements (N * H * D), a decode step's, stage every element at its own place and
-# finish without a host sync
+# decode-step appends (one token per sequence) of at most this many elements (N * H * D) stage every element at its
+# own place and finish without a host sync
 SMALL_APPEND = 1 << 18
 # the thresholds kernel sorts a token's H * D values in one program: up to this many (padded to a power of two)
 SORT_MAX_ELEMENTS = 1 << 13
@@ -78,7 +78,9 @@ def write_keys(store, seq: torch.Tensor, pos: torch.Tensor, tokens: torch.Tensor
     if tokens.stride(-1) != 1:
         tokens = tokens.contiguous()
     n_elem = N * H * D
-    small = n_elem <= SMALL_APPEND
+    # the sync-free path reserves room for every element as an outlier: kept for a decode step (one token per
+    # sequence); a multi-token append (prefill chunk) counts exactly (one sync) so no chunk-sized headroom is held
+    small = n_elem <= SMALL_APPEND and (static or store.batch >= N)
     outl = store.outliers
     out = bool(store.keep_outliers)
     if out and small:

@@ -19,6 +19,8 @@ Methods (the same on both):
 * ``decode_attention(q, kstore, vstore, softmax_scale=None, rope=None, extra_kv=None)``: one query token per
   sequence over a key/value store pair;
 * ``invert_rope(keys, cos, sin)``: pre-RoPE keys (in the keys' dtype) from post-RoPE ones;
+* ``read_past(store, mask, out, rope=None)``: a multi-token step's past, every stored token written at the real
+  positions of ``mask [B, S]`` into ``out [B, H, S, D]`` (rotated by ``rope = (cos, sin) [B, S, D]``);
 * ``write_problem(store)`` / ``decode_problem(q, kstore, vstore, rope)``: why these ops cannot serve a store or a
   decode step (``None`` if they can).
 """
@@ -35,6 +37,7 @@ import torch
 from kvquant.config import BACKENDS
 from kvquant.kernels.reference import Rope, check_decode_inputs, decode_attention_reference
 from kvquant.quant import backend as _backend
+from kvquant.quant import read as _read
 from kvquant.quant import write as _write
 from kvquant.quant.rope import invert_rope
 
@@ -64,6 +67,10 @@ class TorchOps:
 
     def invert_rope(self, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return invert_rope(keys, cos, sin).to(keys.dtype)
+
+    def read_past(self, store: Any, mask: torch.Tensor, out: torch.Tensor,
+                  rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        _read.read_past(store, mask, out, rope)
 
     def write_problem(self, store: Any) -> str | None:
         return None
@@ -99,6 +106,7 @@ class TritonOps:
         self._enc = importlib.import_module("kvquant.kernels.encode")
         self._da = importlib.import_module("kvquant.kernels.decode_attention")
         self._unrope = importlib.import_module("kvquant.kernels.unrope")
+        self._read = importlib.import_module("kvquant.kernels.read_past")
 
     def write_keys(self, store: Any, seq: torch.Tensor, pos: torch.Tensor, tokens: torch.Tensor,
                    nonfinite: torch.Tensor | None = None, static: bool = False) -> None:
@@ -123,6 +131,14 @@ class TritonOps:
     def invert_rope(self, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         with on_device(keys.device):
             return self._unrope.invert_rope_triton(keys, cos, sin)
+
+    def read_past(self, store: Any, mask: torch.Tensor, out: torch.Tensor,
+                  rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        if self._read.unsupported_reason(store):  # (a rotated store: the reference rotates it back)
+            _read.read_past(store, mask, out, rope)
+            return
+        with on_device(store.device):
+            self._read.read_past(store, mask, out, rope)
 
     def write_problem(self, store: Any) -> str | None:
         return self._enc.unsupported_reason(store)

@@ -7,9 +7,16 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvquant.quant.packing import unpack_units
+from kvquant.quant.rope import apply_rope
 
 if TYPE_CHECKING:
     from kvquant.quant.store import QuantizedKVCache
+
+
+#: Elements (batch x context x head size) per head group when :func:`read_past` reads a store back: the
+#: dequantization's temporaries (int64 code unpacking, float32 levels and maps: up to about 24 bytes per element,
+#: counted from the code) stay near 0.8 GB.
+READ_GROUP_ELEMENTS = 1 << 25
 
 
 def gather_pages(store: QuantizedKVCache, name: str, length: torch.Tensor,
@@ -95,3 +102,19 @@ def dequantize_pages(store: QuantizedKVCache, heads: tuple[int, int] | None = No
         ex = store.open[:, h0:h1].gather(2, (j % T).expand(B, -1)[:, None, :, None].expand(B, H, -1, D))
         out = torch.where(in_open[:, None, :, None], ex, out)
     return out
+
+
+def read_past(store: QuantizedKVCache, mask: torch.Tensor, out: torch.Tensor,
+              rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """The reference of :func:`kvquant.kernels.read_past.read_past`: the store dequantized a group of heads at a time
+    (:data:`READ_GROUP_ELEMENTS`) straight into ``out [B, H, S, D]`` at the real positions of ``mask [B, S]`` (bool,
+    checked by the caller), rotated by ``rope = (cos, sin) [B, S, D]`` when given (the same numbers as reading every
+    head at once)."""
+    B, S = mask.shape
+    H, D = store.num_heads, store.head_dim
+    step = max(1, min(H, READ_GROUP_ELEMENTS // max(1, B * S * D)))
+    entries = store.outlier_entries() if step < H else None  # found once for every group
+    for h0 in range(0, H, step):
+        heads = (h0, min(H, h0 + step))
+        x = store.dequantize_aligned(mask, heads, checked=True, entries=entries)
+        out[:, heads[0]:heads[1]] = x if rope is None else apply_rope(x, *rope)

@@ -173,3 +173,25 @@ def test_static_key_outlier_overflow_is_reported(seed: int):
 def test_writers_store_the_same_bytes_at_model_shapes(seed: int, dtype):
     cfg = QuantConfig(min_range_tokens=1, datatype="nuq3", outlier_fraction=0.01, n_sink=1, page_size=64)
     run_both(seed, cfg, B=4, H=8, D=128, S=3000, lengths=[3000, 2500, 17, 1200], n_decode=70, dtype=dtype)
+
+
+def test_chunk_appends_hold_no_chunk_headroom(seed: int):
+    """Multi-token appends (prefill chunks) on the Triton writer count their key outliers exactly: the capacity
+    held stays within the amortized growth of what is stored (the sync-free decode path reserves a whole step's
+    elements; a chunk's worth held after every chunk multiplied the key bytes held at short contexts), and the bytes
+    are the torch writer's."""
+    cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.01, n_sink=1, residual_length=0, page_size=32,
+                      min_range_tokens=1)
+    B, H, D, S, chunk, n_chunks = 2, 2, 64, 64, 32, 6
+    x = heavy_tailed_kv((B, H, S + chunk * n_chunks, D), seed, dtype=torch.float16).to(DEVICE)
+    mask = torch.ones(B, S, dtype=torch.bool, device=DEVICE)
+    stores = [BatchedKVQuantizer(cfg, ops=ops).quantize_keys(x[:, :, :S], mask)
+              for ops in (TORCH, resolve_ops("triton", DEVICE, []))]
+    for c in range(n_chunks):
+        part = x[:, :, S + c * chunk:S + (c + 1) * chunk]
+        for s in stores:
+            s.append(part, torch.ones(B, chunk, dtype=torch.bool, device=DEVICE))
+    assert_same(*stores, "keys after chunk appends")
+    o = stores[1].outliers
+    assert o.nnz > 0
+    assert o.capacity_nnz <= 1.25 * o.nnz + 2 * o.block_nnz, (o.capacity_nnz, o.nnz)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from kvquant import QuantConfig
-from kvquant.cache import layer as layer_mod
 from kvquant.cache.hf_cache import KVQuantCache
 from kvquant.models import tiny_llama
+from kvquant.quant import read as read_mod
 from kvquant.quant.quantizer import BatchedKVQuantizer
 from tests.hf_tiny import padded_batch
 
@@ -71,10 +71,38 @@ def test_layer_reads_the_past_a_head_at_a_time(seed: int, monkeypatch: pytest.Mo
         return logits, cache
 
     ref, ref_cache = run()
-    monkeypatch.setattr(layer_mod, "READ_GROUP_ELEMENTS", 1)  # one head per group
+    monkeypatch.setattr(read_mod, "READ_GROUP_ELEMENTS", 1)  # one head per group
     got, got_cache = run()
     for a, b in zip(ref, got):
         assert torch.equal(a, b)
+    for la, lb in zip(ref_cache.layers, got_cache.layers):
+        assert torch.equal(la.qkeys.dequantize()[0], lb.qkeys.dequantize()[0])
+        assert torch.equal(la.qvalues.dequantize()[0], lb.qvalues.dequantize()[0])
+
+
+def test_kernel_read_of_the_past_matches_the_reference(seed: int) -> None:
+    """A prompt fed in chunks through the Triton backend (its past read by :mod:`kvquant.kernels.read_past`) gives the
+    torch backend's logits (same stored bytes, the past rounded once instead of twice) and the same stored tokens."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    model = tiny_llama(seed=1, num_layers=2, hidden=128, heads=4, kv_heads=2, head_dim=64, vocab=96)
+    ids, mask = padded_batch(seed, model.config.vocab_size, S=40)
+
+    def run(backend: str) -> tuple[list[torch.Tensor], KVQuantCache]:
+        cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.05, page_size=32, min_range_tokens=1, backend=backend)
+        cache = KVQuantCache(model, cfg)
+        assert cache.ops.name == backend
+        logits = []
+        bounds = [0, 14, 23, 31, ids.shape[1]]
+        with torch.no_grad():
+            for c0, c1 in zip(bounds[:-1], bounds[1:]):
+                out = model(input_ids=ids[:, c0:c1], attention_mask=mask[:, :c1], past_key_values=cache)
+                logits.append(out.logits)
+        return logits, cache
+
+    ref, ref_cache = run("torch")
+    got, got_cache = run("triton")
+    for a, b in zip(ref, got):
+        assert float((a - b).norm() / a.norm()) < 1e-5
     for la, lb in zip(ref_cache.layers, got_cache.layers):
         assert torch.equal(la.qkeys.dequantize()[0], lb.qkeys.dequantize()[0])
         assert torch.equal(la.qvalues.dequantize()[0], lb.qvalues.dequantize()[0])

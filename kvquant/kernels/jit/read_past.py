@@ -1,0 +1,125 @@
+"""The ``@triton.jit`` body of the past read of a multi-token step (launched from :mod:`kvquant.kernels.read_past`).
+
+One program per (sequence, head, block of ``BT`` output columns): each column's logical token (sink, quantized,
+open value page or residual) is read from where the store keeps it, dequantized in float32 (codes -> levels ->
+per-channel map for keys, per-token scale and zero for values), key outliers put back exactly, RoPE applied to keys
+and the result written once, in the output's dtype, at the column of the padded layout. Value outliers are put back
+afterwards by the launcher (one scatter over the stored entries)."""
+
+from __future__ import annotations
+
+from kvquant.kernels._triton import tl, triton
+
+if triton is not None:
+
+    @triton.jit
+    def _half_levels(CODES, base, U, t, c, LEV, mask, BITS: tl.constexpr, NU: tl.constexpr):
+        """float32 levels ``[BT, DH]`` of channels ``c [DH]`` of in-page tokens ``t [BT]`` whose (page, head) codes
+        start at word ``base [BT]`` (the bit-plane unit layout of :func:`kvquant.quant.packing.pack_units`)."""
+        unit = t[:, None] * NU + c[None, :] // 32
+        lane = c[None, :] % 32
+        g = lane // 8
+        i = lane % 8
+        if BITS == 4:
+            w = tl.load(CODES + base[:, None] + g * U + unit, mask=mask, other=0)
+            code = (w >> (4 * i)) & 15
+        else:
+            w = tl.load(CODES + base[:, None] + (g // 2) * U + unit, mask=mask, other=0)
+            code = (w >> (4 * i + 2 * (g % 2))) & 3
+            if BITS == 3:
+                w2 = tl.load(CODES + base[:, None] + 2 * U + unit, mask=mask, other=0)
+                code = code | (((w2 >> (4 * i + g)) & 1) << 2)
+        return tl.load(LEV + code, mask=mask, other=0.0)
+
+    @triton.jit
+    def read_past_kernel(
+        OUT, o_b, o_h, o_s, SRC, S,
+        SINK, n_sink, RES, n_res, SLEN, QLEN, RLEN,
+        CODES, LEV, TAB, tab_stride, CS, CZ, VSC, VZR, OPEN,
+        KSS, KHC, KOV, KOI, COS, SIN, H,
+        D: tl.constexpr, T: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr, KEY: tl.constexpr,
+        KOUT: tl.constexpr, DEFERRED: tl.constexpr, ROPE: tl.constexpr, HP: tl.constexpr,
+    ):
+        """Columns ``j`` of ``OUT[b, h, :S, :]``: logical token ``SRC[b, j]`` (``-1``: padding, zeros)."""
+        DH: tl.constexpr = D // 2
+        NU: tl.constexpr = D // 32
+        U: tl.constexpr = T * D // 32
+        pid = tl.program_id(0)
+        b = pid // H
+        h = pid % H
+        bh = b * H + h
+        j = tl.program_id(1) * BT + tl.arange(0, BT)
+        jm = j < S
+        k = tl.load(SRC + b * S + j, mask=jm, other=-1)
+        slen = tl.load(SLEN + b)
+        qlen = tl.load(QLEN + b)
+        rlen = tl.load(RLEN + b)
+        i = k - slen
+        r = i - qlen
+        in_sink = (k >= 0) & (k < slen)
+        in_q = (i >= 0) & (i < qlen)
+        in_res = (r >= 0) & (r < rlen)
+        ca = tl.arange(0, DH)
+        cb = ca + DH
+        # exact tokens: sinks and the residual window
+        srow = (bh * n_sink + tl.where(in_sink, k, 0)).to(tl.int64) * D
+        rrow = (bh * n_res + tl.where(in_res, r, 0)).to(tl.int64) * D
+        xa = tl.load(SINK + srow[:, None] + ca[None, :], mask=in_sink[:, None], other=0.0).to(tl.float32)
+        xb = tl.load(SINK + srow[:, None] + cb[None, :], mask=in_sink[:, None], other=0.0).to(tl.float32)
+        xa += tl.load(RES + rrow[:, None] + ca[None, :], mask=in_res[:, None], other=0.0).to(tl.float32)
+        xb += tl.load(RES + rrow[:, None] + cb[None, :], mask=in_res[:, None], other=0.0).to(tl.float32)
+        # quantized tokens (values of the open page: exact)
+        ic = tl.where(in_q, i, 0)
+        coded = in_q
+        if DEFERRED:
+            sealed = (qlen // T) * T
+            coded = in_q & (ic < sealed)
+        page = tl.load(TAB + b * tab_stride + ic // T, mask=coded, other=0).to(tl.int64)
+        t = ic % T
+        base = (page * H + h) * BITS * U
+        cm = coded[:, None]
+        qa = _half_levels(CODES, base, U, t, ca, LEV, cm, BITS, NU)
+        qb = _half_levels(CODES, base, U, t, cb, LEV, cm, BITS, NU)
+        if KEY:
+            qa = qa * tl.load(CS + bh * D + ca)[None, :] + tl.load(CZ + bh * D + ca)[None, :]
+            qb = qb * tl.load(CS + bh * D + cb)[None, :] + tl.load(CZ + bh * D + cb)[None, :]
+        else:
+            ps = (page * H + h) * T + t
+            sc = tl.load(VSC + ps, mask=coded, other=0.0).to(tl.float32)[:, None]
+            zr = tl.load(VZR + ps, mask=coded, other=0.0).to(tl.float32)[:, None]
+            qa = qa * sc + zr
+            qb = qb * sc + zr
+            if DEFERRED:
+                is_open = in_q & (ic >= sealed)
+                orow = (bh * T + t).to(tl.int64) * D
+                qa = tl.where(is_open[:, None], tl.load(OPEN + orow[:, None] + ca[None, :], mask=is_open[:, None],
+                                                        other=0.0).to(tl.float32), qa)
+                qb = tl.where(is_open[:, None], tl.load(OPEN + orow[:, None] + cb[None, :], mask=is_open[:, None],
+                                                        other=0.0).to(tl.float32), qb)
+        xa = tl.where(in_q[:, None], qa, xa)
+        xb = tl.where(in_q[:, None], qb, xb)
+        if KOUT:  # key outliers, exact, before the rotation: a token's entries are contiguous, head after head
+            slot = page * T + t
+            hs = tl.arange(0, HP)[None, :]
+            hrow = tl.load(KHC + slot[:, None] * H + hs, mask=(hs < H) & cm, other=0).to(tl.int32)
+            first = tl.load(KSS + slot, mask=coded, other=0) + tl.sum(tl.where(hs < h, hrow, 0), axis=1)
+            cnt = tl.sum(tl.where(hs == h, hrow, 0), axis=1)
+            for e in range(0, tl.max(cnt, axis=0)):
+                has = e < cnt
+                c = tl.load(KOI + first + e, mask=has, other=0).to(tl.int32)[:, None]
+                v = tl.load(KOV + first + e, mask=has, other=0.0).to(tl.float32)[:, None]
+                xa = tl.where(has[:, None] & (ca[None, :] == c), v, xa)
+                xb = tl.where(has[:, None] & (cb[None, :] == c), v, xb)
+        if ROPE:  # x * cos + rotate_half(x) * sin, tables [B, S, D] per column
+            crow = (b * S + j).to(tl.int64) * D
+            ok = jm[:, None]
+            cos_a = tl.load(COS + crow[:, None] + ca[None, :], mask=ok, other=1.0)
+            cos_b = tl.load(COS + crow[:, None] + cb[None, :], mask=ok, other=1.0)
+            sin_a = tl.load(SIN + crow[:, None] + ca[None, :], mask=ok, other=0.0)
+            sin_b = tl.load(SIN + crow[:, None] + cb[None, :], mask=ok, other=0.0)
+            xa, xb = xa * cos_a - xb * sin_a, xb * cos_b + xa * sin_b
+        real = (k >= 0)[:, None]
+        orow = b.to(tl.int64) * o_b + h * o_h + j.to(tl.int64) * o_s
+        dt = OUT.dtype.element_ty
+        tl.store(OUT + orow[:, None] + ca[None, :], tl.where(real, xa, 0.0).to(dt), mask=jm[:, None])
+        tl.store(OUT + orow[:, None] + cb[None, :], tl.where(real, xb, 0.0).to(dt), mask=jm[:, None])
