@@ -9,7 +9,7 @@
 #
 # Environment: MODEL (default random:7b; gen7b, cap, dprof, cprof), QWEN (a local path or alias, default
 # qwen2.5-coder-1.5b; qcal, qppl, qgen), TO (seconds, a step's own time limit), DT (datatypes), BATCH, PL (prompt
-# lengths), TESTS (verify), VARIANTS (kprof), BP (dprof: batch:prompt pairs), TASKS, DEPTHS, N and QDT (qlong: tasks, needle depths,
+# lengths), TESTS (verify), VARIANTS (kprof), BATCHES (decode: e.g. "1 8 32"), BP (dprof: batch:prompt pairs), TASKS, DEPTHS, N and QDT (qlong: tasks, needle depths,
 # samples per cell, model dtype).
 #
 # Steps:
@@ -62,7 +62,7 @@ run() {
     decode)
       for f in 0.01 0; do
         timeout "${TO:-540}" python3 -m kvquant.bench.kernels --skip-prefill --rope --residual-length 0 \
-          --outlier-fraction $f --contexts 4096 32768 --batches 1 8 --hf-baselines '' --no-dequant \
+          --outlier-fraction $f --contexts 4096 32768 --batches ${BATCHES:-1 8} --hf-baselines '' --no-dequant \
           --out "$RES/kernels_decode_f$f.json"
       done ;;
     prefill)

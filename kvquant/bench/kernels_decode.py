@@ -33,17 +33,32 @@ def heavy_tailed(shape: tuple[int, int, int, int], seed: int, dtype: torch.dtype
     return (x * gain[None, :, None, :]).to(dtype)
 
 
+#: Elements (batch x heads x tokens x head size) generated and quantized at once by :func:`synthetic_caches`: a
+#: larger cache is prefilled with its first tokens and the rest appended in pieces of this size, so the generator's
+#: float32 temporaries (about 20 bytes per element) stay near 5 GB (MHA at batch 32 x 32K would need ~90 GB at once).
+SYNTH_CHUNK_ELEMENTS = 1 << 28
+
+
 def synthetic_caches(
     B: int, Hkv: int, D: int, L: int, cfg: QuantConfig, dtype: torch.dtype, device: str, seed: int = 0
 ) -> tuple[QuantizedKVCache, QuantizedKVCache]:
     """A (keys, values) cache pair of ``L`` tokens per sequence: heavy-tailed K/V (:func:`heavy_tailed`) quantized
     by the cache's own writers (keys per channel with ranges from the data, values per token, ``cfg``'s outliers,
-    sinks and residual window), plus one decode token, so every part of the format is present."""
+    sinks and residual window), plus one decode token, so every part of the format is present. Past
+    :data:`SYNTH_CHUNK_ELEMENTS` the tokens after the first piece are appended piece by piece (the key ranges then
+    come from the first piece)."""
     from kvquant.quant.quantizer import BatchedKVQuantizer
 
     qz = BatchedKVQuantizer(cfg)
-    kc = qz.quantize_keys(heavy_tailed((B, Hkv, L - 1, D), seed, dtype, device))
-    vc = qz.quantize_values(heavy_tailed((B, Hkv, L - 1, D), seed + 1, dtype, device))
+    step = max(1, SYNTH_CHUNK_ELEMENTS // (B * Hkv * D))
+    n = L - 1
+    first = min(n, step)
+    kc = qz.quantize_keys(heavy_tailed((B, Hkv, first, D), seed, dtype, device))
+    vc = qz.quantize_values(heavy_tailed((B, Hkv, first, D), seed + 1, dtype, device))
+    for i, t0 in enumerate(range(first, n, step)):
+        t = min(step, n - t0)
+        kc.append(heavy_tailed((B, Hkv, t, D), seed + 4 + 2 * i, dtype, device))
+        vc.append(heavy_tailed((B, Hkv, t, D), seed + 5 + 2 * i, dtype, device))
     kc.append(heavy_tailed((B, Hkv, 1, D), seed + 2, dtype, device))
     vc.append(heavy_tailed((B, Hkv, 1, D), seed + 3, dtype, device))
     return kc, vc
