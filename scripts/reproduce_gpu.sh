@@ -9,8 +9,8 @@
 #
 # Environment: MODEL (default random:7b; gen7b, cap, dprof, cprof), QWEN (a local path or alias, default
 # qwen2.5-coder-1.5b; qcal, qppl, qgen), TO (seconds, a step's own time limit), DT (datatypes), BATCH, PL (prompt
-# lengths), TESTS (verify), VARIANTS (kprof), BATCHES (decode: e.g. "1 8 32"), BP (dprof: batch:prompt pairs), TASKS, DEPTHS, N and QDT (qlong: tasks, needle depths,
-# samples per cell, model dtype).
+# lengths), TESTS (verify), VARIANTS (kprof), BATCHES (decode: e.g. "1 8 32"), BP (dprof: batch:prompt pairs),
+# TASKS, DEPTHS, N and QDT (qlong: tasks, needle depths, samples per cell, model dtype).
 #
 # Steps:
 #   env       GPU, driver and package versions
