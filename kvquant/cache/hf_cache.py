@@ -312,6 +312,15 @@ class KVQuantCache(Cache):
             self._step[key] = self.rotary(positions)
         return self._step[key]
 
+    def _past_rotary(self, past_mask: torch.Tensor, pos_offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos, sin [B, P, D]`` at the past's columns of a multi-token step (``pos_offset + rank`` of each real
+        token of ``past_mask [B, P]``; computed once per step and device, shared by the layers)."""
+        key = ("past_rope", tuple(past_mask.shape), str(past_mask.device))
+        if key not in self._step:
+            rank = (past_mask.long().cumsum(1) - 1).clamp_min(0)
+            self._step[key] = self.rotary(pos_offset[:, None] + rank)
+        return self._step[key]
+
     def _compute_step_inputs(self, batch: int, s: int, past: int, device: torch.device
                              ) -> tuple[torch.Tensor, torch.Tensor]:
         mask = self._step.get("attention_mask")

@@ -121,10 +121,7 @@ class KVQuantLayer(CacheLayerMixin):
         self.qvalues.check_aligned(past_mask)
         out_k = key_states.new_empty(B, H, Lp + s, D)
         out_v = value_states.new_empty(B, H, Lp + s, D)
-        rope = None
-        if self.owner.pre_rope:
-            rank = (mask.long().cumsum(1) - 1).clamp_min(0)
-            rope = self.owner.rotary(self.pos_offset[:, None] + rank)
+        rope = self.owner._past_rotary(mask, self.pos_offset) if self.owner.pre_rope else None
         ops = self.owner.ops
         ops.read_past(self.qkeys, mask, out_k[:, :, :Lp], rope)
         ops.read_past(self.qvalues, mask, out_v[:, :, :Lp])
