@@ -82,7 +82,7 @@ def read_past(store: QuantizedKVCache, mask: torch.Tensor, out: torch.Tensor,
     o = store.outliers
     kss, khc, kov, koi = (o.slot_start, o.head_counts, o.values, o.indices) if kout else (dummy,) * 4
     cos, sin = (r.to(store.device, torch.float32).contiguous() for r in rope) if rope is not None else (dummy, dummy)
-    read_past_kernel[(B * H, triton.cdiv(S, BLOCK_COLUMNS))](
+    read_past_kernel[(H * B * triton.cdiv(S, BLOCK_COLUMNS),)](
         out, out.stride(0), out.stride(1), out.stride(2), src, S,
         sink, sink.shape[2], res, res.shape[2], store.sink_len, store.q_len, store.res_len,
         pools["codes"], _levels(store), tab, tab.stride(0), cs, cz, vsc, vzr, opn,

@@ -1,6 +1,6 @@
 """The ``@triton.jit`` body of the past read of a multi-token step (launched from :mod:`kvquant.kernels.read_past`).
 
-One program per (sequence, head, block of ``BT`` output columns): each column's logical token (sink, quantized,
+One program per (head, sequence, block of ``BT`` output columns): each column's logical token (sink, quantized,
 open value page or residual) is read from where the store keeps it, dequantized in float32 (codes -> levels ->
 per-channel map for keys, per-token scale and zero for values), key outliers put back exactly, RoPE applied to keys
 and the result written once, in the output's dtype, at the column of the padded layout. Value outliers are put back
@@ -44,11 +44,12 @@ if triton is not None:
         DH: tl.constexpr = D // 2
         NU: tl.constexpr = D // 32
         U: tl.constexpr = T * D // 32
-        pid = tl.program_id(0)
-        b = pid // H
-        h = pid % H
+        pid = tl.program_id(0)  # one axis (no 65535 limit); the heads of a column block run side by side, so its
+        h = pid % H  # RoPE rows stay in L2
+        nblk = tl.cdiv(S, BT)
+        b = (pid // H) // nblk
         bh = b * H + h
-        j = tl.program_id(1) * BT + tl.arange(0, BT)
+        j = ((pid // H) % nblk) * BT + tl.arange(0, BT)
         jm = j < S
         k = tl.load(SRC + b * S + j, mask=jm, other=-1)
         slen = tl.load(SLEN + b)
