@@ -10,7 +10,7 @@
 # Environment: MODEL (default random:7b; gen7b, cap, dprof, cprof), QWEN (a local path or alias, default
 # qwen2.5-coder-1.5b; qcal, qppl, qgen), TO (seconds, a step's own time limit), DT (datatypes), BATCH, PL (prompt
 # lengths), TESTS (verify), VARIANTS (kprof), BATCHES (decode: e.g. "1 8 32"), BP (dprof: batch:prompt pairs),
-# TASKS, DEPTHS, N and QDT (qlong: tasks, needle depths, samples per cell, model dtype).
+# TASKS, DEPTHS, N and QDT (qlong: tasks, needle depths, samples per cell, model dtype), CHUNK (atcap: prefill chunk).
 #
 # Steps:
 #   env       GPU, driver and package versions
@@ -91,7 +91,7 @@ run() {
     atcap)
       timeout "${TO:-540}" $KV bench generate --model "$MODEL" --datatypes "${DT:-fp16,nuq3}" --at-capacity \
         --memory-budget-gb "${BUDGET:-80}" --reserve-gb "${RESERVE:-12}" --prompt-len "${PL:-32K}" --gen 64 \
-        --warmup 1 --graph --no-progress --out "$RES" ;;
+        --warmup 1 --graph ${CHUNK:+--prefill-chunk "$CHUNK"} --no-progress --out "$RES" ;;
     qgen)
       timeout "${TO:-540}" $KV bench generate --model "$QWEN" --datatypes "${DT:-fp16,nuq4,nuq3,nuq2}" \
         --batch "${BATCH:-1,8}" --prompt-len "${PL:-1K,8K}" --gen 64 --warmup 1 --no-progress --out "$RES" ;;
