@@ -43,7 +43,9 @@ def add_parser(esub: argparse._SubParsersAction, model_args, progress_arg) -> No
                         "quanto2/4[k]/hqq2/4 "
                         "(transformers' KIVI-style QuantizedCache), PRESS@DATATYPE or PRESS:RATIO (kvpress eviction "
                         "at the bytes of a kvquant datatype or a fixed ratio: snapkv@nuq3, knorm:0.75)")
-    p.add_argument("--batch", type=int, default=4, help="prompts per left-padded batch (presses run one at a time)")
+    p.add_argument("--batch", type=int, default=4,
+                   help="prompts per left-padded batch; a cache runs the depths of one (task, length) together, each "
+                   "depth still its own record (presses run one at a time)")
     p.add_argument("--one-at-a-time", action="store_true", help="same as --batch 1")
     p.add_argument("--haystack", default="pg-essays",
                    help="essay haystack: pg-essays (shared/ or the hub), a named dataset, or a text file")

@@ -106,16 +106,22 @@ def test_a_rerun_skips_finished_cells(model, tmp_path, monkeypatch):
     real = grid_mod.run_cell
     monkeypatch.setattr(grid_mod, "run_cell", lambda *a, **k: calls.append(a[3].name) or real(*a, **k))
     evaluate_longctx(model, TOK, settings, ResultsFile(out), encoder=ENC, progress=False)
-    assert len(calls) == 2 and len(read_records(out)) == 2
-    rec = read_records(out)[0]
+    assert len(calls) == 1 and len(read_records(out)) == 2  # both depths in one run of the cache, a record each
+    recs = read_records(out)
+    rec = recs[0]
     assert {"accuracy", "bits_per_element", "kv_bytes", "seconds", "samples"} <= set(rec)
+    for r in recs:  # each record holds its own depth's prompts, scored on their own
+        own = make_cell("passkey", 200, r["depth"], 1, ENC.count, None, settings.seed, 3)
+        assert [x["answers"] for x in r["samples"]] == [list(s.answers) for s in own]
+        assert r["accuracy"] == pytest.approx(100.0 * sum(x["score"] for x in r["samples"]) / len(r["samples"]))
+        assert r["run_with_depths"] == [0, 100]
     assert evaluate_longctx(model, TOK, settings, ResultsFile(out), encoder=ENC, progress=False) == []
-    assert len(calls) == 2
+    assert len(calls) == 1
     # a run killed while writing: the last record lost, a torn line left behind
     lines = out.read_text().splitlines()
     out.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:40])
     new = evaluate_longctx(model, TOK, settings, ResultsFile(out), encoder=ENC, progress=False)
-    assert len(new) == 1 and len(calls) == 3 and (new[0]["cache"], new[0]["depth"]) == (json.loads(lines[-1])["cache"],
+    assert len(new) == 1 and len(calls) == 2 and (new[0]["cache"], new[0]["depth"]) == (json.loads(lines[-1])["cache"],
                                                                                      json.loads(lines[-1])["depth"])
     assert len(read_records(out)) == 2
     # the same grid under a tag (other settings) is other cells

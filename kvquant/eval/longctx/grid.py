@@ -117,21 +117,27 @@ def evaluate_longctx(model: torch.nn.Module, tokenizer, settings: GridSettings, 
     skipped = len(plan) * len(caches) - len(todo)
     if skipped:
         tqdm.write(f"longctx: {skipped} cell(s) already in {results.path}, skipped", file=sys.stderr)
+    # the depths of one (length, task) run together for each cache: one set of left-padded batches instead of a
+    # few prompts per depth (every record is still one cell, scored on its own prompts)
+    groups: dict[tuple, list[float | None]] = {}
+    for (length, task, depth), spec in todo:
+        groups.setdefault((length, task, spec), []).append(depth)
     bar = tqdm(total=len(todo) * settings.n, desc="longctx", unit="prompt", disable=not progress)
     new: list[dict[str, Any]] = []
     built: dict[tuple, list[Sample]] = {}
-    for (length, task, depth), spec in todo:
-        key = (length, task, depth)
-        if key not in built:
+    for (length, task, spec), depths in groups.items():
+        if any(k[:2] != (length, task) for k in built):
             built.clear()
-            built[key] = make_cell(task, length, depth, settings.n, encoder.count, haystack, settings.seed,
-                                   settings.max_new_tokens)
-        samples = built[key]
+        for depth in depths:
+            if (length, task, depth) not in built:
+                built[(length, task, depth)] = make_cell(task, length, depth, settings.n, encoder.count, haystack,
+                                                         settings.seed, settings.max_new_tokens)
+        samples = [s for depth in depths for s in built[(length, task, depth)]]
         name = settings.label(spec)
-        bar.set_description(f"{task} {length} d={depth} {name}")
+        bar.set_description(f"{task} {length} {name}")
         ratio = None
         if spec.kind == "press" and spec.ratio is None:
-            done = results.find(model=settings.model_name, task=task, length=length, depth=depth,
+            done = results.find(model=settings.model_name, task=task, length=length, depth=depths[0],
                                 cache=settings.label(CacheSpec(spec.match or "", "kvquant")), n=settings.n,
                                 seed=settings.seed)
             bits = done[0]["bits_per_element"] if done else measure_bits(model, samples[0], encoder, spec.match or "",
@@ -139,22 +145,27 @@ def evaluate_longctx(model: torch.nn.Module, tokenizer, settings: GridSettings, 
             ratio = ratio_for_bits(bits)
         run = run_cell(model, tokenizer, samples, spec, encoder=encoder, calibration=calibration, base_config=base,
                        batch_size=settings.batch_size, press_ratio=ratio, on_batch=bar.update)
-        record = {
-            "model": settings.model_name, "task": task, "length": length, "depth": depth, "cache": name,
-            "cache_kind": spec.kind, "n": settings.n, "seed": settings.seed, "accuracy": run.accuracy,
-            "bits_per_element": run.bits_per_element, "kv_bytes": run.kv_bytes, "seconds": run.seconds,
-            "prompt_tokens": run.prompt_tokens, "query_tokens": run.extra.get("query_tokens"),
-            "batch_size": 1 if spec.kind == "press" else settings.batch_size,
-            "compression_ratio": run.compression_ratio,
-            "config": replace(base, datatype=spec.name).to_dict() if spec.kind == "kvquant" else None,
-            **(meta or {}),
-            "samples": [{"index": s.index, "answers": list(s.answers), "prediction": p, "score": sc}
-                        for s, p, sc in zip(samples, run.predictions, run.scores)],
-        }
-        results.add(record)
-        new.append(record)
-        tqdm.write(f"longctx {task} {length} depth={depth} {name}: {run.accuracy:.1f} % "
-                   f"({run.bits_per_element:.2f} bits/elem, {run.seconds:.1f} s)", file=sys.stderr)
+        for d, depth in enumerate(depths):
+            part = slice(d * settings.n, (d + 1) * settings.n)
+            cell_samples, scores = samples[part], run.scores[part]
+            accuracy = 100.0 * sum(scores) / len(scores)
+            record = {
+                "model": settings.model_name, "task": task, "length": length, "depth": depth, "cache": name,
+                "cache_kind": spec.kind, "n": settings.n, "seed": settings.seed, "accuracy": accuracy,
+                "bits_per_element": run.bits_per_element, "kv_bytes": run.kv_bytes,
+                "seconds": run.seconds / len(depths), "prompt_tokens": run.prompt_tokens,
+                "query_tokens": run.extra.get("query_tokens"),
+                "batch_size": 1 if spec.kind == "press" else settings.batch_size, "run_with_depths": depths,
+                "compression_ratio": run.compression_ratio,
+                "config": replace(base, datatype=spec.name).to_dict() if spec.kind == "kvquant" else None,
+                **(meta or {}),
+                "samples": [{"index": s.index, "answers": list(s.answers), "prediction": p, "score": sc}
+                            for s, p, sc in zip(cell_samples, run.predictions[part], scores)],
+            }
+            results.add(record)
+            new.append(record)
+            tqdm.write(f"longctx {task} {length} depth={depth} {name}: {accuracy:.1f} % "
+                       f"({run.bits_per_element:.2f} bits/elem, {record['seconds']:.1f} s)", file=sys.stderr)
     bar.close()
     return new
 
