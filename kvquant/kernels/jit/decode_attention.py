@@ -42,6 +42,16 @@ if triton is not None:
         return unit_levels(w0, w1, w2, w3, LUT, LEV, BITS, R, C, USE_ASM, DT)
 
     @triton.jit
+    def slot_entries(KSS, KHC, slot, h, H, ok, HP: tl.constexpr):
+        """Where head ``h``'s key outliers of slots ``slot [N]`` are: ``(first entry, count)``, each ``[N]`` (a
+        slot's entries are contiguous, head after head, from ``KSS[slot]``; ``KHC [slots, H]`` counts them per
+        head). Rows where ``ok`` is false get no entries."""
+        hs = tl.arange(0, HP)[None, :]
+        hrow = tl.load(KHC + slot[:, None] * H + hs, mask=(hs < H) & ok[:, None], other=0).to(tl.int32)
+        first = tl.load(KSS + slot, mask=ok, other=0) + tl.sum(tl.where(hs < h, hrow, 0), axis=1)
+        return first, tl.sum(tl.where(hs == h, hrow, 0), axis=1)
+
+    @triton.jit
     def key_corr_kernel(
         Q, CORR, KTAB, k_tab_stride, KSS, KHC, KOV, KOI, KDZ, QLEN, SLEN, POS, COS, SIN,
         Hkv, Hq, Lmax,
@@ -60,10 +70,7 @@ if triton is not None:
         ok = i < qlen
         page = tl.load(KTAB + b * k_tab_stride + i // T, mask=ok, other=0).to(tl.int64)
         slot = page * T + i % T
-        hsel = tl.arange(0, HKP)[None, :]
-        hrow = tl.load(KHC + slot[:, None] * Hkv + hsel, mask=(hsel < Hkv) & ok[:, None], other=0).to(tl.int32)
-        first = tl.load(KSS + slot, mask=ok, other=0) + tl.sum(tl.where(hsel < hk, hrow, 0), axis=1)
-        cnt = tl.sum(tl.where(hsel == hk, hrow, 0), axis=1)
+        first, cnt = slot_entries(KSS, KHC, slot, hk, Hkv, ok, HKP)
         g = tl.arange(0, GQ)
         gm = (g < G)[None, :]
         qrow = (b * Hq + hk * G + g).to(tl.int64) * D

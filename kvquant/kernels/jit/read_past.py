@@ -9,27 +9,28 @@ afterwards by the launcher (one scatter over the stored entries)."""
 from __future__ import annotations
 
 from kvquant.kernels._triton import tl, triton
+from kvquant.kernels.jit.decode_attention import slot_entries
+from kvquant.kernels.jit.lut import unit_levels
 
 if triton is not None:
 
     @triton.jit
-    def _half_levels(CODES, base, U, t, c, LEV, mask, BITS: tl.constexpr, NU: tl.constexpr):
-        """float32 levels ``[BT, DH]`` of channels ``c [DH]`` of in-page tokens ``t [BT]`` whose (page, head) codes
-        start at word ``base [BT]`` (the bit-plane unit layout of :func:`kvquant.quant.packing.pack_units`)."""
-        unit = t[:, None] * NU + c[None, :] // 32
-        lane = c[None, :] % 32
-        g = lane // 8
-        i = lane % 8
+    def _half_levels(CODES, base, U, t, unit0, LEV, ok, BITS: tl.constexpr, NU: tl.constexpr, NH: tl.constexpr,
+                     BT: tl.constexpr):
+        """float32 levels ``[BT, NH * 32]`` of the ``NH`` code units from ``unit0`` of in-page tokens ``t [BT]``
+        whose (page, head) codes start at word ``base [BT]`` (rows where ``ok`` is false read nothing), decoded by the
+        decode kernels' :func:`~kvquant.kernels.jit.lut.unit_levels` (its gather path, float32 levels)."""
+        wbase = base[:, None] + t[:, None] * NU + unit0 + tl.arange(0, NH)[None, :]
+        m = ok[:, None]
+        w0 = tl.load(CODES + wbase, mask=m, other=0)
+        w1 = tl.load(CODES + wbase + U, mask=m, other=0)
+        w2 = w1
+        w3 = w1
+        if BITS >= 3:
+            w2 = tl.load(CODES + wbase + 2 * U, mask=m, other=0)
         if BITS == 4:
-            w = tl.load(CODES + base[:, None] + g * U + unit, mask=mask, other=0)
-            code = (w >> (4 * i)) & 15
-        else:
-            w = tl.load(CODES + base[:, None] + (g // 2) * U + unit, mask=mask, other=0)
-            code = (w >> (4 * i + 2 * (g % 2))) & 3
-            if BITS == 3:
-                w2 = tl.load(CODES + base[:, None] + 2 * U + unit, mask=mask, other=0)
-                code = code | (((w2 >> (4 * i + g)) & 1) << 2)
-        return tl.load(LEV + code, mask=mask, other=0.0)
+            w3 = tl.load(CODES + wbase + 3 * U, mask=m, other=0)
+        return unit_levels(w0, w1, w2, w3, LEV, LEV, BITS, BT, NH, False, tl.float32)
 
     @triton.jit
     def read_past_kernel(
@@ -78,9 +79,8 @@ if triton is not None:
         page = tl.load(TAB + b * tab_stride + ic // T, mask=coded, other=0).to(tl.int64)
         t = ic % T
         base = (page * H + h) * BITS * U
-        cm = coded[:, None]
-        qa = _half_levels(CODES, base, U, t, ca, LEV, cm, BITS, NU)
-        qb = _half_levels(CODES, base, U, t, cb, LEV, cm, BITS, NU)
+        qa = _half_levels(CODES, base, U, t, 0, LEV, coded, BITS, NU, NU // 2, BT)
+        qb = _half_levels(CODES, base, U, t, NU // 2, LEV, coded, BITS, NU, NU // 2, BT)
         if KEY:
             qa = qa * tl.load(CS + bh * D + ca)[None, :] + tl.load(CZ + bh * D + ca)[None, :]
             qb = qb * tl.load(CS + bh * D + cb)[None, :] + tl.load(CZ + bh * D + cb)[None, :]
@@ -100,11 +100,7 @@ if triton is not None:
         xa = tl.where(in_q[:, None], qa, xa)
         xb = tl.where(in_q[:, None], qb, xb)
         if KOUT:  # key outliers, exact, before the rotation: a token's entries are contiguous, head after head
-            slot = page * T + t
-            hs = tl.arange(0, HP)[None, :]
-            hrow = tl.load(KHC + slot[:, None] * H + hs, mask=(hs < H) & cm, other=0).to(tl.int32)
-            first = tl.load(KSS + slot, mask=coded, other=0) + tl.sum(tl.where(hs < h, hrow, 0), axis=1)
-            cnt = tl.sum(tl.where(hs == h, hrow, 0), axis=1)
+            first, cnt = slot_entries(KSS, KHC, page * T + t, h, H, coded, HP)
             for e in range(0, tl.max(cnt, axis=0)):
                 has = e < cnt
                 c = tl.load(KOI + first + e, mask=has, other=0).to(tl.int32)[:, None]
