@@ -9,7 +9,8 @@
 #
 # Environment: MODEL (default random:7b; gen7b, cap, dprof, cprof), QWEN (a local path or alias, default
 # qwen2.5-coder-1.5b; qcal, qppl, qgen), TO (seconds, a step's own time limit), DT (datatypes), BATCH, PL (prompt
-# lengths), TESTS (verify), VARIANTS (kprof), BATCHES (decode: e.g. "1 8 32"), BP (dprof: batch:prompt pairs),
+# lengths), TESTS (verify), VARIANTS (kprof), BATCHES, CTX, KDT, FRACS (decode: batches
+# "1 8 32", contexts, datatypes, outlier fractions), BP (dprof: batch:prompt pairs),
 # TASKS, DEPTHS, N and QDT (qlong: tasks, needle depths, samples per cell, model dtype), CHUNK (atcap: prefill chunk).
 #
 # Steps:
@@ -60,11 +61,11 @@ run() {
       timeout "${TO:-540}" python3 -m kvquant.bench.backends --dtypes float32,float16 --new-tokens 64 \
         --out "$RES/backends.json" ;;
     decode)
-      for f in 0.01 0; do
+      for dt in ${KDT:-nuq3}; do for f in ${FRACS:-0.01 0}; do
         timeout "${TO:-540}" python3 -m kvquant.bench.kernels --skip-prefill --rope --residual-length 0 \
-          --outlier-fraction $f --contexts 4096 32768 --batches ${BATCHES:-1 8} --hf-baselines '' --no-dequant \
-          --out "$RES/kernels_decode_f$f.json"
-      done ;;
+          --datatype "$dt" --outlier-fraction $f --contexts ${CTX:-4096 32768} --batches ${BATCHES:-1 8} \
+          --hf-baselines '' --no-dequant --out "$RES/kernels_decode_${dt}_f$f.json"
+      done; done ;;
     prefill)
       timeout "${TO:-540}" python3 -m kvquant.bench.kernels --skip-decode --out "$RES/kernels_prefill.json" ;;
     pprof)
@@ -81,7 +82,7 @@ run() {
       done ;;
     cprof)
       timeout "${TO:-540}" $KV bench profile --kind chunk --model "$MODEL" --datatype fp16,nuq3 --batch 4 \
-        --tokens 32K --chunk 4096 --steps 1 --top 25 --out "$RES/profile_chunk.json" ;;
+        --tokens 32K --chunk 4096 --steps 1 --top 25 ${SYNCW:+--sync-warnings} ${TRACE:+--trace "$RES/trace"} --out "$RES/profile_chunk.json" ;;
     gen7b)
       timeout "${TO:-540}" $KV bench generate --model "$MODEL" --datatypes "${DT:-fp16,nuq4,nuq3,nuq2}" \
         --batch "${BATCH:-1,8}" --prompt-len "${PL:-1K,4K,16K,32K}" --gen 64 --warmup 1 --no-progress --out "$RES" ;;

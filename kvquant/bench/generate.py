@@ -216,10 +216,17 @@ def measure_config(bm: BenchModel, settings: GenerateSettings, datatype: str, ba
 
 def _cuda_devices(bm: BenchModel) -> list[torch.device]:
     """The CUDA devices the model's weights are on (several under ``device_map``; none on the CPU)."""
-    devs = {p.device for p in bm.model.parameters() if p.device.type == "cuda"}
+    devs = [p.device for p in bm.model.parameters() if p.device.type == "cuda"]
     if is_cuda(bm.device):
-        devs.add(torch.device(bm.device))
-    return sorted(devs, key=str)
+        devs.append(torch.device(bm.device))
+    return distinct_cuda_devices(devs, torch.cuda.current_device() if devs else 0)
+
+
+def distinct_cuda_devices(devices: list[torch.device], current: int) -> list[torch.device]:
+    """Each CUDA device of ``devices`` once, with its index (``cuda`` is ``cuda:<current>``): the peak memory
+    summed over them counts every device once."""
+    out = {torch.device("cuda", d.index if d.index is not None else current) for d in devices if d.type == "cuda"}
+    return sorted(out, key=lambda d: d.index)
 
 
 def _kv_bytes_by_device(cache: Any) -> dict[str, int] | None:

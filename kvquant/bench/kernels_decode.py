@@ -20,16 +20,19 @@ from kvquant.quant.store import QuantizedKVCache
 SHAPES = {"mha": (32, 32, 128), "gqa": (32, 8, 128)}  # name -> (q heads, kv heads, head dim)
 
 
-def heavy_tailed(shape: tuple[int, int, int, int], seed: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+def heavy_tailed(shape: tuple[int, int, int, int], seed: int, dtype: torch.dtype, device: str,
+                 channel_seed: int | None = None) -> torch.Tensor:
     """Keys/values with the statistics that make KV quantization hard, generated on ``device``: Student-t(4) samples
-    with per-channel scales and 2 outlier channels per head (x15)."""
+    with per-channel scales and 2 outlier channels per head (x15). ``channel_seed`` draws the channel scales and
+    outlier channels apart from the samples, so pieces of one stream (different ``seed``) share them."""
     g = torch.Generator(device=device).manual_seed(seed)
     B, H, S, D = shape
     x = torch.randn(shape, generator=g, device=device)
     x /= torch.randn((B, H, S, D, 4), generator=g, device=device).pow(2).mean(-1).sqrt()  # t(4)
-    x *= 0.2 + 2.0 * torch.rand(1, H, 1, D, generator=g, device=device)
+    gc = g if channel_seed is None else torch.Generator(device=device).manual_seed(channel_seed)
+    x *= 0.2 + 2.0 * torch.rand(1, H, 1, D, generator=gc, device=device)
     gain = torch.ones(H, D, device=device)
-    gain.scatter_(1, torch.randint(0, D, (H, 2), generator=g, device=device), 15.0)
+    gain.scatter_(1, torch.randint(0, D, (H, 2), generator=gc, device=device), 15.0)
     return (x * gain[None, :, None, :]).to(dtype)
 
 
@@ -46,21 +49,29 @@ def synthetic_caches(
     by the cache's own writers (keys per channel with ranges from the data, values per token, ``cfg``'s outliers,
     sinks and residual window), plus one decode token, so every part of the format is present. Past
     :data:`SYNTH_CHUNK_ELEMENTS` the tokens after the first piece are appended piece by piece (the key ranges then
-    come from the first piece)."""
+    come from the first piece; every piece of a stream has the same channel scales and outlier channels, so the
+    outlier fraction is the configured one however the cache is built)."""
     from kvquant.quant.quantizer import BatchedKVQuantizer
 
     qz = BatchedKVQuantizer(cfg)
     step = max(1, SYNTH_CHUNK_ELEMENTS // (B * Hkv * D))
     n = L - 1
     first = min(n, step)
-    kc = qz.quantize_keys(heavy_tailed((B, Hkv, first, D), seed, dtype, device))
-    vc = qz.quantize_values(heavy_tailed((B, Hkv, first, D), seed + 1, dtype, device))
+
+    def keys(shape: tuple[int, int, int, int], s: int) -> torch.Tensor:  # one stream: the same channels throughout
+        return heavy_tailed(shape, s, dtype, device, channel_seed=seed + 10_000)
+
+    def values(shape: tuple[int, int, int, int], s: int) -> torch.Tensor:
+        return heavy_tailed(shape, s, dtype, device, channel_seed=seed + 10_001)
+
+    kc = qz.quantize_keys(keys((B, Hkv, first, D), seed))
+    vc = qz.quantize_values(values((B, Hkv, first, D), seed + 1))
     for i, t0 in enumerate(range(first, n, step)):
         t = min(step, n - t0)
-        kc.append(heavy_tailed((B, Hkv, t, D), seed + 4 + 2 * i, dtype, device))
-        vc.append(heavy_tailed((B, Hkv, t, D), seed + 5 + 2 * i, dtype, device))
-    kc.append(heavy_tailed((B, Hkv, 1, D), seed + 2, dtype, device))
-    vc.append(heavy_tailed((B, Hkv, 1, D), seed + 3, dtype, device))
+        kc.append(keys((B, Hkv, t, D), seed + 4 + 2 * i))
+        vc.append(values((B, Hkv, t, D), seed + 5 + 2 * i))
+    kc.append(keys((B, Hkv, 1, D), seed + 2))
+    vc.append(values((B, Hkv, 1, D), seed + 3))
     return kc, vc
 
 

@@ -231,10 +231,42 @@ def profile_decode(bm: Any, datatype: str, batch: int, prompt_len: int, quant: Q
             "regions": regions, "rows": rows}
 
 
+def _export_trace(prof: Any, path: Path) -> None:
+    """``prof``'s Chrome trace, gzipped, at ``path`` (``.gz`` added when missing)."""
+    import gzip
+    import shutil
+    import tempfile
+
+    path = Path(path) if str(path).endswith(".gz") else Path(f"{path}.gz")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(raw))
+        with raw.open("rb") as src, gzip.open(path, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+
+
+@contextlib.contextmanager
+def _sync_warnings(device: torch.device) -> Iterator[None]:
+    """``torch.cuda.set_sync_debug_mode("warn")`` inside: each host-device sync warns once per source line."""
+    import warnings
+
+    old = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            yield
+    finally:
+        torch.cuda.set_sync_debug_mode(old)
+
+
 def profile_chunks(bm: Any, datatype: str, batch: int, prompt_len: int, chunk: int, quant: QuantConfig,
-                   steps: int = 1, seed: int = 0) -> dict[str, Any]:
+                   steps: int = 1, seed: int = 0, sync_warnings: bool = False,
+                   trace: Path | None = None) -> dict[str, Any]:
     """Time every chunk forward of a ``[batch, prompt_len]`` prompt fed in ``chunk``-token forwards, profiling the
-    last ``steps`` of them (:data:`CHUNK_REGIONS` labelled).
+    last ``steps`` of them (:data:`CHUNK_REGIONS` labelled; ``sync_warnings``: a warning names each source line that
+    syncs the host with the device in them; ``trace``: their Chrome trace, gzipped there).
 
     First an untimed rehearsal of the first two chunks (another cache: compilation, first allocations), then every
     chunk of a fresh cache timed (``chunk_ms``, synchronized; the last ``steps`` under the profiler, their times
@@ -273,6 +305,8 @@ def profile_chunks(bm: Any, datatype: str, batch: int, prompt_len: int, chunk: i
                 if i == len(spans) - steps:
                     stack.enter_context(labelled_regions("chunk"))
                     prof = stack.enter_context(profile(activities=activities))
+                    if cuda and sync_warnings:  # name every line that makes the host wait for the device
+                        stack.enter_context(_sync_warnings(dev))
                 synchronize(dev)
                 t0 = time.perf_counter()
                 forward_logits(bm.model, prompt[:, start:end], cache)
@@ -290,6 +324,8 @@ def profile_chunks(bm: Any, datatype: str, batch: int, prompt_len: int, chunk: i
         else:  # the device-side annotation: from the region's first kernel's start to its last one's end
             ph["device_ms_per_chunk"] = (ph["device_ms_per_chunk"] or 0.0) + ev.time_range.elapsed_us() / 1e3 / steps
     by_op = {r["op"]: r for r in rows}
+    if trace is not None:
+        _export_trace(prof, trace)
     busy = sum(r["device_self_ms"] for r in rows if r["on_device"] and r["op"] not in CHUNK_REGIONS) / steps \
         if cuda else None
     return {"datatype": datatype, "batch": batch, "prompt_len": prompt_len, "chunk": chunk, "steps": steps,
@@ -378,7 +414,8 @@ def _main_chunk(a: argparse.Namespace, device: str) -> dict[str, Any]:
     results = []
     for dt in parse_datatypes(a.datatype):
         res = profile_chunks(bm, dt, a.batch, a.tokens, a.chunk, quant if dt == "fp16" else replace(quant, datatype=dt),
-                             steps=a.steps)
+                             steps=a.steps, sync_warnings=a.sync_warnings,
+                             trace=None if a.trace is None else a.trace.with_name(f"{a.trace.name}.{dt}"))
         results.append(res)
         free_memory(device)  # the cache of this datatype is gone: give its blocks back before the next one
         print(f"\nchunked prefill {dt}, {bm.name} ({'random weights' if bm.random_weights else bm.source}), "
@@ -412,6 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 1)")
     p.add_argument("--warmup-steps", type=int, default=4, help="decode: untimed steps after the prefill")
     p.add_argument("--top", type=int, default=15, help="rows printed per table")
+    p.add_argument("--sync-warnings", action="store_true",
+                   help="chunk, on CUDA: warn once per source line that makes the host wait for the device")
+    p.add_argument("--trace", type=Path, default=None,
+                   help="chunk: a gzipped Chrome trace of the profiled chunks per datatype, "
+                        "at TRACE.<datatype>.gz")
     p.add_argument("--out", type=Path, default=None, help="JSON file for every row")
     return p
 

@@ -21,7 +21,7 @@ import torch
 
 from kvquant.bench.cuda import model_devices, synchronize_all
 from kvquant.bench.model import BenchModel
-from kvquant.cache.graphs import prefill_chunks
+from kvquant.cache.graphs import prefill_chunks, reserve_rest_of_prompt
 from kvquant.cache.hf_compat import cache_kwargs
 from kvquant.config import QuantConfig
 
@@ -159,7 +159,9 @@ def run_generation(model: torch.nn.Module, prompt: torch.Tensor, cache: Any, gen
     with region("prefill", B * S):
         synchronize_all(devices)
         t0 = time.perf_counter()
-        for start, end in prefill_chunks(S, prefill_chunk):
+        spans = prefill_chunks(S, prefill_chunk)
+        reserve_rest_of_prompt(cache, spans)
+        for start, end in spans:
             logits = forward_logits(model, prompt[:, start:end], cache)
         nxt = logits.argmax(-1, keepdim=True)
         synchronize_all(devices)

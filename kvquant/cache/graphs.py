@@ -78,6 +78,15 @@ def prefill_chunks(length: int, chunk: int | None, mask: torch.Tensor | None = N
     return [(s, min(s + chunk, length)) for s in range(0, length, chunk)]
 
 
+def reserve_rest_of_prompt(cache: Any, spans: list[tuple[int, int]]) -> None:
+    """A chunked prefill into a :class:`KVQuantCache`: add the prompt's tokens after the first chunk to what the cache
+    allocates exactly at its first chunk (``reserve_tokens``), so the later chunks append into pages sized for them
+    instead of growing the pools a quarter at a time (which can leave a fifth of what is held unused at the end).
+    Exact for left-padded prompts (the padding lies in the first chunk, :func:`prefill_chunks`)."""
+    if isinstance(cache, KVQuantCache) and len(spans) > 1:
+        cache.reserve_tokens += spans[-1][1] - spans[0][1]
+
+
 def generate(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -105,7 +114,9 @@ def generate(
             (``"prefill"``) and the timed decode steps (``"decode"``).
         prefill_chunk: feed the prompt in forwards of at most this many tokens (the activations of one chunk, not
             of the whole ``[B, S]`` prompt: what lets a large batch of long prompts fit); each chunk attends to the
-            cache's past. Every row needs a real token in the first chunk (left padding shorter than a chunk).
+            cache's past. Every row needs a real token in the first chunk (left padding shorter than a chunk). A
+            ``KVQuantCache`` allocates the rest of the prompt exactly at the first chunk
+            (:func:`reserve_rest_of_prompt`).
 
     Returns:
         :class:`GenerateResult`.
@@ -129,8 +140,10 @@ def generate(
     with region("prefill", B * S):
         torch.cuda.synchronize(dev) if dev.type == "cuda" else None
         t0 = time.perf_counter()
+        spans = prefill_chunks(S, prefill_chunk, mask)
+        reserve_rest_of_prompt(cache, spans)
         with torch.no_grad():
-            for start, end in prefill_chunks(S, prefill_chunk, mask):
+            for start, end in spans:
                 out = model(input_ids=input_ids[:, start:end], attention_mask=mask[:, :end],
                             position_ids=positions[:, start:end], cache_position=torch.arange(start, end, device=dev),
                             use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))

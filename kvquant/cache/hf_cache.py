@@ -312,6 +312,19 @@ class KVQuantCache(Cache):
             self._step[key] = self.rotary(positions)
         return self._step[key]
 
+    def _check_step_positions(self, layer: Any, step_mask: torch.Tensor, positions: torch.Tensor) -> None:
+        """Refuse a multi-token step whose real tokens do not continue each sequence's positions (re-rotation of
+        the stored keys relies on it). Every layer holds the same lengths and offsets, so the first layer of a
+        step on each device checks (one host read per step, not per layer)."""
+        key = ("positions_checked", tuple(step_mask.shape), str(step_mask.device))
+        if key in self._step:
+            return
+        rank_new = layer.qkeys.lengths[:, None] + step_mask.long().cumsum(1) - 1
+        expect = layer.pos_offset.to(positions.device)[:, None] + rank_new.to(positions.device)
+        if not bool(((positions == expect) | ~step_mask).all()):
+            raise ValueError("position ids of the new tokens do not continue the cached sequences")
+        self._step[key] = True
+
     def _past_rotary(self, past_mask: torch.Tensor, pos_offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``cos, sin [B, P, D]`` at the past's columns of a multi-token step (``pos_offset + rank`` of each real
         token of ``past_mask [B, P]``; computed once per step and device, shared by the layers)."""

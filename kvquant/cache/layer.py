@@ -99,11 +99,7 @@ class KVQuantLayer(CacheLayerMixin):
         else:
             past_mask = self.seen_mask
             out_k, out_v = self._read_past(key_states, value_states, past_mask)
-            # check that new real tokens continue each sequence's positions (re-rotation relies on it)
-            rank_new = self.qkeys.lengths[:, None] + step_mask.long().cumsum(1) - 1
-            expect = self.pos_offset[:, None] + rank_new
-            if not bool(((positions == expect) | ~step_mask).all()):
-                raise ValueError("position ids of the new tokens do not continue the cached sequences")
+            self.owner._check_step_positions(self, step_mask, positions)
             self.qkeys.append(k_store, step_mask)
             self.qvalues.append(value_states, step_mask)
         self.seen_mask = step_mask if self.seen_mask is None else torch.cat([self.seen_mask, step_mask], 1)
@@ -117,8 +113,7 @@ class KVQuantLayer(CacheLayerMixin):
         launch per store, the torch reference a group of heads at a time, see :func:`kvquant.quant.read.read_past`)."""
         B, H, s, D = key_states.shape
         Lp = past_mask.shape[1]
-        mask = self.qkeys.check_aligned(past_mask)
-        self.qvalues.check_aligned(past_mask)
+        mask = past_mask  # (the layer's own record of the stored tokens: [B, Lp] bool, row b with lengths[b] real)
         out_k = key_states.new_empty(B, H, Lp + s, D)
         out_v = value_states.new_empty(B, H, Lp + s, D)
         rope = self.owner._past_rotary(mask, self.pos_offset) if self.owner.pre_rope else None

@@ -2,8 +2,9 @@
 
 :func:`read_past` writes every stored token of a :class:`~kvquant.quant.store.QuantizedKVCache` at the real
 positions of a padded layout, in the output's dtype, with RoPE re-applied to pre-RoPE keys: one kernel launch and,
-for values with outliers, one scatter (the torch reference, :meth:`~kvquant.kernels.ops.TorchOps.read_past`,
-dequantizes a group of heads at a time through float32 temporaries, with a host sync per step of the way).
+for values with outliers, a second one that writes them over the dequantized tokens. Neither reads anything back
+to the host. The torch reference (:meth:`~kvquant.kernels.ops.TorchOps.read_past`) dequantizes a group of heads at
+a time through float32 temporaries, with a host sync per step of the way.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import torch
 
 from kvquant.kernels._triton import triton
 from kvquant.kernels.encode import unsupported_reason as store_problem
-from kvquant.kernels.jit.read_past import read_past_kernel
+from kvquant.kernels.jit.read_past import read_past_kernel, value_outliers_kernel
 from kvquant.quant.store import QuantizedKVCache
 
 BLOCK_COLUMNS = 32  # output columns (tokens) per program
+OUTLIER_LANES = 64  # value-outlier entries a program writes at a time
 
 
 def unsupported_reason(store: QuantizedKVCache) -> str | None:
@@ -90,7 +92,12 @@ def read_past(store: QuantizedKVCache, mask: torch.Tensor, out: torch.Tensor,
         D=D, T=T, BT=BLOCK_COLUMNS, BITS=store.bits, KEY=key, KOUT=kout, DEFERRED=deferred,
         ROPE=rope is not None, HP=max(2, triton.next_power_of_2(H)), num_warps=4,
     )
-    if not key and store.keep_outliers:
-        b_idx, head, pos, chan, v = store.outlier_entries()
-        col = column_of_token(mask)[b_idx, store.sink_len[b_idx].long() + pos]
-        out[b_idx, head, col, chan] = v.to(out.dtype)
+    if not key and store.keep_outliers:  # a program per (sequence, page slot, head); pages past the sealed ones
+        csr = store.outliers  # return at once (no host read of the lengths)
+        col = column_of_token(mask).to(torch.int32)
+        n_pages = tab.shape[1]
+        value_outliers_kernel[(B * n_pages * H,)](
+            out, out.stride(0), out.stride(1), out.stride(2), col, S + 1, store.sink_len, store.sealed_len, tab,
+            tab.stride(0), n_pages, csr.counts, csr.head_start, csr.tokens, csr.values, csr.block_cap, H,
+            D=D, T=T, E=OUTLIER_LANES, num_warps=2,
+        )

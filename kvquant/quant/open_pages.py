@@ -20,53 +20,69 @@ def append_open_steady(store: QuantizedKVCache, tok: torch.Tensor) -> None:
     full = [i for i, q in enumerate(store._q_host) if (q + 1) % T == 0]
     if full:
         idx = torch.tensor(full, device=store.device)
-        seal(store, idx, store.q_len[idx] // T, store.open[idx])
+        need = [q + 1 if (q + 1) % T == 0 else 0 for q in store._q_host]  # tokens each sequence's pages must hold
+        seal(store, idx, store.q_len[idx] // T, store.open[idx], need)
 
 
 def write_open(store: QuantizedKVCache, seq: torch.Tensor, pos: torch.Tensor, tokens: torch.Tensor,
-                run_counts: torch.Tensor) -> None:
-    """Values: tokens go to their sequence's open page; every page that fills is quantized (sealed)."""
+               run_counts: torch.Tensor, host: tuple[list[int], list[int]] | None = None) -> None:
+    """Values: tokens go to their sequence's open page; every page that fills is quantized (sealed).
+
+    ``tokens [N, H, D]`` are grouped by sequence, oldest first: ``run_counts[b]`` of sequence ``b`` at positions
+    ``q_len[b] ...`` (``seq``, ``pos`` per token). ``host``: ``(q_len, run_counts)`` as lists when the caller read
+    them already; otherwise they are read here, once. Nothing else is read from the device."""
     T = store.config.page_size
     B = store.batch
-    q0 = store.q_len
-    q1 = q0 + run_counts
-    first_page, end_page = q0 // T, q1 // T  # pages [first_page, end_page) of each sequence fill now
-    n_full = end_page - first_page
-    total = int(n_full.sum())
-    if total and not bool((q0 % T).any()):  # no open tokens before: each sequence's pages are views of tokens
-        run_first = (torch.cumsum(run_counts, 0) - run_counts).tolist()
-        n_host, p0_host = n_full.tolist(), first_page.tolist()
+    q0_h, n_h = host if host is not None else (store.q_len.tolist(), run_counts.tolist())
+    first_h = [q // T for q in q0_h]  # pages [first, end) of each sequence fill now
+    end_h = [(q + n) // T for q, n in zip(q0_h, n_h)]
+    n_full = [e - f for f, e in zip(first_h, end_h)]
+    run_first = [sum(n_h[:b]) for b in range(B)]
+    total = sum(n_full)
+    if total:
+        store.pages.reserve([e * T for e in end_h])
+        store.grow_outliers()
+    if total and not any(q % T for q in q0_h):  # no open tokens before: each sequence's pages are views of tokens
         H, D = store.num_heads, store.head_dim
         for b in range(B):
-            if n_host[b]:
-                pages = tokens[run_first[b]: run_first[b] + n_host[b] * T].reshape(n_host[b], T, H, D)
-                idx = torch.full((n_host[b],), b, device=store.device)
-                seal(store, idx, p0_host[b] + torch.arange(n_host[b], device=store.device), pages.transpose(1, 2))
+            if n_full[b]:
+                pages = tokens[run_first[b]: run_first[b] + n_full[b] * T].reshape(n_full[b], T, H, D)
+                idx = torch.full((n_full[b],), b, device=store.device)
+                seal(store, idx, first_h[b] + torch.arange(n_full[b], device=store.device), pages.transpose(1, 2),
+                     reserved=True)
     elif total:
-        owner = torch.repeat_interleave(torch.arange(B, device=store.device), n_full)
-        pidx = first_page[owner] + torch.arange(total, device=store.device) - (torch.cumsum(n_full, 0) - n_full)[owner]
+        owner_h = [b for b in range(B) for _ in range(n_full[b])]
+        page_h = [first_h[b] + k for b in range(B) for k in range(n_full[b])]
+        owner, pidx = torch.tensor([owner_h, page_h], dtype=torch.int64).to(store.device, non_blocking=True)
         # source of each token of those pages: the open page (positions < q0) or the appended tokens
+        q0 = store.q_len
         p = pidx[:, None] * T + torch.arange(T, device=store.device)  # [total, T] positions
-        run_first = torch.cumsum(run_counts, 0) - run_counts
+        run_start = torch.tensor(run_first, dtype=torch.int64).to(store.device, non_blocking=True)
         from_open = p < q0[owner][:, None]
-        src_new = run_first[owner][:, None] + p - q0[owner][:, None]
+        src_new = run_start[owner][:, None] + p - q0[owner][:, None]
         stream = torch.cat([store.open.permute(0, 2, 1, 3).reshape(B * T, store.num_heads, store.head_dim),
                             tokens])
         src = torch.where(from_open, owner[:, None] * T + p % T, B * T + src_new.clamp_min(0))
         page_tokens = stream[src.reshape(-1)].reshape(total, T, store.num_heads, store.head_dim).transpose(1, 2)
-        seal(store, owner, pidx, page_tokens)
+        seal(store, owner, pidx, page_tokens, reserved=True)
     # tokens past the last full page stay in the open page
-    rest = pos >= end_page[seq] * T
-    if bool(rest.any()):
-        store.open[seq[rest], :, pos[rest] % T] = tokens[rest]
+    rest = [run_first[b] + j for b in range(B) for j in range(max(end_h[b] * T - q0_h[b], 0), n_h[b])]
+    if rest:
+        r = torch.tensor(rest, dtype=torch.int64).to(store.device, non_blocking=True)
+        store.open[seq[r], :, pos[r] % T] = tokens[r]
 
 
-def seal(store: QuantizedKVCache, seq: torch.Tensor, page_index: torch.Tensor, page_tokens: torch.Tensor) -> None:
+def seal(store: QuantizedKVCache, seq: torch.Tensor, page_index: torch.Tensor, page_tokens: torch.Tensor,
+         need: list[int] | None = None, reserved: bool = False) -> None:
     """Quantize full pages of values: page ``page_index[i]`` of sequence ``seq[i]`` from ``page_tokens[i]``
-    ``[H, T, D]``."""
-    need = torch.zeros(store.batch, dtype=torch.int64, device=store.device)
-    need.scatter_reduce_(0, seq, (page_index + 1) * store.config.page_size, "amax")
-    store.pages.reserve(torch.maximum(need, store.pages.pages_per_seq * store.config.page_size))
-    store.grow_outliers()
+    ``[H, T, D]``. The pages are allocated first: ``need[b]`` tokens for sequence ``b`` when the host knows them
+    (no device read), else from ``page_index`` (one read); ``reserved``: the caller allocated them."""
+    if not reserved:
+        if need is None:
+            need_t = torch.zeros(store.batch, dtype=torch.int64, device=store.device)
+            need_t.scatter_reduce_(0, seq, (page_index + 1) * store.config.page_size, "amax")
+            store.pages.reserve(need_t)
+        else:
+            store.pages.reserve(need)
+        store.grow_outliers()
     store.ops.write_value_pages(store, store.pages.table[seq, page_index].long(), page_tokens)
-

@@ -28,6 +28,7 @@ class PageTable:
         self.device = torch.device(device)
         self.table = torch.full((batch, 4), -1, dtype=torch.int32, device=self.device)
         self.pages_per_seq = torch.zeros(batch, dtype=torch.int64, device=self.device)
+        self._pages_host = [0] * batch  # pages_per_seq on the host: allocation decisions read no device
         self.n_pages = 0
         self.capacity = max(initial_pages, 1)
         self.pools: dict[str, torch.Tensor] = {}
@@ -46,33 +47,40 @@ class PageTable:
             self.pools[name] = new
         self.capacity = cap
 
-    def reserve(self, lengths: torch.Tensor, exact: bool = False) -> torch.Tensor:
+    def reserve(self, lengths: torch.Tensor | list[int], exact: bool = False) -> torch.Tensor:
         """Allocate pages so that sequence ``b`` can hold ``lengths[b]`` tokens.
 
         The pools grow by a quarter (amortised O(1) appends) unless ``exact``, which sizes them to what is
-        asked (a known budget, e.g. ``max_new_tokens``: no slack).
+        asked (a known budget, e.g. ``max_new_tokens``: no slack). ``lengths`` given as a list of ints (known on
+        the host) reads nothing from the device; a tensor is read once.
 
         Returns:
-            ``[n_new]`` ids of the pages allocated now (fresh pages, all zero).
+            ``[n_new]`` ids of the pages allocated now (fresh pages, all zero), in sequence order.
         """
-        need_pages = (lengths.to(self.device, torch.int64) + self.page_size - 1) // self.page_size
-        extra = (need_pages - self.pages_per_seq).clamp_min(0)
-        total = int(extra.sum())
+        if isinstance(lengths, torch.Tensor):
+            lengths = lengths.reshape(-1).tolist()
+        if len(lengths) != self.batch:
+            raise ValueError(f"lengths must have one entry per sequence ({self.batch}), got {len(lengths)}")
+        T = self.page_size
+        need = [(int(n) + T - 1) // T for n in lengths]
+        extra = [max(n - have, 0) for n, have in zip(need, self._pages_host)]
+        total = sum(extra)
         if total == 0:
             return torch.empty(0, dtype=torch.int64, device=self.device)
         self._grow_pool(self.n_pages + total, exact)
-        width = int(need_pages.max())
+        width = max(need)
         if width > self.table.shape[1]:
             grown = torch.full((self.batch, grown_capacity(self.table.shape[1], width)), -1, dtype=torch.int32,
                                device=self.device)
             grown[:, : self.table.shape[1]] = self.table
             self.table = grown
-        owner = torch.repeat_interleave(torch.arange(self.batch, device=self.device), extra)
-        first = torch.cumsum(extra, 0) - extra
-        k = torch.arange(total, device=self.device) - first[owner]
+        rows = [b for b, e in enumerate(extra) for _ in range(e)]
+        cols = [self._pages_host[b] + k for b, e in enumerate(extra) for k in range(e)]
         new_ids = self.n_pages + torch.arange(total, device=self.device)
-        self.table[owner, self.pages_per_seq[owner] + k] = new_ids.to(torch.int32)
-        self.pages_per_seq += extra
+        index = torch.tensor([rows, cols], dtype=torch.int64).to(self.device, non_blocking=True)
+        self.table[index[0], index[1]] = new_ids.to(torch.int32)
+        self.pages_per_seq += torch.tensor(extra, dtype=torch.int64).to(self.device, non_blocking=True)
+        self._pages_host = [have + e for have, e in zip(self._pages_host, extra)]
         self.n_pages += total
         return new_ids
 
@@ -95,6 +103,7 @@ class PageTable:
         new.table = torch.full((index.numel(), cols.numel()), -1, dtype=torch.int32, device=self.device)
         new.table[valid] = torch.arange(total, device=self.device, dtype=torch.int32)
         new.pages_per_seq = counts.clone()
+        new._pages_host = counts.tolist()
         new.n_pages = total
         for name, t in self.pools.items():
             pool = torch.zeros((new.capacity, *t.shape[1:]), dtype=t.dtype, device=t.device)

@@ -87,7 +87,7 @@ class BatchedKVQuantizer:
             row with fewer than ``config.range_tokens`` tokens past its sinks holds them exactly until it has them
             (:meth:`hold_tokens`); a longer one takes the ranges from all of them at once.
         """
-        check_kv(keys, "keys")
+        check_kv(keys, "keys", finite=False)  # (the append refuses NaN/Inf in the same read as its other checks)
         mask = check_mask(attention_mask, keys.shape[0], keys.shape[2], keys.device)
         B, H, _, D = keys.shape
         scale = zero = None
@@ -105,7 +105,7 @@ class BatchedKVQuantizer:
 
         ``hold_tokens``: the exact hold of the keys they pair with (``keys.hold_tokens``; default: that of keys
         quantized with this quantizer's own ranges, :meth:`hold_tokens`)."""
-        check_kv(values, "values")
+        check_kv(values, "values", finite=False)
         mask = check_mask(attention_mask, values.shape[0], values.shape[2], values.device)
         B, H, _, D = values.shape
         hold = self.hold_tokens() if hold_tokens is None else hold_tokens

@@ -263,26 +263,48 @@ class QuantizedKVCache:
             self._append_steady(x)
             return
         self._host_stale = True
-        check_kv(x, f"{self.kind}s", self.num_heads, self.head_dim, self.device)
+        name = f"{self.kind}s"
+        check_kv(x, name, self.num_heads, self.head_dim, self.device, finite=False)
         if x.shape[0] != self.batch:
             raise ValueError(f"{self.kind}s have batch {x.shape[0]} but the cache holds {self.batch}")
         n = x.shape[2]
         mask = check_mask(attention_mask, self.batch, n, x.device, allow_empty_rows=True)
-        self._append_tokens(x.to(self.dtype), mask)
+        self._append_tokens(x.to(self.dtype), mask, finite_check=(x, name))
 
-    def _append_tokens(self, x: torch.Tensor, mask: torch.Tensor, force: bool = False) -> None:
+    def _append_tokens(self, x: torch.Tensor, mask: torch.Tensor, force: bool = False,
+                       finite_check: tuple[torch.Tensor, str] | None = None) -> None:
         """:meth:`append` of checked tokens ``x [B, H, n, D]`` (the store's dtype) with ``mask [B, n]``; ``force``
-        ends every exact hold (:meth:`settle`)."""
+        ends every exact hold (:meth:`settle`); ``finite_check=(tokens, name)``: refuse NaN/Inf in ``tokens``
+        before anything is written. Every decision that needs the device's numbers is read in one sync."""
         n = x.shape[2]
-        if not bool(mask.all()):  # move each row's real tokens to the front, in order
+        n_new = mask.sum(1)
+        n_sink = self.config.n_sink
+        take = torch.minimum(n_sink - self.sink_len, n_new)
+        R = self.config.residual_length
+        Rb = self.residual.shape[2]  # the window's width: R, or more while a sequence holds
+        pend_len = self.res_len + n_new - take
+        evict = (pend_len - R).clamp_min(0)
+        newly = None
+        if self.hold_tokens:
+            newly = ~self.ranged & ((pend_len >= self.hold_tokens) | force)
+            ranged = self.ranged | newly
+            evict = torch.where(ranged, evict, torch.zeros_like(evict))
+        zero = torch.zeros((), dtype=torch.long, device=self.device)
+        probe = [mask.all().long(), evict.sum(), zero if newly is None else newly.any().long(),
+                 (pend_len - evict).max() if self.batch else zero,
+                 torch.isfinite(finite_check[0]).all().long() if finite_check and x.numel() else zero + 1]
+        B = self.batch
+        got = torch.cat([torch.stack(probe), take.long(), evict.long(), self.q_len.long()]).tolist()  # the one sync
+        all_real, n_ev, any_newly, keep_max, finite = got[:5]
+        take_host, evict_host, q_host = got[5: 5 + B], got[5 + B: 5 + 2 * B], got[5 + 2 * B:]
+        if not finite:
+            check_kv(finite_check[0], finite_check[1])  # raises, naming the first bad index; nothing written yet
+        if not all_real:  # move each row's real tokens to the front, in order
             order = compact_order(mask)
             x = x.gather(2, order[:, None, :, None].expand_as(x))
-        n_new = mask.sum(1)
         arange_b = torch.arange(self.batch, device=self.device)
 
         # 1. sinks: the first n_sink real tokens of a sequence.
-        n_sink = self.config.n_sink
-        take = torch.minimum(n_sink - self.sink_len, n_new)
         if n_sink:
             j = torch.arange(n_sink, device=self.device)[None, :]
             src = j - self.sink_len[:, None]
@@ -296,16 +318,6 @@ class QuantizedKVCache:
         # 2. the rest passes through the residual window; what overflows it is quantized, oldest first. A sequence
         # in its exact hold keeps everything in the window until it has hold_tokens tokens past its sinks; then
         # (keys) its ranges are set from all of them and the window overflows as usual.
-        R = self.config.residual_length
-        Rb = self.residual.shape[2]  # the window's width: R, or more while a sequence holds
-        rest = n_new - take
-        pend_len = self.res_len + rest
-        evict = (pend_len - R).clamp_min(0)
-        newly = None
-        if self.hold_tokens:
-            newly = ~self.ranged & ((pend_len >= self.hold_tokens) | force)
-            ranged = self.ranged | newly
-            evict = torch.where(ranged, evict, torch.zeros_like(evict))
         pending = torch.cat([self.residual, x], dim=2) if Rb else x  # [B, H, Rb + n, D]
 
         def pending_index(seq: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
@@ -314,25 +326,24 @@ class QuantizedKVCache:
             return torch.where(i < res, i, Rb + take[seq] + i - res)
 
         if newly is not None:
-            if self.kind == "key" and bool(newly.any()):
+            if self.kind == "key" and any_newly:
                 self._set_ranges(newly, pending, pend_len, pending_index)
             self.ranged = ranged
 
-        n_ev = int(evict.sum())
         if n_ev:
-            seq = torch.repeat_interleave(arange_b, evict)
+            seq = torch.repeat_interleave(arange_b, evict, output_size=n_ev)
             j = torch.arange(n_ev, device=self.device) - (torch.cumsum(evict, 0) - evict)[seq]
             if Rb == 0:  # each sequence's new tokens after its sinks, in order: views of x, no gather
-                t0, cnt = take.tolist(), evict.tolist()
+                t0, cnt = take_host, evict_host
                 parts = [x[b, :, t0[b]: t0[b] + cnt[b]].transpose(0, 1) for b in range(self.batch) if cnt[b]]
                 tokens = parts[0] if len(parts) == 1 else torch.cat(parts)  # [N, H, D]
             else:
                 tokens = pending[seq, :, pending_index(seq, j), :]  # [N, H, D]
-            self._write(seq, self.q_len[seq] + j, tokens, evict)
+            self._write(seq, self.q_len[seq] + j, tokens, evict, host=(q_host, evict_host))
             self.q_len = self.q_len + evict
         W = R
         if self.hold_tokens:  # the window holds what every sequence keeps (R once none holds)
-            W = max(R, int((pend_len - evict).max()) if self.batch else 0)
+            W = max(R, keep_max)
         if W and Rb + n:
             i = evict[:, None] + torch.arange(W, device=self.device)[None, :]
             keep = i < pend_len[:, None]
@@ -432,8 +443,8 @@ class QuantizedKVCache:
         if self.deferred:
             append_open_steady(self, out[:, :, 0])
         else:
-            if self._headroom < n:  # a new page for some sequence: allocate (one sync), re-read the room
-                self.pages.reserve(self.q_len + n)
+            if self._headroom < n:  # a new page for some sequence: allocate, re-read the room (one sync)
+                self.pages.reserve([q + n for q in self._q_host])
                 self.grow_outliers()
                 self._host_stale = True
                 self._fast_path_ready(n)
@@ -446,14 +457,18 @@ class QuantizedKVCache:
         self._q_host = [q + n for q in self._q_host]
 
     def _write(self, seq: torch.Tensor, pos: torch.Tensor, tokens: torch.Tensor, run_counts: torch.Tensor | None,
-               steady: bool = False) -> None:
+               steady: bool = False, host: tuple[list[int], list[int]] | None = None) -> None:
         """Store ``tokens [N, H, D]`` as quantized token ``pos[i]`` of sequence ``seq[i]`` (runs: ``run_counts[b]``
-        tokens of sequence ``b`` at positions ``q_len[b] ...``, sequences in order)."""
+        tokens of sequence ``b`` at positions ``q_len[b] ...``, sequences in order; ``host``: ``q_len`` and
+        ``run_counts`` as lists, known on the host, so that allocating pages reads nothing from the device)."""
         if self.deferred:
-            write_open(self, seq, pos, tokens, run_counts)
+            write_open(self, seq, pos, tokens, run_counts, host)
             return
         if not steady:
-            self.pages.reserve(self.q_len.scatter_add(0, seq, torch.ones_like(seq)))
+            if host is not None:
+                self.pages.reserve([q + n for q, n in zip(*host)])
+            else:
+                self.pages.reserve(self.q_len.scatter_add(0, seq, torch.ones_like(seq)))
             self.grow_outliers()
         self.ops.write_keys(self, seq, pos, tokens, nonfinite=self._nonfinite if steady else None)
 

@@ -271,3 +271,38 @@ def test_timers_synchronize_every_gpu_of_the_model(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(runs, "greedy_steps", lambda m, nxt, c, n: (None, None))
     runs.run_generation(model, torch.zeros(2, 4, dtype=torch.long), None, 3, torch.device("cuda:0"))
     assert seen == [torch.device("cuda:0"), torch.device("cuda:1")] * 4
+
+
+def test_peak_memory_counts_each_device_once() -> None:
+    """``cuda`` (the bench's device) and ``cuda:0`` (where the weights are) are one device: the summed peak memory
+    must not count it twice."""
+    from kvquant.bench.generate import distinct_cuda_devices
+
+    cuda, cuda0, cuda1 = torch.device("cuda"), torch.device("cuda", 0), torch.device("cuda", 1)
+    assert distinct_cuda_devices([cuda0, cuda0, cuda], current=0) == [cuda0]
+    assert distinct_cuda_devices([cuda1, cuda, cuda0], current=1) == [cuda0, cuda1]
+    assert distinct_cuda_devices([torch.device("cpu")], current=0) == []
+
+
+def test_chunked_prefill_holds_no_growth_slack(tiny: BenchModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunked prefill allocates the rest of the prompt (and the decode budget) exactly at its first chunk: every
+    store's page pool ends exactly full, where pools grown a quarter at a time by the later chunks keep spare pages;
+    the tokens generated are the same either way."""
+    from kvquant.cache import graphs
+
+    prompt, _ = runs.make_prompts(tiny, 3, 600, None, seed=3)
+    cfg = QuantConfig(min_range_tokens=1, page_size=32)
+
+    def run() -> tuple[torch.Tensor, list[int]]:
+        cache = runs.make_cache(tiny, "nuq3", cfg, None, reserve_tokens=4)
+        res = graphs.generate(tiny.model, prompt, None, cache, 5, graph=False, prefill_chunk=64)
+        assert all(layer.cumulative_length == 600 + 4 for layer in cache.layers)
+        spare = [s.pages.capacity - s.pages.n_pages for layer in cache.layers for s in (layer.qkeys, layer.qvalues)]
+        return res.tokens, spare
+
+    tokens, spare = run()
+    assert spare == [0] * len(spare), spare
+    monkeypatch.setattr(graphs, "reserve_rest_of_prompt", lambda cache, spans: None)
+    grown_tokens, grown_spare = run()
+    assert torch.equal(tokens, grown_tokens)
+    assert sum(grown_spare) > 0  # (what the reservation saves)

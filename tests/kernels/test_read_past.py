@@ -111,3 +111,22 @@ def test_column_of_token_and_refusals(seed: int) -> None:
     m = torch.ones(2, int(kc.lengths.max()), dtype=torch.bool, device=DEVICE)
     with pytest.raises(ValueError, match=r"out must be \[B, H, S, D\]"):
         read_past(kc, m, torch.empty(2, 2, 3, 64, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_read_past_value_outliers_exact(seed: int, dtype: torch.dtype) -> None:
+    """Every stored value outlier lands, bit for bit, at its (sequence, head, column, channel): several sealed pages
+    per sequence, heavy outliers (8 %), sinks and scattered padding; pages past a sequence's sealed ones add nothing."""
+    gen = torch.Generator().manual_seed(seed)
+    cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.08, n_sink=2, residual_length=0, page_size=32,
+                      min_range_tokens=1)
+    B, H, D, S = 3, 4, 64, 150
+    _, vc = build_caches(gen, B, H, D, S, cfg, dtype, n_decode=5)
+    assert int((vc.sealed_len // 32).max()) >= 3 and vc.outliers.nnz > 0
+    mask = layout(gen, vc.lengths.tolist(), extra=7)
+    got, ref = both(vc, mask)
+    b_idx, head, pos, chan, v = vc.outlier_entries()
+    col = column_of_token(mask)[b_idx, vc.sink_len[b_idx] + pos]
+    assert torch.equal(got[b_idx, head, col, chan], v.to(dtype))
+    assert torch.equal(ref[b_idx, head, col, chan], v.to(dtype))
+    assert rel_err(got, ref) < READ_TOL[dtype]

@@ -307,4 +307,4 @@ def test_decode_fast_path_reports_nan_within_the_check_interval():
     # the general path (a mask given) still checks at once
     c2 = BatchedKVQuantizer(cfg).quantize_values(torch.randn(2, 2, 8, 16))
     with pytest.raises(ValueError, match="NaN"):
-        c2.append(torch.full((2, 2, 1, 16), float("inf")), torch.ones(2, 1))
+        c2.append(torch.full((2, 2, 1, 16), float("inf")), torch.ones(2, 1, dtype=torch.bool))

@@ -32,7 +32,9 @@ if triton is not None:
             w3 = tl.load(CODES + wbase + 3 * U, mask=m, other=0)
         return unit_levels(w0, w1, w2, w3, LEV, LEV, BITS, BT, NH, False, tl.float32)
 
-    @triton.jit
+    # integer arguments that change with the batch's lengths are not specialized on (divisibility by 16, == 1):
+    # a chunked prefill would otherwise compile the kernel again whenever one of them changes class (~0.8 s each)
+    @triton.jit(do_not_specialize=["o_b", "o_h", "S", "n_sink", "n_res", "tab_stride", "H"])
     def read_past_kernel(
         OUT, o_b, o_h, o_s, SRC, S,
         SINK, n_sink, RES, n_res, SLEN, QLEN, RLEN,
@@ -120,3 +122,36 @@ if triton is not None:
         dt = OUT.dtype.element_ty
         tl.store(OUT + orow[:, None] + ca[None, :], tl.where(real, xa, 0.0).to(dt), mask=jm[:, None])
         tl.store(OUT + orow[:, None] + cb[None, :], tl.where(real, xb, 0.0).to(dt), mask=jm[:, None])
+
+    @triton.jit(do_not_specialize=["o_b", "o_h", "S1", "tab_stride", "n_pages", "block_cap", "H"])
+    def value_outliers_kernel(
+        OUT, o_b, o_h, o_s, COL, S1, SLEN, SEALED, TAB, tab_stride, n_pages,
+        CNT, HSTART, TOK, VAL, block_cap, H,
+        D: tl.constexpr, T: tl.constexpr, E: tl.constexpr,
+    ):
+        """The exact value outliers of one (sequence, sealed page, head), written over the dequantized values at
+        their columns: the head's entries are ``HSTART[blk, h]`` on, channel after channel (``CNT[blk, h, :]`` of
+        each), token offsets in ``TOK``; ``COL[b, k]`` is the column of logical token ``k`` (sinks first)."""
+        pid = tl.program_id(0)
+        h = pid % H
+        p = (pid // H) % n_pages
+        b = pid // (H * n_pages)
+        sealed = tl.load(SEALED + b)
+        if p * T < sealed:
+            blk = tl.load(TAB + b * tab_stride + p).to(tl.int64)
+            ch = tl.arange(0, D)
+            cnt = tl.load(CNT + (blk * H + h) * D + ch).to(tl.int32)
+            cum = tl.cumsum(cnt, axis=0)  # inclusive: channel c holds entries [cum[c] - cnt[c], cum[c])
+            n = tl.sum(cnt, axis=0)
+            start = tl.load(HSTART + blk * H + h)
+            k0 = tl.load(SLEN + b) + p * T
+            for e0 in range(0, n, E):
+                e = e0 + tl.arange(0, E)
+                ok = e < n
+                chan = tl.sum((cum[None, :] <= e[:, None]).to(tl.int32), axis=1)
+                at = blk * block_cap + start + e
+                tok = tl.load(TOK + at, mask=ok, other=0).to(tl.int32)
+                v = tl.load(VAL + at, mask=ok, other=0.0)
+                col = tl.load(COL + b * S1 + k0 + tok, mask=ok, other=0)
+                dst = b.to(tl.int64) * o_b + h * o_h + col.to(tl.int64) * o_s + chan
+                tl.store(OUT + dst, v.to(OUT.dtype.element_ty), mask=ok)
