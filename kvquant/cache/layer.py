@@ -82,9 +82,7 @@ class KVQuantLayer(CacheLayerMixin):
             self.cumulative_length += s
             return key_states, value_states
 
-        if self.qkeys is None:  # prefill: quantize the whole padded batch at once
-            if not bool(step_mask.any(1).all()):
-                raise ValueError("a prompt in the batch is all padding: every row needs a real token")
+        if self.qkeys is None:  # prefill: quantize the whole padded batch at once (a row of padding only: refused)
             # this layer's calibration on its own device, for the heads it receives (tensor parallelism: a slice)
             quantizer = self.owner.quantizer_for(self.layer_idx, key_states.device, key_states.shape[1])
             self.qkeys = quantizer.quantize_keys(k_store, step_mask)

@@ -87,8 +87,9 @@ class BatchedKVQuantizer:
             row with fewer than ``config.range_tokens`` tokens past its sinks holds them exactly until it has them
             (:meth:`hold_tokens`); a longer one takes the ranges from all of them at once.
         """
-        check_kv(keys, "keys", finite=False)  # (the append refuses NaN/Inf in the same read as its other checks)
-        mask = check_mask(attention_mask, keys.shape[0], keys.shape[2], keys.device)
+        # (the append refuses NaN/Inf and all-padding rows in the same device read as its other checks)
+        check_kv(keys, "keys", finite=False)
+        mask = check_mask(attention_mask, keys.shape[0], keys.shape[2], keys.device, allow_empty_rows=True)
         B, H, _, D = keys.shape
         scale = zero = None
         ranges = key_ranges if key_ranges is not None else self.key_ranges
@@ -96,7 +97,7 @@ class BatchedKVQuantizer:
             scale, zero = self._key_scale_zero(keys, ranges)
         cache = QuantizedKVCache("key", self.config, B, H, D, keys.dtype, keys.device, self.key_codebook,
                                  scale, zero, ops=self.ops, hold_tokens=self.hold_tokens(key_ranges))
-        cache.append(keys, mask)
+        cache.append(keys, mask, every_row=True)
         return cache
 
     def quantize_values(self, values: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -106,10 +107,10 @@ class BatchedKVQuantizer:
         ``hold_tokens``: the exact hold of the keys they pair with (``keys.hold_tokens``; default: that of keys
         quantized with this quantizer's own ranges, :meth:`hold_tokens`)."""
         check_kv(values, "values", finite=False)
-        mask = check_mask(attention_mask, values.shape[0], values.shape[2], values.device)
+        mask = check_mask(attention_mask, values.shape[0], values.shape[2], values.device, allow_empty_rows=True)
         B, H, _, D = values.shape
         hold = self.hold_tokens() if hold_tokens is None else hold_tokens
         cache = QuantizedKVCache("value", self.config, B, H, D, values.dtype, values.device, self.value_codebook,
                                  ops=self.ops, hold_tokens=hold)
-        cache.append(values, mask)
+        cache.append(values, mask, every_row=True)
         return cache

@@ -238,13 +238,14 @@ class QuantizedKVCache:
             self.outliers.reserve(self.pages.capacity, exact=True)
 
     # -- writing --------------------------------------------------------------------------------------
-    def append(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+    def append(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, every_row: bool = False) -> None:
         """Append tokens to every sequence.
 
         Args:
             x: ``[B, H, n, D]`` new tokens (a prefill or ``n = 1`` decode tokens).
             attention_mask: ``[B, n]`` 1 for real tokens, 0 for padding (left, right or anywhere); ``None`` means
-                all real. A row may be all padding here (that sequence gets nothing).
+                all real. A row may be all padding here (that sequence gets nothing) unless ``every_row``, which
+                refuses it (what a prefill needs), checked in the same device read as the rest.
 
         Decode steps (``attention_mask=None``, every sequence past its sinks and residual window) make no device
         sync on the Triton backend: what the host needs is known there, and NaN/Inf in ``x`` is detected up to
@@ -269,13 +270,14 @@ class QuantizedKVCache:
             raise ValueError(f"{self.kind}s have batch {x.shape[0]} but the cache holds {self.batch}")
         n = x.shape[2]
         mask = check_mask(attention_mask, self.batch, n, x.device, allow_empty_rows=True)
-        self._append_tokens(x.to(self.dtype), mask, finite_check=(x, name))
+        self._append_tokens(x.to(self.dtype), mask, finite_check=(x, name), every_row=every_row)
 
     def _append_tokens(self, x: torch.Tensor, mask: torch.Tensor, force: bool = False,
-                       finite_check: tuple[torch.Tensor, str] | None = None) -> None:
+                       finite_check: tuple[torch.Tensor, str] | None = None, every_row: bool = False) -> None:
         """:meth:`append` of checked tokens ``x [B, H, n, D]`` (the store's dtype) with ``mask [B, n]``; ``force``
         ends every exact hold (:meth:`settle`); ``finite_check=(tokens, name)``: refuse NaN/Inf in ``tokens``
-        before anything is written. Every decision that needs the device's numbers is read in one sync."""
+        before anything is written; ``every_row``: refuse a row of ``mask`` without a real token. Every decision
+        that needs the device's numbers is read in one sync."""
         n = x.shape[2]
         n_new = mask.sum(1)
         n_sink = self.config.n_sink
@@ -292,11 +294,16 @@ class QuantizedKVCache:
         zero = torch.zeros((), dtype=torch.long, device=self.device)
         probe = [mask.all().long(), evict.sum(), zero if newly is None else newly.any().long(),
                  (pend_len - evict).max() if self.batch else zero,
-                 torch.isfinite(finite_check[0]).all().long() if finite_check and x.numel() else zero + 1]
+                 torch.isfinite(finite_check[0]).all().long() if finite_check and x.numel() else zero + 1,
+                 mask.any(1).all().long() if every_row and n else zero + 1,
+                 zero if newly is None or not self.batch else torch.where(newly, pend_len, 0).max()]
         B = self.batch
         got = torch.cat([torch.stack(probe), take.long(), evict.long(), self.q_len.long()]).tolist()  # the one sync
-        all_real, n_ev, any_newly, keep_max, finite = got[:5]
-        take_host, evict_host, q_host = got[5: 5 + B], got[5 + B: 5 + 2 * B], got[5 + 2 * B:]
+        all_real, n_ev, any_newly, keep_max, finite, rows_ok, newly_max = got[:7]
+        take_host, evict_host, q_host = got[7: 7 + B], got[7 + B: 7 + 2 * B], got[7 + 2 * B:]
+        if not rows_ok:  # (nothing written yet)
+            empty = (~mask.any(1)).nonzero().flatten().tolist() if n else list(range(B))
+            raise ValueError(f"attention_mask rows {empty} have no real tokens (all padding)")
         if not finite:
             check_kv(finite_check[0], finite_check[1])  # raises, naming the first bad index; nothing written yet
         if not all_real:  # move each row's real tokens to the front, in order
@@ -327,7 +334,7 @@ class QuantizedKVCache:
 
         if newly is not None:
             if self.kind == "key" and any_newly:
-                self._set_ranges(newly, pending, pend_len, pending_index)
+                self._set_ranges(newly, pending, pend_len, pending_index, newly_max)
             self.ranged = ranged
 
         if n_ev:
@@ -355,11 +362,12 @@ class QuantizedKVCache:
             self.residual = self.residual.new_zeros(self.batch, self.num_heads, 0, self.head_dim)  # (no old storage)
             self.res_len = pend_len - evict
 
-    def _set_ranges(self, rows: torch.Tensor, pending: torch.Tensor, pend_len: torch.Tensor, pending_index) -> None:
+    def _set_ranges(self, rows: torch.Tensor, pending: torch.Tensor, pend_len: torch.Tensor, pending_index,
+                    L: int) -> None:
         """Per-channel key ranges of sequences ``rows [B]`` (bool) from their stream (held window and new tokens,
-        ``pend_len`` of them), or from their sinks when the stream is empty: the ``f/2`` and ``1-f/2`` quantiles
-        (:func:`~kvquant.quant.stats.channel_ranges`), the same as a prefill of all those tokens at once."""
-        L = int(pend_len[rows].max())
+        ``pend_len`` of them; ``L``: the longest of those of ``rows``), or from their sinks when the stream is empty:
+        the ``f/2`` and ``1-f/2`` quantiles (:func:`~kvquant.quant.stats.channel_ranges`), the same as a prefill of
+        all those tokens at once."""
         H, D = self.num_heads, self.head_dim
         i = torch.arange(L, device=self.device)[None, :]
         arange_b = torch.arange(self.batch, device=self.device)[:, None]

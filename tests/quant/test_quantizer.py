@@ -224,8 +224,10 @@ def test_bad_masks_and_configs():
     x = torch.randn(2, 2, 5, 4)
     with pytest.raises(ValueError, match=r"shape \[B, S\]"):
         q.quantize_keys(x, torch.ones(2, 4))
-    with pytest.raises(ValueError, match="no real tokens"):
+    with pytest.raises(ValueError, match=r"rows \[1\] have no real tokens"):
         q.quantize_values(x, torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 0, 0]]))
+    with pytest.raises(ValueError, match=r"rows \[0\] have no real tokens"):
+        q.quantize_keys(x, torch.tensor([[0, 0, 0, 0, 0], [0, 1, 0, 0, 0]]))
     with pytest.raises(TypeError, match="bool or integer"):
         q.quantize_keys(x, torch.ones(2, 5) * 0.5)
     with pytest.raises(ValueError, match="0 and 1"):
