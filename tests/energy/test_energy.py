@@ -69,6 +69,14 @@ def run_monitor(gpu_id: int | list[int], seconds: float = 0.22) -> energy.Energy
 @pytest.mark.parametrize("counter", [True, False], ids=["energy_counter", "power_sampling"])
 def test_monitor_energy_matches_simulation(monkeypatch: pytest.MonkeyPatch, counter: bool) -> None:
     install(monkeypatch, [triangle_gpu(counter=counter)])
+    seen: list[list[PowerSample]] = []
+    real = energy.monitor.measurement_from_samples
+
+    def spy(samples, *args, **kwargs):
+        seen.append(list(samples))
+        return real(samples, *args, **kwargs)
+
+    monkeypatch.setattr(energy.monitor, "measurement_from_samples", spy)
     m = run_monitor(0)
     assert m.available and m.reason is None
     assert m.method == ("nvml_energy_counter" if counter else "nvml_power_sampling")
@@ -78,7 +86,11 @@ def test_monitor_energy_matches_simulation(monkeypatch: pytest.MonkeyPatch, coun
     # not just base power x time: the triangle must be in there
     assert m.energy_j > BASE * m.duration_s + 0.8 * 0.5 * (PEAK - BASE) * 2 * RISE
     assert m.mean_power_w == pytest.approx(m.energy_j / m.duration_s, rel=1e-9)
-    assert m.peak_power_w == pytest.approx(PEAK, abs=(PEAK - BASE) / RISE * PERIOD + 1.0)
+    # the sampled peak is within one sampling interval's rise of the apex: PERIOD, or the longest interval the
+    # sampling thread actually took (a loaded machine can stall it)
+    times = [smp.t for smp in seen[-1]]
+    gap = max([PERIOD] + [b - a for a, b in zip(times, times[1:])])
+    assert PEAK - (PEAK - BASE) / RISE * gap - 1.0 <= m.peak_power_w <= PEAK + 1.0
     assert m.n_samples >= 10
     assert m.gpu_name == "NVIDIA H100 80GB HBM3" and m.gpu_ids == [0]
     d = m.to_dict()
