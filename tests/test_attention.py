@@ -27,7 +27,9 @@ def test_prefill_and_decode_attention_match_reference(dt, seed):
         L = r.numel()
         allowed = torch.ones(L, L, dtype=torch.bool).tril()[None]
         ref = masked_attention(q[b:b + 1, :, r], k[b:b + 1, :, r], v[b:b + 1, :, r], allowed)
-        torch.testing.assert_close(out[b:b + 1, :, r], ref, rtol=1e-5, atol=1e-5)
+        # fp32 with another summation order: errors scale with the values (heavy-tailed, channels up to x15)
+        scale = float(v[b:b + 1, :, r].abs().max())
+        torch.testing.assert_close(out[b:b + 1, :, r], ref, rtol=1e-5, atol=2e-6 * scale)
         assert out[b, :, ~mask[b]].abs().sum() == 0
     # decode: attends over the (de)quantized cache plus the new token
     qd, kd, vd = torch.randn(B, Hq, 1, D), torch.randn(B, Hkv, 1, D), torch.randn(B, Hkv, 1, D)
