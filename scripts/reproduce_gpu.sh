@@ -11,7 +11,8 @@
 # qwen2.5-coder-1.5b; qcal, qppl, qgen), TO (seconds, a step's own time limit), DT (datatypes), BATCH, PL (prompt
 # lengths), TESTS (verify), VARIANTS (kprof), BATCHES, CTX, KDT, FRACS (decode: batches
 # "1 8 32", contexts, datatypes, outlier fractions), BP (dprof: batch:prompt pairs),
-# TASKS, DEPTHS, N and QDT (qlong: tasks, needle depths, samples per cell, model dtype), CHUNK (atcap: prefill chunk).
+# TASKS, DEPTHS, N and QDT (qlong: tasks, needle depths, samples per cell, model dtype), CHUNK (atcap: prefill chunk),
+# SYNCW and TRACE (cprof: set to warn at every line that syncs with the device / to write a gzipped Chrome trace).
 #
 # Steps:
 #   env       GPU, driver and package versions
