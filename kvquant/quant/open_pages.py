@@ -3,6 +3,7 @@ fills into the store's page pool when complete (then its outliers can be stored 
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,19 +26,19 @@ def append_open_steady(store: QuantizedKVCache, tok: torch.Tensor) -> None:
 
 
 def write_open(store: QuantizedKVCache, seq: torch.Tensor, pos: torch.Tensor, tokens: torch.Tensor,
-               run_counts: torch.Tensor, host: tuple[list[int], list[int]] | None = None) -> None:
+               run_counts: torch.Tensor, host: tuple[list[int], list[int]]) -> None:
     """Values: tokens go to their sequence's open page; every page that fills is quantized (sealed).
 
     ``tokens [N, H, D]`` are grouped by sequence, oldest first: ``run_counts[b]`` of sequence ``b`` at positions
-    ``q_len[b] ...`` (``seq``, ``pos`` per token). ``host``: ``(q_len, run_counts)`` as lists when the caller read
-    them already; otherwise they are read here, once. Nothing else is read from the device."""
+    ``q_len[b] ...`` (``seq``, ``pos`` per token); ``host``: ``(q_len, run_counts)`` as lists, read by the caller.
+    Nothing is read from the device here."""
     T = store.config.page_size
     B = store.batch
-    q0_h, n_h = host if host is not None else (store.q_len.tolist(), run_counts.tolist())
+    q0_h, n_h = host
     first_h = [q // T for q in q0_h]  # pages [first, end) of each sequence fill now
     end_h = [(q + n) // T for q, n in zip(q0_h, n_h)]
     n_full = [e - f for f, e in zip(first_h, end_h)]
-    run_first = [sum(n_h[:b]) for b in range(B)]
+    run_first = [0, *itertools.accumulate(n_h)][:B]
     total = sum(n_full)
     if total:
         store.pages.reserve([e * T for e in end_h])
@@ -48,8 +49,7 @@ def write_open(store: QuantizedKVCache, seq: torch.Tensor, pos: torch.Tensor, to
             if n_full[b]:
                 pages = tokens[run_first[b]: run_first[b] + n_full[b] * T].reshape(n_full[b], T, H, D)
                 idx = torch.full((n_full[b],), b, device=store.device)
-                seal(store, idx, first_h[b] + torch.arange(n_full[b], device=store.device), pages.transpose(1, 2),
-                     reserved=True)
+                seal(store, idx, first_h[b] + torch.arange(n_full[b], device=store.device), pages.transpose(1, 2))
     elif total:
         owner_h = [b for b in range(B) for _ in range(n_full[b])]
         page_h = [first_h[b] + k for b in range(B) for k in range(n_full[b])]
@@ -64,7 +64,7 @@ def write_open(store: QuantizedKVCache, seq: torch.Tensor, pos: torch.Tensor, to
                             tokens])
         src = torch.where(from_open, owner[:, None] * T + p % T, B * T + src_new.clamp_min(0))
         page_tokens = stream[src.reshape(-1)].reshape(total, T, store.num_heads, store.head_dim).transpose(1, 2)
-        seal(store, owner, pidx, page_tokens, reserved=True)
+        seal(store, owner, pidx, page_tokens)
     # tokens past the last full page stay in the open page
     rest = [run_first[b] + j for b in range(B) for j in range(max(end_h[b] * T - q0_h[b], 0), n_h[b])]
     if rest:
@@ -73,16 +73,11 @@ def write_open(store: QuantizedKVCache, seq: torch.Tensor, pos: torch.Tensor, to
 
 
 def seal(store: QuantizedKVCache, seq: torch.Tensor, page_index: torch.Tensor, page_tokens: torch.Tensor,
-         need: list[int] | None = None, reserved: bool = False) -> None:
+         need: list[int] | None = None) -> None:
     """Quantize full pages of values: page ``page_index[i]`` of sequence ``seq[i]`` from ``page_tokens[i]``
-    ``[H, T, D]``. The pages are allocated first: ``need[b]`` tokens for sequence ``b`` when the host knows them
-    (no device read), else from ``page_index`` (one read); ``reserved``: the caller allocated them."""
-    if not reserved:
-        if need is None:
-            need_t = torch.zeros(store.batch, dtype=torch.int64, device=store.device)
-            need_t.scatter_reduce_(0, seq, (page_index + 1) * store.config.page_size, "amax")
-            store.pages.reserve(need_t)
-        else:
-            store.pages.reserve(need)
+    ``[H, T, D]``. ``need``: first allocate pages for ``need[b]`` tokens of sequence ``b`` (host-known, no device
+    read); ``None``: the caller allocated them."""
+    if need is not None:
+        store.pages.reserve(need)
         store.grow_outliers()
     store.ops.write_value_pages(store, store.pages.table[seq, page_index].long(), page_tokens)

@@ -301,9 +301,8 @@ class QuantizedKVCache:
         got = torch.cat([torch.stack(probe), take.long(), evict.long(), self.q_len.long()]).tolist()  # the one sync
         all_real, n_ev, any_newly, keep_max, finite, rows_ok, newly_max = got[:7]
         take_host, evict_host, q_host = got[7: 7 + B], got[7 + B: 7 + 2 * B], got[7 + 2 * B:]
-        if not rows_ok:  # (nothing written yet)
-            empty = (~mask.any(1)).nonzero().flatten().tolist() if n else list(range(B))
-            raise ValueError(f"attention_mask rows {empty} have no real tokens (all padding)")
+        if not rows_ok:
+            check_mask(mask, B, n, mask.device)  # raises, naming the empty rows; nothing written yet
         if not finite:
             check_kv(finite_check[0], finite_check[1])  # raises, naming the first bad index; nothing written yet
         if not all_real:  # move each row's real tokens to the front, in order
@@ -460,23 +459,22 @@ class QuantizedKVCache:
             tokens = out.transpose(1, 2).reshape(B * n, H, D)  # [N, H, D] grouped by sequence, oldest first
             seq = torch.arange(B, device=self.device).repeat_interleave(n)
             pos = self.q_len[seq] + torch.arange(n, device=self.device).repeat(B)
-            self._write(seq, pos, tokens, None, steady=True)
+            self._write(seq, pos, tokens, None)
         self.q_len = self.q_len + n
         self._q_host = [q + n for q in self._q_host]
 
     def _write(self, seq: torch.Tensor, pos: torch.Tensor, tokens: torch.Tensor, run_counts: torch.Tensor | None,
-               steady: bool = False, host: tuple[list[int], list[int]] | None = None) -> None:
+               host: tuple[list[int], list[int]] | None = None) -> None:
         """Store ``tokens [N, H, D]`` as quantized token ``pos[i]`` of sequence ``seq[i]`` (runs: ``run_counts[b]``
-        tokens of sequence ``b`` at positions ``q_len[b] ...``, sequences in order; ``host``: ``q_len`` and
-        ``run_counts`` as lists, known on the host, so that allocating pages reads nothing from the device)."""
+        tokens of sequence ``b`` at positions ``q_len[b] ...``, sequences in order). ``host``: ``q_len`` and
+        ``run_counts`` as lists, known on the host: pages are allocated from them (no device read); ``None``: a
+        steady key append into pages already allocated."""
         if self.deferred:
             write_open(self, seq, pos, tokens, run_counts, host)
             return
+        steady = host is None
         if not steady:
-            if host is not None:
-                self.pages.reserve([q + n for q, n in zip(*host)])
-            else:
-                self.pages.reserve(self.q_len.scatter_add(0, seq, torch.ones_like(seq)))
+            self.pages.reserve([q + n for q, n in zip(*host)])
             self.grow_outliers()
         self.ops.write_keys(self, seq, pos, tokens, nonfinite=self._nonfinite if steady else None)
 
