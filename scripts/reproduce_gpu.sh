@@ -11,7 +11,8 @@
 # qwen2.5-coder-1.5b; qcal, qppl, qgen), TO (seconds, a step's own time limit), DT (datatypes), BATCH, PL (prompt
 # lengths), TESTS (verify), VARIANTS (kprof), BATCHES, CTX, KDT, FRACS (decode: batches
 # "1 8 32", contexts, datatypes, outlier fractions), BP (dprof: batch:prompt pairs),
-# TASKS, DEPTHS, N and QDT (qlong: tasks, needle depths, samples per cell, model dtype), CHUNK (atcap: prefill chunk),
+# TASKS, DEPTHS, N, QDT and QARGS (qlong: tasks, needle depths, samples per cell, model dtype, more flags, e.g.
+# "--residual-length 128 --tag r128"), CHUNK (atcap: prefill chunk),
 # SYNCW and TRACE (cprof: set to warn at every line that syncs with the device / to write a gzipped Chrome trace).
 #
 # Steps:
@@ -115,7 +116,7 @@ run() {
         --calibration "$RES_ROOT/qcal/cal" --tasks "${TASKS:-passkey,ruler}" --lengths "${PL:-4K..32K}" \
         --depths "${DEPTHS:-0,25,50,75,100}" --n "${N:-8}" --batch "${BATCH:-4}" \
         --caches "${DT:-fp16,nuq4,nuq3,nuq2,quanto4k,quanto2k,snapkv@nuq3,snapkv@nuq2,expected_attention@nuq3}" \
-        --no-progress --out "$RES/longctx_qwen.jsonl" ;;
+        ${QARGS:-} --no-progress --out "$RES/longctx_qwen.jsonl" ;;
     *) echo "unknown step $STEP (see the list at the top of $0)"; return 2 ;;
   esac
 }

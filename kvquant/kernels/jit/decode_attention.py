@@ -198,20 +198,82 @@ if triton is not None:
                 tl.store(SC + crow[None, :] + i[:, None], s, mask=gm[None, :])
 
     @triton.jit
+    def _values_one_head(OP, MP, LP, SC, Lmax, VC, VLUT, VLEV, VSC, VZR, VTAB, v_tab_stride, VOPEN, b, hk, qlen, p0,
+                         p1, sealed, Hkv, Hq, NS1, D: tl.constexpr, T: tl.constexpr, BT: tl.constexpr,
+                         VBITS: tl.constexpr, USE_ASM: tl.constexpr, DT: tl.constexpr):
+        """The values pass of one split for one query head per KV head, without dots and without rescaling: the
+        split's maximum score first (its scores only), then ``acc [BT, D/2] += p * scale * level`` elementwise in the
+        tile's own layout, summed over the tokens once at the end."""
+        DH: tl.constexpr = D // 2
+        NU: tl.constexpr = D // 32
+        NH: tl.constexpr = DH // 32
+        U: tl.constexpr = T * D // 32
+        tt = tl.arange(0, BT)
+        dcol = tl.arange(0, DH)
+        tofs = tt[:, None] * NU + tl.arange(0, NH)[None, :]
+        hq = (b * Hq + hk).to(tl.int64)  # G == 1: the query head is the KV head
+        srow = SC + hq * Lmax
+        mrow = tl.full([BT], float("-inf"), tl.float32)
+        for pi in range(p0, p1):
+            for sub in tl.static_range(T // BT):
+                i = pi * T + sub * BT + tt
+                mrow = tl.maximum(mrow, tl.load(srow + i, mask=i < qlen, other=float("-inf")))
+        m = tl.max(mrow, axis=0)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        acc_a = tl.zeros([BT, DH], tl.float32)
+        acc_b = tl.zeros([BT, DH], tl.float32)
+        lrow = tl.zeros([BT], tl.float32)
+        zrow = tl.zeros([BT], tl.float32)
+        ph = b * Hkv + hk
+        for pi in range(p0, tl.minimum(p1, sealed)):  # sealed pages: every token is real
+            vpage = tl.load(VTAB + b * v_tab_stride + pi).to(tl.int64)
+            for sub in tl.static_range(T // BT):
+                t = sub * BT + tt
+                p = tl.exp2(tl.load(srow + pi * T + t) - m_safe)
+                soff = (vpage * Hkv + hk) * T + t
+                lrow += p
+                zrow += p * tl.load(VZR + soff).to(tl.float32)
+                w = (p * tl.load(VSC + soff).to(tl.float32))[:, None]
+                vbase = (vpage * Hkv + hk) * VBITS * U + sub * BT * NU
+                acc_a += w * _tile_levels(VC, vbase + tofs, U, VLUT, VLEV, VBITS, BT, NH, USE_ASM, DT).to(tl.float32)
+                acc_b += w * _tile_levels(VC, vbase + tofs + NH, U, VLUT, VLEV, VBITS, BT, NH, USE_ASM,
+                                          DT).to(tl.float32)
+        if (sealed >= p0) & (sealed < p1):  # the open page: exact values
+            for sub in tl.static_range(T // BT):
+                t = sub * BT + tt
+                ok = sealed * T + t < qlen
+                p = tl.exp2(tl.load(srow + sealed * T + t, mask=ok, other=float("-inf")) - m_safe)
+                lrow += p
+                vrow = (ph * T + t).to(tl.int64)[:, None] * D + dcol[None, :]
+                acc_a += p[:, None] * tl.load(VOPEN + vrow, mask=ok[:, None], other=0.0).to(tl.float32)
+                acc_b += p[:, None] * tl.load(VOPEN + vrow + DH, mask=ok[:, None], other=0.0).to(tl.float32)
+        z = tl.sum(zrow, axis=0)
+        orow = hq * NS1 + tl.program_id(1)
+        tl.store(MP + orow, m)
+        tl.store(LP + orow, tl.sum(lrow, axis=0))
+        tl.store(OP + orow * D + dcol, tl.sum(acc_a, axis=0) + z)
+        tl.store(OP + orow * D + DH + dcol, tl.sum(acc_b, axis=0) + z)
+
+    @triton.jit
     def values_kernel(
         OP, MP, LP, SC, Lmax, VC, VLUT, VLEV, VSC, VZR, VTAB, v_tab_stride, VOPEN, QLEN,
         Hkv, Hq, pages_per_split, NS1,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, T: tl.constexpr, BT: tl.constexpr,
-        VBITS: tl.constexpr, USE_ASM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+        VBITS: tl.constexpr, USE_ASM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, RED: tl.constexpr = False,
     ):
         """Second pass of one split: online softmax over its scores ``SC`` (outlier corrections included) and the
-        probability-weighted values; the partial output, max and sum go to ``OP``/``MP``/``LP``."""
+        probability-weighted values; the partial output, max and sum go to ``OP``/``MP``/``LP``. ``RED``: one query
+        head (``G == 1``), :func:`_values_one_head` instead of dots."""
         DH: tl.constexpr = D // 2
         NU: tl.constexpr = D // 32
         NH: tl.constexpr = DH // 32
         U: tl.constexpr = T * D // 32
         b, hk, qlen, p0, p1 = _split_pages(QLEN, Hkv, pages_per_split, T)
         sealed = qlen // T  # values of page `sealed` (if any) are in the open page, exact
+        if RED:
+            _values_one_head(OP, MP, LP, SC, Lmax, VC, VLUT, VLEV, VSC, VZR, VTAB, v_tab_stride, VOPEN, b, hk, qlen,
+                             p0, p1, sealed, Hkv, Hq, NS1, D, T, BT, VBITS, USE_ASM, DT)
+            return
         g = tl.arange(0, GP)
         gm = g < G
         dcol = tl.arange(0, DH)
