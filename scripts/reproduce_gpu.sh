@@ -33,7 +33,8 @@
 #   qgen      bench generate on a real model (Qwen2.5-Coder-1.5B by default, Wikitext-2 prompts)
 #   cap       bench capacity on the random-weight 7B shape (run it on an otherwise idle GPU)
 #   coldstart the first generate of a fresh process vs the same call warm, calibrated and not (random:1b by default)
-#   qcal      kvquant calibrate on the real model (fisher, 8 x 2048 tokens, bit allocation at 3 bits), into $RES_ROOT/qcal
+#   qcal      kvquant calibrate on the real model (fisher, 8 x 2048 tokens, bit allocation at 3 bits), into
+#             $RES_ROOT/qcal
 #   qppl      eval ppl on the real model with the qcal calibration (8 windows of 2048 tokens)
 #   qlong     eval longctx on the real model with the qcal calibration: passkey and RULER at 4K-32K, kvquant beside
 #             KIVI-style quanto and kvpress eviction at equal bytes (resumable: rerun the step until it ends)
@@ -110,7 +111,8 @@ run() {
     qppl)
       timeout "${TO:-1800}" $KV eval ppl --model "$QWEN" --device cuda --dtype float32 --calibration "$RES_ROOT/qcal/cal" \
         --ctx 2048 --chunk 64 --max-windows 8 \
-        --datatypes "${DT:-fp16,nuq4,nuq3,int4,int3,nuq2,int2,k4v2,k3v2,nuq-alloc,quanto4k,quanto2k}" --no-progress --out "$RES/ppl_qwen.json" ;;
+        --datatypes "${DT:-fp16,nuq4,nuq3,int4,int3,nuq2,int2,k4v2,k3v2,nuq-alloc,quanto4k,quanto2k}" \
+        --no-progress --out "$RES/ppl_qwen.json" ;;
     qlong)
       timeout "${TO:-540}" $KV eval longctx --model "$QWEN" --device cuda --dtype "${QDT:-bfloat16}" \
         --calibration "$RES_ROOT/qcal/cal" --tasks "${TASKS:-passkey,ruler}" --lengths "${PL:-4K..32K}" \
