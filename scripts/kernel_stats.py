@@ -80,10 +80,9 @@ def main() -> None:
     cases = [  # (label, kind, constexprs, warps, tile tokens)
         ("keys MHA, row sums", "keys", dict(G=1, GP=1, BT=32, KBITS=args.bits, ROPE=True, RED=True), 2, 32),
         ("keys GQA 4, dots", "keys", dict(G=4, GP=4, BT=32, KBITS=args.bits, ROPE=True, RED=False), 2, 32),
-        ("values MHA, dots", "values", dict(G=1, GP=1, BT=32, VBITS=args.bits, RED=False), 2, 32),
-        ("values MHA, elementwise at a fixed max", "values", dict(G=1, GP=1, BT=32, VBITS=args.bits, RED=True), 2, 32),
-        ("values MHA, elementwise, 4 warps x 64", "values", dict(G=1, GP=1, BT=64, VBITS=args.bits, RED=True), 4, 64),
-        ("values GQA 4, dots", "values", dict(G=4, GP=4, BT=32, VBITS=args.bits, RED=False), 2, 32),
+        ("values MHA, elementwise at a fixed max", "values", dict(G=1, GP=1, BT=32, VBITS=args.bits), 2, 32),
+        ("values MHA, elementwise, 4 warps x 64", "values", dict(G=1, GP=1, BT=64, VBITS=args.bits), 4, 64),
+        ("values GQA 4, dots", "values", dict(G=4, GP=4, BT=32, VBITS=args.bits), 2, 32),
     ]
     rows = []
     for label, kind, consts, warps, bt in cases:

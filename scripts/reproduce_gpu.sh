@@ -12,7 +12,9 @@
 # lengths), TESTS (verify), VARIANTS (kprof), BATCHES, CTX, KDT, FRACS (decode: batches
 # "1 8 32", contexts, datatypes, outlier fractions), BP (dprof: batch:prompt pairs),
 # TASKS, DEPTHS, N, QDT and QARGS (qlong: tasks, needle depths, samples per cell, model dtype, more flags, e.g.
-# "--residual-length 128 --tag r128"), CHUNK (atcap: prefill chunk),
+# "--residual-length 128 --tag r128"), CHUNK (atcap: prefill chunk), CAL and CALARGS (qcal: the calibration's folder
+# under $RES_ROOT, default qcal, and more flags, e.g. "--rotation hadamard"; qppl and qlong read CAL too), PPLARGS
+# and TAG (qppl: more flags and a suffix of the results file),
 # SYNCW and TRACE (cprof: set to warn at every line that syncs with the device / to write a gzipped Chrome trace).
 #
 # Steps:
@@ -107,15 +109,16 @@ run() {
         --out "$RES/first_generate.json" ;;
     qcal)
       timeout "${TO:-900}" $KV calibrate --model "$QWEN" --device cuda --dtype float32 --n-seqs 8 --seq-len 2048 \
-        --sensitivity fisher --bit-budget 3 --no-progress --out "$RES_ROOT/qcal/cal" ;;
+        --sensitivity fisher --bit-budget 3 ${CALARGS:-} --no-progress --out "$RES_ROOT/${CAL:-qcal}/cal" ;;
     qppl)
-      timeout "${TO:-1800}" $KV eval ppl --model "$QWEN" --device cuda --dtype float32 --calibration "$RES_ROOT/qcal/cal" \
+      timeout "${TO:-1800}" $KV eval ppl --model "$QWEN" --device cuda --dtype float32 \
+        --calibration "$RES_ROOT/${CAL:-qcal}/cal" \
         --ctx 2048 --chunk 64 --max-windows 8 \
         --datatypes "${DT:-fp16,nuq4,nuq3,int4,int3,nuq2,int2,k4v2,k3v2,nuq-alloc,quanto4k,quanto2k}" \
-        --no-progress --out "$RES/ppl_qwen.json" ;;
+        ${PPLARGS:-} --no-progress --out "$RES/ppl_qwen${TAG:-}.json" ;;
     qlong)
       timeout "${TO:-540}" $KV eval longctx --model "$QWEN" --device cuda --dtype "${QDT:-bfloat16}" \
-        --calibration "$RES_ROOT/qcal/cal" --tasks "${TASKS:-passkey,ruler}" --lengths "${PL:-4K..32K}" \
+        --calibration "$RES_ROOT/${CAL:-qcal}/cal" --tasks "${TASKS:-passkey,ruler}" --lengths "${PL:-4K..32K}" \
         --depths "${DEPTHS:-0,25,50,75,100}" --n "${N:-8}" --batch "${BATCH:-4}" \
         --caches "${DT:-fp16,nuq4,nuq3,nuq2,quanto4k,quanto2k,snapkv@nuq3,snapkv@nuq2,expected_attention@nuq3}" \
         ${QARGS:-} --no-progress --out "$RES/longctx_qwen.jsonl" ;;

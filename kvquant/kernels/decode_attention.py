@@ -40,7 +40,6 @@ CORR_ENTRIES = 1  # entries per token and step of the key-outlier correction ker
 OUTLIER_PAGES = 4  # pages per step of the value-outlier kernel
 OUTLIER_ENTRIES = 64  # entries per page and step of the value-outlier kernel
 MHA_REDUCE = 1  # one query head per KV head: the keys pass sums rows instead of one-column dots (0: dots)
-MHA_VALUES_REDUCE = 0  # one query head per KV head: the values pass accumulates elementwise at a fixed max (0: dots)
 OUTLIER_SPLIT = 0  # pages per program of the value-outlier kernel (0: the key and value passes' split)
 
 
@@ -208,7 +207,7 @@ def decode_attention(
         opart, mpart, lpart, scores, Lmax, vc.pages.pools["codes"], vc.lut, vlev, vc.pages.pools["scale"],
         vc.pages.pools["zero"], vtab, vtab.stride(0), vc.open, kc.q_len, Hkv, Hq, pages_per_split, NS1,
         G=G, GP=GP, D=D, T=T, BT=BT, VBITS=vc.bits, USE_ASM=use_asm, DT=DT, PREC=prec,
-        RED=bool(GP == 1 and MHA_VALUES_REDUCE), num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages,
     )
     ksink, vsink = kc.sink.contiguous(), vc.sink.contiguous()
     kres, vres = kc.residual.contiguous(), vc.residual.contiguous()

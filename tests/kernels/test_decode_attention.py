@@ -160,13 +160,9 @@ def test_decode_many_splits(seed: int) -> None:
 
 @pytest.mark.parametrize("datatype,dtype,pps", [("nuq3", torch.float16, None), ("nuq2", torch.float32, 1),
                                                  ("k4v2", torch.bfloat16, 2)])
-def test_decode_one_head_values_without_dots(seed: int, datatype: str, dtype: torch.dtype, pps: int | None,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """One query head per KV head with the values pass that accumulates elementwise at the split's maximum
-    (``MHA_VALUES_REDUCE``): sealed pages, open pages, outliers, padding, empty splits, every width."""
-    import kvquant.kernels.decode_attention as da
-
-    monkeypatch.setattr(da, "MHA_VALUES_REDUCE", 1)
+def test_decode_one_head_values_without_dots(seed: int, datatype: str, dtype: torch.dtype, pps: int | None) -> None:
+    """One query head per KV head, whose values pass accumulates elementwise at the split's maximum: sealed pages,
+    open pages, outliers, padding, empty splits, every width."""
     cfg = QuantConfig(min_range_tokens=1,
                       datatype=datatype, outlier_fraction=0.03, n_sink=1, residual_length=3, page_size=32)
     check(seed, B=3, Hkv=2, G=1, D=64, S=97, cfg=cfg, dtype=dtype, use_rope=True, pages_per_split=pps)
@@ -181,15 +177,11 @@ def test_decode_only_exact_tokens(seed: int) -> None:
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("G,values_reduce", [(1, 0), (1, 1), (4, 0)])
+@pytest.mark.parametrize("G", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_decode_gpu_realistic(seed: int, G: int, values_reduce: int, dtype: torch.dtype,
-                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """Llama-like heads (128 dims, 8 KV heads), a few thousand tokens, 3-bit with 1 % outliers; for one query head
-    per KV head both values passes (dots, and elementwise at the split's maximum)."""
-    import kvquant.kernels.decode_attention as da
-
-    monkeypatch.setattr(da, "MHA_VALUES_REDUCE", values_reduce)
+def test_decode_gpu_realistic(seed: int, G: int, dtype: torch.dtype) -> None:
+    """Llama-like heads (128 dims, 8 KV heads), a few thousand tokens, 3-bit with 1 % outliers; one query head per
+    KV head (elementwise values pass) and four (dots)."""
     cfg = QuantConfig(min_range_tokens=1,
                       datatype="nuq3", outlier_fraction=0.01, n_sink=4, residual_length=32, page_size=64)
     check(seed, B=4, Hkv=8, G=G, D=128, S=3000, cfg=cfg, dtype=dtype, use_rope=True)

@@ -259,18 +259,18 @@ if triton is not None:
         OP, MP, LP, SC, Lmax, VC, VLUT, VLEV, VSC, VZR, VTAB, v_tab_stride, VOPEN, QLEN,
         Hkv, Hq, pages_per_split, NS1,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, T: tl.constexpr, BT: tl.constexpr,
-        VBITS: tl.constexpr, USE_ASM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, RED: tl.constexpr = False,
+        VBITS: tl.constexpr, USE_ASM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
     ):
         """Second pass of one split: online softmax over its scores ``SC`` (outlier corrections included) and the
-        probability-weighted values; the partial output, max and sum go to ``OP``/``MP``/``LP``. ``RED``: one query
-        head (``G == 1``), :func:`_values_one_head` instead of dots."""
+        probability-weighted values; the partial output, max and sum go to ``OP``/``MP``/``LP``. One query head per
+        KV head (``GP == 1``): :func:`_values_one_head`, elementwise instead of dots."""
         DH: tl.constexpr = D // 2
         NU: tl.constexpr = D // 32
         NH: tl.constexpr = DH // 32
         U: tl.constexpr = T * D // 32
         b, hk, qlen, p0, p1 = _split_pages(QLEN, Hkv, pages_per_split, T)
         sealed = qlen // T  # values of page `sealed` (if any) are in the open page, exact
-        if RED:
+        if GP == 1:
             _values_one_head(OP, MP, LP, SC, Lmax, VC, VLUT, VLEV, VSC, VZR, VTAB, v_tab_stride, VOPEN, b, hk, qlen,
                              p0, p1, sealed, Hkv, Hq, NS1, D, T, BT, VBITS, USE_ASM, DT)
             return
