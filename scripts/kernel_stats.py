@@ -30,8 +30,8 @@ from kvquant.kernels.jit.decode_attention import keys_kernel, values_kernel
 POINTERS = {  # pointer arguments and their element types; every other non-constexpr argument is an i32
     "keys": dict(Q="*fp32", SC="*fp32", KC="*i32", KLUT="*i32", KLEV="*fp32", KCS="*fp32", KCZ="*fp32", KTAB="*i32",
                  QLEN="*i32", SLEN="*i32", POS="*i32", COS="*fp32", SIN="*fp32", RC="*fp32", RS="*fp32"),
-    "values": dict(OP="*fp32", MP="*fp32", LP="*fp32", SC="*fp32", VC="*i32", VLUT="*i32", VLEV="*fp32", VSC="*fp16",
-                   VZR="*fp16", VTAB="*i32", VOPEN="*fp16", QLEN="*i32"),
+    "values": dict(OP="*fp32", MP="*fp32", LP="*fp32", SC="*fp32", VC="*i32", VLUT="*i32", VLEV="*fp32", VSC="*u8",
+                   VZR="*u8", VREF="*fp32", VTAB="*i32", VOPEN="*fp16", QLEN="*i32"),
 }
 KERNELS = {"keys": keys_kernel, "values": values_kernel}
 

@@ -205,7 +205,8 @@ def decode_attention(
         )
     values_kernel[(B * Hkv, n_splits)](
         opart, mpart, lpart, scores, Lmax, vc.pages.pools["codes"], vc.lut, vlev, vc.pages.pools["scale"],
-        vc.pages.pools["zero"], vtab, vtab.stride(0), vc.open, kc.q_len, Hkv, Hq, pages_per_split, NS1,
+        vc.pages.pools["zero"], vc.pages.pools["vref"], vtab, vtab.stride(0), vc.open, kc.q_len, Hkv, Hq,
+        pages_per_split, NS1,
         G=G, GP=GP, D=D, T=T, BT=BT, VBITS=vc.bits, USE_ASM=use_asm, DT=DT, PREC=prec,
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -230,7 +231,8 @@ def decode_attention(
         return out
     vo_split = OUTLIER_SPLIT or pages_per_split
     value_outliers_kernel[(B * Hkv, -(-max_pages // vo_split))](
-        out, mfin, lfin, scores, Lmax, vc.pages.pools["scale"], vc.pages.pools["zero"], vtab, vtab.stride(0),
+        out, mfin, lfin, scores, Lmax, vc.pages.pools["scale"], vc.pages.pools["zero"], vc.pages.pools["vref"],
+        vtab, vtab.stride(0),
         vout.values, vout.tokens, vout.counts, vout.head_start, vout.block_cap, _zero_level(vc, vlev),
         kc.q_len, Hkv, Hq, vo_split, G=G, GQ=GQ, D=D, T=T, PP=OUTLIER_PAGES, BE=OUTLIER_ENTRIES,
         num_warps=4,

@@ -162,7 +162,7 @@ def write_value_pages(store, page: torch.Tensor, page_tokens: torch.Tensor) -> N
         value_pages_kernel[(i1 - i0,)](
             page_tokens[i0:i1], sp, sh, st, lo[i0 * T:] if out else lo, hi[i0 * T:] if out else hi, page[i0:i1],
             _mids(store), store.zero_code,
-            pools["codes"], pools["scale"], pools["zero"],
+            pools["codes"], pools["scale"], pools["zero"], pools["vref"],
             blocks.values, blocks.tokens, blocks.counts, blocks.head_start, blocks.block_cap, page, page, 0,
             H, D=D, T=T, BITS=store.bits, OUT=out, SEAL=False, num_warps=4,
         )
@@ -192,7 +192,7 @@ def seal_open_pages(store) -> None:
     tab = store.pages.table
     value_pages_kernel[(B,)](
         x, sp, sh, st, lo, hi, tab, _mids(store), store.zero_code,
-        pools["codes"], pools["scale"], pools["zero"],
+        pools["codes"], pools["scale"], pools["zero"], pools["vref"],
         blocks.values, blocks.tokens, blocks.counts, blocks.head_start, blocks.block_cap, store.q_len, tab,
         tab.stride(0), H, D=D, T=T, BITS=store.bits, OUT=out, SEAL=True, num_warps=4,
     )

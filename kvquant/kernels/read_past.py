@@ -76,10 +76,10 @@ def read_past(store: QuantizedKVCache, mask: torch.Tensor, out: torch.Tensor,
     pools = store.pages.pools
     dummy = src
     if key:
-        cs, cz, vsc, vzr, opn = store.channel_scale, store.channel_zero, dummy, dummy, dummy
+        cs, cz, vsc, vzr, vref, opn = store.channel_scale, store.channel_zero, dummy, dummy, dummy, dummy
     else:
         cs = cz = dummy
-        vsc, vzr = pools["scale"], pools["zero"]
+        vsc, vzr, vref = pools["scale"], pools["zero"], pools["vref"]
         opn = store.open if deferred else dummy
     o = store.outliers
     kss, khc, kov, koi = (o.slot_start, o.head_counts, o.values, o.indices) if kout else (dummy,) * 4
@@ -87,7 +87,7 @@ def read_past(store: QuantizedKVCache, mask: torch.Tensor, out: torch.Tensor,
     read_past_kernel[(H * B * triton.cdiv(S, BLOCK_COLUMNS),)](
         out, out.stride(0), out.stride(1), out.stride(2), src, S,
         sink, sink.shape[2], res, res.shape[2], store.sink_len, store.q_len, store.res_len,
-        pools["codes"], _levels(store), tab, tab.stride(0), cs, cz, vsc, vzr, opn,
+        pools["codes"], _levels(store), tab, tab.stride(0), cs, cz, vsc, vzr, vref, opn,
         kss, khc, kov, koi, cos, sin, H,
         D=D, T=T, BT=BLOCK_COLUMNS, BITS=store.bits, KEY=key, KOUT=kout, DEFERRED=deferred,
         ROPE=rope is not None, HP=max(2, triton.next_power_of_2(H)), num_warps=4,

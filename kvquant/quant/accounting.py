@@ -28,7 +28,7 @@ def memory_report(store: QuantizedKVCache) -> dict[str, float]:
     rep: dict[str, float] = {}
     if store.quantized:
         rep["codes"] = pool_bytes("codes")
-        scales = pool_bytes("scale") + pool_bytes("zero") if store.kind == "value" else 0
+        scales = pool_bytes("scale") + pool_bytes("zero") + pool_bytes("vref") if store.kind == "value" else 0
         if store.channel_scale is not None:
             scales += 2 * store.channel_scale.numel() * 4
         rep["scales"] = scales

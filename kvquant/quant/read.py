@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kvquant.quant.encode import decode_page_scales
 from kvquant.quant.packing import unpack_units
 from kvquant.quant.rope import apply_rope
 
@@ -85,7 +86,9 @@ def dequantize_pages(store: QuantizedKVCache, heads: tuple[int, int] | None = No
     else:
         sc, _ = gather_pages(store, "scale", sealed, heads)
         zr, _ = gather_pages(store, "zero", sealed, heads)
-        vals = levels * sc.float()[..., None] + zr.float()[..., None]
+        ref, _ = gather_pages(store, "vref", sealed, heads)
+        scale, zero = decode_page_scales(sc, zr, ref)
+        vals = levels * scale[..., None] + zero[..., None]
     out = vals.permute(0, 2, 1, 3, 4).reshape(B, H, npg * T, D).to(store.dtype)
     if store.keep_outliers and smax:
         b_idx, head, pos, chan, v = outlier_entries(store) if entries is None else entries

@@ -5,8 +5,9 @@ A sequence's tokens, in order, are ``[sinks | quantized | residual]``:
 * the first ``n_sink`` tokens, kept exactly (``sink [B, H, n_sink, D]``);
 * quantized tokens in pages of ``T`` tokens drawn from one :class:`~kvquant.quant.paged.PageTable` pool shared by
   the batch: codes in units of 32 (:mod:`kvquant.quant.packing`), token-major (``codes [P, H, bits, T*D/32]``
-  int32: a token's ``D`` codes are ``D/32`` consecutive units); per-token scales for values (``scale/zero
-  [P, H, T]``), per-channel ranges for keys (``[B, H, D]`` float32); the exact outliers in a
+  int32: a token's ``D`` codes are ``D/32`` consecutive units); per-token scale and zero codes for values
+  (``scale/zero [P, H, T]`` uint8 against ``vref [P, H, 3]``, :func:`~kvquant.quant.encode.page_scales`),
+  per-channel ranges for keys (``[B, H, D]`` float32); the exact outliers in a
   :class:`~kvquant.sparse.blocked.BlockedCSCMatrix` (keys, a column per token slot ``page * T + offset``) or a
   :class:`~kvquant.sparse.blocked.BlockedCSRMatrix` (values, a block per page);
 * up to ``residual_length`` most recent tokens, kept exactly (``residual [B, H, R, D]``); a sequence whose key
@@ -32,7 +33,7 @@ from kvquant.config import QuantConfig
 from kvquant.quant.accounting import memory_report, nbytes_allocated
 from kvquant.quant.backend import store_ops
 from kvquant.quant.codebook import Codebook
-from kvquant.quant.encode import range_to_scale_zero, values_per_side
+from kvquant.quant.encode import decode_page_scales, range_to_scale_zero, values_per_side
 from kvquant.quant.journal import StoreCheckpoint, checkpoint, restore
 from kvquant.quant.open_pages import append_open_steady, write_open
 from kvquant.quant.packing import lut_words
@@ -49,7 +50,7 @@ DEFERRED_CHECK_EVERY = 32
 
 
 def storage_dtype(dtype: torch.dtype) -> torch.dtype:
-    """16-bit dtype for outliers and per-token scales: the input's own if 16-bit, else float16."""
+    """16-bit dtype for outliers: the input's own if 16-bit, else float16."""
     return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
 
 
@@ -136,8 +137,11 @@ class QuantizedKVCache:
         if self.quantized:
             self.pages.add_pool("codes", (num_heads, self.bits, T * head_dim // 32), torch.int32)
             if kind == "value":
-                self.pages.add_pool("scale", (num_heads, T), storage_dtype(dtype))
-                self.pages.add_pool("zero", (num_heads, T), storage_dtype(dtype))
+                # per (token, head) a scale code and a zero code, per (page, head) their reference (smax, zmin,
+                # zstep): kvquant.quant.encode.page_scales
+                self.pages.add_pool("scale", (num_heads, T), torch.uint8)
+                self.pages.add_pool("zero", (num_heads, T), torch.uint8)
+                self.pages.add_pool("vref", (num_heads, 3), torch.float32)
         else:
             self.pages.add_pool("raw", (num_heads, T, head_dim), dtype)
         self.channel_scale = self.channel_zero = None
@@ -603,6 +607,16 @@ class QuantizedKVCache:
             new.channel_scale = self.channel_scale[index]
             new.channel_zero = self.channel_zero[index]
         return new
+
+    def value_scales(self, page: torch.Tensor, off: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, zero)``, float32 ``[N, H]`` each, of value token ``off[i]`` of page ``page[i]`` (a quantized
+        value store's sealed pages): what its codes decode with, ``level * scale + zero``."""
+        if self.kind != "value" or not self.quantized:
+            raise ValueError("only a quantized value store has per-token scales")
+        pools = self.pages.pools
+        codes = (pools[name][page, :, off][..., None] for name in ("scale", "zero"))
+        scale, zero = decode_page_scales(*codes, pools["vref"][page])
+        return scale[..., 0], zero[..., 0]
 
     # -- accounting (kvquant.quant.accounting) ---------------------------------------------------------------
     def memory_report(self) -> dict[str, float]:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvquant.quant.encode import encode_keys, encode_values
+from kvquant.quant.encode import encode_keys, encode_value_pages
 from kvquant.quant.packing import pack_units, unpack_units
 
 if TYPE_CHECKING:
@@ -56,14 +56,14 @@ def store_codes(store: QuantizedKVCache, page: torch.Tensor, off: torch.Tensor, 
 def write_value_pages(store: QuantizedKVCache, page: torch.Tensor, page_tokens: torch.Tensor) -> None:
     """Quantize ``page_tokens [n, H, T, D]`` into pages ``page [n]``: codes, per-token scales, outlier blocks."""
     n, H, T, D = page_tokens.shape
-    toks = page_tokens.transpose(1, 2).reshape(n * T, H, D)
     pools = store.pages.pools
-    enc = encode_values(toks, store.codebook, store.config.outlier_fraction, pools["scale"].dtype)
-    pools["codes"][page] = pack_units(enc.codes.reshape(n, T, H, D).transpose(1, 2).reshape(n, H, T * D), store.bits)
-    pools["scale"][page] = enc.scale.reshape(n, T, H).transpose(1, 2)
-    pools["zero"][page] = enc.zero.reshape(n, T, H).transpose(1, 2)
+    enc = encode_value_pages(page_tokens, store.codebook, store.config.outlier_fraction)
+    pools["codes"][page] = pack_units(enc.codes.reshape(n, H, T * D), store.bits)
+    pools["scale"][page] = enc.scales.scale_code
+    pools["zero"][page] = enc.scales.zero_code
+    pools["vref"][page] = enc.scales.ref
     if store.keep_outliers:
-        store.outliers.write_blocks(page, page_tokens, enc.outliers.reshape(n, T, H, D).transpose(1, 2))
+        store.outliers.write_blocks(page, page_tokens, enc.outliers)
 
 
 def seal_open_pages(store: QuantizedKVCache) -> None:

@@ -1,5 +1,5 @@
-"""The long-context section of the report (``kvquant eval longctx`` records): needle heat maps and accuracy-vs-bits
-tables."""
+"""The long-context section of the report (``kvquant eval longctx`` records): needle heat maps, accuracy-vs-bits
+tables and the Pareto front of needle accuracy against bits per element."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 from kvquant.report.load import datatype_key
 from kvquant.report.markdown import fmt_num, format_table
+from kvquant.report.pareto import pareto_mask
 
 _KIND_ORDER = {"dynamic": 0, "kvquant": 1, "baseline": 2, "press": 3}
 
@@ -73,6 +74,62 @@ def accuracy_bits_table(records: list[dict[str, Any]]) -> str:
                      *[fmt_num(a, ".1f") for a in per_task], fmt_num(mean, ".1f"), delta,
                      fmt_num(sum(float(r.get("seconds") or 0) for r in rs), ".0f")])
     return format_table(rows, ["cache", "bits/elem", "KV MiB/seq", *tasks, "mean", "Δ vs fp16", "seconds"])
+
+
+def accuracy_bits_points(records: list[dict[str, Any]]) -> tuple[list[tuple[str, float, float, bool]], list[str]]:
+    """``(cache, bits per element, accuracy, on the Pareto front)`` per cache with measured bits, the accuracy the mean
+    over the tasks every such cache ran (each task's cells weighted by their samples); the front keeps the caches no
+    other cache beats in both fewer bits and higher accuracy. Also those tasks."""
+    by_cache: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        if r.get("bits_per_element") is not None:
+            by_cache.setdefault(str(r.get("cache")), []).append(r)
+    if not by_cache:
+        return [], []
+    common = set.intersection(*({str(r.get("task")) for r in rs} for rs in by_cache.values()))
+    tasks = sorted(common)
+    if not tasks:
+        return [], []
+    pts = []
+    for cache in caches_in([r for rs in by_cache.values() for r in rs]):
+        rs = by_cache[str(cache)]
+        acc = _mean([_nan_if_none(_weighted_accuracy([r for r in rs if r.get("task") == t])) for t in tasks])
+        bits = _mean([r.get("bits_per_element") for r in rs])
+        if acc is not None and bits is not None:
+            pts.append((str(cache), bits, acc))
+    front = pareto_mask([(b, -a) for _, b, a in pts]) if pts else []
+    return [(c, b, a, on) for (c, b, a), on in zip(pts, front)], tasks
+
+
+def plot_accuracy_bits(records: list[dict[str, Any]], path: Path, title: str) -> Path | None:
+    """Needle accuracy vs bits per element, one point per cache: the Pareto front (fewer bits, higher accuracy)
+    filled, joined and named, dominated caches hollow and named in grey. ``None`` without two caches to compare."""
+    pts, tasks = accuracy_bits_points(records)
+    if len(pts) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.0, 4.2))
+    front = sorted((p for p in pts if p[3]), key=lambda p: p[1])
+    ax.step([p[1] for p in front], [p[2] for p in front], where="post", color="C0", alpha=0.6, label="Pareto front")
+    for cache, bits, acc, on in pts:
+        ax.scatter(bits, acc, s=50, color="C0" if on else "none", edgecolors="C0" if on else "gray", zorder=3)
+        ax.annotate(cache, (bits, acc), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                    color="black" if on else "gray")
+    ax.scatter([], [], s=50, color="none", edgecolors="gray", label="dominated")
+    if max(p[1] for p in pts) / min(p[1] for p in pts) > 4:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel("bits per element held")
+    ax.set_ylabel(f"accuracy %, mean of {len(tasks)} task(s)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 def length_table(records: list[dict[str, Any]]) -> str:
@@ -160,8 +217,14 @@ def longctx_sections(records: list[dict[str, Any]], add_figure: Callable[..., st
                 "reference found in the answer). Bits per element count everything a cache stores; `fp16` is "
                 "transformers' `DynamicCache` in the model's dtype; an eviction press counts its kept tokens at 16 "
                 "bits.", "",
-                "#### Accuracy vs bits", "", accuracy_bits_table(recs), "",
-                "#### Accuracy by length", "", length_table(recs), ""]
+                "#### Accuracy vs bits", "", accuracy_bits_table(recs), ""]
+        pts, tasks = accuracy_bits_points(recs)
+        if len(pts) >= 2:
+            out += [f"**Pareto-optimal (bits/element vs accuracy over {', '.join(tasks)}):** "
+                    f"{', '.join(c for c, _, _, on in pts if on)}.", "",
+                    add_figure(plot_accuracy_bits, f"needle_pareto_{slug(model, 'bits')}.png", recs,
+                               f"{model}: needle accuracy vs bits"), ""]
+        out += ["#### Accuracy by length", "", length_table(recs), ""]
         for task in sorted({str(r.get("task")) for r in recs if r.get("depth") is not None}):
             trecs = [r for r in recs if r.get("task") == task]
             out += [f"#### Needle heat map: {task}", "",

@@ -79,9 +79,7 @@ def test_round_trip_error_bound_and_exact_outliers(datatype, S, D, frac, seed):
         if cache.kind == "key":
             scale, zero = cache.channel_scale[:, :, None, :], cache.channel_zero[:, :, None, :]
         else:  # per token and head, [B, H, sealed, 1]
-            pools = cache.pages.pools
-            scale = pools["scale"][page, :, off].float().reshape(2, sealed, 2).transpose(1, 2)[..., None]
-            zero = pools["zero"][page, :, off].float().reshape(2, sealed, 2).transpose(1, 2)[..., None]
+            scale, zero = (s.reshape(2, sealed, 2).transpose(1, 2)[..., None] for s in cache.value_scales(page, off))
         # nearest-level error, plus fp16 rounding of the stored scale/zero and of the output
         ref = x[:, :, 1:1 + sealed].float()
         tol = bound * scale + 2e-3 * (ref.abs() + scale + zero.abs()) + 1e-4

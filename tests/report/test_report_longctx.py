@@ -8,7 +8,13 @@ import json
 import pytest
 
 from kvquant.report import build_report, load_results
-from kvquant.report.longctx import accuracy_bits_table, caches_in, heatmap_grid, length_table
+from kvquant.report.longctx import (
+    accuracy_bits_points,
+    accuracy_bits_table,
+    caches_in,
+    heatmap_grid,
+    length_table,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -63,3 +69,25 @@ def test_report_draws_the_heat_map(tmp_path):
     assert "Needle heat map: vt" not in text  # no depth, no heat map
     png = tmp_path / "figures" / "needle_m_passkey.png"
     assert png.read_bytes()[:8] == PNG
+    assert "**Pareto-optimal (bits/element vs accuracy over passkey, vt):** fp16, nuq3, quanto2k." in text
+    assert (tmp_path / "figures" / "needle_pareto_m_bits.png").read_bytes()[:8] == PNG
+
+
+def test_accuracy_bits_pareto_front():
+    """The front: no other cache has fewer (or equal) bits and higher (or equal) accuracy, one of them strictly.
+    nuq3 (4 bits, 56.25) beats snapkv@nuq3 (4 bits, 37.5); quanto2k (3.5 bits, 50) is cheaper than nuq3; fp16 is the
+    most accurate. Tasks that some cache did not run, and caches without bits, are left out."""
+    recs = _records()
+    pts, tasks = accuracy_bits_points(recs)
+    assert tasks == ["passkey", "vt"]
+    got = {c: (b, round(a, 2), on) for c, b, a, on in pts}
+    assert got == {"fp16": (32.0, 75.0, True), "nuq3": (4.0, 56.25, True), "quanto2k": (3.5, 50.0, True),
+                   "snapkv@nuq3": (4.0, 37.5, False)}
+    extra = [dict(r, cache="nuq2", bits_per_element=3.0, accuracy=60.0) for r in recs
+             if r["cache"] == "nuq3" and r["task"] == "passkey"]  # no vt: only passkey is common now
+    pts, tasks = accuracy_bits_points(recs + extra)
+    assert tasks == ["passkey"]
+    front = {c for c, _, _, on in pts if on}
+    assert front == {"fp16", "nuq3", "nuq2"}  # nuq2 (3 bits, 60) beats quanto2k (3.5 bits, 50)
+    no_bits = [dict(r, cache="odd", bits_per_element=None) for r in recs if r["cache"] == "fp16"]
+    assert "odd" not in {c for c, *_ in accuracy_bits_points(recs + no_bits)[0]}

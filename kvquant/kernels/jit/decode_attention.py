@@ -26,6 +26,7 @@ from kvquant.kernels._triton import tl, triton
 from kvquant.kernels.jit.lut import unit_levels
 
 if triton is not None:
+    from kvquant.kernels.jit.scales import value_scale_zero
 
     @triton.jit
     def _tile_levels(CODES, wbase, U, LUT, LEV, BITS: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
@@ -198,8 +199,8 @@ if triton is not None:
                 tl.store(SC + crow[None, :] + i[:, None], s, mask=gm[None, :])
 
     @triton.jit
-    def _values_one_head(OP, MP, LP, SC, Lmax, VC, VLUT, VLEV, VSC, VZR, VTAB, v_tab_stride, VOPEN, b, hk, qlen, p0,
-                         p1, sealed, Hkv, Hq, NS1, D: tl.constexpr, T: tl.constexpr, BT: tl.constexpr,
+    def _values_one_head(OP, MP, LP, SC, Lmax, VC, VLUT, VLEV, VSC, VZR, VREF, VTAB, v_tab_stride, VOPEN, b, hk, qlen,
+                         p0, p1, sealed, Hkv, Hq, NS1, D: tl.constexpr, T: tl.constexpr, BT: tl.constexpr,
                          VBITS: tl.constexpr, USE_ASM: tl.constexpr, DT: tl.constexpr):
         """The values pass of one split for one query head per KV head, without dots and without rescaling: the
         split's maximum score first (its scores only), then ``acc [BT, D/2] += p * scale * level`` elementwise in the
@@ -230,10 +231,10 @@ if triton is not None:
             for sub in tl.static_range(T // BT):
                 t = sub * BT + tt
                 p = tl.exp2(tl.load(srow + pi * T + t) - m_safe)
-                soff = (vpage * Hkv + hk) * T + t
+                sc, zr = value_scale_zero(VSC, VZR, VREF, vpage * Hkv + hk, t, T, t >= 0)
                 lrow += p
-                zrow += p * tl.load(VZR + soff).to(tl.float32)
-                w = (p * tl.load(VSC + soff).to(tl.float32))[:, None]
+                zrow += p * zr
+                w = (p * sc)[:, None]
                 vbase = (vpage * Hkv + hk) * VBITS * U + sub * BT * NU
                 acc_a += w * _tile_levels(VC, vbase + tofs, U, VLUT, VLEV, VBITS, BT, NH, USE_ASM, DT).to(tl.float32)
                 acc_b += w * _tile_levels(VC, vbase + tofs + NH, U, VLUT, VLEV, VBITS, BT, NH, USE_ASM,
@@ -256,7 +257,7 @@ if triton is not None:
 
     @triton.jit
     def values_kernel(
-        OP, MP, LP, SC, Lmax, VC, VLUT, VLEV, VSC, VZR, VTAB, v_tab_stride, VOPEN, QLEN,
+        OP, MP, LP, SC, Lmax, VC, VLUT, VLEV, VSC, VZR, VREF, VTAB, v_tab_stride, VOPEN, QLEN,
         Hkv, Hq, pages_per_split, NS1,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, T: tl.constexpr, BT: tl.constexpr,
         VBITS: tl.constexpr, USE_ASM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
@@ -271,8 +272,8 @@ if triton is not None:
         b, hk, qlen, p0, p1 = _split_pages(QLEN, Hkv, pages_per_split, T)
         sealed = qlen // T  # values of page `sealed` (if any) are in the open page, exact
         if GP == 1:
-            _values_one_head(OP, MP, LP, SC, Lmax, VC, VLUT, VLEV, VSC, VZR, VTAB, v_tab_stride, VOPEN, b, hk, qlen,
-                             p0, p1, sealed, Hkv, Hq, NS1, D, T, BT, VBITS, USE_ASM, DT)
+            _values_one_head(OP, MP, LP, SC, Lmax, VC, VLUT, VLEV, VSC, VZR, VREF, VTAB, v_tab_stride, VOPEN, b, hk,
+                             qlen, p0, p1, sealed, Hkv, Hq, NS1, D, T, BT, VBITS, USE_ASM, DT)
             return
         g = tl.arange(0, GP)
         gm = g < G
@@ -293,9 +294,7 @@ if triton is not None:
                 s = tl.load(SC + crow[None, :] + (pi * T + t)[:, None], mask=gm[None, :], other=float("-inf"))
                 m_new, alpha, p = _softmax_step(s, m)
                 lsum = lsum * alpha + tl.sum(p, axis=0)
-                soff = (vpage * Hkv + hk) * T + t
-                sc = tl.load(VSC + soff).to(tl.float32)
-                zr = tl.load(VZR + soff).to(tl.float32)
+                sc, zr = value_scale_zero(VSC, VZR, VREF, vpage * Hkv + hk, t, T, t >= 0)
                 zacc = zacc * alpha + tl.sum(p * zr[:, None], axis=0)
                 pt = (p * sc[:, None]).to(DT)
                 vbase = (vpage * Hkv + hk) * VBITS * U + sub * BT * NU
@@ -328,7 +327,7 @@ if triton is not None:
 
     @triton.jit
     def value_outliers_kernel(
-        OUT, MF, LF, SC, Lmax, VSC, VZR, VTAB, v_tab_stride, VOV, VOT, VOC, VOH, v_block_cap, v_zero_level,
+        OUT, MF, LF, SC, Lmax, VSC, VZR, VREF, VTAB, v_tab_stride, VOV, VOT, VOC, VOH, v_block_cap, v_zero_level,
         QLEN, Hkv, Hq, pages_per_split,
         G: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, T: tl.constexpr, PP: tl.constexpr, BE: tl.constexpr,
     ):
@@ -369,9 +368,8 @@ if triton is not None:
                 eidx = base[:, None] + e[None, :]
                 tok = tl.load(VOT + eidx, mask=has, other=0).to(tl.int32)
                 x = tl.load(VOV + eidx, mask=has, other=0.0).to(tl.float32)
-                so = ph[:, None] * T + tok
-                dense = tl.load(VSC + so, mask=has, other=0.0).to(tl.float32) * v_zero_level + \
-                    tl.load(VZR + so, mask=has, other=0.0).to(tl.float32)
+                sc, zr = value_scale_zero(VSC, VZR, VREF, ph[:, None], tok, T, has)
+                dense = sc * v_zero_level + zr
                 col = pi[:, None] * T + tok
                 s = tl.load(SC + hq[None, None, :] * Lmax + col[:, :, None], mask=has[:, :, None] & gm[None, None, :],
                             other=float("-inf"))  # [PP, BE, GQ]

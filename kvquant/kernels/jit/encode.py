@@ -9,7 +9,7 @@
 * :func:`finish_small_kernel` / :func:`scatter_kernel`: staged key outliers into their slots.
 
 Every writer computes exactly what :mod:`kvquant.quant.encode` computes (IEEE division, the same midpoint rule,
-scales rounded to the storage dtype), so both backends store the same bytes.
+the same scale and zero codes), so both backends store the same bytes.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 from kvquant.kernels._triton import tl, triton
 
 if triton is not None:
+    from kvquant.kernels.jit.scales import page_scales
 
     @triton.jit
     def to_storage(v, BF16: tl.constexpr):
@@ -251,11 +252,12 @@ if triton is not None:
     @triton.jit(do_not_specialize=["zero_code"])
     def value_pages_kernel(
         X, stride_xp, stride_xh, stride_xt, LO, HI, PAGE, MIDS, zero_code,
-        CODES, VS, VZ, OVAL, OTOK, OCNT, OHS, block_cap, QLEN, TAB, stride_tab,
+        CODES, VS, VZ, VREF, OVAL, OTOK, OCNT, OHS, block_cap, QLEN, TAB, stride_tab,
         H, D: tl.constexpr, T: tl.constexpr, BITS: tl.constexpr, OUT: tl.constexpr, SEAL: tl.constexpr,
     ):
         """Page ``i``'s values ``X [i, H, T, D]`` (strided) into page ``PAGE[i]``: per (head, token) the inliers'
-        min/max give scale and zero (rounded to the storage dtype, stored), codes go to the page's units, and the
+        min/max give scale and zero (:func:`~kvquant.kernels.jit.scales.page_scales`: codes ``VS``/``VZ``, the
+        (page, head) reference ``VREF``), codes go to the page's units, and the
         outliers (beyond the token's ``LO``/``HI``) to the page's block, ordered by head, channel, token: per-channel
         counts ``OCNT [., H, D]``, head starts ``OHS [., H]``, entries (value, token) at ``OVAL``/``OTOK``."""
         U: tl.constexpr = T * D // 32
@@ -271,7 +273,6 @@ if triton is not None:
         dd = tl.arange(0, D)[None, :]
         lo = tl.load(LO + i * T + tt)
         hi = tl.load(HI + i * T + tt)
-        BF16: tl.constexpr = VS.dtype.element_ty == tl.bfloat16
         running = i * 0  # entries written so far in this page's block
         for h in range(0, H):
             x = tl.load(X + i * stride_xp + h * stride_xh + tt * stride_xt + dd)
@@ -286,11 +287,14 @@ if triton is not None:
             else:
                 vmin = tl.min(xf, axis=1, keep_dims=True)
                 vmax = tl.max(xf, axis=1, keep_dims=True)
-            sc = to_storage(tl.maximum((vmax - vmin) * 0.5, 1e-6), BF16)
-            zr = to_storage((vmax + vmin) * 0.5, BF16)
+            scode, zcode, smax, zmin, zstep, sc, zr = page_scales(vmin, vmax)
             soff = (page * H + h) * T + tt
-            tl.store(VS + soff, sc.to(VS.dtype.element_ty))
-            tl.store(VZ + soff, zr.to(VZ.dtype.element_ty))
+            tl.store(VS + soff, scode.to(tl.uint8))
+            tl.store(VZ + soff, zcode.to(tl.uint8))
+            roff = (page * H + h) * 3 + tl.arange(0, 1)[None, :]
+            tl.store(VREF + roff, smax)
+            tl.store(VREF + roff + 1, zmin)
+            tl.store(VREF + roff + 2, zstep)
             c0, c1, c2, c3 = code_bits(tl.math.div_rn(xf - zr, sc), MIDS, BITS)
             code = c0 | (c1 << 1) | (c2 << 2) | (c3 << 3)
             if OUT:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from kvquant.kernels._triton import tl, triton
 from kvquant.kernels.jit.decode_attention import slot_entries
 from kvquant.kernels.jit.lut import unit_levels
+from kvquant.kernels.jit.scales import value_scale_zero
 
 if triton is not None:
 
@@ -38,7 +39,7 @@ if triton is not None:
     def read_past_kernel(
         OUT, o_b, o_h, o_s, SRC, S,
         SINK, n_sink, RES, n_res, SLEN, QLEN, RLEN,
-        CODES, LEV, TAB, tab_stride, CS, CZ, VSC, VZR, OPEN,
+        CODES, LEV, TAB, tab_stride, CS, CZ, VSC, VZR, VREF, OPEN,
         KSS, KHC, KOV, KOI, COS, SIN, H,
         D: tl.constexpr, T: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr, KEY: tl.constexpr,
         KOUT: tl.constexpr, DEFERRED: tl.constexpr, ROPE: tl.constexpr, HP: tl.constexpr,
@@ -87,11 +88,9 @@ if triton is not None:
             qa = qa * tl.load(CS + bh * D + ca)[None, :] + tl.load(CZ + bh * D + ca)[None, :]
             qb = qb * tl.load(CS + bh * D + cb)[None, :] + tl.load(CZ + bh * D + cb)[None, :]
         else:
-            ps = (page * H + h) * T + t
-            sc = tl.load(VSC + ps, mask=coded, other=0.0).to(tl.float32)[:, None]
-            zr = tl.load(VZR + ps, mask=coded, other=0.0).to(tl.float32)[:, None]
-            qa = qa * sc + zr
-            qb = qb * sc + zr
+            sc, zr = value_scale_zero(VSC, VZR, VREF, page * H + h, t, T, coded)
+            qa = qa * sc[:, None] + zr[:, None]
+            qb = qb * sc[:, None] + zr[:, None]
             if DEFERRED:
                 is_open = in_q & (ic >= sealed)
                 orow = (bh * T + t).to(tl.int64) * D
