@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -78,3 +79,26 @@ def test_page_scales_cover_each_token(seed: int, T: int, offset: float, spread: 
     need = torch.maximum(torch.maximum(vmax - zero, zero - vmin), torch.tensor(1e-6))
     floor = ps.ref[..., 0:1] * 2.0**-15
     assert bool((scale <= torch.maximum(need * (1 + 1 / 16) * (1 + 1e-6), floor * (1 + 1e-6))).all())
+
+
+def test_store_value_scales_decode_the_pools(seed: int) -> None:
+    """``value_scales`` of a sealed page: what :func:`decode_page_scales` makes of its pools, and a key store (whose
+    scales are per channel) is refused by name."""
+    from kvquant import BatchedKVQuantizer
+    from kvquant.bench.synthetic import heavy_tailed_kv
+
+    x = heavy_tailed_kv((2, 3, 300, 16), seed)
+    q = BatchedKVQuantizer(datatype="nuq3", page_size=32, outlier_fraction=0.02)
+    vc = q.quantize_values(x)
+    assert bool((vc.sealed_len >= 64).all())
+    b, i = torch.meshgrid(torch.arange(2), torch.arange(64), indexing="ij")
+    page, off = vc.pages.locate(b.flatten(), i.flatten())
+    scale, zero = vc.value_scales(page, off)
+    assert scale.shape == zero.shape == (128, 3) and bool((scale > 0).all())
+    pools = vc.pages.pools
+    ref_scale, ref_zero = decode_page_scales(pools["scale"][page, :, off][..., None],
+                                             pools["zero"][page, :, off][..., None], pools["vref"][page])
+    assert torch.equal(scale, ref_scale[..., 0]) and torch.equal(zero, ref_zero[..., 0])
+    kc = q.quantize_keys(x)
+    with pytest.raises(ValueError, match="value store"):
+        kc.value_scales(page, off)
