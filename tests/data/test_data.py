@@ -15,35 +15,7 @@ from kvquant.data import (
     sample_calibration_sequences,
     tokenize_corpus,
 )
-from kvquant.data import paths as data_paths
 from kvquant.data import text as data_text
-from kvquant.data.paths import shared_dir_candidates
-
-
-@pytest.fixture(autouse=True)
-def _no_user_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests start without the user's data/model overrides (each test sets what it needs)."""
-    monkeypatch.delenv("KVQUANT_DATA", raising=False)
-    monkeypatch.delenv("KVQUANT_MODEL", raising=False)
-
-
-@pytest.fixture
-def shared() -> Path:
-    found = find_shared_dir()
-    if found is None:
-        pytest.skip(f"../shared not found: looked at {', '.join(map(str, shared_dir_candidates()))}")
-    return found
-
-
-@pytest.fixture
-def no_shared(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Make every shared/ candidate miss and the hub `datasets` package unavailable."""
-    monkeypatch.delenv("KVQUANT_SHARED", raising=False)
-    work = tmp_path / "cwd"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    monkeypatch.setattr(data_paths, "repo_root", lambda: tmp_path / "repo")
-    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError
 
 
 def test_load_named_datasets_from_shared(shared: Path) -> None:
