@@ -26,7 +26,7 @@ from kvquant.kernels._triton import tl, triton
 from kvquant.kernels.jit.lut import unit_levels
 
 if triton is not None:
-    from kvquant.kernels.jit.scales import value_scale_zero
+    from kvquant.kernels.jit.scales import page_ref, token_scale_zero, value_scale_zero
 
     @triton.jit
     def _tile_levels(CODES, wbase, U, LUT, LEV, BITS: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
@@ -228,10 +228,11 @@ if triton is not None:
         ph = b * Hkv + hk
         for pi in range(p0, tl.minimum(p1, sealed)):  # sealed pages: every token is real
             vpage = tl.load(VTAB + b * v_tab_stride + pi).to(tl.int64)
+            smax, zmin, zstep = page_ref(VREF, vpage * Hkv + hk)
             for sub in tl.static_range(T // BT):
                 t = sub * BT + tt
                 p = tl.exp2(tl.load(srow + pi * T + t) - m_safe)
-                sc, zr = value_scale_zero(VSC, VZR, VREF, vpage * Hkv + hk, t, T, t >= 0)
+                sc, zr = token_scale_zero(VSC, VZR, vpage * Hkv + hk, t, T, t >= 0, smax, zmin, zstep)
                 lrow += p
                 zrow += p * zr
                 w = (p * sc)[:, None]
@@ -289,12 +290,13 @@ if triton is not None:
         ph = b * Hkv + hk
         for pi in range(p0, tl.minimum(p1, sealed)):  # pages of quantized values
             vpage = tl.load(VTAB + b * v_tab_stride + pi).to(tl.int64)
+            smax, zmin, zstep = page_ref(VREF, vpage * Hkv + hk)
             for sub in tl.static_range(T // BT):
                 t = sub * BT + tt
                 s = tl.load(SC + crow[None, :] + (pi * T + t)[:, None], mask=gm[None, :], other=float("-inf"))
                 m_new, alpha, p = _softmax_step(s, m)
                 lsum = lsum * alpha + tl.sum(p, axis=0)
-                sc, zr = value_scale_zero(VSC, VZR, VREF, vpage * Hkv + hk, t, T, t >= 0)
+                sc, zr = token_scale_zero(VSC, VZR, vpage * Hkv + hk, t, T, t >= 0, smax, zmin, zstep)
                 zacc = zacc * alpha + tl.sum(p * zr[:, None], axis=0)
                 pt = (p * sc[:, None]).to(DT)
                 vbase = (vpage * Hkv + hk) * VBITS * U + sub * BT * NU

@@ -45,13 +45,26 @@ if triton is not None:
         return sc, zc.to(tl.int32), smax, zmin, zstep, smax * scale_code_value(sc), zero
 
     @triton.jit
-    def value_scale_zero(VSC, VZR, VREF, ph, t, T: tl.constexpr, mask):
+    def token_scale_zero(VSC, VZR, ph, t, T: tl.constexpr, mask, smax, zmin, zstep):
         """``(scale, zero)`` float32 of tokens ``t`` of (page, head) rows ``ph = page * H + head`` (broadcast
-        together, like ``mask``): codes ``VSC``/``VZR [pages, H, T]`` uint8, references ``VREF [pages, H, 3]``."""
+        together, like ``mask``) from their codes ``VSC``/``VZR [pages, H, T]`` (uint8) and their rows' reference
+        ``(smax, zmin, zstep)`` (:func:`page_ref`)."""
         c = tl.load(VSC + ph * T + t, mask=mask, other=0).to(tl.int32)
         zc = tl.load(VZR + ph * T + t, mask=mask, other=0).to(tl.float32)
-        r = VREF + ph * 3 + t * 0  # the (page, head) reference of each token
+        return smax * scale_code_value(c), zmin + zc * zstep
+
+    @triton.jit
+    def page_ref(VREF, ph):
+        """``(smax, zmin, zstep)`` of (page, head) row(s) ``ph`` (``VREF [pages, H, 3]`` float32): once per page in
+        a loop over its tiles."""
+        r = VREF + ph * 3
+        return tl.load(r), tl.load(r + 1), tl.load(r + 2)
+
+    @triton.jit
+    def value_scale_zero(VSC, VZR, VREF, ph, t, T: tl.constexpr, mask):
+        """:func:`token_scale_zero` with each token's reference loaded beside it (tokens of many pages at once)."""
+        r = VREF + ph * 3 + t * 0
         smax = tl.load(r, mask=mask, other=0.0)
         zmin = tl.load(r + 1, mask=mask, other=0.0)
         zstep = tl.load(r + 2, mask=mask, other=0.0)
-        return smax * scale_code_value(c), zmin + zc * zstep
+        return token_scale_zero(VSC, VZR, ph, t, T, mask, smax, zmin, zstep)
