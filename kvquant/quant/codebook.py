@@ -78,7 +78,7 @@ class Codebook:
     def encode(self, x_norm: torch.Tensor) -> torch.Tensor:
         """Nearest level of each normalised value. ``x_norm [...]`` float -> codes ``[...]`` uint8."""
         mids = self.midpoints.to(device=x_norm.device, dtype=x_norm.dtype)
-        return torch.bucketize(x_norm, mids).to(torch.uint8)
+        return torch.bucketize(x_norm.contiguous(), mids).to(torch.uint8)  # (strided input: copied anyway)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes ``[...]`` (any integer dtype) -> levels ``[...]`` float32."""
