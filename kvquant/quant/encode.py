@@ -73,6 +73,18 @@ def value_thresholds(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     return lo.contiguous(), hi.contiguous()  # (columns of the top-k results: strided views)
 
 
+def inlier_range(xf: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(outliers, vmin, vmax)`` of values ``xf [..., D]`` (float32) against thresholds ``lo, hi`` (broadcast to
+    ``xf``): ``xf < lo`` or ``xf > hi`` are outliers, ``vmin, vmax [...]`` the min and max of the rest along the last
+    dim (0 where every value is an outlier)."""
+    out = (xf < lo) | (xf > hi)
+    vmin = xf.masked_fill(out, float("inf")).amin(-1)
+    vmax = xf.masked_fill(out, float("-inf")).amax(-1)
+    empty = ~torch.isfinite(vmin)
+    return out, vmin.masked_fill(empty, 0.0), vmax.masked_fill(empty, 0.0)
+
+
 def normalize_values(
     x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scale_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -84,15 +96,11 @@ def normalize_values(
 
     Returns:
         ``(x_norm [N, H, D] float32, outliers [N, H, D] bool, scale [N, H], zero [N, H])``, scale and zero rounded
-        to ``scale_dtype`` (what is stored) before normalising.
+        to ``scale_dtype`` before normalising (calibration fits codebooks to these; the stores use
+        :func:`encode_value_pages`).
     """
     xf = x.float()
-    out = (xf < lo[:, None, None]) | (xf > hi[:, None, None])
-    vmin = xf.masked_fill(out, float("inf")).amin(-1)
-    vmax = xf.masked_fill(out, float("-inf")).amax(-1)
-    empty = ~torch.isfinite(vmin)
-    vmin = vmin.masked_fill(empty, 0.0)
-    vmax = vmax.masked_fill(empty, 0.0)
+    out, vmin, vmax = inlier_range(xf, lo[:, None, None], hi[:, None, None])
     scale, zero = range_to_scale_zero(vmin, vmax)
     scale, zero = scale.to(scale_dtype), zero.to(scale_dtype)
     xn = torch.div(xf - zero.float()[..., None], scale.float()[..., None])
@@ -108,7 +116,6 @@ def normalize_value_tokens(x: torch.Tensor, outlier_fraction: float, scale_dtype
     return normalize_values(x, lo, hi, scale_dtype)
 
 
-SCALE_MANTISSA_BITS = 4  # a value scale's code: 4 exponent bits (halvings below the page's largest) and 4 mantissa
 ZERO_STEPS = 255  # a value zero's code: steps of a power of two from the page's smallest zero
 
 
@@ -202,12 +209,7 @@ def encode_value_pages(x: torch.Tensor, codebook: Codebook, outlier_fraction: fl
     xf = x.float()
     tok = xf.transpose(1, 2).reshape(n * t, h * d)
     lo, hi = value_thresholds(tok, values_per_side(outlier_fraction, h * d))
-    lo, hi = lo.reshape(n, 1, t, 1), hi.reshape(n, 1, t, 1)
-    out = (xf < lo) | (xf > hi)
-    vmin = xf.masked_fill(out, float("inf")).amin(-1)
-    vmax = xf.masked_fill(out, float("-inf")).amax(-1)
-    empty = ~torch.isfinite(vmin)  # every value of the head is an outlier
-    vmin, vmax = vmin.masked_fill(empty, 0.0), vmax.masked_fill(empty, 0.0)
+    out, vmin, vmax = inlier_range(xf, lo.reshape(n, 1, t, 1), hi.reshape(n, 1, t, 1))
     ps = page_scales(vmin, vmax)
     xn = torch.div(xf - ps.zero[..., None], ps.scale[..., None])
     codes = codebook.encode(xn).masked_fill(out, codebook.zero_code)

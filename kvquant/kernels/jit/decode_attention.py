@@ -227,16 +227,16 @@ if triton is not None:
         zrow = tl.zeros([BT], tl.float32)
         ph = b * Hkv + hk
         for pi in range(p0, tl.minimum(p1, sealed)):  # sealed pages: every token is real
-            vpage = tl.load(VTAB + b * v_tab_stride + pi).to(tl.int64)
-            smax, zmin, zstep = page_ref(VREF, vpage * Hkv + hk)
+            vph = tl.load(VTAB + b * v_tab_stride + pi).to(tl.int64) * Hkv + hk  # (page, head) row
+            smax, zmin, zstep = page_ref(VREF, vph)
             for sub in tl.static_range(T // BT):
                 t = sub * BT + tt
                 p = tl.exp2(tl.load(srow + pi * T + t) - m_safe)
-                sc, zr = token_scale_zero(VSC, VZR, vpage * Hkv + hk, t, T, t >= 0, smax, zmin, zstep)
+                sc, zr = token_scale_zero(VSC, VZR, vph, t, T, t >= 0, smax, zmin, zstep)
                 lrow += p
                 zrow += p * zr
                 w = (p * sc)[:, None]
-                vbase = (vpage * Hkv + hk) * VBITS * U + sub * BT * NU
+                vbase = vph * VBITS * U + sub * BT * NU
                 acc_a += w * _tile_levels(VC, vbase + tofs, U, VLUT, VLEV, VBITS, BT, NH, USE_ASM, DT).to(tl.float32)
                 acc_b += w * _tile_levels(VC, vbase + tofs + NH, U, VLUT, VLEV, VBITS, BT, NH, USE_ASM,
                                           DT).to(tl.float32)
@@ -289,17 +289,17 @@ if triton is not None:
         zacc = tl.zeros([GP], tl.float32)
         ph = b * Hkv + hk
         for pi in range(p0, tl.minimum(p1, sealed)):  # pages of quantized values
-            vpage = tl.load(VTAB + b * v_tab_stride + pi).to(tl.int64)
-            smax, zmin, zstep = page_ref(VREF, vpage * Hkv + hk)
+            vph = tl.load(VTAB + b * v_tab_stride + pi).to(tl.int64) * Hkv + hk  # (page, head) row
+            smax, zmin, zstep = page_ref(VREF, vph)
             for sub in tl.static_range(T // BT):
                 t = sub * BT + tt
                 s = tl.load(SC + crow[None, :] + (pi * T + t)[:, None], mask=gm[None, :], other=float("-inf"))
                 m_new, alpha, p = _softmax_step(s, m)
                 lsum = lsum * alpha + tl.sum(p, axis=0)
-                sc, zr = token_scale_zero(VSC, VZR, vpage * Hkv + hk, t, T, t >= 0, smax, zmin, zstep)
+                sc, zr = token_scale_zero(VSC, VZR, vph, t, T, t >= 0, smax, zmin, zstep)
                 zacc = zacc * alpha + tl.sum(p * zr[:, None], axis=0)
                 pt = (p * sc[:, None]).to(DT)
-                vbase = (vpage * Hkv + hk) * VBITS * U + sub * BT * NU
+                vbase = vph * VBITS * U + sub * BT * NU
                 va = _tile_levels(VC, vbase + tofs, U, VLUT, VLEV, VBITS, BT, NH, USE_ASM, DT)
                 vb = _tile_levels(VC, vbase + tofs + NH, U, VLUT, VLEV, VBITS, BT, NH, USE_ASM, DT)
                 acc_a = acc_a * alpha[None, :] + tl.dot(tl.trans(va), pt, input_precision=PREC)
