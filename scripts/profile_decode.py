@@ -22,11 +22,16 @@ from kvquant.kernels.decode_attention import decode_attention
 from kvquant.kernels.reference import decode_attention_reference
 
 
-def kernel_times(fn, iters: int = 20) -> dict[str, float]:
-    """Mean device microseconds per call of every kernel ``fn`` launches."""
+def kernel_times(fn, iters: int = 20, plain: bool = False) -> dict[str, float]:
+    """Mean device microseconds per call of every kernel ``fn`` launches (``plain``: only call it, for ncu)."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
+    if plain:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+        return {}
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
             fn()
@@ -45,6 +50,9 @@ def main() -> None:
     ap.add_argument("--variants", nargs="*", default=[],
                     help="variants to time (graph-replayed, 1 %% outliers), e.g. w=2,bt=32,st=2,OUTLIER_SPLIT=16: "
                          "page-kernel warps/tile/stages and module constants of kvquant.kernels.decode_attention")
+    ap.add_argument("--plain", action="store_true",
+                    help="call the kernels without torch.profiler (no times, no variants), e.g. under "
+                         "ncu -k 'regex:^(keys|values|key_corr|value_outliers|reduce)_kernel$'")
     args = ap.parse_args()
     rows = []
     for case in args.cases:
@@ -57,7 +65,7 @@ def main() -> None:
             kc, vc = synthetic_caches(B, Hkv, D, L, cfg, torch.float16, "cuda")
             q = torch.randn(B, Hq, D, device="cuda", dtype=torch.float16)
             rope = (cos, sin, torch.zeros(B, dtype=torch.int32, device="cuda"))
-            t = kernel_times(partial(decode_attention, q, kc, vc, rope=rope))
+            t = kernel_times(partial(decode_attention, q, kc, vc, rope=rope), plain=args.plain)
             row = {"shape": shape, "batch": B, "context": L, "outliers": f, "kernels_us": t,
                    "total_us": sum(t.values())}
             if B * Hkv * L * D * 48 < 0.5 * torch.cuda.mem_get_info()[0]:
@@ -65,7 +73,7 @@ def main() -> None:
                 ref = decode_attention_reference(q, kc, vc, rope=rope).float()
                 row["rel_err"] = float((out - ref).norm() / ref.norm())
                 del out, ref
-            for v in args.variants if f > 0 else []:
+            for v in args.variants if f > 0 and not args.plain else []:
                 kw, saved = {}, {}
                 for item in v.split(","):
                     name, val = item.split("=")
@@ -88,7 +96,7 @@ def main() -> None:
         k = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.float16)
         v = torch.randn_like(k)
         q4 = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.float16)
-        t = kernel_times(partial(F.scaled_dot_product_attention, q4, k, v, enable_gqa=Hq != Hkv))
+        t = kernel_times(partial(F.scaled_dot_product_attention, q4, k, v, enable_gqa=Hq != Hkv), plain=args.plain)
         rows.append({"shape": shape, "batch": B, "context": L, "fp16_sdpa_us": sum(t.values())})
         print(json.dumps(rows[-1]), flush=True)
         del k, v

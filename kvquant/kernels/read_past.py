@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from kvquant.kernels._triton import triton
+from kvquant.kernels.decode_attention import head_count_chunk
 from kvquant.kernels.encode import unsupported_reason as store_problem
 from kvquant.kernels.jit.read_past import read_past_kernel, value_outliers_kernel
 from kvquant.quant.store import QuantizedKVCache
@@ -90,7 +91,7 @@ def read_past(store: QuantizedKVCache, mask: torch.Tensor, out: torch.Tensor,
         pools["codes"], _levels(store), tab, tab.stride(0), cs, cz, vsc, vzr, vref, opn,
         kss, khc, kov, koi, cos, sin, H,
         D=D, T=T, BT=BLOCK_COLUMNS, BITS=store.bits, KEY=key, KOUT=kout, DEFERRED=deferred,
-        ROPE=rope is not None, HP=max(2, triton.next_power_of_2(H)), num_warps=4,
+        ROPE=rope is not None, HC=head_count_chunk(H), num_warps=4,
     )
     if not key and store.keep_outliers:  # a program per (sequence, page slot, head); pages past the sealed ones
         csr = store.outliers  # return at once (no host read of the lengths)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton", reason="triton is not installed: the kernels cannot be tested")
+import kvquant.kernels.decode_attention as da  # noqa: E402
 from kvquant.config import QuantConfig  # noqa: E402
 from kvquant.kernels.decode_attention import decode_attention  # noqa: E402
 from kvquant.kernels.reference import decode_attention_reference  # noqa: E402
@@ -78,10 +79,12 @@ def heavy_key_tokens(gen: torch.Generator, B: int, H: int, n: int, D: int) -> to
     return torch.where(far, 40 * x.sign() + x, 0.3 * x).to(DEVICE)
 
 
-@pytest.mark.parametrize("Hkv,G", [(4, 2), (3, 3), (5, 1)])
-def test_decode_outlier_heavy_heads(seed: int, Hkv: int, G: int) -> None:
+@pytest.mark.parametrize("Hkv,G,counts_at_once", [(4, 2, 8), (3, 3, 2), (5, 1, 2)])
+def test_decode_outlier_heavy_heads(seed: int, Hkv: int, G: int, counts_at_once: int, monkeypatch) -> None:
     """Key slots with entries in many heads, several heads with none, and whole heads of outliers; values with a
-    fifth of every token's elements kept exact. Head and group counts that are not powers of two too."""
+    fifth of every token's elements kept exact. Head and group counts that are not powers of two too; the per-head
+    counts read in one round or in several (``HEAD_COUNTS_AT_ONCE``)."""
+    monkeypatch.setattr(da, "HEAD_COUNTS_AT_ONCE", counts_at_once)
     cfg = QuantConfig(min_range_tokens=1,
                       datatype="nuq3", outlier_fraction=0.02, n_sink=1, residual_length=3, page_size=32)
     B, D, S, n = 2, 64, 70, 40

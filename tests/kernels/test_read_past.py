@@ -8,6 +8,7 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton", reason="triton is not installed: the kernels cannot be tested")
+import kvquant.kernels.decode_attention as da  # noqa: E402
 from kvquant.config import QuantConfig  # noqa: E402
 from kvquant.kernels.read_past import column_of_token, read_past, unsupported_reason  # noqa: E402
 from kvquant.quant import read as reference  # noqa: E402
@@ -72,8 +73,11 @@ def test_read_past_matches_reference(seed: int, datatype: str, dtype: torch.dtyp
     check(vc, mask, None, dtype)
 
 
-def test_read_past_heavy_key_outliers(seed: int) -> None:
-    """Tokens whose heads hold no, some or mostly outliers (every channel of every head in the first one)."""
+@pytest.mark.parametrize("counts_at_once", [8, 2])
+def test_read_past_heavy_key_outliers(seed: int, counts_at_once: int, monkeypatch) -> None:
+    """Tokens whose heads hold no, some or mostly outliers (every channel of every head in the first one); the
+    per-head counts read in one round or two (``HEAD_COUNTS_AT_ONCE``)."""
+    monkeypatch.setattr(da, "HEAD_COUNTS_AT_ONCE", counts_at_once)
     gen = torch.Generator().manual_seed(seed)
     cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.02, n_sink=1, residual_length=0, page_size=32,
                       min_range_tokens=1)

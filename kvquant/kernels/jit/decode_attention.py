@@ -43,20 +43,27 @@ if triton is not None:
         return unit_levels(w0, w1, w2, w3, LUT, LEV, BITS, R, C, USE_ASM, DT)
 
     @triton.jit
-    def slot_entries(KSS, KHC, slot, h, H, ok, HP: tl.constexpr):
+    def slot_entries(KSS, KHC, slot, h, H, ok, HC: tl.constexpr):
         """Where head ``h``'s key outliers of slots ``slot [N]`` are: ``(first entry, count)``, each ``[N]`` (a
         slot's entries are contiguous, head after head, from ``KSS[slot]``; ``KHC [slots, H]`` counts them per
-        head). Rows where ``ok`` is false get no entries."""
-        hs = tl.arange(0, HP)[None, :]
-        hrow = tl.load(KHC + slot[:, None] * H + hs, mask=(hs < H) & ok[:, None], other=0).to(tl.int32)
-        first = tl.load(KSS + slot, mask=ok, other=0) + tl.sum(tl.where(hs < h, hrow, 0), axis=1)
-        return first, tl.sum(tl.where(hs == h, hrow, 0), axis=1)
+        head). Reads the counts of heads ``0 .. h`` only, ``HC`` at a time (a whole row of ``H`` counts per lane
+        would hold ``H`` registers per slot). Rows where ``ok`` is false get no entries."""
+        hs = tl.arange(0, HC)[None, :]
+        row0 = slot.to(tl.int64)[:, None] * H
+        before = tl.zeros_like(slot).to(tl.int32)
+        cnt = tl.zeros_like(slot).to(tl.int32)
+        for h0 in range(0, h + 1, HC):
+            hh = h0 + hs
+            c = tl.load(KHC + row0 + hh, mask=(hh <= h) & ok[:, None], other=0).to(tl.int32)
+            before += tl.sum(tl.where(hh < h, c, 0), axis=1)
+            cnt += tl.sum(tl.where(hh == h, c, 0), axis=1)
+        return tl.load(KSS + slot, mask=ok, other=0) + before, cnt
 
     @triton.jit
     def key_corr_kernel(
         Q, CORR, KTAB, k_tab_stride, KSS, KHC, KOV, KOI, KDZ, QLEN, SLEN, POS, COS, SIN,
         Hkv, Hq, Lmax,
-        G: tl.constexpr, GQ: tl.constexpr, HKP: tl.constexpr, D: tl.constexpr, T: tl.constexpr,
+        G: tl.constexpr, GQ: tl.constexpr, HC: tl.constexpr, D: tl.constexpr, T: tl.constexpr,
         BLK: tl.constexpr, J: tl.constexpr, ROPE: tl.constexpr,
     ):
         """Score corrections of the key outliers, a lane per quantized token: ``q_hq . R(p_i) (x - dense)`` summed
@@ -71,7 +78,7 @@ if triton is not None:
         ok = i < qlen
         page = tl.load(KTAB + b * k_tab_stride + i // T, mask=ok, other=0).to(tl.int64)
         slot = page * T + i % T
-        first, cnt = slot_entries(KSS, KHC, slot, hk, Hkv, ok, HKP)
+        first, cnt = slot_entries(KSS, KHC, slot, hk, Hkv, ok, HC)
         g = tl.arange(0, GQ)
         gm = (g < G)[None, :]
         qrow = (b * Hq + hk * G + g).to(tl.int64) * D

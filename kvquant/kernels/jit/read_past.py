@@ -42,7 +42,7 @@ if triton is not None:
         CODES, LEV, TAB, tab_stride, CS, CZ, VSC, VZR, VREF, OPEN,
         KSS, KHC, KOV, KOI, COS, SIN, H,
         D: tl.constexpr, T: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr, KEY: tl.constexpr,
-        KOUT: tl.constexpr, DEFERRED: tl.constexpr, ROPE: tl.constexpr, HP: tl.constexpr,
+        KOUT: tl.constexpr, DEFERRED: tl.constexpr, ROPE: tl.constexpr, HC: tl.constexpr,
     ):
         """Columns ``j`` of ``OUT[b, h, :S, :]``: logical token ``SRC[b, j]`` (``-1``: padding, zeros)."""
         DH: tl.constexpr = D // 2
@@ -101,7 +101,7 @@ if triton is not None:
         xa = tl.where(in_q[:, None], qa, xa)
         xb = tl.where(in_q[:, None], qb, xb)
         if KOUT:  # key outliers, exact, before the rotation: a token's entries are contiguous, head after head
-            first, cnt = slot_entries(KSS, KHC, page * T + t, h, H, coded, HP)
+            first, cnt = slot_entries(KSS, KHC, page * T + t, h, H, coded, HC)
             for e in range(0, tl.max(cnt, axis=0)):
                 has = e < cnt
                 c = tl.load(KOI + first + e, mask=has, other=0).to(tl.int32)[:, None]
