@@ -52,7 +52,8 @@ def main() -> None:
                          "page-kernel warps/tile/stages and module constants of kvquant.kernels.decode_attention")
     ap.add_argument("--plain", action="store_true",
                     help="call the kernels without torch.profiler (no times, no variants), e.g. under "
-                         "ncu -k 'regex:^(keys|values|key_corr|value_outliers|reduce)_kernel$'")
+                         "ncu -k 'regex:^(keys|values|key_corr|value_outliers|exact)_kernel$' (not reduce_kernel: "
+                         "PyTorch's reductions share that name)")
     args = ap.parse_args()
     rows = []
     for case in args.cases:

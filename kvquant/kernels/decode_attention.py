@@ -35,7 +35,7 @@ from kvquant.quant.store import QuantizedKVCache
 LOG2E = 1.4426950408889634
 PROGRAMS_PER_SM = 8  # split-K target: about this many page programs per multiprocessor
 MAX_TILE = 32  # tokens per tile of the key and value passes (smaller pages: the page size)
-CORR_ELEMENTS = 8192  # tokens x KV heads (head-count rows) per program of the key-outlier correction kernel
+CORR_ELEMENTS = 8192  # tokens x KV heads (power of two) per program of the key-outlier correction kernel
 CORR_ENTRIES = 1  # entries per token and step of the key-outlier correction kernel
 CORR_WARPS = 4  # warps per program of the key-outlier correction kernel
 OUTLIER_PAGES = 4  # pages per step of the value-outlier kernel
@@ -47,7 +47,7 @@ HEAD_COUNTS_AT_ONCE = 8  # per-head key-outlier counts a lane loads at a time (s
 
 def head_count_chunk(heads: int) -> int:
     """The ``HC`` argument of :func:`~kvquant.kernels.jit.decode_attention.slot_entries` for ``heads`` heads."""
-    return max(2, min(HEAD_COUNTS_AT_ONCE, 1 << (heads - 1).bit_length()))
+    return max(2, min(HEAD_COUNTS_AT_ONCE, triton.next_power_of_2(heads)))
 
 
 def unsupported_reason(q: torch.Tensor, key_cache: QuantizedKVCache, value_cache: QuantizedKVCache,
