@@ -25,7 +25,12 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kvquant.kernels.jit.decode_attention import key_corr_kernel, keys_kernel, value_outliers_kernel, values_kernel
+from kvquant.kernels.jit.decode_attention import (
+    key_corr_kernel,
+    keys_kernel,
+    value_outliers_kernel,
+    values_kernel,
+)
 
 POINTERS = {  # pointer arguments and their element types; every other non-constexpr argument is an i32
     "keys": dict(Q="*fp32", SC="*fp32", KC="*i32", KLUT="*i32", KLEV="*fp32", KCS="*fp32", KCZ="*fp32", KTAB="*i32",
@@ -97,8 +102,10 @@ def main() -> None:
         ("values GQA 4, dots", "values", dict(common, G=4, GP=4, BT=32, VBITS=args.bits), 2, 32),
         # the outlier passes: a lane per token (key corrections) or per stored entry (value outliers); their loop
         # is one round of entries, so the per-element count does not apply
-        ("key corrections MHA 32 heads", "key_corr",
-         dict(D=D, T=T, G=1, GQ=1, HC=8, BLK=256, J=1, ROPE=True), 4, None),
+        ("key corrections MHA 32 heads, 32 tokens x 16 entries", "key_corr",
+         dict(D=D, T=T, G=1, GQ=1, HP=32, LOGH=5, BLK=32, JJ=16, ROPE=True), 4, None),
+        ("key corrections GQA 8 x 4, 32 tokens x 16 entries", "key_corr",
+         dict(D=D, T=T, G=4, GQ=4, HP=8, LOGH=3, BLK=32, JJ=16, ROPE=True), 4, None),
         ("value outliers MHA, 4 pages x 64", "value_outliers", dict(D=D, T=T, G=1, GQ=1, PP=4, BE=64), 4, None),
     ]
     stages = {"keys": 2, "values": 2, "key_corr": 3, "value_outliers": 3}  # as decode_attention launches them

@@ -35,19 +35,13 @@ from kvquant.quant.store import QuantizedKVCache
 LOG2E = 1.4426950408889634
 PROGRAMS_PER_SM = 8  # split-K target: about this many page programs per multiprocessor
 MAX_TILE = 32  # tokens per tile of the key and value passes (smaller pages: the page size)
-CORR_ELEMENTS = 8192  # tokens x KV heads (power of two) per program of the key-outlier correction kernel
-CORR_ENTRIES = 1  # entries per token and step of the key-outlier correction kernel
 CORR_WARPS = 4  # warps per program of the key-outlier correction kernel
 OUTLIER_PAGES = 4  # pages per step of the value-outlier kernel
 OUTLIER_ENTRIES = 64  # entries per page and step of the value-outlier kernel
 MHA_REDUCE = 1  # one query head per KV head: the keys pass sums rows instead of one-column dots (0: dots)
-OUTLIER_SPLIT = 0  # pages per program of the value-outlier kernel (0: the key and value passes' split)
-HEAD_COUNTS_AT_ONCE = 8  # per-head key-outlier counts a lane loads at a time (slot_entries' HC)
-
-
-def head_count_chunk(heads: int) -> int:
-    """The ``HC`` argument of :func:`~kvquant.kernels.jit.decode_attention.slot_entries` for ``heads`` heads."""
-    return max(2, min(HEAD_COUNTS_AT_ONCE, triton.next_power_of_2(heads)))
+OUTLIER_SPLIT = 4  # pages per program of the value-outlier kernel (0: the key and value passes' split)
+CORR_LANES = 512  # tokens x entries per round of the key-outlier correction kernel
+CORR_ROUND = 16  # entries of a token per round of the key-outlier correction kernel
 
 
 def unsupported_reason(q: torch.Tensor, key_cache: QuantizedKVCache, value_cache: QuantizedKVCache,
@@ -202,12 +196,12 @@ def decode_attention(
         RED=red, num_warps=num_warps, num_stages=num_stages,
     )
     if KOUT:
-        blk = max(16, min(512, CORR_ELEMENTS // max(2, triton.next_power_of_2(Hkv))))
-        key_corr_kernel[(B * Hkv, triton.cdiv(Lmax, blk))](
+        HP = max(2, triton.next_power_of_2(Hkv))
+        key_corr_kernel[(B, triton.cdiv(Lmax, CORR_LANES // CORR_ROUND))](
             qs, scores, ktab, ktab.stride(0), kout.slot_start, kout.head_counts, kout.values, kout.indices,
             _key_dense_at_zero(kc, klev), kc.q_len, kc.sink_len, pos, cos, sin,
-            Hkv, Hq, Lmax, G=G, GQ=GQ, HC=head_count_chunk(Hkv), D=D, T=T, BLK=blk, J=CORR_ENTRIES,
-            ROPE=rope is not None, num_warps=CORR_WARPS,
+            Hkv, Hq, Lmax, G=G, GQ=GQ, HP=HP, LOGH=HP.bit_length() - 1, D=D, T=T, BLK=CORR_LANES // CORR_ROUND,
+            JJ=CORR_ROUND, ROPE=rope is not None, num_warps=CORR_WARPS,
         )
     values_kernel[(B * Hkv, n_splits)](
         opart, mpart, lpart, scores, Lmax, vc.pages.pools["codes"], vc.lut, vlev, vc.pages.pools["scale"],

@@ -79,12 +79,12 @@ def heavy_key_tokens(gen: torch.Generator, B: int, H: int, n: int, D: int) -> to
     return torch.where(far, 40 * x.sign() + x, 0.3 * x).to(DEVICE)
 
 
-@pytest.mark.parametrize("Hkv,G,counts_at_once", [(4, 2, 8), (3, 3, 2), (5, 1, 2)])
-def test_decode_outlier_heavy_heads(seed: int, Hkv: int, G: int, counts_at_once: int, monkeypatch) -> None:
+@pytest.mark.parametrize("Hkv,G,per_round", [(4, 2, 16), (3, 3, 4), (5, 1, 8)])
+def test_decode_outlier_heavy_heads(seed: int, Hkv: int, G: int, per_round: int, monkeypatch) -> None:
     """Key slots with entries in many heads, several heads with none, and whole heads of outliers; values with a
-    fifth of every token's elements kept exact. Head and group counts that are not powers of two too; the per-head
-    counts read in one round or in several (``HEAD_COUNTS_AT_ONCE``)."""
-    monkeypatch.setattr(da, "HEAD_COUNTS_AT_ONCE", counts_at_once)
+    fifth of every token's elements kept exact. Head and group counts that are not powers of two too; a token's
+    key-outlier entries taken in one round or in many (``CORR_ROUND``: whole heads of 64 entries span rounds)."""
+    monkeypatch.setattr(da, "CORR_ROUND", per_round)
     cfg = QuantConfig(min_range_tokens=1,
                       datatype="nuq3", outlier_fraction=0.02, n_sink=1, residual_length=3, page_size=32)
     B, D, S, n = 2, 64, 70, 40

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton", reason="triton is not installed: the kernels cannot be tested")
-import kvquant.kernels.decode_attention as da  # noqa: E402
+import kvquant.kernels.read_past as rp  # noqa: E402
 from kvquant.config import QuantConfig  # noqa: E402
 from kvquant.kernels.read_past import column_of_token, read_past, unsupported_reason  # noqa: E402
 from kvquant.quant import read as reference  # noqa: E402
@@ -77,7 +77,7 @@ def test_read_past_heavy_key_outliers(seed: int, monkeypatch) -> None:
     """Tokens whose heads hold no, some or mostly outliers (every channel of every head in the first one); the
     per-head counts read two at a time, so a lane's lookup takes several rounds (``HEAD_COUNTS_AT_ONCE``; the other
     tests read them in one)."""
-    monkeypatch.setattr(da, "HEAD_COUNTS_AT_ONCE", 2)
+    monkeypatch.setattr(rp, "HEAD_COUNTS_AT_ONCE", 2)
     gen = torch.Generator().manual_seed(seed)
     cfg = QuantConfig(datatype="nuq3", outlier_fraction=0.02, n_sink=1, residual_length=0, page_size=32,
                       min_range_tokens=1)

@@ -7,8 +7,8 @@ byte is read once), in two passes that keep each program's registers few:
   (:func:`~kvquant.kernels.lut.unit_levels`), per-channel affine map, rotation by the tile's in-page offsets
   ``R(tau)`` (constant tables; the query is rotated by the tile's base position instead, ``R(p0 + tau) = R(p0)
   R(tau)``), then ``S^T = K . Q^T``; the scores go to a ``[B, Hq, Lmax]`` buffer.
-* :func:`key_corr_kernel`, grid ``(B * Hkv, token blocks)``: key outliers as score corrections, a lane per token:
-  ``q . R(p)(x - dense)`` for each stored entry, added to the token's score.
+* :func:`key_corr_kernel`, grid ``(B, token blocks)``: key outliers as score corrections, a lane per stored entry
+  (every head of a block of tokens at once): ``q . R(p)(x - dense)``, added atomically to its token's score.
 * :func:`values_kernel`, grid ``(B * Hkv, splits)``: online softmax over the scores; values: codes -> levels, the
   per-token scale folded into the probabilities (``p * scale``, plus ``sum(p * zero)``), ``O^T += V^T . P^T``;
   the open (last, incomplete) page is read exactly.
@@ -43,57 +43,49 @@ if triton is not None:
         return unit_levels(w0, w1, w2, w3, LUT, LEV, BITS, R, C, USE_ASM, DT)
 
     @triton.jit
-    def slot_entries(KSS, KHC, slot, h, H, ok, HC: tl.constexpr):
-        """Where head ``h``'s key outliers of slots ``slot [N]`` are: ``(first entry, count)``, each ``[N]`` (a
-        slot's entries are contiguous, head after head, from ``KSS[slot]``; ``KHC [slots, H]`` counts them per
-        head). Reads the counts of heads ``0 .. h`` only, ``HC`` at a time (a whole row of ``H`` counts per lane
-        would hold ``H`` registers per slot). Rows where ``ok`` is false get no entries."""
-        hs = tl.arange(0, HC)[None, :]
-        row0 = slot.to(tl.int64)[:, None] * H
-        before = tl.zeros_like(slot).to(tl.int32)
-        cnt = tl.zeros_like(slot).to(tl.int32)
-        for h0 in range(0, h + 1, HC):
-            hh = h0 + hs
-            c = tl.load(KHC + row0 + hh, mask=(hh <= h) & ok[:, None], other=0).to(tl.int32)
-            before += tl.sum(tl.where(hh < h, c, 0), axis=1)
-            cnt += tl.sum(tl.where(hh == h, c, 0), axis=1)
-        return tl.load(KSS + slot, mask=ok, other=0) + before, cnt
-
-    @triton.jit
     def key_corr_kernel(
         Q, CORR, KTAB, k_tab_stride, KSS, KHC, KOV, KOI, KDZ, QLEN, SLEN, POS, COS, SIN,
         Hkv, Hq, Lmax,
-        G: tl.constexpr, GQ: tl.constexpr, HC: tl.constexpr, D: tl.constexpr, T: tl.constexpr,
-        BLK: tl.constexpr, J: tl.constexpr, ROPE: tl.constexpr,
+        G: tl.constexpr, GQ: tl.constexpr, HP: tl.constexpr, LOGH: tl.constexpr, D: tl.constexpr, T: tl.constexpr,
+        BLK: tl.constexpr, JJ: tl.constexpr, ROPE: tl.constexpr,
     ):
-        """Score corrections of the key outliers, a lane per quantized token: ``q_hq . R(p_i) (x - dense)`` summed
-        over token ``i``'s stored entries, added to its score ``CORR[b, hq, i]`` (``[B, Hq, Lmax]``, written by
-        :func:`keys_kernel`) where it has any."""
+        """Score corrections of the key outliers, a lane per stored entry: ``q_hq . R(p_i) (x - dense)`` added
+        (atomically) to the score ``CORR[b, hq, i]`` of its token (``[B, Hq, Lmax]``, written by
+        :func:`keys_kernel`). A program takes ``BLK`` tokens of one sequence and every head: a slot's entries are
+        one run, head after head, so the token's row of per-head counts (one coalesced load) gives each entry its
+        head by a binary search over their prefix sums (``HP = 2**LOGH`` heads, padded), and each round takes
+        ``JJ`` entries of every token at once, whatever heads they belong to (no loop per head, and no lane idles
+        on a head with no entries)."""
         DH: tl.constexpr = D // 2
-        pid = tl.program_id(0)
-        b = pid // Hkv
-        hk = pid % Hkv
+        b = tl.program_id(0)
         i = tl.program_id(1) * BLK + tl.arange(0, BLK)
         qlen = tl.load(QLEN + b)
         ok = i < qlen
         page = tl.load(KTAB + b * k_tab_stride + i // T, mask=ok, other=0).to(tl.int64)
         slot = page * T + i % T
-        first, cnt = slot_entries(KSS, KHC, slot, hk, Hkv, ok, HC)
-        g = tl.arange(0, GQ)
-        gm = (g < G)[None, :]
-        qrow = (b * Hq + hk * G + g).to(tl.int64) * D
-        cb = (b * Hkv + hk) * D
+        hh = tl.arange(0, HP)
+        cnt = tl.load(KHC + slot[:, None] * Hkv + hh[None, :], mask=ok[:, None] & (hh < Hkv)[None, :],
+                      other=0).to(tl.int32)  # [BLK, HP]
+        ends = tl.cumsum(cnt, axis=1)
+        total = tl.sum(cnt, axis=1)
+        first = tl.load(KSS + slot, mask=ok, other=0)
         ptok = (tl.load(POS + b) + tl.load(SLEN + b) + i).to(tl.int64)
-        corr = tl.zeros([BLK, GQ], tl.float32)
-        jj = tl.arange(0, J)
-        for j0 in range(0, tl.max(cnt, axis=0), J):  # J entries of every token at a time (independent loads)
-            has = (j0 + jj)[None, :] < cnt[:, None]  # [BLK, J]
-            e = first[:, None] + j0 + jj[None, :]
+        g = tl.arange(0, GQ)
+        jj = tl.arange(0, JJ)
+        for j0 in range(0, tl.max(total, axis=0), JJ):
+            j = j0 + jj
+            has = j[None, :] < total[:, None]  # [BLK, JJ]
+            head = tl.zeros([BLK, JJ], tl.int32)  # heads whose run ends at or before entry j: a binary search
+            for k in tl.static_range(LOGH):
+                cand = head + (HP >> (k + 1))
+                head = tl.where(tl.gather(ends, cand - 1, axis=1) <= j[None, :], cand, head)
+            e = first[:, None] + j[None, :]
             c = tl.load(KOI + e, mask=has, other=0).to(tl.int32)
             x = tl.load(KOV + e, mask=has, other=0.0).to(tl.float32)
-            delta = tl.where(has, x - tl.load(KDZ + cb + c, mask=has, other=0.0), 0.0)
-            m3 = has[:, :, None] & gm[None, :, :]
-            qc = tl.load(Q + qrow[None, None, :] + c[:, :, None], mask=m3, other=0.0)  # [BLK, J, GQ]
+            delta = tl.where(has, x - tl.load(KDZ + (b * Hkv + head) * D + c, mask=has, other=0.0), 0.0)
+            m3 = has[:, :, None] & (g < G)[None, None, :]
+            qrow = (b * Hq + head * G)[:, :, None].to(tl.int64) + g[None, None, :]  # [BLK, JJ, GQ]
+            qc = tl.load(Q + qrow * D + c[:, :, None], mask=m3, other=0.0)
             if ROPE:
                 low = c < DH
                 partner = tl.where(low, c + DH, c - DH)
@@ -101,13 +93,9 @@ if triton is not None:
                 cs_ = tl.load(COS + ptok[:, None] * DH + fi, mask=has, other=1.0)
                 sn_ = tl.load(SIN + ptok[:, None] * DH + fi, mask=has, other=0.0)
                 sn_ = tl.where(low, sn_, -sn_)
-                qp = tl.load(Q + qrow[None, None, :] + partner[:, :, None], mask=m3, other=0.0)
+                qp = tl.load(Q + qrow * D + partner[:, :, None], mask=m3, other=0.0)
                 qc = qc * cs_[:, :, None] + qp * sn_[:, :, None]
-            corr += tl.sum(qc * delta[:, :, None], axis=1)
-        crow = (b * Hq + hk * G + g).to(tl.int64) * Lmax
-        at = CORR + crow[None, :] + i[:, None]
-        add = gm & (ok & (cnt > 0))[:, None]
-        tl.store(at, tl.load(at, mask=add, other=0.0) + corr, mask=add)
+            tl.atomic_add(CORR + qrow * Lmax + i[:, None, None], qc * delta[:, :, None], mask=m3, sem="relaxed")
 
     @triton.jit
     def _scores(KC, kbase, tofs, U, KLUT, KLEV, csa, csb, cza, czb, qaT, qbT, rc, rs, COS, SIN, p_tile,

@@ -9,11 +9,27 @@ afterwards by the launcher (one scatter over the stored entries)."""
 from __future__ import annotations
 
 from kvquant.kernels._triton import tl, triton
-from kvquant.kernels.jit.decode_attention import slot_entries
 from kvquant.kernels.jit.lut import unit_levels
 from kvquant.kernels.jit.scales import value_scale_zero
 
 if triton is not None:
+
+    @triton.jit
+    def slot_entries(KSS, KHC, slot, h, H, ok, HC: tl.constexpr):
+        """Where head ``h``'s key outliers of slots ``slot [N]`` are: ``(first entry, count)``, each ``[N]`` (a
+        slot's entries are contiguous, head after head, from ``KSS[slot]``; ``KHC [slots, H]`` counts them per
+        head). Reads the counts of heads ``0 .. h`` only, ``HC`` at a time (a whole row of ``H`` counts per lane
+        would hold ``H`` registers per slot). Rows where ``ok`` is false get no entries."""
+        hs = tl.arange(0, HC)[None, :]
+        row0 = slot.to(tl.int64)[:, None] * H
+        before = tl.zeros_like(slot).to(tl.int32)
+        cnt = tl.zeros_like(slot).to(tl.int32)
+        for h0 in range(0, h + 1, HC):
+            hh = h0 + hs
+            c = tl.load(KHC + row0 + hh, mask=(hh <= h) & ok[:, None], other=0).to(tl.int32)
+            before += tl.sum(tl.where(hh < h, c, 0), axis=1)
+            cnt += tl.sum(tl.where(hh == h, c, 0), axis=1)
+        return tl.load(KSS + slot, mask=ok, other=0) + before, cnt
 
     @triton.jit
     def _half_levels(CODES, base, U, t, unit0, LEV, ok, BITS: tl.constexpr, NU: tl.constexpr, NH: tl.constexpr,
