@@ -100,8 +100,8 @@ def main() -> None:
         ("values MHA, elementwise at a fixed max", "values", dict(common, G=1, GP=1, BT=32, VBITS=args.bits), 2, 32),
         ("values MHA, elementwise, 4 warps x 64", "values", dict(common, G=1, GP=1, BT=64, VBITS=args.bits), 4, 64),
         ("values GQA 4, dots", "values", dict(common, G=4, GP=4, BT=32, VBITS=args.bits), 2, 32),
-        # the outlier passes: a lane per token (key corrections) or per stored entry (value outliers); their loop
-        # is one round of entries, so the per-element count does not apply
+        # the outlier passes: a lane per stored entry; their loop is one round of entries, so the per-element
+        # count does not apply
         ("key corrections MHA 32 heads, 32 tokens x 16 entries", "key_corr",
          dict(D=D, T=T, G=1, GQ=1, HP=32, LOGH=5, BLK=32, JJ=16, ROPE=True), 4, None),
         ("key corrections GQA 8 x 4, 32 tokens x 16 entries", "key_corr",

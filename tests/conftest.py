@@ -11,8 +11,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-
-def _quanto_unpack_in_torch() -> None:
+def _quanto_unpack_in_torch() -> torch.library.Library | None:
     """optimum-quanto compiles a C++ extension (about two minutes on a 2-core machine, in every fresh environment)
     for one CPU op, ``quanto::unpack``; the baselines' tests run its own bit arithmetic in torch instead (the same
     values as quanto's default implementation)."""
@@ -20,21 +19,21 @@ def _quanto_unpack_in_torch() -> None:
     import warnings
 
     if importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.quanto") is None:
-        return
+        return None
     import optimum.quanto  # noqa: F401  (defines the op and its C++ CPU kernel)
 
     def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
         parts = [(packed & (2 ** (bits * (i + 1)) - 1)) >> (bits * i) for i in range(8 // bits)]
         return torch.cat(parts).to(torch.uint8)
 
-    global _QUANTO_LIB
-    _QUANTO_LIB = torch.library.Library("quanto", "IMPL")  # kept alive: the registration lasts as long as it
+    lib = torch.library.Library("quanto", "IMPL")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
-        _QUANTO_LIB.impl("unpack", unpack, "CPU")
+        lib.impl("unpack", unpack, "CPU")
+    return lib
 
 
-_quanto_unpack_in_torch()
+_QUANTO_LIB = _quanto_unpack_in_torch()  # kept alive: the registration lasts as long as the library object
 
 SHARED = Path(os.environ.get("KVQUANT_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 

@@ -36,12 +36,12 @@ LOG2E = 1.4426950408889634
 PROGRAMS_PER_SM = 8  # split-K target: about this many page programs per multiprocessor
 MAX_TILE = 32  # tokens per tile of the key and value passes (smaller pages: the page size)
 CORR_WARPS = 4  # warps per program of the key-outlier correction kernel
+CORR_LANES = 512  # tokens x entries per round of the key-outlier correction kernel
+CORR_ROUND = 16  # entries of a token per round of the key-outlier correction kernel
 OUTLIER_PAGES = 4  # pages per step of the value-outlier kernel
 OUTLIER_ENTRIES = 64  # entries per page and step of the value-outlier kernel
 MHA_REDUCE = 1  # one query head per KV head: the keys pass sums rows instead of one-column dots (0: dots)
 OUTLIER_SPLIT = 4  # pages per program of the value-outlier kernel (0: the key and value passes' split)
-CORR_LANES = 512  # tokens x entries per round of the key-outlier correction kernel
-CORR_ROUND = 16  # entries of a token per round of the key-outlier correction kernel
 
 
 def unsupported_reason(q: torch.Tensor, key_cache: QuantizedKVCache, value_cache: QuantizedKVCache,

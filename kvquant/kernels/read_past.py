@@ -16,15 +16,14 @@ from kvquant.kernels.encode import unsupported_reason as store_problem
 from kvquant.kernels.jit.read_past import read_past_kernel, value_outliers_kernel
 from kvquant.quant.store import QuantizedKVCache
 
+BLOCK_COLUMNS = 32  # output columns (tokens) per program
+OUTLIER_LANES = 64  # value-outlier entries a program writes at a time
 HEAD_COUNTS_AT_ONCE = 8  # per-head key-outlier counts a lane loads at a time (slot_entries' HC)
 
 
 def head_count_chunk(heads: int) -> int:
     """The ``HC`` argument of :func:`~kvquant.kernels.jit.read_past.slot_entries` for ``heads`` heads."""
     return max(2, min(HEAD_COUNTS_AT_ONCE, triton.next_power_of_2(heads)))
-
-BLOCK_COLUMNS = 32  # output columns (tokens) per program
-OUTLIER_LANES = 64  # value-outlier entries a program writes at a time
 
 
 def unsupported_reason(store: QuantizedKVCache) -> str | None:
